@@ -1,0 +1,394 @@
+//! The bounded cache of what SSM told us, and single-flight for what it has not.
+//!
+//! Two LRU maps keyed by SSM name: `values` (a parameter, the fact that it does
+//! not exist, or that we may not read it) and `dirs` (the children below a path:
+//! complete when a whole recursive listing was read, partial when only a first
+//! page was). Every entry carries when it was fetched, when it expires (TTL,
+//! or the shorter negative TTL), when it should be refreshed ahead of expiry
+//! (jittered, so a fleet does not refresh in lockstep) and until when it may be
+//! served stale while SSM is failing. Values are bounded by count and bytes,
+//! listings by count; the least recently used entry goes first. The previous
+//! version of a rotated value is kept beside the new one so a reader that was
+//! told the old size can still be given the old bytes whole.
+//!
+//! This module knows nothing of inodes or of the store: it only remembers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lru::LruCache;
+use rand::Rng;
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+
+use crate::config::CacheConfig;
+use crate::metrics::Metrics;
+use crate::store::Parameter;
+
+/// What is known about one name as a parameter.
+#[derive(Debug, Clone)]
+pub enum Known {
+    Present(Arc<Parameter>),
+    Absent,
+    /// SSM refused (IAM or KMS); remembered briefly so a retrying reader does
+    /// not turn into a stream of denied calls.
+    Denied,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChildKind {
+    File,
+    Dir,
+}
+
+/// Timing shared by both kinds of entry.
+#[derive(Debug, Clone, Copy)]
+pub struct Validity {
+    pub fetched: Instant,
+    pub refresh_at: Instant,
+    pub expires: Instant,
+    pub stale_until: Instant,
+}
+
+impl Validity {
+    pub fn is_fresh(&self, now: Instant) -> bool {
+        now < self.expires
+    }
+
+    pub fn may_serve_stale(&self, now: Instant) -> bool {
+        now < self.stale_until
+    }
+
+    pub fn wants_refresh(&self, now: Instant) -> bool {
+        now >= self.refresh_at
+    }
+
+    /// How long the kernel may keep this answer: up to the refresh point, so
+    /// the next question after it reaches us while the entry is still valid.
+    pub fn kernel_ttl(&self, now: Instant) -> Duration {
+        let until = if now < self.refresh_at { self.refresh_at } else { self.expires };
+        until.saturating_duration_since(now)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ValueEntry {
+    pub known: Known,
+    /// The version this entry replaced, kept for readers mid-rotation.
+    pub previous: Option<Arc<Parameter>>,
+    pub validity: Validity,
+    /// Set once a stale serve of this entry has been logged.
+    pub stale_logged: bool,
+}
+
+impl ValueEntry {
+    fn bytes(&self, name: &str) -> usize {
+        let value_len = |p: &Arc<Parameter>| p.value.len() + p.name.len();
+        name.len() + self.previous.as_ref().map_or(0, value_len)
+            + match &self.known {
+                Known::Present(p) => value_len(p),
+                _ => 0,
+            }
+    }
+
+    pub fn parameter(&self) -> Option<&Arc<Parameter>> {
+        match &self.known {
+            Known::Present(p) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    /// True when every parameter below the path was listed.
+    pub complete: bool,
+    pub children: Arc<BTreeMap<String, ChildKind>>,
+    pub validity: Validity,
+}
+
+impl DirEntry {
+    pub fn is_dir(&self) -> bool {
+        !self.children.is_empty()
+    }
+}
+
+/// What replacing a value changed, so the caller can tell the kernel.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Change {
+    None,
+    NewVersion,
+    Appeared,
+    Disappeared,
+}
+
+struct Inner {
+    values: LruCache<String, ValueEntry>,
+    value_bytes: usize,
+    dirs: LruCache<String, DirEntry>,
+}
+
+pub struct Cache {
+    inner: Mutex<Inner>,
+    config: CacheConfig,
+    metrics: Arc<Metrics>,
+}
+
+impl Cache {
+    pub fn new(config: CacheConfig, metrics: Arc<Metrics>) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                values: LruCache::unbounded(),
+                value_bytes: 0,
+                dirs: LruCache::unbounded(),
+            }),
+            config,
+            metrics,
+        }
+    }
+
+    pub fn config(&self) -> &CacheConfig {
+        &self.config
+    }
+
+    /// Validity for an entry fetched now. Refresh is due after 75-90% of the
+    /// TTL, drawn per entry, so refreshes spread out across entries and hosts.
+    pub fn validity(&self, ttl: Duration) -> Validity {
+        let fetched = Instant::now();
+        let refresh_fraction = rand::thread_rng().gen_range(0.75..0.90);
+        Validity {
+            fetched,
+            refresh_at: fetched + ttl.mul_f64(refresh_fraction),
+            expires: fetched + ttl,
+            stale_until: fetched + ttl + self.config.stale_ttl,
+        }
+    }
+
+    fn ttl_for(&self, known: &Known) -> Duration {
+        match known {
+            Known::Present(_) => self.config.ttl,
+            Known::Absent | Known::Denied => self.config.negative_ttl,
+        }
+    }
+
+    pub fn value(&self, name: &str) -> Option<ValueEntry> {
+        self.inner.lock().unwrap().values.get(name).cloned()
+    }
+
+    pub fn dir(&self, path: &str) -> Option<DirEntry> {
+        self.inner.lock().unwrap().dirs.get(path).cloned()
+    }
+
+    /// Stores what SSM just said about `name`; returns what changed and the entry.
+    pub fn put_value(&self, name: &str, known: Known) -> (Change, ValueEntry) {
+        let validity = self.validity(self.ttl_for(&known));
+        let mut inner = self.inner.lock().unwrap();
+        let old = inner.values.pop(name);
+        let old_parameter = old.as_ref().and_then(|e| e.parameter().cloned());
+        if let Some(old) = &old {
+            inner.value_bytes -= old.bytes(name);
+        }
+        let (change, previous) = match (&old_parameter, &known) {
+            (Some(old), Known::Present(new)) if old.version != new.version => {
+                (Change::NewVersion, Some(old.clone()))
+            }
+            (Some(_), Known::Present(_)) => {
+                (Change::None, old.and_then(|e| e.previous))
+            }
+            (Some(_), _) => (Change::Disappeared, None),
+            (None, Known::Present(_)) if old.is_some() => (Change::Appeared, None),
+            _ => (Change::None, None),
+        };
+        let entry = ValueEntry { known, previous, validity, stale_logged: false };
+        inner.value_bytes += entry.bytes(name);
+        inner.values.put(name.to_string(), entry.clone());
+        self.enforce_bounds(&mut inner);
+        (change, entry)
+    }
+
+    /// Records that a refresh failed while SSM is out: keep serving the entry
+    /// until `recheck_at` without asking again. Returns true the first time, so
+    /// the caller logs one warning per entry, not one per read.
+    pub fn extend_stale_value(&self, name: &str, recheck_in: Duration) -> bool {
+        let mut inner = self.inner.lock().unwrap();
+        let Some(entry) = inner.values.get_mut(name) else { return false };
+        let now = Instant::now();
+        let until = (now + recheck_in).min(entry.validity.stale_until);
+        entry.validity.expires = until;
+        entry.validity.refresh_at = until;
+        let first = !entry.stale_logged;
+        entry.stale_logged = true;
+        first
+    }
+
+    pub fn extend_stale_dir(&self, path: &str, recheck_in: Duration) {
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(entry) = inner.dirs.get_mut(path) {
+            let until = (Instant::now() + recheck_in).min(entry.validity.stale_until);
+            entry.validity.expires = until;
+            entry.validity.refresh_at = until;
+        }
+    }
+
+    pub fn put_dir(&self, path: &str, complete: bool, children: BTreeMap<String, ChildKind>) -> DirEntry {
+        let entry = DirEntry {
+            complete,
+            children: Arc::new(children),
+            validity: self.validity(self.config.ttl),
+        };
+        let mut inner = self.inner.lock().unwrap();
+        inner.dirs.put(path.to_string(), entry.clone());
+        self.enforce_bounds(&mut inner);
+        entry
+    }
+
+    fn enforce_bounds(&self, inner: &mut Inner) {
+        while inner.values.len() > self.config.max_entries
+            || (inner.value_bytes > self.config.max_bytes && inner.values.len() > 1)
+        {
+            let Some((name, entry)) = inner.values.pop_lru() else { break };
+            inner.value_bytes -= entry.bytes(&name);
+            Metrics::inc(&self.metrics.cache_evictions);
+        }
+        while inner.dirs.len() > self.config.max_entries {
+            inner.dirs.pop_lru();
+            Metrics::inc(&self.metrics.cache_evictions);
+        }
+    }
+
+    /// Forgets everything (SIGHUP): the next reads fetch fresh answers.
+    pub fn clear(&self) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.values.clear();
+        inner.dirs.clear();
+        inner.value_bytes = 0;
+    }
+
+    /// (values held, listings held, bytes of values)
+    pub fn usage(&self) -> (usize, usize, usize) {
+        let inner = self.inner.lock().unwrap();
+        (inner.values.len(), inner.dirs.len(), inner.value_bytes)
+    }
+}
+
+/// Coalesces concurrent calls for one key: the first caller runs the call,
+/// everyone who arrives while it runs waits for and shares its result.
+pub struct SingleFlight<K, V> {
+    calls: Mutex<HashMap<K, Arc<OnceCell<V>>>>,
+}
+
+impl<K: Hash + Eq + Clone, V: Clone> Default for SingleFlight<K, V> {
+    fn default() -> Self {
+        Self { calls: Mutex::new(HashMap::new()) }
+    }
+}
+
+impl<K: Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
+    pub async fn run<F, Fut>(&self, key: K, call: F) -> V
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = V>,
+    {
+        let cell = self.calls.lock().unwrap().entry(key.clone()).or_default().clone();
+        let result = cell.get_or_init(call).await.clone();
+        let mut calls = self.calls.lock().unwrap();
+        if calls.get(&key).is_some_and(|current| Arc::ptr_eq(current, &cell)) {
+            calls.remove(&key);
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::SecretBytes;
+    use crate::store::ParameterKind;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::SystemTime;
+
+    fn parameter(name: &str, value: &str, version: i64) -> Known {
+        Known::Present(Arc::new(Parameter {
+            name: name.into(),
+            value: SecretBytes::new(value.as_bytes().to_vec()),
+            version,
+            last_modified: SystemTime::now(),
+            kind: ParameterKind::String,
+        }))
+    }
+
+    fn cache(max_entries: usize, max_bytes: usize) -> Cache {
+        let config = CacheConfig { max_entries, max_bytes, ..Default::default() };
+        Cache::new(config, Arc::new(Metrics::default()))
+    }
+
+    #[test]
+    fn evicts_least_recently_used_by_count() {
+        let cache = cache(2, usize::MAX);
+        cache.put_value("/a", parameter("/a", "1", 1));
+        cache.put_value("/b", parameter("/b", "2", 1));
+        assert!(cache.value("/a").is_some());
+        cache.put_value("/c", parameter("/c", "3", 1));
+        assert!(cache.value("/b").is_none(), "b was least recently used");
+        assert!(cache.value("/a").is_some() && cache.value("/c").is_some());
+        assert_eq!(cache.usage().0, 2);
+    }
+
+    #[test]
+    fn evicts_by_bytes() {
+        let cache = cache(100, 100);
+        for i in 0..10 {
+            cache.put_value(&format!("/p{i}"), parameter(&format!("/p{i}"), &"x".repeat(40), 1));
+        }
+        let (entries, _, bytes) = cache.usage();
+        assert!(bytes <= 100, "{bytes}");
+        assert!(entries < 10);
+    }
+
+    #[test]
+    fn reports_changes_and_keeps_the_previous_version() {
+        let cache = cache(10, usize::MAX);
+        assert_eq!(cache.put_value("/a", parameter("/a", "1", 1)).0, Change::None);
+        assert_eq!(cache.put_value("/a", parameter("/a", "1", 1)).0, Change::None);
+        assert_eq!(cache.put_value("/a", parameter("/a", "22", 2)).0, Change::NewVersion);
+        let entry = cache.value("/a").unwrap();
+        assert_eq!(entry.previous.unwrap().version, 1);
+        assert_eq!(cache.put_value("/a", Known::Absent).0, Change::Disappeared);
+        assert_eq!(cache.put_value("/a", parameter("/a", "3", 3)).0, Change::Appeared);
+    }
+
+    #[test]
+    fn refresh_comes_before_expiry_with_jitter() {
+        let cache = cache(10, usize::MAX);
+        let ttl = Duration::from_secs(100);
+        let points: Vec<Duration> = (0..50).map(|_| {
+            let v = cache.validity(ttl);
+            assert!(v.refresh_at < v.expires);
+            v.refresh_at - v.fetched
+        }).collect();
+        assert!(points.iter().any(|p| *p != points[0]), "refresh points must be jittered");
+    }
+
+    #[tokio::test]
+    async fn single_flight_runs_one_call_for_concurrent_callers() {
+        let flights: Arc<SingleFlight<String, u32>> = Arc::new(SingleFlight::default());
+        let runs = Arc::new(AtomicU32::new(0));
+        let tasks: Vec<_> = (0..50).map(|_| {
+            let (flights, runs) = (flights.clone(), runs.clone());
+            tokio::spawn(async move {
+                flights.run("k".to_string(), || async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    7
+                }).await
+            })
+        }).collect();
+        for task in tasks {
+            assert_eq!(task.await.unwrap(), 7);
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+}

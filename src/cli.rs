@@ -1,0 +1,284 @@
+//! The command line: clap's `CliArgs`, `-o` mount options rewritten into the
+//! same long flags (so `mount -t fuse.ssmfs` and /etc/fstab work), and the
+//! conversion into plain settings. No clap type leaves this module.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::config::{self, CacheConfig, FsConfig, RequestConfig};
+use crate::names;
+use crate::store::ssm::AwsOptions;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ssmfs",
+    version,
+    about = "Mount an AWS SSM Parameter Store path as a read-only filesystem",
+    after_help = "Example: ssmfs /airflow /mnt/airflow\n         cat /mnt/airflow/variables/my_secret\n\
+                  Unmount with: umount /mnt/airflow (or Ctrl-C / SIGTERM in --foreground)"
+)]
+pub struct CliArgs {
+    /// SSM path to mount (`/airflow`, or `/` for the whole store), then the mount point.
+    /// With --airflow or --airflow-kwargs, only the mount point.
+    #[arg(value_name = "PREFIX> <MOUNTPOINT", num_args = 1..=2, required = true)]
+    pub positional: Vec<OsString>,
+
+    // ----- mount -----
+    /// Stay attached until the filesystem is unmounted (otherwise daemonize once mounted).
+    #[arg(short, long, help_heading = "Mount")]
+    pub foreground: bool,
+    /// Mount options, comma separated: the long options below without dashes
+    /// (`-o allow_other,uid=50000,ttl=5m`). Generic ones (ro, nosuid, _netdev...) are accepted.
+    #[arg(short = 'o', value_name = "OPTIONS", help_heading = "Mount")]
+    pub options: Vec<String>,
+    /// Let users other than the mounting one enter the mount (modes still apply).
+    #[arg(long, help_heading = "Mount")]
+    pub allow_other: bool,
+    /// Let root enter the mount as well as the mounting user.
+    #[arg(long, help_heading = "Mount", conflicts_with = "allow_other")]
+    pub allow_root: bool,
+    /// Owner of every file and directory [default: the mounting user].
+    #[arg(long, help_heading = "Mount")]
+    pub uid: Option<u32>,
+    /// Group of every file and directory [default: the mounting user's group].
+    #[arg(long, help_heading = "Mount")]
+    pub gid: Option<u32>,
+    /// Permission bits of files, octal.
+    #[arg(long, default_value = "0400", value_parser = config::parse_mode, help_heading = "Mount")]
+    pub file_mode: u16,
+    /// Permission bits of directories, octal.
+    #[arg(long, default_value = "0500", value_parser = config::parse_mode, help_heading = "Mount")]
+    pub dir_mode: u16,
+    /// Permit a file mode that lets every user read secrets (o+r).
+    #[arg(long, help_heading = "Mount")]
+    pub allow_world_readable: bool,
+    /// Lock the daemon's memory so secrets never reach swap (needs CAP_IPC_LOCK).
+    #[arg(long, help_heading = "Mount")]
+    pub mlock: bool,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4, help_heading = "Mount")]
+    pub threads: usize,
+
+    // ----- cache -----
+    /// How long a value or listing is trusted.
+    #[arg(long, default_value = "5m", value_parser = config::parse_duration, allow_hyphen_values = true, help_heading = "Cache")]
+    pub ttl: Duration,
+    /// How long "no such parameter" is trusted.
+    #[arg(long, default_value = "30s", value_parser = config::parse_duration, allow_hyphen_values = true, help_heading = "Cache")]
+    pub negative_ttl: Duration,
+    /// How long past its TTL a cached value is served while SSM is failing.
+    #[arg(long, default_value = "1h", value_parser = config::parse_duration, allow_hyphen_values = true, help_heading = "Cache")]
+    pub stale_ttl: Duration,
+    /// Most values held in memory (least recently used evicted first).
+    #[arg(long, default_value_t = config::DEFAULT_CACHE_ENTRIES, help_heading = "Cache")]
+    pub cache_entries: usize,
+    /// Most bytes of values held in memory.
+    #[arg(long, default_value_t = config::DEFAULT_CACHE_BYTES, help_heading = "Cache")]
+    pub cache_bytes: usize,
+
+    // ----- AWS -----
+    /// AWS region [default: the standard chain: AWS_REGION, profile, instance metadata].
+    #[arg(long, help_heading = "AWS")]
+    pub region: Option<String>,
+    /// Named profile from ~/.aws/config.
+    #[arg(long, help_heading = "AWS")]
+    pub profile: Option<String>,
+    /// SSM endpoint (for VPC endpoints or a local test server); AWS_ENDPOINT_URL_SSM also works.
+    #[arg(long, help_heading = "AWS")]
+    pub endpoint_url: Option<String>,
+    /// Assume this IAM role (through STS) for every SSM call.
+    #[arg(long, help_heading = "AWS")]
+    pub role_arn: Option<String>,
+    /// Serve SecureString values as SSM stores them (ciphertext), without kms:Decrypt.
+    #[arg(long, help_heading = "AWS")]
+    pub no_decrypt: bool,
+    /// Deadline for one answer from SSM, retries included.
+    #[arg(long, default_value = "5s", value_parser = config::parse_duration, allow_hyphen_values = true, help_heading = "AWS")]
+    pub request_timeout: Duration,
+    /// Most SSM calls per second from this host; more are queued.
+    #[arg(long, default_value_t = config::DEFAULT_MAX_TPS, value_parser = clap::value_parser!(u32).range(1..), help_heading = "AWS")]
+    pub max_tps: u32,
+    /// Retries of a throttled or failed call.
+    #[arg(long, default_value_t = config::DEFAULT_MAX_RETRIES, help_heading = "AWS")]
+    pub max_retries: u32,
+
+    // ----- logging -----
+    /// Write logs to this file instead of stderr (background mode: instead of syslog).
+    #[arg(long, help_heading = "Logging")]
+    pub log_file: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9108).
+    #[arg(long, help_heading = "Logging")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// Everything `main` needs, in plain types.
+#[derive(Debug)]
+pub struct Settings {
+    pub fs: FsConfig,
+    pub aws: AwsOptions,
+    pub mountpoint: PathBuf,
+    pub foreground: bool,
+    pub allow_other: bool,
+    pub allow_root: bool,
+    pub threads: usize,
+    pub mlock: bool,
+    pub log_file: Option<PathBuf>,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// Mount options that belong to mount(8) itself or that ssmfs always applies.
+const GENERIC_MOUNT_OPTIONS: &[&str] = &[
+    "ro", "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
+    "relatime", "auto", "noauto", "user", "users", "nouser", "_netdev", "nofail", "defaults",
+    "default_permissions", "async", "sync",
+];
+
+/// Rewrites `-o a,b=c` into `--a --b c`, dropping generic mount options.
+pub fn expand_mount_options(args: Vec<OsString>) -> Result<Vec<OsString>, String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut iter = args.into_iter();
+    while let Some(arg) = iter.next() {
+        let text = arg.to_string_lossy().into_owned();
+        let list = if text == "-o" {
+            iter.next().ok_or("-o needs a list of options")?.to_string_lossy().into_owned()
+        } else if let Some(rest) = text.strip_prefix("-o").filter(|r| !r.is_empty()) {
+            rest.to_string()
+        } else {
+            out.push(arg);
+            continue;
+        };
+        for option in list.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+            let (key, value) = match option.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (option, None),
+            };
+            if GENERIC_MOUNT_OPTIONS.contains(&key) || key.starts_with("x-") || key == "fsname" || key == "subtype" {
+                continue;
+            }
+            out.push(format!("--{}", key.replace('_', "-")).into());
+            if let Some(value) = value {
+                out.push(value.into());
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl CliArgs {
+    /// Parses the process arguments, exiting with clap's message on error.
+    pub fn parse_with_mount_options() -> Self {
+        match expand_mount_options(std::env::args_os().collect()) {
+            Ok(args) => CliArgs::parse_from(args),
+            Err(message) => {
+                eprintln!("ssmfs: {message}");
+                std::process::exit(2);
+            }
+        }
+    }
+
+    pub fn into_settings(self) -> Result<Settings, String> {
+        let (prefix, mountpoint) = match self.positional.as_slice() {
+            [prefix, mountpoint] => (prefix.to_string_lossy().into_owned(), PathBuf::from(mountpoint)),
+            [_] => return Err("missing MOUNTPOINT: usage is ssmfs <PREFIX> <MOUNTPOINT>".into()),
+            _ => return Err("usage is ssmfs <PREFIX> <MOUNTPOINT>".into()),
+        };
+        let prefix = names::parse_prefix(&prefix).map_err(|e| format!("invalid PREFIX '{prefix}': {e}"))?;
+        if self.file_mode & 0o004 != 0 && !self.allow_world_readable {
+            return Err(format!(
+                "--file-mode {:04o} lets every user read secrets; add --allow-world-readable if that is intended",
+                self.file_mode
+            ));
+        }
+        if self.threads == 0 {
+            return Err("--threads must be at least 1".into());
+        }
+        if self.cache_entries == 0 || self.cache_bytes == 0 {
+            return Err("--cache-entries and --cache-bytes must be at least 1".into());
+        }
+        let mut fs = FsConfig::new(prefix);
+        fs.uid = self.uid.unwrap_or(fs.uid);
+        fs.gid = self.gid.unwrap_or(fs.gid);
+        fs.file_mode = self.file_mode;
+        fs.dir_mode = self.dir_mode;
+        fs.cache = CacheConfig {
+            ttl: self.ttl,
+            negative_ttl: self.negative_ttl,
+            stale_ttl: self.stale_ttl,
+            max_entries: self.cache_entries,
+            max_bytes: self.cache_bytes,
+        };
+        fs.request = RequestConfig {
+            timeout: self.request_timeout,
+            max_tps: self.max_tps,
+            max_retries: self.max_retries,
+        };
+        let aws = AwsOptions {
+            region: self.region,
+            profile: self.profile,
+            endpoint_url: self.endpoint_url,
+            role_arn: self.role_arn,
+            no_decrypt: self.no_decrypt,
+            attempt_timeout: self.request_timeout,
+        };
+        Ok(Settings {
+            fs,
+            aws,
+            mountpoint,
+            foreground: self.foreground,
+            allow_other: self.allow_other,
+            allow_root: self.allow_root,
+            threads: self.threads,
+            mlock: self.mlock,
+            log_file: self.log_file,
+            metrics_addr: self.metrics_addr,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Settings, String> {
+        let args = expand_mount_options(args.iter().map(OsString::from).collect())?;
+        CliArgs::try_parse_from(args).map_err(|e| e.to_string())?.into_settings()
+    }
+
+    #[test]
+    fn defaults_and_flags() {
+        let s = parse(&["ssmfs", "/airflow/", "/mnt/x"]).unwrap();
+        assert_eq!(s.fs.prefix, "/airflow");
+        assert_eq!(s.fs.cache.ttl, Duration::from_secs(300));
+        assert_eq!(s.fs.file_mode, 0o400);
+        assert!(!s.foreground);
+        let s = parse(&["ssmfs", "-f", "--ttl", "30s", "--uid", "50000", "/", "/mnt/x"]).unwrap();
+        assert!(s.foreground);
+        assert_eq!(s.fs.uid, 50000);
+        assert_eq!(s.fs.prefix, "/");
+    }
+
+    #[test]
+    fn mount_options_become_flags() {
+        let s = parse(&["ssmfs", "/a", "/mnt/x", "-o", "rw,nosuid,allow_other,uid=7,ttl=5m,file_mode=0440,_netdev"]).unwrap();
+        assert!(s.allow_other);
+        assert_eq!(s.fs.uid, 7);
+        assert_eq!(s.fs.file_mode, 0o440);
+        assert_eq!(s.fs.cache.ttl, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn bad_input_is_named() {
+        assert!(parse(&["ssmfs", "airflow", "/mnt"]).unwrap_err().contains("PREFIX"));
+        assert!(parse(&["ssmfs", "", "/mnt"]).unwrap_err().contains("PREFIX"));
+        assert!(parse(&["ssmfs", "--ttl", "-5s", "/a", "/mnt"]).unwrap_err().contains("--ttl"));
+        assert!(parse(&["ssmfs", "--ttl", "10 parsecs", "/a", "/mnt"]).unwrap_err().contains("--ttl"));
+        assert!(parse(&["ssmfs", "--file-mode", "999", "/a", "/mnt"]).unwrap_err().contains("--file-mode"));
+        assert!(parse(&["ssmfs", "--uid", "bob", "/a", "/mnt"]).unwrap_err().contains("--uid"));
+        assert!(parse(&["ssmfs", "--file-mode", "0444", "/a", "/mnt"]).unwrap_err().contains("--allow-world-readable"));
+        assert!(parse(&["ssmfs", "--file-mode", "0444", "--allow-world-readable", "/a", "/mnt"]).is_ok());
+        assert!(parse(&["ssmfs", "/a"]).unwrap_err().contains("MOUNTPOINT"));
+    }
+}

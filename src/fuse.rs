@@ -1,0 +1,307 @@
+//! The thin fuser adapter: every callback hands its request to the async core
+//! on the tokio runtime, in a task that owns the reply, so a slow SSM call never
+//! occupies a FUSE worker thread. Errors become errnos here and nowhere else.
+//!
+//! Kernel caching is set up for reads that never reach the daemon once warm:
+//! OPEN is answered with ENOSYS, which puts the kernel in no-open mode (it stops
+//! sending OPEN and RELEASE and keeps page-cache contents across opens), and
+//! FUSE_AUTO_INVAL_DATA makes it drop those pages when attributes it revalidates
+//! show a new size or mtime.
+
+use std::ffi::OsStr;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
+};
+use tokio::runtime::Handle;
+
+use crate::error::FsError;
+use crate::fs::{Attr, FileKind, Fs};
+use crate::store::ParameterStore;
+
+pub struct FuseAdapter<S> {
+    fs: Arc<Fs<S>>,
+    runtime: Handle,
+}
+
+impl<S: ParameterStore> FuseAdapter<S> {
+    pub fn new(fs: Arc<Fs<S>>, runtime: Handle) -> Self {
+        Self { fs, runtime }
+    }
+
+    /// Runs `work` on the runtime and records the request's latency.
+    fn spawn<F, Fut>(&self, operation: &'static str, work: F)
+    where
+        F: FnOnce(Arc<Fs<S>>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let started = Instant::now();
+        let metrics = self.fs.metrics().clone();
+        let task = work(self.fs.clone());
+        self.runtime.spawn(async move {
+            task.await;
+            metrics.fuse_request(operation, started.elapsed());
+        });
+    }
+}
+
+fn errno(error: &FsError) -> Errno {
+    Errno::from_i32(error.errno())
+}
+
+fn to_file_attr(attr: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(attr.ino),
+        size: attr.size,
+        blocks: attr.size.div_ceil(512),
+        atime: attr.mtime,
+        mtime: attr.mtime,
+        ctime: attr.mtime,
+        crtime: attr.mtime,
+        kind: file_type(attr.kind),
+        perm: attr.perm,
+        nlink: attr.nlink,
+        uid: attr.uid,
+        gid: attr.gid,
+        rdev: 0,
+        blksize: attr.blksize,
+        flags: 0,
+    }
+}
+
+fn file_type(kind: FileKind) -> FileType {
+    match kind {
+        FileKind::File => FileType::RegularFile,
+        FileKind::Dir => FileType::Directory,
+    }
+}
+
+impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Older kernels lack the flag; caching then relies on TTLs and notifications.
+        let _ = config.add_capabilities(InitFlags::FUSE_AUTO_INVAL_DATA);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let name = name.to_os_string();
+        self.spawn("lookup", |fs| async move {
+            match fs.lookup(parent.0, &name).await {
+                Ok(entry) => reply.entry(&entry.ttl, &to_file_attr(&entry.attr), Generation(0)),
+                Err(error) => reply.error(errno(&error)),
+            }
+        });
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.spawn("getattr", |fs| async move {
+            match fs.getattr(ino.0).await {
+                Ok(entry) => reply.attr(&entry.ttl, &to_file_attr(&entry.attr)),
+                Err(error) => reply.error(errno(&error)),
+            }
+        });
+    }
+
+    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // No-open mode: the kernel stops sending OPEN/RELEASE and keeps its page
+        // cache across opens; a warm open+read+close then never reaches us.
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.spawn("read", |fs| async move {
+            match fs.read(ino.0, offset, size).await {
+                Ok(data) => reply.data(data.bytes()),
+                Err(error) => reply.error(errno(&error)),
+            }
+        });
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.spawn("opendir", |fs| async move {
+            match fs.opendir(ino.0).await {
+                Ok(handle) => reply.opened(FileHandle(handle), FopenFlags::empty()),
+                Err(error) => reply.error(errno(&error)),
+            }
+        });
+    }
+
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        match self.fs.readdir(fh.0, offset) {
+            Ok(items) => {
+                for (next_offset, item) in items {
+                    if reply.add(INodeNo(item.ino), next_offset, file_type(item.kind), &item.name) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(error) => reply.error(errno(&error)),
+        }
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.fs.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let files = self.fs.gauges().inodes as u64;
+        reply.statfs(0, 0, 0, files, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::NO_XATTR);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if size == 0 { reply.size(0) } else { reply.data(&[]) }
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        // default_permissions: the kernel checks modes itself.
+        reply.ok();
+    }
+
+    // ----- everything that would change the tree: EROFS -----
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mknod(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, _mode: u32, _umask: u32, _rdev: u32, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mkdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, _mode: u32, _umask: u32, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn symlink(&self, _req: &Request, _parent: INodeNo, _link_name: &OsStr, _target: &std::path::Path, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        _flags: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn link(&self, _req: &Request, _ino: INodeNo, _newparent: INodeNo, _newname: &OsStr, reply: ReplyEntry) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn create(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, _mode: u32, _umask: u32, _flags: i32, reply: ReplyCreate) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn setxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _value: &[u8], _flags: i32, _position: u32, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn fallocate(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _offset: u64, _length: u64, _mode: i32, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+}
+
+/// Drains the core's invalidations into the kernel from a thread of its own:
+/// writing a notification from inside a FUSE callback can deadlock.
+pub fn run_invalidations(
+    notifier: fuser::Notifier,
+    mut invalidations: tokio::sync::mpsc::UnboundedReceiver<crate::fs::Invalidation>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("ssmfs-invalidate".into())
+        .spawn(move || {
+            while let Some(invalidation) = invalidations.blocking_recv() {
+                // ENOENT just means the kernel no longer caches it: nothing to drop.
+                let _ = match &invalidation {
+                    crate::fs::Invalidation::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
+                    crate::fs::Invalidation::Entry { parent, name } => {
+                        notifier.inval_entry(INodeNo(*parent), OsStr::new(name))
+                    }
+                };
+            }
+        })
+        .expect("spawning the invalidation thread")
+}
+
+/// How long the kernel may wait for the daemon before a request is abandoned
+/// by the reader is the kernel's business; this is only the unmount grace.
+pub const UNMOUNT_GRACE: Duration = Duration::from_secs(2);
+
+#[allow(dead_code)]
+fn _epoch() -> SystemTime {
+    UNIX_EPOCH
+}

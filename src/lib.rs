@@ -1,0 +1,18 @@
+//! ssmfs: an AWS SSM Parameter Store hierarchy as a read-only FUSE filesystem.
+//!
+//! Layers, top to bottom: `cli` (flags) -> `daemon` (mount, signals, readiness)
+//! -> `fuse` (thin fuser adapter) -> `fs` (the async core) -> `cache` and
+//! `inode` -> `store` (the SSM API, or an in-memory double).
+
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod error;
+pub mod fs;
+pub mod fuse;
+pub mod inode;
+pub mod metrics;
+pub mod names;
+pub mod secret;
+pub mod store;

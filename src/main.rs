@@ -1,0 +1,152 @@
+//! `ssmfs [OPTIONS] <PREFIX> <MOUNTPOINT>`: parse, check, (daemonize), mount,
+//! serve until unmounted or signalled. All filesystem logic lives in the library.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use ssmfs::cli::{CliArgs, Settings};
+use ssmfs::daemon::{self, MountSettings, Readiness};
+use ssmfs::fs::Fs;
+use ssmfs::store::resilient::Resilient;
+use ssmfs::store::ssm::SsmStore;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let settings = match CliArgs::parse_with_mount_options().into_settings() {
+        Ok(settings) => settings,
+        Err(message) => {
+            eprintln!("ssmfs: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    // Checked before forking so the user sees the reason on their terminal.
+    let mountpoint = match daemon::prepare_mountpoint(&settings.mountpoint) {
+        Ok(path) => path,
+        Err(message) => {
+            eprintln!("ssmfs: {message}");
+            return ExitCode::from(1);
+        }
+    };
+    if let Err(message) = daemon::harden_process(settings.mlock) {
+        eprintln!("ssmfs: {message}");
+        return ExitCode::from(1);
+    }
+    let mut readiness = if settings.foreground {
+        Readiness::foreground()
+    } else {
+        match daemon::daemonize() {
+            Ok(readiness) => readiness,
+            Err(message) => {
+                eprintln!("ssmfs: {message}");
+                return ExitCode::from(1);
+            }
+        }
+    };
+    if let Err(message) = init_logging(&settings, readiness.is_background()) {
+        readiness.failed(&message);
+        eprintln!("ssmfs: {message}");
+        return ExitCode::from(1);
+    }
+    match run(settings, mountpoint, &mut readiness) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            tracing::error!("{message}");
+            readiness.failed(&message);
+            eprintln!("ssmfs: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(settings: Settings, mountpoint: std::path::PathBuf, readiness: &mut Readiness) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ssmfs-worker")
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let metrics = daemon::new_metrics();
+    let store = runtime.block_on(SsmStore::connect(&settings.aws));
+    let store = Resilient::new(store, settings.fs.request.clone(), metrics.clone());
+    let prefix = settings.fs.prefix.clone();
+    let (fs, invalidations) = Fs::new(store, settings.fs, metrics);
+    if let Some(addr) = settings.metrics_addr {
+        runtime.block_on(daemon::serve_metrics(fs.clone(), addr))?;
+    }
+    let mount_settings = MountSettings {
+        mountpoint,
+        fsname: format!("ssmfs:{prefix}"),
+        allow_other: settings.allow_other,
+        allow_root: settings.allow_root,
+        threads: settings.threads,
+    };
+    let mounted = daemon::mount(Arc::clone(&fs), invalidations, runtime.handle().clone(), &mount_settings)?;
+    tracing::info!(prefix = %prefix, mountpoint = %mount_settings.mountpoint.display(), "mounted");
+    readiness.ready();
+    readiness.detach_stdio();
+    let reason = runtime.block_on(daemon::serve_until_stopped(fs, &mounted))?;
+    daemon::sd_notify("STOPPING=1");
+    tracing::info!(reason, "unmounting");
+    mounted.unmount();
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    Ok(())
+}
+
+/// Logs go to stderr (foreground), --log-file, or syslog (background), filtered
+/// by SSMFS_LOG (default `info`). Log lines name parameters, never values.
+fn init_logging(settings: &Settings, background: bool) -> Result<(), String> {
+    let filter = EnvFilter::try_from_env("SSMFS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if let Some(path) = &settings.log_file {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("--log-file {}: {e}", path.display()))?;
+        builder.with_ansi(false).with_writer(std::sync::Mutex::new(file)).init();
+    } else if background {
+        builder.with_ansi(false).without_time().with_writer(ssmfs_syslog::Syslog::open).init();
+    } else {
+        builder.with_writer(std::io::stderr).init();
+    }
+    Ok(())
+}
+
+/// A minimal syslog writer: each formatted line becomes one syslog record
+/// (journald picks these up on systemd hosts).
+mod ssmfs_syslog {
+    use std::ffi::CString;
+    use std::io;
+
+    pub struct Syslog(Vec<u8>);
+
+    impl Syslog {
+        pub fn open() -> Self {
+            static IDENT: &[u8] = b"ssmfs\0";
+            static ONCE: std::sync::Once = std::sync::Once::new();
+            // SAFETY: IDENT is a static NUL-terminated string that outlives every call.
+            ONCE.call_once(|| unsafe { libc::openlog(IDENT.as_ptr().cast(), libc::LOG_PID, libc::LOG_DAEMON) });
+            Syslog(Vec::new())
+        }
+    }
+
+    impl io::Write for Syslog {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Drop for Syslog {
+        fn drop(&mut self) {
+            let text = String::from_utf8_lossy(&self.0).trim_end().replace('\0', " ");
+            if let Ok(line) = CString::new(text) {
+                // SAFETY: "%s" with one valid C string argument.
+                unsafe { libc::syslog(libc::LOG_INFO, c"%s".as_ptr(), line.as_ptr()) };
+            }
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! Process-wide counters, rendered as Prometheus text.
+//!
+//! Counting is lock-free for the hot paths (cache hits) and a short mutex for
+//! labelled families. Nothing here ever sees a value: labels are operation
+//! names, outcomes and FUSE opcodes.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the FUSE latency histogram buckets: from a cached
+/// answer (tens of microseconds) to an SSM call that hits the request timeout.
+const LATENCY_BUCKETS: [f64; 10] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
+
+#[derive(Default)]
+struct Histogram {
+    buckets: [u64; LATENCY_BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    api_calls: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    fuse_requests: Mutex<BTreeMap<&'static str, Histogram>>,
+    pub retries: AtomicU64,
+    pub throttles: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    pub cache_evictions: AtomicU64,
+    pub stale_serves: AtomicU64,
+    pub invalidations: AtomicU64,
+}
+
+/// Gauges read from their owners at scrape time.
+pub struct Gauges {
+    pub cache_entries: usize,
+    pub cache_bytes: usize,
+    pub inodes: usize,
+}
+
+impl Metrics {
+    pub fn api_call(&self, operation: &'static str, outcome: &'static str) {
+        *self.api_calls.lock().unwrap().entry((operation, outcome)).or_default() += 1;
+    }
+
+    /// Total API calls with the given operation, any outcome.
+    pub fn api_calls(&self, operation: &str) -> u64 {
+        let calls = self.api_calls.lock().unwrap();
+        calls.iter().filter(|((op, _), _)| *op == operation).map(|(_, n)| n).sum()
+    }
+
+    pub fn fuse_request(&self, operation: &'static str, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        let mut requests = self.fuse_requests.lock().unwrap();
+        let histogram = requests.entry(operation).or_default();
+        histogram.count += 1;
+        histogram.sum += seconds;
+        for (bucket, bound) in histogram.buckets.iter_mut().zip(LATENCY_BUCKETS) {
+            if seconds <= bound {
+                *bucket += 1;
+            }
+        }
+    }
+
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn render(&self, gauges: &Gauges) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP ssmfs_api_calls_total SSM API calls by operation and outcome.\n");
+        out.push_str("# TYPE ssmfs_api_calls_total counter\n");
+        for ((operation, outcome), n) in self.api_calls.lock().unwrap().iter() {
+            let _ = writeln!(
+                out,
+                "ssmfs_api_calls_total{{operation=\"{operation}\",outcome=\"{outcome}\"}} {n}"
+            );
+        }
+        let counters: [(&str, &str, &AtomicU64); 7] = [
+            ("ssmfs_api_retries_total", "SSM calls retried after a retryable error.", &self.retries),
+            ("ssmfs_api_throttles_total", "SSM calls answered with throttling.", &self.throttles),
+            ("ssmfs_cache_hits_total", "Lookups answered from the cache.", &self.cache_hits),
+            ("ssmfs_cache_misses_total", "Lookups that needed SSM.", &self.cache_misses),
+            ("ssmfs_cache_evictions_total", "Entries evicted by the LRU bounds.", &self.cache_evictions),
+            ("ssmfs_stale_serves_total", "Values served past their TTL because SSM failed.", &self.stale_serves),
+            ("ssmfs_kernel_invalidations_total", "Kernel cache invalidations sent.", &self.invalidations),
+        ];
+        for (name, help, counter) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", counter.load(Ordering::Relaxed));
+        }
+        let gauge_rows = [
+            ("ssmfs_cache_entries", "Values and listings held in the cache.", gauges.cache_entries),
+            ("ssmfs_cache_bytes", "Bytes of values held in the cache.", gauges.cache_bytes),
+            ("ssmfs_inodes", "Inodes the kernel currently references.", gauges.inodes),
+        ];
+        for (name, help, value) in gauge_rows {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        }
+        out.push_str("# HELP ssmfs_fuse_request_seconds FUSE requests by operation.\n");
+        out.push_str("# TYPE ssmfs_fuse_request_seconds histogram\n");
+        for (operation, h) in self.fuse_requests.lock().unwrap().iter() {
+            for (bound, n) in LATENCY_BUCKETS.iter().zip(h.buckets) {
+                let _ = writeln!(out, "ssmfs_fuse_request_seconds_bucket{{operation=\"{operation}\",le=\"{bound}\"}} {n}");
+            }
+            let _ = writeln!(out, "ssmfs_fuse_request_seconds_bucket{{operation=\"{operation}\",le=\"+Inf\"}} {}", h.count);
+            let _ = writeln!(out, "ssmfs_fuse_request_seconds_sum{{operation=\"{operation}\"}} {}", h.sum);
+            let _ = writeln!(out, "ssmfs_fuse_request_seconds_count{{operation=\"{operation}\"}} {}", h.count);
+        }
+        out
+    }
+}

@@ -1,0 +1,202 @@
+//! Mapping between paths below the mount point and SSM parameter names.
+//!
+//! The mount root is the SSM path PREFIX; a file at `a/b` below it is the
+//! parameter `PREFIX/a/b`. SSM names use only `a-zA-Z0-9_.-` and `/`, are at most
+//! 1011 characters long and at most 15 levels deep, and may not begin with the
+//! reserved `aws` / `ssm` prefixes (except AWS's public `/aws/...` tree). Anything
+//! outside those rules is answered here, locally, without an API call.
+
+use thiserror::Error;
+
+/// SSM's documented limit on a parameter name's length.
+pub const MAX_NAME_LEN: usize = 1011;
+/// SSM's documented limit on hierarchy depth.
+pub const MAX_DEPTH: usize = 15;
+/// A file that shows a directory's own value when a parameter is shadowed by
+/// parameters below it ("directory wins"). `@` cannot occur in an SSM name, so
+/// this can never collide with a real parameter.
+pub const SHADOWED_VALUE_NAME: &str = "@value";
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum NameError {
+    #[error("name is longer than SSM's {MAX_NAME_LEN}-character limit")]
+    TooLong,
+    #[error("name is deeper than SSM's {MAX_DEPTH} levels")]
+    TooDeep,
+    #[error("name contains a character SSM does not allow (only a-zA-Z0-9_.- and /)")]
+    BadCharacter,
+    #[error("name has an empty, '.' or '..' segment")]
+    BadSegment,
+    #[error("name begins with a prefix SSM reserves (aws or ssm)")]
+    Reserved,
+    #[error("must be an absolute SSM path such as /airflow")]
+    NotAbsolute,
+}
+
+fn allowed_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')
+}
+
+fn check_segment(segment: &str) -> Result<(), NameError> {
+    if segment.is_empty() || segment == "." || segment == ".." {
+        return Err(NameError::BadSegment);
+    }
+    if !segment.chars().all(allowed_char) {
+        return Err(NameError::BadCharacter);
+    }
+    Ok(())
+}
+
+/// Names beginning with `aws` or `ssm` are reserved by SSM; only AWS's own public
+/// parameters live there, all of them under exactly `/aws/`.
+fn check_reserved(first_segment: &str) -> Result<(), NameError> {
+    let lower = first_segment.to_ascii_lowercase();
+    if lower.starts_with("ssm") || (lower.starts_with("aws") && first_segment != "aws") {
+        return Err(NameError::Reserved);
+    }
+    Ok(())
+}
+
+/// Validates and normalises a mount prefix: absolute, valid segments, no trailing
+/// slash (except `/` itself, the whole store).
+pub fn parse_prefix(raw: &str) -> Result<String, NameError> {
+    if !raw.starts_with('/') {
+        return Err(NameError::NotAbsolute);
+    }
+    let trimmed = raw.trim_end_matches('/');
+    if trimmed.is_empty() {
+        return Ok("/".to_string());
+    }
+    let segments: Vec<&str> = trimmed[1..].split('/').collect();
+    for segment in &segments {
+        check_segment(segment)?;
+    }
+    check_reserved(segments[0])?;
+    if segments.len() >= MAX_DEPTH {
+        return Err(NameError::TooDeep);
+    }
+    if trimmed.len() > MAX_NAME_LEN {
+        return Err(NameError::TooLong);
+    }
+    Ok(trimmed.to_string())
+}
+
+/// The SSM name of `segment` inside the directory whose SSM path is `parent`,
+/// checked against every SSM rule.
+pub fn child_name(parent: &str, segment: &str) -> Result<String, NameError> {
+    check_segment(segment)?;
+    let name = if parent == "/" {
+        check_reserved(segment)?;
+        format!("/{segment}")
+    } else {
+        format!("{parent}/{segment}")
+    };
+    if name.len() > MAX_NAME_LEN {
+        return Err(NameError::TooLong);
+    }
+    if depth(&name) > MAX_DEPTH {
+        return Err(NameError::TooDeep);
+    }
+    Ok(name)
+}
+
+/// Number of levels in a hierarchical name: `/a` is 1, `/a/b/c` is 3.
+pub fn depth(name: &str) -> usize {
+    name.matches('/').count()
+}
+
+/// The path of `name` relative to `dir`, if `name` lies strictly below `dir`.
+pub fn relative_to<'a>(dir: &str, name: &'a str) -> Option<&'a str> {
+    let rest = if dir == "/" {
+        name.strip_prefix('/')?
+    } else {
+        name.strip_prefix(dir)?.strip_prefix('/')?
+    };
+    (!rest.is_empty()).then_some(rest)
+}
+
+/// The last segment of a name (`/a/b` -> `b`).
+pub fn base_name(name: &str) -> &str {
+    name.rsplit('/').next().unwrap_or(name)
+}
+
+/// The SSM path of the directory holding `name` (`/a/b` -> `/a`, `/a` -> `/`).
+pub fn parent_name(name: &str) -> &str {
+    match name.rfind('/') {
+        Some(0) | None => "/",
+        Some(i) => &name[..i],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn prefixes_are_normalised_or_refused() {
+        assert_eq!(parse_prefix("/airflow/").unwrap(), "/airflow");
+        assert_eq!(parse_prefix("/").unwrap(), "/");
+        assert_eq!(parse_prefix("///").unwrap(), "/");
+        assert_eq!(parse_prefix("airflow"), Err(NameError::NotAbsolute));
+        assert_eq!(parse_prefix(""), Err(NameError::NotAbsolute));
+        assert_eq!(parse_prefix("/a//b"), Err(NameError::BadSegment));
+        assert_eq!(parse_prefix("/a/../b"), Err(NameError::BadSegment));
+        assert_eq!(parse_prefix("/a b"), Err(NameError::BadCharacter));
+        assert_eq!(parse_prefix("/ssm-things"), Err(NameError::Reserved));
+        assert_eq!(parse_prefix("/aws/service").unwrap(), "/aws/service");
+    }
+
+    #[test]
+    fn child_names_follow_ssm_rules() {
+        assert_eq!(child_name("/", "airflow").unwrap(), "/airflow");
+        assert_eq!(child_name("/airflow", "x.y-z_1").unwrap(), "/airflow/x.y-z_1");
+        assert_eq!(child_name("/a", "b c"), Err(NameError::BadCharacter));
+        assert_eq!(child_name("/a", "caf\u{e9}"), Err(NameError::BadCharacter));
+        assert_eq!(child_name("/a", ".."), Err(NameError::BadSegment));
+        assert_eq!(child_name("/a", "@value"), Err(NameError::BadCharacter));
+        assert_eq!(child_name("/", "AWSfoo"), Err(NameError::Reserved));
+        assert_eq!(child_name("/", "SSM"), Err(NameError::Reserved));
+        assert_eq!(child_name("/x", "ssm").unwrap(), "/x/ssm");
+        let long = "a".repeat(1010);
+        assert_eq!(child_name("/", &long).unwrap().len(), 1011);
+        assert_eq!(child_name("/", &format!("{long}a")), Err(NameError::TooLong));
+        let deep = "/a".repeat(15);
+        assert_eq!(child_name(&deep, "b"), Err(NameError::TooDeep));
+        assert!(child_name(&"/a".repeat(14), "b").is_ok());
+    }
+
+    #[test]
+    fn relative_paths_and_parents() {
+        assert_eq!(relative_to("/a", "/a/b/c"), Some("b/c"));
+        assert_eq!(relative_to("/a", "/ab/c"), None);
+        assert_eq!(relative_to("/a", "/a"), None);
+        assert_eq!(relative_to("/", "/a/b"), Some("a/b"));
+        assert_eq!(parent_name("/a/b"), "/a");
+        assert_eq!(parent_name("/a"), "/");
+        assert_eq!(base_name("/a/b"), "b");
+    }
+
+    proptest! {
+        /// Every valid name splits into segments that map back to the same name.
+        #[test]
+        fn valid_names_round_trip(segments in prop::collection::vec("[a-zA-Z0-9_.-]{1,20}", 1..15)) {
+            prop_assume!(segments.iter().all(|s| s != "." && s != ".."));
+            prop_assume!(check_reserved(&segments[0]).is_ok());
+            let mut name = "/".to_string();
+            for segment in &segments {
+                name = child_name(&name, segment).unwrap();
+            }
+            prop_assert_eq!(&name, &format!("/{}", segments.join("/")));
+            prop_assert_eq!(relative_to("/", &name).unwrap(), segments.join("/"));
+            prop_assert_eq!(base_name(&name), segments.last().unwrap().as_str());
+        }
+
+        /// Any segment with a character outside SSM's set is refused.
+        #[test]
+        fn invalid_characters_are_refused(prefix in "[a-z]{0,5}", bad in "[^a-zA-Z0-9_./-]", suffix in "[a-z]{0,5}") {
+            let segment = format!("{prefix}{bad}{suffix}");
+            prop_assert_eq!(child_name("/x", &segment), Err(NameError::BadCharacter));
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! An in-memory parameter store for tests and the demo: a sorted map of
+//! parameters, a counter per operation, and injectable faults (an error for
+//! every call, for the next N calls, or for one name; and added latency).
+//! It pages like SSM does (at most ten results, an opaque next token).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use super::{Batch, Page, Parameter, ParameterKind, ParameterStore, StoreError, MAX_PAGE};
+use crate::names;
+use crate::secret::SecretBytes;
+
+/// How many calls of each kind the store has answered (or failed).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CallCounts {
+    pub get: u64,
+    pub get_many: u64,
+    pub list_page: u64,
+}
+
+impl CallCounts {
+    pub fn total(&self) -> u64 {
+        self.get + self.get_many + self.list_page
+    }
+}
+
+#[derive(Default)]
+struct Faults {
+    every_call: Option<StoreError>,
+    next_calls: Vec<StoreError>,
+    by_name: HashMap<String, StoreError>,
+    latency: Duration,
+}
+
+#[derive(Default)]
+pub struct MemoryStore {
+    parameters: Mutex<BTreeMap<String, Parameter>>,
+    faults: Mutex<Faults>,
+    get: AtomicU64,
+    get_many: AtomicU64,
+    list_page: AtomicU64,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Creates or overwrites a parameter, bumping its version like PutParameter.
+    pub fn put(&self, name: &str, value: impl Into<Vec<u8>>, kind: ParameterKind) {
+        let mut parameters = self.parameters.lock().unwrap();
+        let version = parameters.get(name).map_or(1, |p| p.version + 1);
+        parameters.insert(
+            name.to_string(),
+            Parameter {
+                name: name.to_string(),
+                value: SecretBytes::new(value.into()),
+                version,
+                last_modified: SystemTime::now(),
+                kind,
+            },
+        );
+    }
+
+    pub fn put_string(&self, name: &str, value: &str) {
+        self.put(name, value.as_bytes().to_vec(), ParameterKind::String);
+    }
+
+    pub fn delete(&self, name: &str) {
+        self.parameters.lock().unwrap().remove(name);
+    }
+
+    pub fn counts(&self) -> CallCounts {
+        CallCounts {
+            get: self.get.load(Ordering::SeqCst),
+            get_many: self.get_many.load(Ordering::SeqCst),
+            list_page: self.list_page.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Every call fails with `error` until cleared with `None`.
+    pub fn fail_every_call(&self, error: Option<StoreError>) {
+        self.faults.lock().unwrap().every_call = error;
+    }
+
+    /// The next `count` calls fail with `error`, then calls succeed again.
+    pub fn fail_next_calls(&self, count: usize, error: StoreError) {
+        let mut faults = self.faults.lock().unwrap();
+        faults.next_calls.extend(std::iter::repeat_n(error, count));
+    }
+
+    /// Any call that touches `name` fails with `error` (SSM's per-parameter
+    /// failures: access denied on one ARN, a KMS key one may not use).
+    pub fn fail_name(&self, name: &str, error: StoreError) {
+        self.faults.lock().unwrap().by_name.insert(name.to_string(), error);
+    }
+
+    pub fn set_latency(&self, latency: Duration) {
+        self.faults.lock().unwrap().latency = latency;
+    }
+
+    async fn enter(&self, counter: &AtomicU64, names: &[&str]) -> Result<(), StoreError> {
+        counter.fetch_add(1, Ordering::SeqCst);
+        let (latency, fault) = {
+            let mut faults = self.faults.lock().unwrap();
+            let fault = if !faults.next_calls.is_empty() {
+                Some(faults.next_calls.remove(0))
+            } else if let Some(error) = &faults.every_call {
+                Some(error.clone())
+            } else {
+                names.iter().find_map(|n| faults.by_name.get(*n).cloned())
+            };
+            (faults.latency, fault)
+        };
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        fault.map_or(Ok(()), Err)
+    }
+}
+
+impl ParameterStore for MemoryStore {
+    async fn get(&self, name: &str) -> Result<Parameter, StoreError> {
+        self.enter(&self.get, &[name]).await?;
+        self.parameters.lock().unwrap().get(name).cloned().ok_or(StoreError::NotFound)
+    }
+
+    async fn get_many(&self, names: &[String]) -> Result<Batch, StoreError> {
+        assert!(names.len() <= MAX_PAGE, "GetParameters takes at most {MAX_PAGE} names");
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        self.enter(&self.get_many, &refs).await?;
+        let parameters = self.parameters.lock().unwrap();
+        let mut batch = Batch::default();
+        for name in names {
+            match parameters.get(name) {
+                Some(p) => batch.found.push(p.clone()),
+                None => batch.missing.push(name.clone()),
+            }
+        }
+        Ok(batch)
+    }
+
+    async fn list_page(
+        &self,
+        path: &str,
+        max_results: usize,
+        next_token: Option<String>,
+    ) -> Result<Page, StoreError> {
+        let max_results = max_results.clamp(1, MAX_PAGE);
+        let below: Vec<Parameter> = {
+            let parameters = self.parameters.lock().unwrap();
+            let start = next_token.clone().unwrap_or_default();
+            parameters
+                .range(start..)
+                .filter(|(name, _)| next_token.as_deref() != Some(name.as_str()))
+                .filter(|(name, _)| names::relative_to(path, name).is_some())
+                .take(max_results + 1)
+                .map(|(_, p)| p.clone())
+                .collect()
+        };
+        let names: Vec<&str> = below.iter().map(|p| p.name.as_str()).collect();
+        self.enter(&self.list_page, &names).await?;
+        let mut parameters = below;
+        let next_token = if parameters.len() > max_results {
+            parameters.truncate(max_results);
+            parameters.last().map(|p| p.name.clone())
+        } else {
+            None
+        };
+        Ok(Page { parameters, next_token })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn pages_hold_ten_and_cover_everything() {
+        let store = MemoryStore::new();
+        for i in 0..25 {
+            store.put_string(&format!("/d/p{i:02}"), "v");
+        }
+        store.put_string("/other", "v");
+        let mut token = None;
+        let mut seen = 0;
+        loop {
+            let page = store.list_page("/d", 10, token).await.unwrap();
+            assert!(page.parameters.len() <= 10);
+            seen += page.parameters.len();
+            token = page.next_token;
+            if token.is_none() {
+                break;
+            }
+        }
+        assert_eq!(seen, 25);
+        assert_eq!(store.counts().list_page, 3);
+    }
+
+    #[tokio::test]
+    async fn faults_apply_as_configured() {
+        let store = MemoryStore::new();
+        store.put_string("/a", "1");
+        store.fail_next_calls(1, StoreError::Throttled);
+        assert_eq!(store.get("/a").await.unwrap_err(), StoreError::Throttled);
+        assert!(store.get("/a").await.is_ok());
+        store.fail_name("/a", StoreError::AccessDenied("x".into()));
+        assert!(matches!(store.get("/a").await, Err(StoreError::AccessDenied(_))));
+        assert_eq!(store.counts().get, 3);
+    }
+}

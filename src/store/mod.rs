@@ -1,0 +1,102 @@
+//! The parameter store model: what ssmfs needs from SSM, and nothing more.
+//!
+//! Three reads: one name (`get`), up to ten names (`get_many`, one
+//! GetParameters call) and one page of everything below a path (`list_page`,
+//! one GetParametersByPath call). Implementations: `ssm` (aws-sdk-ssm),
+//! `memory` (counted and fault-injected, for tests and the demo) and
+//! `resilient` (pacing, retries and deadlines around any store).
+
+pub mod memory;
+pub mod resilient;
+pub mod ssm;
+
+use std::future::Future;
+use std::time::SystemTime;
+
+use crate::secret::SecretBytes;
+
+/// SSM's page size for GetParametersByPath, and its batch size for GetParameters.
+pub const MAX_PAGE: usize = 10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParameterKind {
+    String,
+    StringList,
+    SecureString,
+}
+
+/// One parameter as SSM returned it. `Debug` is safe: the value redacts itself.
+#[derive(Debug, Clone)]
+pub struct Parameter {
+    pub name: String,
+    pub value: SecretBytes,
+    pub version: i64,
+    pub last_modified: SystemTime,
+    pub kind: ParameterKind,
+}
+
+/// One page of a listing below a path.
+#[derive(Debug, Default)]
+pub struct Page {
+    pub parameters: Vec<Parameter>,
+    pub next_token: Option<String>,
+}
+
+/// The answer to a GetParameters call: the parameters found, and the names SSM
+/// reported as invalid (which, for GetParameters, means "does not exist").
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub found: Vec<Parameter>,
+    pub missing: Vec<String>,
+}
+
+/// Why a store call failed. Messages never carry a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("parameter not found")]
+    NotFound,
+    #[error("access denied: {0}")]
+    AccessDenied(String),
+    #[error("throttled by SSM")]
+    Throttled,
+    #[error("SSM is unavailable: {0}")]
+    Unavailable(String),
+    #[error("no answer from SSM within the request timeout")]
+    Timeout,
+    #[error("SSM refused the request: {0}")]
+    Invalid(String),
+}
+
+impl StoreError {
+    /// Errors worth trying again: the same request may well succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Throttled | StoreError::Unavailable(_))
+    }
+
+    /// Errors that say nothing about the parameter itself, only that SSM could
+    /// not answer now: a cached value may be served stale through them.
+    pub fn is_outage(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Throttled | StoreError::Unavailable(_) | StoreError::Timeout
+        )
+    }
+}
+
+/// A source of parameters. Names are full SSM names (`/airflow/variables/x`).
+pub trait ParameterStore: Send + Sync + 'static {
+    /// GetParameter: one name; `NotFound` if it does not exist.
+    fn get(&self, name: &str) -> impl Future<Output = Result<Parameter, StoreError>> + Send;
+
+    /// GetParameters: at most `MAX_PAGE` names in one call.
+    fn get_many(&self, names: &[String]) -> impl Future<Output = Result<Batch, StoreError>> + Send;
+
+    /// GetParametersByPath with `Recursive=true`: one page of every parameter
+    /// strictly below `path`, at most `max_results` (<= `MAX_PAGE`) of them.
+    fn list_page(
+        &self,
+        path: &str,
+        max_results: usize,
+        next_token: Option<String>,
+    ) -> impl Future<Output = Result<Page, StoreError>> + Send;
+}

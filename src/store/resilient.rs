@@ -1,0 +1,189 @@
+//! Pacing, retries and deadlines around any store.
+//!
+//! Every attempt first takes a slot from a client-side budget of `max_tps`
+//! calls per second (a small burst allowed), so a busy host queues instead of
+//! eating its account's shared SSM quota. Retryable failures (throttling,
+//! 5xx, connection errors) are retried with exponential backoff and full
+//! jitter, at most `max_retries` times, and the whole call including retries
+//! must finish within `timeout` or fails with `Timeout`. Every attempt is
+//! counted in the metrics by operation and outcome.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::time::Instant;
+
+use super::{Batch, Page, Parameter, ParameterStore, StoreError};
+use crate::config::RequestConfig;
+use crate::metrics::Metrics;
+
+/// First backoff step; doubled per retry, capped by `MAX_BACKOFF`.
+const BASE_BACKOFF: Duration = Duration::from_millis(100);
+/// No single wait longer than this: the request deadline is a few seconds.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Calls that may go out back to back before pacing starts, so a cold
+/// directory walk is not slowed for its first few calls.
+const BURST_SECONDS: u32 = 1;
+
+/// A GCRA-style pacer: each call takes the next free slot `1/tps` apart.
+struct Pacer {
+    interval: Duration,
+    burst: Duration,
+    next_slot: Mutex<Instant>,
+}
+
+impl Pacer {
+    fn new(max_tps: u32) -> Self {
+        let interval = Duration::from_secs(1) / max_tps.max(1);
+        Self { interval, burst: interval * max_tps.max(1) * BURST_SECONDS, next_slot: Mutex::new(Instant::now()) }
+    }
+
+    async fn wait_turn(&self) {
+        let wait = {
+            let mut next_slot = self.next_slot.lock().unwrap();
+            let now = Instant::now();
+            let earliest = now.checked_sub(self.burst).unwrap_or(now);
+            let slot = (*next_slot).max(earliest);
+            *next_slot = slot + self.interval;
+            slot.saturating_duration_since(now)
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+pub struct Resilient<S> {
+    inner: S,
+    config: RequestConfig,
+    pacer: Pacer,
+    metrics: Arc<Metrics>,
+}
+
+fn outcome<T>(result: &Result<T, StoreError>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(StoreError::NotFound) => "not_found",
+        Err(StoreError::AccessDenied(_)) => "access_denied",
+        Err(StoreError::Throttled) => "throttled",
+        Err(StoreError::Unavailable(_)) => "unavailable",
+        Err(StoreError::Timeout) => "timeout",
+        Err(StoreError::Invalid(_)) => "invalid",
+    }
+}
+
+impl<S: ParameterStore> Resilient<S> {
+    pub fn new(inner: S, config: RequestConfig, metrics: Arc<Metrics>) -> Self {
+        let pacer = Pacer::new(config.max_tps);
+        Self { inner, config, pacer, metrics }
+    }
+
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    async fn call<T, F, Fut>(&self, operation: &'static str, attempt: F) -> Result<T, StoreError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let retries = async {
+            let mut tries = 0;
+            loop {
+                self.pacer.wait_turn().await;
+                let result = attempt().await;
+                self.metrics.api_call(operation, outcome(&result));
+                match result {
+                    Err(error) if error.is_retryable() && tries < self.config.max_retries => {
+                        if error == StoreError::Throttled {
+                            Metrics::inc(&self.metrics.throttles);
+                        }
+                        Metrics::inc(&self.metrics.retries);
+                        let ceiling = (BASE_BACKOFF * 2u32.pow(tries)).min(MAX_BACKOFF);
+                        let jittered = rand::thread_rng().gen_range(Duration::ZERO..=ceiling);
+                        tries += 1;
+                        tokio::time::sleep(jittered).await;
+                    }
+                    other => return other,
+                }
+            }
+        };
+        tokio::time::timeout(self.config.timeout, retries).await.unwrap_or(Err(StoreError::Timeout))
+    }
+}
+
+impl<S: ParameterStore> ParameterStore for Resilient<S> {
+    async fn get(&self, name: &str) -> Result<Parameter, StoreError> {
+        self.call("GetParameter", || self.inner.get(name)).await
+    }
+
+    async fn get_many(&self, names: &[String]) -> Result<Batch, StoreError> {
+        self.call("GetParameters", || self.inner.get_many(names)).await
+    }
+
+    async fn list_page(&self, path: &str, max_results: usize, next_token: Option<String>) -> Result<Page, StoreError> {
+        self.call("GetParametersByPath", || self.inner.list_page(path, max_results, next_token.clone())).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    fn resilient(config: RequestConfig) -> Resilient<MemoryStore> {
+        let store = MemoryStore::new();
+        store.put_string("/a", "1");
+        Resilient::new(store, config, Arc::new(Metrics::default()))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttling_is_retried_then_succeeds() {
+        let store = resilient(RequestConfig::default());
+        store.inner().fail_next_calls(2, StoreError::Throttled);
+        assert!(store.get("/a").await.is_ok());
+        assert_eq!(store.inner().counts().get, 3);
+        assert_eq!(store.metrics.throttles.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_are_bounded() {
+        let store = resilient(RequestConfig { max_retries: 3, ..Default::default() });
+        store.inner().fail_every_call(Some(StoreError::Throttled));
+        assert_eq!(store.get("/a").await.unwrap_err(), StoreError::Throttled);
+        assert_eq!(store.inner().counts().get, 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn not_found_and_denied_are_not_retried() {
+        let store = resilient(RequestConfig::default());
+        assert_eq!(store.get("/missing").await.unwrap_err(), StoreError::NotFound);
+        store.inner().fail_name("/a", StoreError::AccessDenied("no".into()));
+        assert!(store.get("/a").await.is_err());
+        assert_eq!(store.inner().counts().get, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_store_times_out_at_the_deadline() {
+        let store = resilient(RequestConfig { timeout: Duration::from_secs(2), ..Default::default() });
+        store.inner().set_latency(Duration::from_secs(60));
+        let started = Instant::now();
+        assert_eq!(store.get("/a").await.unwrap_err(), StoreError::Timeout);
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_queues_calls_instead_of_failing_them() {
+        let store = Arc::new(resilient(RequestConfig { max_tps: 5, timeout: Duration::from_secs(60), ..Default::default() }));
+        let started = Instant::now();
+        let calls: Vec<_> = (0..20).map(|_| { let s = store.clone(); tokio::spawn(async move { s.get("/a").await }) }).collect();
+        for call in calls {
+            assert!(call.await.unwrap().is_ok());
+        }
+        // 5 go out as the burst, the other 15 are spaced 200 ms apart.
+        assert!(started.elapsed() >= Duration::from_millis(2900), "{:?}", started.elapsed());
+        assert_eq!(store.inner().counts().get, 20);
+    }
+}

@@ -1,0 +1,182 @@
+//! The real store: aws-sdk-ssm.
+//!
+//! Credentials and region come from aws-config's standard chain (environment,
+//! profile, web identity, container and instance roles), optionally through an
+//! assumed role. Retries, pacing and deadlines are owned by `resilient`, so the
+//! SDK's own retry is turned off: one SDK call here is exactly one HTTP request,
+//! which is what the call counters and the TPS budget must count.
+
+use std::time::{Duration, SystemTime};
+
+use aws_config::sts::AssumeRoleProvider;
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_ssm::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ssm::types::{Parameter as SdkParameter, ParameterType};
+use aws_sdk_ssm::Client;
+use aws_smithy_types::retry::RetryConfig;
+use aws_smithy_types::timeout::TimeoutConfig;
+
+use super::{Batch, Page, Parameter, ParameterKind, ParameterStore, StoreError};
+use crate::secret::SecretBytes;
+
+/// Where and as whom to talk to SSM; every field falls back to aws-config's chain.
+#[derive(Debug, Clone, Default)]
+pub struct AwsOptions {
+    pub region: Option<String>,
+    pub profile: Option<String>,
+    pub endpoint_url: Option<String>,
+    pub role_arn: Option<String>,
+    /// Serve SecureString ciphertext as stored instead of decrypting it.
+    pub no_decrypt: bool,
+    /// Upper bound on one HTTP attempt; `resilient` bounds the whole call.
+    pub attempt_timeout: Duration,
+}
+
+pub struct SsmStore {
+    client: Client,
+    decrypt: bool,
+}
+
+impl SsmStore {
+    pub async fn connect(options: &AwsOptions) -> Self {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(options.attempt_timeout)
+                    .operation_attempt_timeout(options.attempt_timeout)
+                    .build(),
+            );
+        if let Some(region) = &options.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        if let Some(profile) = &options.profile {
+            loader = loader.profile_name(profile);
+        }
+        if let Some(url) = &options.endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        let sdk_config = loader.load().await;
+        let mut ssm_config = aws_sdk_ssm::config::Builder::from(&sdk_config);
+        if let Some(role_arn) = &options.role_arn {
+            // AssumeRoleProvider caches the session and refreshes it before expiry.
+            let provider = AssumeRoleProvider::builder(role_arn)
+                .session_name("ssmfs")
+                .configure(&sdk_config)
+                .build()
+                .await;
+            ssm_config = ssm_config.credentials_provider(provider);
+        }
+        Self { client: Client::from_conf(ssm_config.build()), decrypt: !options.no_decrypt }
+    }
+}
+
+fn convert(parameter: SdkParameter) -> Option<Parameter> {
+    let kind = match parameter.r#type {
+        Some(ParameterType::SecureString) => ParameterKind::SecureString,
+        Some(ParameterType::StringList) => ParameterKind::StringList,
+        _ => ParameterKind::String,
+    };
+    let last_modified = parameter
+        .last_modified_date
+        .and_then(|d| SystemTime::try_from(d).ok())
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    Some(Parameter {
+        name: parameter.name?,
+        value: SecretBytes::from_string(parameter.value.unwrap_or_default()),
+        version: parameter.version,
+        last_modified,
+        kind,
+    })
+}
+
+/// Maps every SDK failure onto the store's error. Messages carry names and AWS's
+/// own text, never a value (SSM never echoes values in errors).
+fn classify<E, R>(error: SdkError<E, R>) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug,
+{
+    match &error {
+        SdkError::TimeoutError(_) => StoreError::Timeout,
+        SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            StoreError::Unavailable(one_line(&DisplayErrorContext(&error).to_string()))
+        }
+        SdkError::ServiceError(context) => {
+            let service_error = context.err();
+            let message = one_line(service_error.message().unwrap_or(""));
+            match service_error.code().unwrap_or("") {
+                "ParameterNotFound" => StoreError::NotFound,
+                "AccessDeniedException" | "AccessDenied" | "UnrecognizedClientException"
+                | "InvalidKeyId" | "KMSAccessDeniedException" | "KMS.AccessDeniedException"
+                | "ExpiredTokenException" | "InvalidSignatureException" => {
+                    StoreError::AccessDenied(message)
+                }
+                "ThrottlingException" | "TooManyRequestsException" | "RequestLimitExceeded" => {
+                    StoreError::Throttled
+                }
+                "InternalServerError" | "InternalFailure" | "ServiceUnavailable" => {
+                    StoreError::Unavailable(message)
+                }
+                code => StoreError::Invalid(format!("{code}: {message}")),
+            }
+        }
+        _ => StoreError::Unavailable(one_line(&DisplayErrorContext(&error).to_string())),
+    }
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+impl ParameterStore for SsmStore {
+    async fn get(&self, name: &str) -> Result<Parameter, StoreError> {
+        let output = self
+            .client
+            .get_parameter()
+            .name(name)
+            .with_decryption(self.decrypt)
+            .send()
+            .await
+            .map_err(classify)?;
+        output.parameter.and_then(convert).ok_or(StoreError::NotFound)
+    }
+
+    async fn get_many(&self, names: &[String]) -> Result<Batch, StoreError> {
+        let output = self
+            .client
+            .get_parameters()
+            .set_names(Some(names.to_vec()))
+            .with_decryption(self.decrypt)
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(Batch {
+            found: output.parameters.unwrap_or_default().into_iter().filter_map(convert).collect(),
+            missing: output.invalid_parameters.unwrap_or_default(),
+        })
+    }
+
+    async fn list_page(
+        &self,
+        path: &str,
+        max_results: usize,
+        next_token: Option<String>,
+    ) -> Result<Page, StoreError> {
+        let output = self
+            .client
+            .get_parameters_by_path()
+            .path(path)
+            .recursive(true)
+            .with_decryption(self.decrypt)
+            .max_results(max_results as i32)
+            .set_next_token(next_token)
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(Page {
+            parameters: output.parameters.unwrap_or_default().into_iter().filter_map(convert).collect(),
+            next_token: output.next_token.filter(|t| !t.is_empty()),
+        })
+    }
+}
