@@ -42,7 +42,7 @@ const STALE_RECHECK: Duration = Duration::from_secs(10);
 /// Reported as the block size: values are small, one page covers them.
 const BLOCK_SIZE: u32 = 4096;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum FileKind {
     File,
     Dir,
@@ -212,7 +212,8 @@ impl<S: ParameterStore> Fs<S> {
     pub async fn lookup(self: &Arc<Self>, parent_ino: u64, segment: &OsStr) -> Result<Entry, FsError> {
         let parent = self.dir_node(parent_ino)?;
         let segment = segment.to_str().ok_or(NameError::BadCharacter)?;
-        if segment == SHADOWED_VALUE_NAME {
+        // The root's own value is the parent directory's business: mount one level up.
+        if segment == SHADOWED_VALUE_NAME && parent_ino != ROOT_INO {
             let entry = self.value(&parent.name).await?;
             let parameter = present(&entry)?;
             let ino = self.inodes.remember(parent_ino, &parent.name, Role::ShadowedValue);
@@ -363,11 +364,13 @@ impl<S: ParameterStore> Fs<S> {
             async { if fetch_value { Some(self.fetch_value(name).await) } else { None } },
         );
         let mut outage = None;
+        let mut listing_denied = false;
         match dir {
             Some(Ok(dir)) => known.own_dir = Some(dir),
-            // A policy may allow GetParameter on a name but not a listing below it:
-            // then it can only be a file.
-            Some(Err(StoreError::AccessDenied(_))) => known.own_dir = Some(self.no_children()),
+            // SSM refuses a listing when IAM or KMS denies something below the
+            // name: so something is there. Unless the name is itself a readable
+            // parameter, it is a directory whose names resolve one by one.
+            Some(Err(StoreError::AccessDenied(_))) => listing_denied = true,
             Some(Err(e)) if e.is_outage() => outage = Some(e),
             Some(Err(e)) => return Err(e.into()),
             None => {}
@@ -388,15 +391,16 @@ impl<S: ParameterStore> Fs<S> {
                 None => Err(error.into()),
             };
         }
-        known.decide(base).ok_or(FsError::NotFound)
-    }
-
-    fn no_children(&self) -> DirEntry {
-        DirEntry {
-            complete: true,
-            children: Arc::default(),
-            validity: self.cache.validity(self.config.cache.negative_ttl),
+        if listing_denied {
+            return Ok(match known.own_value.as_ref().map(value_resolution) {
+                Some(Resolved::Missing) | None => {
+                    tracing::warn!(path = name, "SSM denied listing below this path; serving it as a directory of names resolved one by one");
+                    Resolved::Dir(self.cache.validity(self.config.cache.negative_ttl))
+                }
+                Some(resolved) => resolved,
+            });
         }
+        known.decide(base).ok_or(FsError::NotFound)
     }
 
     /// The cached value of `name`, fetched if missing or expired, served stale
