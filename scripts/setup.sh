@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs everything ssmfs's tests, demo and benchmark need on a fresh Debian
+# machine: the FUSE 3 userspace tools (fuse3: mount.fuse3, fusermount3), curl,
+# and a project-local Python venv (.venv) with moto's SSM server. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v mount.fuse3 >/dev/null 2>&1 || need_apt+=(fuse3)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "setup: need Debian packages ${need_apt[*]}; run as root or install them first" >&2
+        exit 1
+    fi
+    echo "setup: installing ${need_apt[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/moto_server ]; then
+    echo "setup: creating .venv with moto[server] and boto3" >&2
+    python3 -m venv .venv
+    .venv/bin/pip install -q --disable-pip-version-check 'moto[server]>=5,<6' boto3
+fi
+[ -e /dev/fuse ] || { echo "setup: /dev/fuse is missing: load the fuse module (modprobe fuse)" >&2; exit 1; }

@@ -1,0 +1,192 @@
+//! Shared harness for the end-to-end tests: a moto SSM server on loopback, a
+//! seeding client, and the real `ssmfs` binary mounted in a temporary directory.
+//! Nothing here can reach real AWS: dummy credentials, explicit loopback endpoint.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_ssm::types::ParameterType;
+
+/// Fails under CI, skips (with a message) elsewhere, when a real component is missing.
+pub fn require(component_ok: bool, what: &str) -> bool {
+    if component_ok {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{what} is required under CI=true; run scripts/setup.sh (as root)");
+    }
+    eprintln!("SKIPPED: {what} is not available; run scripts/setup.sh as root");
+    false
+}
+
+pub fn have_fuse_and_moto() -> bool {
+    let fuse = Path::new("/dev/fuse").exists() && unsafe { libc::geteuid() } == 0;
+    require(fuse, "/dev/fuse with root") && require(moto_bin().exists(), "moto (.venv/bin/moto_server)")
+}
+
+fn moto_bin() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/moto_server")
+}
+
+pub struct Moto {
+    child: Child,
+    pub endpoint: String,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("moto.log");
+        let child = Command::new(moto_bin())
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting moto_server");
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Moto { child, endpoint, log, _dir: dir }
+    }
+
+    /// SSM API requests the server has answered (one access-log line each).
+    pub fn requests(&self) -> usize {
+        std::thread::sleep(Duration::from_millis(100)); // let the log line land
+        std::fs::read_to_string(&self.log).unwrap_or_default().lines().filter(|l| l.contains("\"POST /")).count()
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn aws_env() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_SESSION_TOKEN", "testing"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("AWS_CONFIG_FILE", "/dev/null"),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
+    ]
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap()
+}
+
+pub fn client(rt: &tokio::runtime::Runtime, endpoint: &str) -> aws_sdk_ssm::Client {
+    let creds = aws_sdk_ssm::config::Credentials::new("testing", "testing", None, None, "test");
+    let config = aws_sdk_ssm::Config::builder()
+        .behavior_version(aws_sdk_ssm::config::BehaviorVersion::latest())
+        .region(aws_sdk_ssm::config::Region::new("us-east-1"))
+        .credentials_provider(creds)
+        .endpoint_url(endpoint)
+        .build();
+    let _guard = rt.enter();
+    aws_sdk_ssm::Client::from_conf(config)
+}
+
+pub fn put(rt: &tokio::runtime::Runtime, client: &aws_sdk_ssm::Client, name: &str, value: &str, kind: ParameterType) {
+    rt.block_on(client.put_parameter().name(name).value(value).r#type(kind).overwrite(true).send())
+        .unwrap_or_else(|e| panic!("seeding {name}: {}", aws_sdk_ssm::error::DisplayErrorContext(&e)));
+}
+
+pub struct Mount {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub log: PathBuf,
+}
+
+impl Mount {
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
+
+    /// Starts `ssmfs --foreground <args> <prefix> <mnt>` and waits for the mount.
+    pub fn start(endpoint: &str, prefix: &str, extra: &[&str]) -> Mount {
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let log = dir.path().join("ssmfs.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_ssmfs"))
+            .arg("--foreground")
+            .args(["--endpoint-url", endpoint])
+            .args(extra)
+            .arg(prefix)
+            .arg(&mnt)
+            .envs(aws_env())
+            .env("SSMFS_LOG", "trace")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting ssmfs");
+        let mount = Mount { child: Some(child), dir, log };
+        mount.wait_mounted(true);
+        mount
+    }
+
+    pub fn wait_mounted(&self, wanted: bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while ssmfs::daemon::is_mount_point(&self.path()) != wanted {
+            assert!(Instant::now() < deadline, "mount state never became {wanted}; log:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends a signal and returns the exit status.
+    pub fn signal(&mut self, signal: i32) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "ssmfs did not exit after signal {signal}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.signal(libc::SIGTERM);
+        }
+        if ssmfs::daemon::is_mount_point(&self.path()) {
+            let _ = ssmfs::daemon::lazy_unmount(&self.path());
+        }
+    }
+}
+
+/// Runs a program and returns (status code, stdout, stderr).
+pub fn run(program: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
