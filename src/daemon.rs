@@ -112,11 +112,46 @@ pub fn mount<S: ParameterStore>(
     config.n_threads = Some(settings.threads);
     config.clone_fd = true;
     let adapter = FuseAdapter::new(fs, runtime);
-    let session = Session::new(adapter, &settings.mountpoint, &config)
-        .map_err(|e| format!("cannot mount on {}: {e}", settings.mountpoint.display()))?;
+    let cannot = |e: std::io::Error| format!("cannot mount on {}: {e}", settings.mountpoint.display());
+    // As root we mount ourselves so the type reads `fuse.ssmfs` (for mount(8),
+    // findmnt and fstab); other users go through fuser and fusermount3.
+    // SAFETY: geteuid cannot fail.
+    let session = if unsafe { libc::geteuid() } == 0 {
+        let fd = mount_fuse_as_root(settings).map_err(cannot)?;
+        Session::from_fd(adapter, fd, config.acl, config.clone()).map_err(cannot)?
+    } else {
+        Session::new(adapter, &settings.mountpoint, &config).map_err(cannot)?
+    };
     run_invalidations(session.notifier(), invalidations);
     let session = session.spawn().map_err(|e| format!("cannot start the FUSE session: {e}"))?;
     Ok(Mounted { session, mountpoint: settings.mountpoint.clone() })
+}
+
+/// Opens /dev/fuse and mounts it read-only with type `fuse.ssmfs`.
+fn mount_fuse_as_root(settings: &MountSettings) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let device = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse")?;
+    let fd: OwnedFd = device.into();
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut options = format!("fd={},rootmode=40000,user_id={uid},group_id={gid},default_permissions", fd.as_raw_fd());
+    if settings.allow_other || settings.allow_root {
+        options.push_str(",allow_other");
+    }
+    let c = |text: &str| CString::new(text).map_err(std::io::Error::other);
+    let (source, target, fstype, data) = (
+        c(&settings.fsname)?,
+        CString::new(settings.mountpoint.as_os_str().as_bytes()).map_err(std::io::Error::other)?,
+        c("fuse.ssmfs")?,
+        c(&options)?,
+    );
+    let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOATIME;
+    // SAFETY: valid NUL-terminated strings that outlive the call.
+    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, data.as_ptr().cast()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
 }
 
 impl Mounted {

@@ -92,22 +92,29 @@ fn run(settings: Settings, mountpoint: std::path::PathBuf, readiness: &mut Readi
 }
 
 /// Logs go to stderr (foreground), --log-file, or syslog (background), filtered
-/// by SSMFS_LOG (default `info`). Log lines name parameters, never values.
+/// by SSMFS_LOG (default `info`). Log lines name parameters, never values; the
+/// AWS SDK and HTTP crates are capped at INFO whatever SSMFS_LOG says, because
+/// their DEBUG/TRACE output includes raw response bodies, i.e. secret values.
 fn init_logging(settings: &Settings, background: bool) -> Result<(), String> {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
+    use tracing_subscriber::prelude::*;
     let filter = EnvFilter::try_from_env("SSMFS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if let Some(path) = &settings.log_file {
+    let only_ssmfs_below_info = Targets::new().with_default(LevelFilter::INFO).with_target("ssmfs", LevelFilter::TRACE);
+    let (writer, ansi) = if let Some(path) = &settings.log_file {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
             .map_err(|e| format!("--log-file {}: {e}", path.display()))?;
-        builder.with_ansi(false).with_writer(std::sync::Mutex::new(file)).init();
+        (BoxMakeWriter::new(std::sync::Mutex::new(file)), false)
     } else if background {
-        builder.with_ansi(false).without_time().with_writer(ssmfs_syslog::Syslog::open).init();
+        (BoxMakeWriter::new(ssmfs_syslog::Syslog::open), false)
     } else {
-        builder.with_writer(std::io::stderr).init();
-    }
+        (BoxMakeWriter::new(std::io::stderr), std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    };
+    let layer = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(ansi);
+    tracing_subscriber::registry().with(layer.with_filter(filter).with_filter(only_ssmfs_below_info)).init();
     Ok(())
 }
 
