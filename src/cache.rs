@@ -69,7 +69,11 @@ impl Validity {
     /// How long the kernel may keep this answer: up to the refresh point, so
     /// the next question after it reaches us while the entry is still valid.
     pub fn kernel_ttl(&self, now: Instant) -> Duration {
-        let until = if now < self.refresh_at { self.refresh_at } else { self.expires };
+        let until = if now < self.refresh_at {
+            self.refresh_at
+        } else {
+            self.expires
+        };
         until.saturating_duration_since(now)
     }
 }
@@ -87,7 +91,8 @@ pub struct ValueEntry {
 impl ValueEntry {
     fn bytes(&self, name: &str) -> usize {
         let value_len = |p: &Arc<Parameter>| p.value.len() + p.name.len();
-        name.len() + self.previous.as_ref().map_or(0, value_len)
+        name.len()
+            + self.previous.as_ref().map_or(0, value_len)
             + match &self.known {
                 Known::Present(p) => value_len(p),
                 _ => 0,
@@ -195,14 +200,17 @@ impl Cache {
             (Some(old), Known::Present(new)) if old.version != new.version => {
                 (Change::NewVersion, Some(old.clone()))
             }
-            (Some(_), Known::Present(_)) => {
-                (Change::None, old.and_then(|e| e.previous))
-            }
+            (Some(_), Known::Present(_)) => (Change::None, old.and_then(|e| e.previous)),
             (Some(_), _) => (Change::Disappeared, None),
             (None, Known::Present(_)) if old.is_some() => (Change::Appeared, None),
             _ => (Change::None, None),
         };
-        let entry = ValueEntry { known, previous, validity, stale_logged: false };
+        let entry = ValueEntry {
+            known,
+            previous,
+            validity,
+            stale_logged: false,
+        };
         inner.value_bytes += entry.bytes(name);
         inner.values.put(name.to_string(), entry.clone());
         self.enforce_bounds(&mut inner);
@@ -214,7 +222,9 @@ impl Cache {
     /// the caller logs one warning per entry, not one per read.
     pub fn extend_stale_value(&self, name: &str, recheck_in: Duration) -> bool {
         let mut inner = self.inner.lock().unwrap();
-        let Some(entry) = inner.values.get_mut(name) else { return false };
+        let Some(entry) = inner.values.get_mut(name) else {
+            return false;
+        };
         let now = Instant::now();
         let until = (now + recheck_in).min(entry.validity.stale_until);
         entry.validity.expires = until;
@@ -233,7 +243,12 @@ impl Cache {
         }
     }
 
-    pub fn put_dir(&self, path: &str, complete: bool, children: BTreeMap<String, ChildKind>) -> DirEntry {
+    pub fn put_dir(
+        &self,
+        path: &str,
+        complete: bool,
+        children: BTreeMap<String, ChildKind>,
+    ) -> DirEntry {
         let entry = DirEntry {
             complete,
             children: Arc::new(children),
@@ -249,7 +264,9 @@ impl Cache {
         while inner.values.len() > self.config.max_entries
             || (inner.value_bytes > self.config.max_bytes && inner.values.len() > 1)
         {
-            let Some((name, entry)) = inner.values.pop_lru() else { break };
+            let Some((name, entry)) = inner.values.pop_lru() else {
+                break;
+            };
             inner.value_bytes -= entry.bytes(&name);
             Metrics::inc(&self.metrics.cache_evictions);
         }
@@ -282,7 +299,9 @@ pub struct SingleFlight<K, V> {
 
 impl<K: Hash + Eq + Clone, V: Clone> Default for SingleFlight<K, V> {
     fn default() -> Self {
-        Self { calls: Mutex::new(HashMap::new()) }
+        Self {
+            calls: Mutex::new(HashMap::new()),
+        }
     }
 }
 
@@ -292,10 +311,19 @@ impl<K: Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = V>,
     {
-        let cell = self.calls.lock().unwrap().entry(key.clone()).or_default().clone();
+        let cell = self
+            .calls
+            .lock()
+            .unwrap()
+            .entry(key.clone())
+            .or_default()
+            .clone();
         let result = cell.get_or_init(call).await.clone();
         let mut calls = self.calls.lock().unwrap();
-        if calls.get(&key).is_some_and(|current| Arc::ptr_eq(current, &cell)) {
+        if calls
+            .get(&key)
+            .is_some_and(|current| Arc::ptr_eq(current, &cell))
+        {
             calls.remove(&key);
         }
         result
@@ -321,7 +349,11 @@ mod tests {
     }
 
     fn cache(max_entries: usize, max_bytes: usize) -> Cache {
-        let config = CacheConfig { max_entries, max_bytes, ..Default::default() };
+        let config = CacheConfig {
+            max_entries,
+            max_bytes,
+            ..Default::default()
+        };
         Cache::new(config, Arc::new(Metrics::default()))
     }
 
@@ -341,7 +373,10 @@ mod tests {
     fn evicts_by_bytes() {
         let cache = cache(100, 100);
         for i in 0..10 {
-            cache.put_value(&format!("/p{i}"), parameter(&format!("/p{i}"), &"x".repeat(40), 1));
+            cache.put_value(
+                &format!("/p{i}"),
+                parameter(&format!("/p{i}"), &"x".repeat(40), 1),
+            );
         }
         let (entries, _, bytes) = cache.usage();
         assert!(bytes <= 100, "{bytes}");
@@ -351,41 +386,62 @@ mod tests {
     #[test]
     fn reports_changes_and_keeps_the_previous_version() {
         let cache = cache(10, usize::MAX);
-        assert_eq!(cache.put_value("/a", parameter("/a", "1", 1)).0, Change::None);
-        assert_eq!(cache.put_value("/a", parameter("/a", "1", 1)).0, Change::None);
-        assert_eq!(cache.put_value("/a", parameter("/a", "22", 2)).0, Change::NewVersion);
+        assert_eq!(
+            cache.put_value("/a", parameter("/a", "1", 1)).0,
+            Change::None
+        );
+        assert_eq!(
+            cache.put_value("/a", parameter("/a", "1", 1)).0,
+            Change::None
+        );
+        assert_eq!(
+            cache.put_value("/a", parameter("/a", "22", 2)).0,
+            Change::NewVersion
+        );
         let entry = cache.value("/a").unwrap();
         assert_eq!(entry.previous.unwrap().version, 1);
         assert_eq!(cache.put_value("/a", Known::Absent).0, Change::Disappeared);
-        assert_eq!(cache.put_value("/a", parameter("/a", "3", 3)).0, Change::Appeared);
+        assert_eq!(
+            cache.put_value("/a", parameter("/a", "3", 3)).0,
+            Change::Appeared
+        );
     }
 
     #[test]
     fn refresh_comes_before_expiry_with_jitter() {
         let cache = cache(10, usize::MAX);
         let ttl = Duration::from_secs(100);
-        let points: Vec<Duration> = (0..50).map(|_| {
-            let v = cache.validity(ttl);
-            assert!(v.refresh_at < v.expires);
-            v.refresh_at - v.fetched
-        }).collect();
-        assert!(points.iter().any(|p| *p != points[0]), "refresh points must be jittered");
+        let points: Vec<Duration> = (0..50)
+            .map(|_| {
+                let v = cache.validity(ttl);
+                assert!(v.refresh_at < v.expires);
+                v.refresh_at - v.fetched
+            })
+            .collect();
+        assert!(
+            points.iter().any(|p| *p != points[0]),
+            "refresh points must be jittered"
+        );
     }
 
     #[tokio::test]
     async fn single_flight_runs_one_call_for_concurrent_callers() {
         let flights: Arc<SingleFlight<String, u32>> = Arc::new(SingleFlight::default());
         let runs = Arc::new(AtomicU32::new(0));
-        let tasks: Vec<_> = (0..50).map(|_| {
-            let (flights, runs) = (flights.clone(), runs.clone());
-            tokio::spawn(async move {
-                flights.run("k".to_string(), || async move {
-                    runs.fetch_add(1, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    7
-                }).await
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let (flights, runs) = (flights.clone(), runs.clone());
+                tokio::spawn(async move {
+                    flights
+                        .run("k".to_string(), || async move {
+                            runs.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            7
+                        })
+                        .await
+                })
             })
-        }).collect();
+            .collect();
         for task in tasks {
             assert_eq!(task.await.unwrap(), 7);
         }

@@ -131,9 +131,28 @@ pub struct Settings {
 
 /// Mount options that belong to mount(8) itself or that ssmfs always applies.
 const GENERIC_MOUNT_OPTIONS: &[&str] = &[
-    "ro", "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
-    "relatime", "auto", "noauto", "user", "users", "nouser", "_netdev", "nofail", "defaults",
-    "default_permissions", "async", "sync",
+    "ro",
+    "rw",
+    "dev",
+    "nodev",
+    "suid",
+    "nosuid",
+    "exec",
+    "noexec",
+    "atime",
+    "noatime",
+    "relatime",
+    "auto",
+    "noauto",
+    "user",
+    "users",
+    "nouser",
+    "_netdev",
+    "nofail",
+    "defaults",
+    "default_permissions",
+    "async",
+    "sync",
 ];
 
 /// Rewrites `-o a,b=c` into `--a --b c`, dropping generic mount options.
@@ -143,7 +162,10 @@ pub fn expand_mount_options(args: Vec<OsString>) -> Result<Vec<OsString>, String
     while let Some(arg) = iter.next() {
         let text = arg.to_string_lossy().into_owned();
         let list = if text == "-o" {
-            iter.next().ok_or("-o needs a list of options")?.to_string_lossy().into_owned()
+            iter.next()
+                .ok_or("-o needs a list of options")?
+                .to_string_lossy()
+                .into_owned()
         } else if let Some(rest) = text.strip_prefix("-o").filter(|r| !r.is_empty()) {
             rest.to_string()
         } else {
@@ -155,7 +177,11 @@ pub fn expand_mount_options(args: Vec<OsString>) -> Result<Vec<OsString>, String
                 Some((k, v)) => (k, Some(v)),
                 None => (option, None),
             };
-            if GENERIC_MOUNT_OPTIONS.contains(&key) || key.starts_with("x-") || key == "fsname" || key == "subtype" {
+            if GENERIC_MOUNT_OPTIONS.contains(&key)
+                || key.starts_with("x-")
+                || key == "fsname"
+                || key == "subtype"
+            {
                 continue;
             }
             out.push(format!("--{}", key.replace('_', "-")).into());
@@ -181,11 +207,15 @@ impl CliArgs {
 
     pub fn into_settings(self) -> Result<Settings, String> {
         let (prefix, mountpoint) = match self.positional.as_slice() {
-            [prefix, mountpoint] => (prefix.to_string_lossy().into_owned(), PathBuf::from(mountpoint)),
+            [prefix, mountpoint] => (
+                prefix.to_string_lossy().into_owned(),
+                PathBuf::from(mountpoint),
+            ),
             [_] => return Err("missing MOUNTPOINT: usage is ssmfs <PREFIX> <MOUNTPOINT>".into()),
             _ => return Err("usage is ssmfs <PREFIX> <MOUNTPOINT>".into()),
         };
-        let prefix = names::parse_prefix(&prefix).map_err(|e| format!("invalid PREFIX '{prefix}': {e}"))?;
+        let prefix =
+            names::parse_prefix(&prefix).map_err(|e| format!("invalid PREFIX '{prefix}': {e}"))?;
         if self.file_mode & 0o004 != 0 && !self.allow_world_readable {
             return Err(format!(
                 "--file-mode {:04o} lets every user read secrets; add --allow-world-readable if that is intended",
@@ -244,7 +274,9 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Settings, String> {
         let args = expand_mount_options(args.iter().map(OsString::from).collect())?;
-        CliArgs::try_parse_from(args).map_err(|e| e.to_string())?.into_settings()
+        CliArgs::try_parse_from(args)
+            .map_err(|e| e.to_string())?
+            .into_settings()
     }
 
     #[test]
@@ -254,7 +286,10 @@ mod tests {
         assert_eq!(s.fs.cache.ttl, Duration::from_secs(300));
         assert_eq!(s.fs.file_mode, 0o400);
         assert!(!s.foreground);
-        let s = parse(&["ssmfs", "-f", "--ttl", "30s", "--uid", "50000", "/", "/mnt/x"]).unwrap();
+        let s = parse(&[
+            "ssmfs", "-f", "--ttl", "30s", "--uid", "50000", "/", "/mnt/x",
+        ])
+        .unwrap();
         assert!(s.foreground);
         assert_eq!(s.fs.uid, 50000);
         assert_eq!(s.fs.prefix, "/");
@@ -262,7 +297,14 @@ mod tests {
 
     #[test]
     fn mount_options_become_flags() {
-        let s = parse(&["ssmfs", "/a", "/mnt/x", "-o", "rw,nosuid,allow_other,uid=7,ttl=5m,file_mode=0440,_netdev"]).unwrap();
+        let s = parse(&[
+            "ssmfs",
+            "/a",
+            "/mnt/x",
+            "-o",
+            "rw,nosuid,allow_other,uid=7,ttl=5m,file_mode=0440,_netdev",
+        ])
+        .unwrap();
         assert!(s.allow_other);
         assert_eq!(s.fs.uid, 7);
         assert_eq!(s.fs.file_mode, 0o440);
@@ -271,14 +313,36 @@ mod tests {
 
     #[test]
     fn bad_input_is_named() {
-        assert!(parse(&["ssmfs", "airflow", "/mnt"]).unwrap_err().contains("PREFIX"));
-        assert!(parse(&["ssmfs", "", "/mnt"]).unwrap_err().contains("PREFIX"));
-        assert!(parse(&["ssmfs", "--ttl", "-5s", "/a", "/mnt"]).unwrap_err().contains("--ttl"));
-        assert!(parse(&["ssmfs", "--ttl", "10 parsecs", "/a", "/mnt"]).unwrap_err().contains("--ttl"));
-        assert!(parse(&["ssmfs", "--file-mode", "999", "/a", "/mnt"]).unwrap_err().contains("--file-mode"));
-        assert!(parse(&["ssmfs", "--uid", "bob", "/a", "/mnt"]).unwrap_err().contains("--uid"));
-        assert!(parse(&["ssmfs", "--file-mode", "0444", "/a", "/mnt"]).unwrap_err().contains("--allow-world-readable"));
-        assert!(parse(&["ssmfs", "--file-mode", "0444", "--allow-world-readable", "/a", "/mnt"]).is_ok());
+        assert!(parse(&["ssmfs", "airflow", "/mnt"])
+            .unwrap_err()
+            .contains("PREFIX"));
+        assert!(parse(&["ssmfs", "", "/mnt"])
+            .unwrap_err()
+            .contains("PREFIX"));
+        assert!(parse(&["ssmfs", "--ttl", "-5s", "/a", "/mnt"])
+            .unwrap_err()
+            .contains("--ttl"));
+        assert!(parse(&["ssmfs", "--ttl", "10 parsecs", "/a", "/mnt"])
+            .unwrap_err()
+            .contains("--ttl"));
+        assert!(parse(&["ssmfs", "--file-mode", "999", "/a", "/mnt"])
+            .unwrap_err()
+            .contains("--file-mode"));
+        assert!(parse(&["ssmfs", "--uid", "bob", "/a", "/mnt"])
+            .unwrap_err()
+            .contains("--uid"));
+        assert!(parse(&["ssmfs", "--file-mode", "0444", "/a", "/mnt"])
+            .unwrap_err()
+            .contains("--allow-world-readable"));
+        assert!(parse(&[
+            "ssmfs",
+            "--file-mode",
+            "0444",
+            "--allow-world-readable",
+            "/a",
+            "/mnt"
+        ])
+        .is_ok());
         assert!(parse(&["ssmfs", "/a"]).unwrap_err().contains("MOUNTPOINT"));
     }
 }

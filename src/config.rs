@@ -109,10 +109,14 @@ impl FsConfig {
 pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     let trimmed = raw.trim();
     if trimmed.starts_with('-') {
-        return Err(format!("'{raw}' is negative; use a duration such as 30s, 5m or 1h"));
+        return Err(format!(
+            "'{raw}' is negative; use a duration such as 30s, 5m or 1h"
+        ));
     }
     if !trimmed.is_empty() && trimmed.chars().all(|c| c.is_ascii_digit()) {
-        return Err(format!("'{raw}' has no unit; use a duration such as 30s, 5m or 1h"));
+        return Err(format!(
+            "'{raw}' has no unit; use a duration such as 30s, 5m or 1h"
+        ));
     }
     humantime::parse_duration(trimmed)
         .map_err(|_| format!("'{raw}' is not a duration; use a form such as 30s, 5m or 1h"))

@@ -36,35 +36,53 @@ pub fn prepare_mountpoint(path: &Path) -> Result<PathBuf, String> {
     match std::fs::metadata(path) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             tracing::warn!(mountpoint = %shown, "mount point is a stale FUSE mount (daemon died); detaching it");
-            lazy_unmount(path).map_err(|e| format!("mount point {shown} is a stale mount and could not be detached: {e}"))?;
+            lazy_unmount(path).map_err(|e| {
+                format!("mount point {shown} is a stale mount and could not be detached: {e}")
+            })?;
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(format!("mount point {shown} does not exist"));
         }
         Err(e) => return Err(format!("mount point {shown} cannot be used: {e}")),
-        Ok(meta) if !meta.is_dir() => return Err(format!("mount point {shown} is not a directory")),
+        Ok(meta) if !meta.is_dir() => {
+            return Err(format!("mount point {shown} is not a directory"))
+        }
         Ok(_) => {}
     }
-    let absolute = std::fs::canonicalize(path).map_err(|e| format!("mount point {shown} cannot be used: {e}"))?;
+    let absolute = std::fs::canonicalize(path)
+        .map_err(|e| format!("mount point {shown} cannot be used: {e}"))?;
     if is_mount_point(&absolute) {
-        return Err(format!("mount point {shown} is already a mount; unmount it first (umount {shown})"));
+        return Err(format!(
+            "mount point {shown} is already a mount; unmount it first (umount {shown})"
+        ));
     }
-    let mut entries = std::fs::read_dir(&absolute).map_err(|e| format!("mount point {shown} cannot be read: {e}"))?;
+    let mut entries = std::fs::read_dir(&absolute)
+        .map_err(|e| format!("mount point {shown} cannot be read: {e}"))?;
     if entries.next().is_some() {
-        return Err(format!("mount point {shown} is not empty; mounting would hide its files"));
+        return Err(format!(
+            "mount point {shown} is not empty; mounting would hide its files"
+        ));
     }
     Ok(absolute)
 }
 
 /// Whether `path` is listed as a mount point in /proc/self/mountinfo.
 pub fn is_mount_point(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
     let wanted = path.to_string_lossy();
-    info.lines().filter_map(|line| line.split(' ').nth(4)).any(|mp| unescape_mountinfo(mp) == wanted)
+    info.lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .any(|mp| unescape_mountinfo(mp) == wanted)
 }
 
 fn unescape_mountinfo(field: &str) -> String {
-    field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    field
+        .replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
 }
 
 /// Detaches the mount now; the kernel finishes it once the last open file closes.
@@ -112,7 +130,8 @@ pub fn mount<S: ParameterStore>(
     config.n_threads = Some(settings.threads);
     config.clone_fd = true;
     let adapter = FuseAdapter::new(fs, runtime);
-    let cannot = |e: std::io::Error| format!("cannot mount on {}: {e}", settings.mountpoint.display());
+    let cannot =
+        |e: std::io::Error| format!("cannot mount on {}: {e}", settings.mountpoint.display());
     // As root we mount ourselves so the type reads `fuse.ssmfs` (for mount(8),
     // findmnt and fstab); other users go through fuser and fusermount3.
     // SAFETY: geteuid cannot fail.
@@ -123,18 +142,29 @@ pub fn mount<S: ParameterStore>(
         Session::new(adapter, &settings.mountpoint, &config).map_err(cannot)?
     };
     run_invalidations(session.notifier(), invalidations);
-    let session = session.spawn().map_err(|e| format!("cannot start the FUSE session: {e}"))?;
-    Ok(Mounted { session, mountpoint: settings.mountpoint.clone() })
+    let session = session
+        .spawn()
+        .map_err(|e| format!("cannot start the FUSE session: {e}"))?;
+    Ok(Mounted {
+        session,
+        mountpoint: settings.mountpoint.clone(),
+    })
 }
 
 /// Opens /dev/fuse and mounts it read-only with type `fuse.ssmfs`.
 fn mount_fuse_as_root(settings: &MountSettings) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::{AsRawFd, OwnedFd};
-    let device = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse")?;
+    let device = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")?;
     let fd: OwnedFd = device.into();
     // SAFETY: getuid/getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let mut options = format!("fd={},rootmode=40000,user_id={uid},group_id={gid},default_permissions", fd.as_raw_fd());
+    let mut options = format!(
+        "fd={},rootmode=40000,user_id={uid},group_id={gid},default_permissions",
+        fd.as_raw_fd()
+    );
     if settings.allow_other || settings.allow_root {
         options.push_str(",allow_other");
     }
@@ -147,7 +177,15 @@ fn mount_fuse_as_root(settings: &MountSettings) -> std::io::Result<std::os::fd::
     );
     let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOATIME;
     // SAFETY: valid NUL-terminated strings that outlive the call.
-    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, data.as_ptr().cast()) };
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -182,7 +220,10 @@ impl Mounted {
 }
 
 /// Serves until the mount ends or a signal asks us to stop. SIGHUP drops caches.
-pub async fn serve_until_stopped<S: ParameterStore>(fs: Arc<Fs<S>>, mounted: &Mounted) -> Result<&'static str, String> {
+pub async fn serve_until_stopped<S: ParameterStore>(
+    fs: Arc<Fs<S>>,
+    mounted: &Mounted,
+) -> Result<&'static str, String> {
     let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     let mut hangup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
@@ -202,8 +243,12 @@ pub async fn serve_until_stopped<S: ParameterStore>(fs: Arc<Fs<S>>, mounted: &Mo
 
 /// Tells systemd (Type=notify) about our state, if it is listening.
 pub fn sd_notify(state: &str) {
-    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else { return };
-    let Ok(sender) = std::os::unix::net::UnixDatagram::unbound() else { return };
+    let Some(socket) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sender) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
     let bytes = socket.as_bytes();
     let result = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
         use std::os::linux::net::SocketAddrExt;
@@ -218,9 +263,14 @@ pub fn sd_notify(state: &str) {
 }
 
 /// Serves Prometheus text on `addr` until the process ends.
-pub async fn serve_metrics<S: ParameterStore>(fs: Arc<Fs<S>>, addr: std::net::SocketAddr) -> Result<(), String> {
+pub async fn serve_metrics<S: ParameterStore>(
+    fs: Arc<Fs<S>>,
+    addr: std::net::SocketAddr,
+) -> Result<(), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--metrics-addr {addr}: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("--metrics-addr {addr}: {e}"))?;
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             let fs = fs.clone();
@@ -266,7 +316,9 @@ pub fn daemonize() -> Result<Readiness, String> {
                 match verdict.strip_prefix("ok") {
                     Some(_) => std::process::exit(0),
                     None if verdict.is_empty() => {
-                        eprintln!("ssmfs: the daemon exited before the mount was ready (see its log)");
+                        eprintln!(
+                            "ssmfs: the daemon exited before the mount was ready (see its log)"
+                        );
                         std::process::exit(1)
                     }
                     None => {
@@ -348,7 +400,10 @@ pub fn harden_process(lock_memory: bool) -> Result<(), String> {
     // SAFETY: prctl/setrlimit/mlockall with constant, valid arguments.
     unsafe {
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
-        let no_core = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let no_core = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         libc::setrlimit(libc::RLIMIT_CORE, &no_core);
         if lock_memory && libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) != 0 {
             return Err(format!(

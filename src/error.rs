@@ -58,9 +58,18 @@ mod tests {
 
     #[test]
     fn errnos() {
-        assert_eq!(FsError::BadName(NameError::TooLong).errno(), libc::ENAMETOOLONG);
-        assert_eq!(FsError::BadName(NameError::BadCharacter).errno(), libc::ENOENT);
-        assert_eq!(FsError::Store(StoreError::AccessDenied("x".into())).errno(), libc::EACCES);
+        assert_eq!(
+            FsError::BadName(NameError::TooLong).errno(),
+            libc::ENAMETOOLONG
+        );
+        assert_eq!(
+            FsError::BadName(NameError::BadCharacter).errno(),
+            libc::ENOENT
+        );
+        assert_eq!(
+            FsError::Store(StoreError::AccessDenied("x".into())).errno(),
+            libc::EACCES
+        );
         assert_eq!(FsError::Store(StoreError::Timeout).errno(), libc::EIO);
         assert_eq!(FsError::ReadOnly.errno(), libc::EROFS);
     }

@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::cache::{Cache, Change, ChildKind, DirEntry, Known, SingleFlight, ValueEntry, Validity};
+use crate::cache::{Cache, Change, ChildKind, DirEntry, Known, SingleFlight, Validity, ValueEntry};
 use crate::config::FsConfig;
 use crate::error::FsError;
 use crate::inode::{InodeTable, Role, ROOT_INO};
@@ -119,11 +119,16 @@ impl Knowledge {
         if let Some(dir) = self.own_dir.as_ref().filter(|d| d.is_dir()) {
             return Some(Resolved::Dir(dir.validity));
         }
-        let listed = self.parent_dir.as_ref().and_then(|d| d.children.get(base).map(|k| (d, *k)));
+        let listed = self
+            .parent_dir
+            .as_ref()
+            .and_then(|d| d.children.get(base).map(|k| (d, *k)));
         match listed {
             Some((parent, ChildKind::Dir)) => return Some(Resolved::Dir(parent.validity)),
             Some((_, ChildKind::File)) => return self.own_value.as_ref().map(value_resolution),
-            None if self.parent_dir.as_ref().is_some_and(|d| d.complete) => return Some(Resolved::Missing),
+            None if self.parent_dir.as_ref().is_some_and(|d| d.complete) => {
+                return Some(Resolved::Missing)
+            }
             None => {}
         }
         match (&self.own_dir, &self.own_value) {
@@ -199,7 +204,11 @@ impl<S: ParameterStore> Fs<S> {
 
     pub fn gauges(&self) -> Gauges {
         let (values, dirs, bytes) = self.cache.usage();
-        Gauges { cache_entries: values + dirs, cache_bytes: bytes, inodes: self.inodes.len() }
+        Gauges {
+            cache_entries: values + dirs,
+            cache_bytes: bytes,
+            inodes: self.inodes.len(),
+        }
     }
 
     /// Values currently held in the cache.
@@ -209,21 +218,30 @@ impl<S: ParameterStore> Fs<S> {
 
     // ----- FUSE operations -----
 
-    pub async fn lookup(self: &Arc<Self>, parent_ino: u64, segment: &OsStr) -> Result<Entry, FsError> {
+    pub async fn lookup(
+        self: &Arc<Self>,
+        parent_ino: u64,
+        segment: &OsStr,
+    ) -> Result<Entry, FsError> {
         let parent = self.dir_node(parent_ino)?;
         let segment = segment.to_str().ok_or(NameError::BadCharacter)?;
         // The root's own value is the parent directory's business: mount one level up.
         if segment == SHADOWED_VALUE_NAME && parent_ino != ROOT_INO {
             let entry = self.value(&parent.name).await?;
             let parameter = present(&entry)?;
-            let ino = self.inodes.remember(parent_ino, &parent.name, Role::ShadowedValue);
+            let ino = self
+                .inodes
+                .remember(parent_ino, &parent.name, Role::ShadowedValue);
             return Ok(self.file_entry(ino, &parameter, &entry.validity));
         }
         let name = names::child_name(&parent.name, segment)?;
         match self.resolve(&parent.name, &name).await? {
             Resolved::Dir(validity) => {
                 let ino = self.inodes.remember(parent_ino, &name, Role::Dir);
-                Ok(Entry { attr: self.dir_attr(ino), ttl: validity.kernel_ttl(Instant::now()) })
+                Ok(Entry {
+                    attr: self.dir_attr(ino),
+                    ttl: validity.kernel_ttl(Instant::now()),
+                })
             }
             Resolved::File(parameter, validity) => {
                 let ino = self.inodes.remember(parent_ino, &name, Role::File);
@@ -238,14 +256,22 @@ impl<S: ParameterStore> Fs<S> {
         let node = self.inodes.get(ino).ok_or(FsError::UnknownInode(ino))?;
         if node.role == Role::Dir {
             // A directory's existence is revalidated by lookup; its attributes never change.
-            return Ok(Entry { attr: self.dir_attr(ino), ttl: self.config.cache.ttl });
+            return Ok(Entry {
+                attr: self.dir_attr(ino),
+                ttl: self.config.cache.ttl,
+            });
         }
         let entry = self.value(&node.name).await?;
         let parameter = present(&entry).map_err(|e| self.deny_or(e, &node.name))?;
         Ok(self.file_entry(ino, &parameter, &entry.validity))
     }
 
-    pub async fn read(self: &Arc<Self>, ino: u64, offset: u64, size: u32) -> Result<ReadData, FsError> {
+    pub async fn read(
+        self: &Arc<Self>,
+        ino: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<ReadData, FsError> {
         let node = self.inodes.get(ino).ok_or(FsError::UnknownInode(ino))?;
         if node.role == Role::Dir {
             return Err(FsError::IsDirectory);
@@ -271,7 +297,11 @@ impl<S: ParameterStore> Fs<S> {
         let len = parameter.value.len();
         let start = (offset as usize).min(len);
         let end = start.saturating_add(size as usize).min(len);
-        Ok(ReadData { parameter, start, end })
+        Ok(ReadData {
+            parameter,
+            start,
+            end,
+        })
     }
 
     /// Lists the directory once and keeps that listing for the handle's life,
@@ -280,10 +310,21 @@ impl<S: ParameterStore> Fs<S> {
         let node = self.dir_node(ino)?;
         let listing = self.listing(&node.name).await?;
         let mut items = vec![
-            DirItem { ino, kind: FileKind::Dir, name: ".".into() },
-            DirItem { ino: node.parent, kind: FileKind::Dir, name: "..".into() },
+            DirItem {
+                ino,
+                kind: FileKind::Dir,
+                name: ".".into(),
+            },
+            DirItem {
+                ino: node.parent,
+                kind: FileKind::Dir,
+                name: "..".into(),
+            },
         ];
-        let shadowed = self.cache.value(&node.name).is_some_and(|e| e.parameter().is_some());
+        let shadowed = self
+            .cache
+            .value(&node.name)
+            .is_some_and(|e| e.parameter().is_some());
         if shadowed && ino != ROOT_INO {
             items.push(DirItem {
                 ino: self.item_ino(&node.name, Role::ShadowedValue),
@@ -297,17 +338,35 @@ impl<S: ParameterStore> Fs<S> {
                 ChildKind::Dir => (Role::Dir, FileKind::Dir),
                 ChildKind::File => (Role::File, FileKind::File),
             };
-            items.push(DirItem { ino: self.item_ino(&name, role), kind, name: child.clone() });
+            items.push(DirItem {
+                ino: self.item_ino(&name, role),
+                kind,
+                name: child.clone(),
+            });
         }
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.dir_handles.lock().unwrap().insert(handle, Arc::new(items));
+        self.dir_handles
+            .lock()
+            .unwrap()
+            .insert(handle, Arc::new(items));
         Ok(handle)
     }
 
     /// Entries from `offset` on; each item's offset for the kernel is its index + 1.
     pub fn readdir(&self, handle: u64, offset: u64) -> Result<Vec<(u64, DirItem)>, FsError> {
-        let items = self.dir_handles.lock().unwrap().get(&handle).cloned().ok_or(FsError::BadHandle(handle))?;
-        Ok(items.iter().enumerate().skip(offset as usize).map(|(i, item)| (i as u64 + 1, item.clone())).collect())
+        let items = self
+            .dir_handles
+            .lock()
+            .unwrap()
+            .get(&handle)
+            .cloned()
+            .ok_or(FsError::BadHandle(handle))?;
+        Ok(items
+            .iter()
+            .enumerate()
+            .skip(offset as usize)
+            .map(|(i, item)| (i as u64 + 1, item.clone()))
+            .collect())
     }
 
     pub fn releasedir(&self, handle: u64) {
@@ -323,7 +382,10 @@ impl<S: ParameterStore> Fs<S> {
         self.cache.clear();
         for node in self.inodes.all() {
             if node.ino != ROOT_INO {
-                self.send(Invalidation::Entry { parent: node.parent, name: names::base_name(&node.name).to_string() });
+                self.send(Invalidation::Entry {
+                    parent: node.parent,
+                    name: names::base_name(&node.name).to_string(),
+                });
             }
             self.send(Invalidation::Inode(node.ino));
         }
@@ -360,8 +422,20 @@ impl<S: ParameterStore> Fs<S> {
         let probe_dir = known.needs_dir_probe(base);
         let fetch_value = known.own_value.is_none();
         let (dir, value) = tokio::join!(
-            async { if probe_dir { Some(self.probe_dir(name).await) } else { None } },
-            async { if fetch_value { Some(self.fetch_value(name).await) } else { None } },
+            async {
+                if probe_dir {
+                    Some(self.probe_dir(name).await)
+                } else {
+                    None
+                }
+            },
+            async {
+                if fetch_value {
+                    Some(self.fetch_value(name).await)
+                } else {
+                    None
+                }
+            },
         );
         let mut outage = None;
         let mut listing_denied = false;
@@ -416,21 +490,23 @@ impl<S: ParameterStore> Fs<S> {
         Metrics::inc(&self.metrics.cache_misses);
         match self.fetch_value(name).await {
             Ok(entry) => Ok(entry),
-            Err(error) if error.is_outage() => match cached.filter(|e| e.validity.may_serve_stale(now)) {
-                Some(entry) => {
-                    self.note_stale(name, &error);
-                    Ok(entry)
+            Err(error) if error.is_outage() => {
+                match cached.filter(|e| e.validity.may_serve_stale(now)) {
+                    Some(entry) => {
+                        self.note_stale(name, &error);
+                        Ok(entry)
+                    }
+                    None => Err(error.into()),
                 }
-                None => Err(error.into()),
-            },
+            }
             Err(error) => Err(error.into()),
         }
     }
 
     fn refresh_if_due(self: &Arc<Self>, entry: &Option<ValueEntry>, name: &str) {
-        let due = entry.as_ref().is_some_and(|e| {
-            e.parameter().is_some() && e.validity.wants_refresh(Instant::now())
-        });
+        let due = entry
+            .as_ref()
+            .is_some_and(|e| e.parameter().is_some() && e.validity.wants_refresh(Instant::now()));
         if due {
             let fs = self.clone();
             let name = name.to_string();
@@ -446,7 +522,8 @@ impl<S: ParameterStore> Fs<S> {
 
     fn note_stale(&self, name: &str, error: &StoreError) {
         Metrics::inc(&self.metrics.stale_serves);
-        self.cache.extend_stale_dir(names::parent_name(name), STALE_RECHECK);
+        self.cache
+            .extend_stale_dir(names::parent_name(name), STALE_RECHECK);
         self.cache.extend_stale_dir(name, STALE_RECHECK);
         if self.cache.extend_stale_value(name, STALE_RECHECK) {
             tracing::warn!(parameter = name, %error, "SSM is not answering; serving the cached answer past its TTL");
@@ -455,7 +532,10 @@ impl<S: ParameterStore> Fs<S> {
 
     fn denied(&self, name: &str) -> FsError {
         if self.denied_logged.lock().unwrap().insert(name.to_string()) {
-            tracing::warn!(parameter = name, "SSM denied access to this parameter (IAM or KMS); answering EACCES");
+            tracing::warn!(
+                parameter = name,
+                "SSM denied access to this parameter (IAM or KMS); answering EACCES"
+            );
         }
         FsError::Store(StoreError::AccessDenied(name.to_string()))
     }
@@ -500,7 +580,10 @@ impl<S: ParameterStore> Fs<S> {
 
     fn invalidate_entry(&self, name: &str) {
         if let Some(parent) = self.inodes.find(names::parent_name(name), Role::Dir) {
-            self.send(Invalidation::Entry { parent, name: names::base_name(name).to_string() });
+            self.send(Invalidation::Entry {
+                parent,
+                name: names::base_name(name).to_string(),
+            });
         }
     }
 
@@ -556,15 +639,17 @@ impl<S: ParameterStore> Fs<S> {
         Metrics::inc(&self.metrics.cache_misses);
         match self.list_dir(path).await {
             Ok(dir) => Ok(dir),
-            Err(error) if error.is_outage() => match cached.filter(|d| d.validity.may_serve_stale(now)) {
-                Some(dir) => {
-                    Metrics::inc(&self.metrics.stale_serves);
-                    self.cache.extend_stale_dir(path, STALE_RECHECK);
-                    tracing::warn!(path, %error, "SSM is not answering; serving the cached listing past its TTL");
-                    Ok(dir)
+            Err(error) if error.is_outage() => {
+                match cached.filter(|d| d.validity.may_serve_stale(now)) {
+                    Some(dir) => {
+                        Metrics::inc(&self.metrics.stale_serves);
+                        self.cache.extend_stale_dir(path, STALE_RECHECK);
+                        tracing::warn!(path, %error, "SSM is not answering; serving the cached listing past its TTL");
+                        Ok(dir)
+                    }
+                    None => Err(error.into()),
                 }
-                None => Err(error.into()),
-            },
+            }
             Err(error) => Err(error.into()),
         }
     }
@@ -575,12 +660,18 @@ impl<S: ParameterStore> Fs<S> {
         let mut dirs: BTreeMap<String, BTreeMap<String, ChildKind>> = BTreeMap::new();
         dirs.insert(path.to_string(), BTreeMap::new());
         for parameter in &parameters {
-            let Some(relative) = names::relative_to(path, &parameter.name) else { continue };
+            let Some(relative) = names::relative_to(path, &parameter.name) else {
+                continue;
+            };
             let mut dir = path.to_string();
             let segments: Vec<&str> = relative.split('/').collect();
             for (i, segment) in segments.iter().enumerate() {
                 let is_last = i + 1 == segments.len();
-                let kind = if is_last { ChildKind::File } else { ChildKind::Dir };
+                let kind = if is_last {
+                    ChildKind::File
+                } else {
+                    ChildKind::Dir
+                };
                 let children = dirs.entry(dir.clone()).or_default();
                 let slot = children.entry(segment.to_string()).or_insert(kind);
                 if kind == ChildKind::Dir {
@@ -589,7 +680,11 @@ impl<S: ParameterStore> Fs<S> {
                 if !complete {
                     break; // a partial page says nothing complete about subdirectories
                 }
-                dir = if dir == "/" { format!("/{segment}") } else { format!("{dir}/{segment}") };
+                dir = if dir == "/" {
+                    format!("/{segment}")
+                } else {
+                    format!("{dir}/{segment}")
+                };
             }
         }
         for parameter in parameters {
@@ -605,14 +700,31 @@ impl<S: ParameterStore> Fs<S> {
         self.record_dir(path, complete, own)
     }
 
-    fn record_dir(&self, path: &str, complete: bool, children: BTreeMap<String, ChildKind>) -> DirEntry {
+    fn record_dir(
+        &self,
+        path: &str,
+        complete: bool,
+        children: BTreeMap<String, ChildKind>,
+    ) -> DirEntry {
         if complete {
             if let Some(old) = self.cache.dir(path).filter(|d| d.complete) {
-                let changed = old.children.iter().filter(|(n, k)| children.get(*n) != Some(k)).map(|(n, _)| n)
-                    .chain(children.iter().filter(|(n, k)| old.children.get(*n) != Some(k)).map(|(n, _)| n));
+                let changed = old
+                    .children
+                    .iter()
+                    .filter(|(n, k)| children.get(*n) != Some(k))
+                    .map(|(n, _)| n)
+                    .chain(
+                        children
+                            .iter()
+                            .filter(|(n, k)| old.children.get(*n) != Some(k))
+                            .map(|(n, _)| n),
+                    );
                 if let Some(parent) = self.inodes.find(path, Role::Dir) {
                     for name in changed {
-                        self.send(Invalidation::Entry { parent, name: name.clone() });
+                        self.send(Invalidation::Entry {
+                            parent,
+                            name: name.clone(),
+                        });
                     }
                 }
             }
@@ -648,7 +760,8 @@ impl<S: ParameterStore> Fs<S> {
     }
 
     fn file_entry(&self, ino: u64, parameter: &Parameter, validity: &Validity) -> Entry {
-        self.inodes.set_reported_version(ino, Some(parameter.version));
+        self.inodes
+            .set_reported_version(ino, Some(parameter.version));
         Entry {
             attr: Attr {
                 ino,

@@ -56,7 +56,13 @@ impl InodeTable {
         nodes.insert(ROOT_INO, root);
         let mut by_key = HashMap::new();
         by_key.insert((prefix.to_string(), Role::Dir), ROOT_INO);
-        Self { table: Mutex::new(Table { nodes, by_key, next_ino: ROOT_INO + 1 }) }
+        Self {
+            table: Mutex::new(Table {
+                nodes,
+                by_key,
+                next_ino: ROOT_INO + 1,
+            }),
+        }
     }
 
     pub fn get(&self, ino: u64) -> Option<Node> {
@@ -76,7 +82,14 @@ impl InodeTable {
         }
         let ino = table.next_ino;
         table.next_ino += 1;
-        let node = Node { ino, name: name.to_string(), role, parent, lookups: 1, reported_version: None };
+        let node = Node {
+            ino,
+            name: name.to_string(),
+            role,
+            parent,
+            lookups: 1,
+            reported_version: None,
+        };
         table.nodes.insert(ino, node);
         table.by_key.insert(key, ino);
         ino
@@ -84,7 +97,12 @@ impl InodeTable {
 
     /// The inode of `name` in `role` if the kernel holds one.
     pub fn find(&self, name: &str, role: Role) -> Option<u64> {
-        self.table.lock().unwrap().by_key.get(&(name.to_string(), role)).copied()
+        self.table
+            .lock()
+            .unwrap()
+            .by_key
+            .get(&(name.to_string(), role))
+            .copied()
     }
 
     pub fn set_reported_version(&self, ino: u64, version: Option<i64>) {
@@ -98,7 +116,9 @@ impl InodeTable {
             return;
         }
         let mut table = self.table.lock().unwrap();
-        let Some(node) = table.nodes.get_mut(&ino) else { return };
+        let Some(node) = table.nodes.get_mut(&ino) else {
+            return;
+        };
         node.lookups = node.lookups.saturating_sub(count);
         if node.lookups == 0 {
             let key = (node.name.clone(), node.role);

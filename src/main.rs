@@ -58,7 +58,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(settings: Settings, mountpoint: std::path::PathBuf, readiness: &mut Readiness) -> Result<(), String> {
+fn run(
+    settings: Settings,
+    mountpoint: std::path::PathBuf,
+    readiness: &mut Readiness,
+) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ssmfs-worker")
@@ -79,7 +83,12 @@ fn run(settings: Settings, mountpoint: std::path::PathBuf, readiness: &mut Readi
         allow_root: settings.allow_root,
         threads: settings.threads,
     };
-    let mounted = daemon::mount(Arc::clone(&fs), invalidations, runtime.handle().clone(), &mount_settings)?;
+    let mounted = daemon::mount(
+        Arc::clone(&fs),
+        invalidations,
+        runtime.handle().clone(),
+        &mount_settings,
+    )?;
     tracing::info!(prefix = %prefix, mountpoint = %mount_settings.mountpoint.display(), "mounted");
     readiness.ready();
     readiness.detach_stdio();
@@ -100,7 +109,9 @@ fn init_logging(settings: &Settings, background: bool) -> Result<(), String> {
     use tracing_subscriber::fmt::writer::BoxMakeWriter;
     use tracing_subscriber::prelude::*;
     let filter = EnvFilter::try_from_env("SSMFS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let only_ssmfs_below_info = Targets::new().with_default(LevelFilter::INFO).with_target("ssmfs", LevelFilter::TRACE);
+    let only_ssmfs_below_info = Targets::new()
+        .with_default(LevelFilter::INFO)
+        .with_target("ssmfs", LevelFilter::TRACE);
     let (writer, ansi) = if let Some(path) = &settings.log_file {
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -111,10 +122,17 @@ fn init_logging(settings: &Settings, background: bool) -> Result<(), String> {
     } else if background {
         (BoxMakeWriter::new(ssmfs_syslog::Syslog::open), false)
     } else {
-        (BoxMakeWriter::new(std::io::stderr), std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        (
+            BoxMakeWriter::new(std::io::stderr),
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        )
     };
-    let layer = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(ansi);
-    tracing_subscriber::registry().with(layer.with_filter(filter).with_filter(only_ssmfs_below_info)).init();
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_ansi(ansi);
+    tracing_subscriber::registry()
+        .with(layer.with_filter(filter).with_filter(only_ssmfs_below_info))
+        .init();
     Ok(())
 }
 
@@ -131,7 +149,9 @@ mod ssmfs_syslog {
             static IDENT: &[u8] = b"ssmfs\0";
             static ONCE: std::sync::Once = std::sync::Once::new();
             // SAFETY: IDENT is a static NUL-terminated string that outlives every call.
-            ONCE.call_once(|| unsafe { libc::openlog(IDENT.as_ptr().cast(), libc::LOG_PID, libc::LOG_DAEMON) });
+            ONCE.call_once(|| unsafe {
+                libc::openlog(IDENT.as_ptr().cast(), libc::LOG_PID, libc::LOG_DAEMON)
+            });
             Syslog(Vec::new())
         }
     }
@@ -149,7 +169,9 @@ mod ssmfs_syslog {
 
     impl Drop for Syslog {
         fn drop(&mut self) {
-            let text = String::from_utf8_lossy(&self.0).trim_end().replace('\0', " ");
+            let text = String::from_utf8_lossy(&self.0)
+                .trim_end()
+                .replace('\0', " ");
             if let Ok(line) = CString::new(text) {
                 // SAFETY: "%s" with one valid C string argument.
                 unsafe { libc::syslog(libc::LOG_INFO, c"%s".as_ptr(), line.as_ptr()) };

@@ -43,13 +43,22 @@ pub struct Gauges {
 
 impl Metrics {
     pub fn api_call(&self, operation: &'static str, outcome: &'static str) {
-        *self.api_calls.lock().unwrap().entry((operation, outcome)).or_default() += 1;
+        *self
+            .api_calls
+            .lock()
+            .unwrap()
+            .entry((operation, outcome))
+            .or_default() += 1;
     }
 
     /// Total API calls with the given operation, any outcome.
     pub fn api_calls(&self, operation: &str) -> u64 {
         let calls = self.api_calls.lock().unwrap();
-        calls.iter().filter(|((op, _), _)| *op == operation).map(|(_, n)| n).sum()
+        calls
+            .iter()
+            .filter(|((op, _), _)| *op == operation)
+            .map(|(_, n)| n)
+            .sum()
     }
 
     pub fn fuse_request(&self, operation: &'static str, elapsed: Duration) {
@@ -80,24 +89,71 @@ impl Metrics {
             );
         }
         let counters: [(&str, &str, &AtomicU64); 7] = [
-            ("ssmfs_api_retries_total", "SSM calls retried after a retryable error.", &self.retries),
-            ("ssmfs_api_throttles_total", "SSM calls answered with throttling.", &self.throttles),
-            ("ssmfs_cache_hits_total", "Lookups answered from the cache.", &self.cache_hits),
-            ("ssmfs_cache_misses_total", "Lookups that needed SSM.", &self.cache_misses),
-            ("ssmfs_cache_evictions_total", "Entries evicted by the LRU bounds.", &self.cache_evictions),
-            ("ssmfs_stale_serves_total", "Values served past their TTL because SSM failed.", &self.stale_serves),
-            ("ssmfs_kernel_invalidations_total", "Kernel cache invalidations sent.", &self.invalidations),
+            (
+                "ssmfs_api_retries_total",
+                "SSM calls retried after a retryable error.",
+                &self.retries,
+            ),
+            (
+                "ssmfs_api_throttles_total",
+                "SSM calls answered with throttling.",
+                &self.throttles,
+            ),
+            (
+                "ssmfs_cache_hits_total",
+                "Lookups answered from the cache.",
+                &self.cache_hits,
+            ),
+            (
+                "ssmfs_cache_misses_total",
+                "Lookups that needed SSM.",
+                &self.cache_misses,
+            ),
+            (
+                "ssmfs_cache_evictions_total",
+                "Entries evicted by the LRU bounds.",
+                &self.cache_evictions,
+            ),
+            (
+                "ssmfs_stale_serves_total",
+                "Values served past their TTL because SSM failed.",
+                &self.stale_serves,
+            ),
+            (
+                "ssmfs_kernel_invalidations_total",
+                "Kernel cache invalidations sent.",
+                &self.invalidations,
+            ),
         ];
         for (name, help, counter) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", counter.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                counter.load(Ordering::Relaxed)
+            );
         }
         let gauge_rows = [
-            ("ssmfs_cache_entries", "Values and listings held in the cache.", gauges.cache_entries),
-            ("ssmfs_cache_bytes", "Bytes of values held in the cache.", gauges.cache_bytes),
-            ("ssmfs_inodes", "Inodes the kernel currently references.", gauges.inodes),
+            (
+                "ssmfs_cache_entries",
+                "Values and listings held in the cache.",
+                gauges.cache_entries,
+            ),
+            (
+                "ssmfs_cache_bytes",
+                "Bytes of values held in the cache.",
+                gauges.cache_bytes,
+            ),
+            (
+                "ssmfs_inodes",
+                "Inodes the kernel currently references.",
+                gauges.inodes,
+            ),
         ];
         for (name, help, value) in gauge_rows {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
         }
         out.push_str("# HELP ssmfs_fuse_request_seconds FUSE requests by operation.\n");
         out.push_str("# TYPE ssmfs_fuse_request_seconds histogram\n");
@@ -105,9 +161,21 @@ impl Metrics {
             for (bound, n) in LATENCY_BUCKETS.iter().zip(h.buckets) {
                 let _ = writeln!(out, "ssmfs_fuse_request_seconds_bucket{{operation=\"{operation}\",le=\"{bound}\"}} {n}");
             }
-            let _ = writeln!(out, "ssmfs_fuse_request_seconds_bucket{{operation=\"{operation}\",le=\"+Inf\"}} {}", h.count);
-            let _ = writeln!(out, "ssmfs_fuse_request_seconds_sum{{operation=\"{operation}\"}} {}", h.sum);
-            let _ = writeln!(out, "ssmfs_fuse_request_seconds_count{{operation=\"{operation}\"}} {}", h.count);
+            let _ = writeln!(
+                out,
+                "ssmfs_fuse_request_seconds_bucket{{operation=\"{operation}\",le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(
+                out,
+                "ssmfs_fuse_request_seconds_sum{{operation=\"{operation}\"}} {}",
+                h.sum
+            );
+            let _ = writeln!(
+                out,
+                "ssmfs_fuse_request_seconds_count{{operation=\"{operation}\"}} {}",
+                h.count
+            );
         }
         out
     }

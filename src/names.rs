@@ -150,7 +150,10 @@ mod tests {
     #[test]
     fn child_names_follow_ssm_rules() {
         assert_eq!(child_name("/", "airflow").unwrap(), "/airflow");
-        assert_eq!(child_name("/airflow", "x.y-z_1").unwrap(), "/airflow/x.y-z_1");
+        assert_eq!(
+            child_name("/airflow", "x.y-z_1").unwrap(),
+            "/airflow/x.y-z_1"
+        );
         assert_eq!(child_name("/a", "b c"), Err(NameError::BadCharacter));
         assert_eq!(child_name("/a", "caf\u{e9}"), Err(NameError::BadCharacter));
         assert_eq!(child_name("/a", ".."), Err(NameError::BadSegment));
@@ -160,7 +163,10 @@ mod tests {
         assert_eq!(child_name("/x", "ssm").unwrap(), "/x/ssm");
         let long = "a".repeat(1010);
         assert_eq!(child_name("/", &long).unwrap().len(), 1011);
-        assert_eq!(child_name("/", &format!("{long}a")), Err(NameError::TooLong));
+        assert_eq!(
+            child_name("/", &format!("{long}a")),
+            Err(NameError::TooLong)
+        );
         let deep = "/a".repeat(15);
         assert_eq!(child_name(&deep, "b"), Err(NameError::TooDeep));
         assert!(child_name(&"/a".repeat(14), "b").is_ok());

@@ -19,8 +19,15 @@ type TestFs = Arc<Fs<Resilient<MemoryStore>>>;
 
 fn config(prefix: &str) -> FsConfig {
     let mut config = FsConfig::new(prefix);
-    config.cache = CacheConfig { ttl: Duration::from_secs(300), negative_ttl: Duration::from_secs(30), ..Default::default() };
-    config.request = RequestConfig { max_tps: 10_000, ..Default::default() };
+    config.cache = CacheConfig {
+        ttl: Duration::from_secs(300),
+        negative_ttl: Duration::from_secs(30),
+        ..Default::default()
+    };
+    config.request = RequestConfig {
+        max_tps: 10_000,
+        ..Default::default()
+    };
     config
 }
 
@@ -34,8 +41,16 @@ fn airflow_store() -> MemoryStore {
     let store = MemoryStore::new();
     store.put_string("/airflow/variables/my_secret", "s3cr3t-value");
     store.put_string("/airflow/variables/region", "eu-west-1");
-    store.put("/airflow/variables/list", b"a,b,c".to_vec(), ParameterKind::StringList);
-    store.put("/airflow/connections/my_postgres", b"postgresql://u:p@h:5432/db".to_vec(), ParameterKind::SecureString);
+    store.put(
+        "/airflow/variables/list",
+        b"a,b,c".to_vec(),
+        ParameterKind::StringList,
+    );
+    store.put(
+        "/airflow/connections/my_postgres",
+        b"postgresql://u:p@h:5432/db".to_vec(),
+        ParameterKind::SecureString,
+    );
     store.put_string("/airflow/config/sql_alchemy_conn", "sqlite://");
     store.put_string("/other/thing", "not mounted");
     store
@@ -49,7 +64,10 @@ async fn walk(fs: &TestFs, path: &str) -> Result<Entry, i32> {
     let mut ino = ROOT_INO;
     let mut last = None;
     for segment in path.split('/') {
-        let entry = fs.lookup(ino, OsStr::new(segment)).await.map_err(|e| e.errno())?;
+        let entry = fs
+            .lookup(ino, OsStr::new(segment))
+            .await
+            .map_err(|e| e.errno())?;
         ino = entry.attr.ino;
         last = Some(entry);
     }
@@ -58,26 +76,47 @@ async fn walk(fs: &TestFs, path: &str) -> Result<Entry, i32> {
 
 async fn cat(fs: &TestFs, path: &str) -> Result<Vec<u8>, i32> {
     let entry = walk(fs, path).await?;
-    let data = fs.read(entry.attr.ino, 0, 1 << 20).await.map_err(|e| e.errno())?;
-    assert_eq!(data.bytes().len() as u64, entry.attr.size, "st_size must equal the bytes read");
+    let data = fs
+        .read(entry.attr.ino, 0, 1 << 20)
+        .await
+        .map_err(|e| e.errno())?;
+    assert_eq!(
+        data.bytes().len() as u64,
+        entry.attr.size,
+        "st_size must equal the bytes read"
+    );
     Ok(data.bytes().to_vec())
 }
 
 async fn ls(fs: &TestFs, path: &str) -> Result<Vec<(String, FileKind)>, i32> {
-    let ino = if path.is_empty() { ROOT_INO } else { walk(fs, path).await?.attr.ino };
+    let ino = if path.is_empty() {
+        ROOT_INO
+    } else {
+        walk(fs, path).await?.attr.ino
+    };
     let handle = fs.opendir(ino).await.map_err(|e| e.errno())?;
     let items = fs.readdir(handle, 0).map_err(|e| e.errno())?;
     fs.releasedir(handle);
-    Ok(items.into_iter().map(|(_, i)| (i.name, i.kind)).filter(|(n, _)| n != "." && n != "..").collect())
+    Ok(items
+        .into_iter()
+        .map(|(_, i)| (i.name, i.kind))
+        .filter(|(n, _)| n != "." && n != "..")
+        .collect())
 }
 
 #[tokio::test(start_paused = true)]
 async fn mounting_costs_nothing_and_cat_returns_exact_bytes() {
     let (fs, _inval) = mount(airflow_store(), config("/airflow"));
     assert_eq!(calls(&fs).total(), 0, "mounting makes no API call");
-    assert_eq!(cat(&fs, "variables/my_secret").await.unwrap(), b"s3cr3t-value");
+    assert_eq!(
+        cat(&fs, "variables/my_secret").await.unwrap(),
+        b"s3cr3t-value"
+    );
     assert_eq!(cat(&fs, "variables/list").await.unwrap(), b"a,b,c");
-    assert_eq!(cat(&fs, "connections/my_postgres").await.unwrap(), b"postgresql://u:p@h:5432/db");
+    assert_eq!(
+        cat(&fs, "connections/my_postgres").await.unwrap(),
+        b"postgresql://u:p@h:5432/db"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -93,7 +132,10 @@ async fn a_cold_cat_costs_one_round_trip_per_component_and_a_warm_one_nothing() 
     let started = tokio::time::Instant::now();
     assert_eq!(cat(&fs, "a/b/target").await.unwrap(), b"value");
     let round_trips = started.elapsed().as_millis() / 100;
-    assert!(round_trips <= 3, "3 components took {round_trips} sequential round trips");
+    assert!(
+        round_trips <= 3,
+        "3 components took {round_trips} sequential round trips"
+    );
     assert!(calls(&fs).total() <= 6, "{:?}", calls(&fs));
     let before = calls(&fs);
     for _ in 0..10 {
@@ -112,9 +154,15 @@ async fn listing_a_directory_costs_a_page_per_ten_and_fills_the_cache() {
     let entries = ls(&fs, "big").await.unwrap();
     assert_eq!(entries.len(), 250);
     let after_ls = calls(&fs);
-    assert!(after_ls.total() <= 25 + 1 + 2, "ls of 250 cost {after_ls:?}");
+    assert!(
+        after_ls.total() <= 25 + 1 + 2,
+        "ls of 250 cost {after_ls:?}"
+    );
     for i in 0..250 {
-        assert_eq!(cat(&fs, &format!("big/k{i:03}")).await.unwrap(), format!("value-{i}").as_bytes());
+        assert_eq!(
+            cat(&fs, &format!("big/k{i:03}")).await.unwrap(),
+            format!("value-{i}").as_bytes()
+        );
     }
     assert_eq!(calls(&fs), after_ls, "every value came from the listing");
 }
@@ -124,12 +172,26 @@ async fn a_whole_tree_walk_costs_one_listing() {
     let (fs, _inval) = mount(airflow_store(), config("/airflow"));
     let mut top = ls(&fs, "").await.unwrap();
     top.sort();
-    assert_eq!(top, vec![("config".into(), FileKind::Dir), ("connections".into(), FileKind::Dir), ("variables".into(), FileKind::Dir)]);
+    assert_eq!(
+        top,
+        vec![
+            ("config".into(), FileKind::Dir),
+            ("connections".into(), FileKind::Dir),
+            ("variables".into(), FileKind::Dir)
+        ]
+    );
     let after = calls(&fs);
     assert_eq!(after.list_page, 1, "5 parameters fit one page");
     assert_eq!(ls(&fs, "variables").await.unwrap().len(), 3);
-    assert_eq!(cat(&fs, "config/sql_alchemy_conn").await.unwrap(), b"sqlite://");
-    assert_eq!(calls(&fs), after, "subdirectories were known complete from the root listing");
+    assert_eq!(
+        cat(&fs, "config/sql_alchemy_conn").await.unwrap(),
+        b"sqlite://"
+    );
+    assert_eq!(
+        calls(&fs),
+        after,
+        "subdirectories were known complete from the root listing"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -143,7 +205,11 @@ async fn the_lru_keeps_at_most_its_bound_and_refetches_correctly() {
     let (fs, _inval) = mount(store, config);
     for round in 0..2 {
         for i in 0..1000 {
-            assert_eq!(cat(&fs, &format!("k{i:04}")).await.unwrap(), format!("v{i}").as_bytes(), "round {round}");
+            assert_eq!(
+                cat(&fs, &format!("k{i:04}")).await.unwrap(),
+                format!("v{i}").as_bytes(),
+                "round {round}"
+            );
             assert!(fs.cached_values() <= 100);
         }
     }
@@ -153,12 +219,32 @@ async fn the_lru_keeps_at_most_its_bound_and_refetches_correctly() {
 async fn impossible_names_are_answered_without_a_call() {
     let (fs, _inval) = mount(airflow_store(), config("/airflow"));
     for bad in ["caf\u{e9}", "a b", "semi;colon", "..", "@value", "star*"] {
-        assert_eq!(fs.lookup(ROOT_INO, OsStr::new(bad)).await.unwrap_err().errno(), libc::ENOENT, "{bad}");
+        assert_eq!(
+            fs.lookup(ROOT_INO, OsStr::new(bad))
+                .await
+                .unwrap_err()
+                .errno(),
+            libc::ENOENT,
+            "{bad}"
+        );
     }
     let long = "a".repeat(1100);
-    assert_eq!(fs.lookup(ROOT_INO, OsStr::new(&long)).await.unwrap_err().errno(), libc::ENAMETOOLONG);
+    assert_eq!(
+        fs.lookup(ROOT_INO, OsStr::new(&long))
+            .await
+            .unwrap_err()
+            .errno(),
+        libc::ENAMETOOLONG
+    );
     let (root_fs, _i) = mount(MemoryStore::new(), config("/"));
-    assert_eq!(root_fs.lookup(ROOT_INO, OsStr::new("ssm-x")).await.unwrap_err().errno(), libc::ENOENT);
+    assert_eq!(
+        root_fs
+            .lookup(ROOT_INO, OsStr::new("ssm-x"))
+            .await
+            .unwrap_err()
+            .errno(),
+        libc::ENOENT
+    );
     assert_eq!(root_fs.store().inner().counts().total(), 0);
     assert_eq!(calls(&fs).total(), 0);
 }
@@ -166,15 +252,19 @@ async fn impossible_names_are_answered_without_a_call() {
 #[tokio::test(start_paused = true)]
 async fn too_deep_names_are_refused_without_a_call() {
     let store = MemoryStore::new();
-    let deep = (1..=15).map(|i| format!("l{i}")).collect::<Vec<_>>().join("/");
+    let deep = (1..=15)
+        .map(|i| format!("l{i}"))
+        .collect::<Vec<_>>()
+        .join("/");
     store.put_string(&format!("/{deep}"), "deepest");
     let (fs, _inval) = mount(store, config("/"));
     assert_eq!(cat(&fs, &deep).await.unwrap(), b"deepest");
     let before = calls(&fs).total();
-    let parent = walk(&fs, &deep.rsplit_once('/').unwrap().0.to_string()).await.unwrap();
-    let too_deep = fs.lookup(parent.attr.ino, OsStr::new("l15")).await.unwrap();
-    assert_eq!(fs.lookup(too_deep.attr.ino, OsStr::new("x")).await.unwrap_err().errno(), libc::ENOTDIR);
-    let _ = before;
+    let deepest = walk(&fs, &deep).await.unwrap();
+    // Nothing can exist below level 15: the 15-level name is a file, never a directory.
+    let below = fs.lookup(deepest.attr.ino, OsStr::new("x")).await;
+    assert_eq!(below.unwrap_err().errno(), libc::ENOTDIR);
+    assert_eq!(calls(&fs).total(), before);
 }
 
 #[tokio::test(start_paused = true)]
@@ -183,7 +273,11 @@ async fn missing_names_are_enoent_and_cached_negatively() {
     let _ = ls(&fs, "variables").await.unwrap();
     let before = calls(&fs);
     assert_eq!(cat(&fs, "variables/nope").await.unwrap_err(), libc::ENOENT);
-    assert_eq!(calls(&fs), before, "a complete listing already says it does not exist");
+    assert_eq!(
+        calls(&fs),
+        before,
+        "a complete listing already says it does not exist"
+    );
     assert_eq!(cat(&fs, "nothere").await.unwrap_err(), libc::ENOENT);
     let after_first = calls(&fs);
     assert_eq!(cat(&fs, "nothere").await.unwrap_err(), libc::ENOENT);
@@ -193,11 +287,23 @@ async fn missing_names_are_enoent_and_cached_negatively() {
 #[tokio::test(start_paused = true)]
 async fn one_failing_parameter_never_breaks_the_rest() {
     let store = airflow_store();
-    store.fail_name("/airflow/variables/region", StoreError::AccessDenied("not allowed".into()));
+    store.fail_name(
+        "/airflow/variables/region",
+        StoreError::AccessDenied("not allowed".into()),
+    );
     let (fs, _inval) = mount(store, config("/airflow"));
-    assert_eq!(cat(&fs, "variables/my_secret").await.unwrap(), b"s3cr3t-value");
-    assert_eq!(cat(&fs, "variables/region").await.unwrap_err(), libc::EACCES);
-    assert_eq!(cat(&fs, "connections/my_postgres").await.unwrap(), b"postgresql://u:p@h:5432/db");
+    assert_eq!(
+        cat(&fs, "variables/my_secret").await.unwrap(),
+        b"s3cr3t-value"
+    );
+    assert_eq!(
+        cat(&fs, "variables/region").await.unwrap_err(),
+        libc::EACCES
+    );
+    assert_eq!(
+        cat(&fs, "connections/my_postgres").await.unwrap(),
+        b"postgresql://u:p@h:5432/db"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -210,26 +316,47 @@ async fn concurrent_cold_reads_of_one_name_cost_one_call() {
     let tasks: Vec<_> = (0..100)
         .map(|_| {
             let fs = fs.clone();
-            tokio::spawn(async move { fs.lookup(variables, OsStr::new("brand_new")).await.map(|e| e.attr.size) })
+            tokio::spawn(async move {
+                fs.lookup(variables, OsStr::new("brand_new"))
+                    .await
+                    .map(|e| e.attr.size)
+            })
         })
         .collect();
-    fs.store().inner().put_string("/airflow/variables/brand_new", "fresh");
+    fs.store()
+        .inner()
+        .put_string("/airflow/variables/brand_new", "fresh");
     for task in tasks {
         let _ = task.await.unwrap();
     }
     let after = calls(&fs);
-    assert!(after.get - before.get <= 1 && after.list_page - before.list_page <= 1, "{before:?} -> {after:?}");
+    assert!(
+        after.get - before.get <= 1 && after.list_page - before.list_page <= 1,
+        "{before:?} -> {after:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_rotated_value_is_seen_after_the_ttl_and_the_kernel_is_told() {
     let (fs, mut invalidations) = mount(airflow_store(), config("/airflow"));
-    assert_eq!(cat(&fs, "variables/my_secret").await.unwrap(), b"s3cr3t-value");
+    assert_eq!(
+        cat(&fs, "variables/my_secret").await.unwrap(),
+        b"s3cr3t-value"
+    );
     let ino = walk(&fs, "variables/my_secret").await.unwrap().attr.ino;
-    fs.store().inner().put_string("/airflow/variables/my_secret", "rotated-and-longer");
-    assert_eq!(cat(&fs, "variables/my_secret").await.unwrap(), b"s3cr3t-value", "within the TTL");
+    fs.store()
+        .inner()
+        .put_string("/airflow/variables/my_secret", "rotated-and-longer");
+    assert_eq!(
+        cat(&fs, "variables/my_secret").await.unwrap(),
+        b"s3cr3t-value",
+        "within the TTL"
+    );
     tokio::time::advance(Duration::from_secs(301)).await;
-    assert_eq!(cat(&fs, "variables/my_secret").await.unwrap(), b"rotated-and-longer");
+    assert_eq!(
+        cat(&fs, "variables/my_secret").await.unwrap(),
+        b"rotated-and-longer"
+    );
     let mut told = Vec::new();
     while let Ok(i) = invalidations.try_recv() {
         told.push(i);
@@ -241,13 +368,18 @@ async fn a_rotated_value_is_seen_after_the_ttl_and_the_kernel_is_told() {
 async fn a_reader_told_the_old_size_gets_the_old_value_whole() {
     let (fs, _inval) = mount(airflow_store(), config("/airflow"));
     let entry = walk(&fs, "variables/my_secret").await.unwrap();
-    fs.store().inner().put_string("/airflow/variables/my_secret", "new-much-longer-value");
+    fs.store()
+        .inner()
+        .put_string("/airflow/variables/my_secret", "new-much-longer-value");
     tokio::time::advance(Duration::from_secs(301)).await;
     // The kernel still holds the old size; the value is refreshed underneath it.
     let data = fs.read(entry.attr.ino, 0, 4096).await.unwrap();
     assert_eq!(data.bytes(), b"s3cr3t-value");
     let fresh = walk(&fs, "variables/my_secret").await.unwrap();
-    assert_eq!(fs.read(fresh.attr.ino, 0, 4096).await.unwrap().bytes(), b"new-much-longer-value");
+    assert_eq!(
+        fs.read(fresh.attr.ino, 0, 4096).await.unwrap().bytes(),
+        b"new-much-longer-value"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -255,26 +387,50 @@ async fn deleted_and_new_parameters_show_up_within_the_ttl() {
     let (fs, _inval) = mount(airflow_store(), config("/airflow"));
     assert_eq!(ls(&fs, "variables").await.unwrap().len(), 3);
     fs.store().inner().delete("/airflow/variables/region");
-    fs.store().inner().put_string("/airflow/variables/added", "x");
+    fs.store()
+        .inner()
+        .put_string("/airflow/variables/added", "x");
     tokio::time::advance(Duration::from_secs(301)).await;
-    let names: Vec<String> = ls(&fs, "variables").await.unwrap().into_iter().map(|(n, _)| n).collect();
-    assert!(names.contains(&"added".to_string()) && !names.contains(&"region".to_string()), "{names:?}");
-    assert_eq!(cat(&fs, "variables/region").await.unwrap_err(), libc::ENOENT);
+    let names: Vec<String> = ls(&fs, "variables")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert!(
+        names.contains(&"added".to_string()) && !names.contains(&"region".to_string()),
+        "{names:?}"
+    );
+    assert_eq!(
+        cat(&fs, "variables/region").await.unwrap_err(),
+        libc::ENOENT
+    );
     assert_eq!(cat(&fs, "variables/added").await.unwrap(), b"x");
 }
 
 #[tokio::test(start_paused = true)]
 async fn hot_values_are_refreshed_ahead_of_expiry_without_blocking_readers() {
     let (fs, _inval) = mount(airflow_store(), config("/airflow"));
-    assert_eq!(cat(&fs, "variables/my_secret").await.unwrap(), b"s3cr3t-value");
+    assert_eq!(
+        cat(&fs, "variables/my_secret").await.unwrap(),
+        b"s3cr3t-value"
+    );
     let before = calls(&fs);
-    fs.store().inner().put_string("/airflow/variables/my_secret", "rotated");
+    fs.store()
+        .inner()
+        .put_string("/airflow/variables/my_secret", "rotated");
     fs.store().inner().set_latency(Duration::from_secs(1));
     // Past the refresh point (at most 90% of the TTL) but before expiry.
     tokio::time::advance(Duration::from_secs(271)).await;
     let started = tokio::time::Instant::now();
-    assert_eq!(cat(&fs, "variables/my_secret").await.unwrap(), b"s3cr3t-value");
-    assert!(started.elapsed() < Duration::from_millis(500), "the reader did not wait for SSM");
+    assert_eq!(
+        cat(&fs, "variables/my_secret").await.unwrap(),
+        b"s3cr3t-value"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "the reader did not wait for SSM"
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(calls(&fs).get, before.get + 1, "one background refresh");
     assert_eq!(cat(&fs, "variables/my_secret").await.unwrap(), b"rotated");
@@ -285,16 +441,35 @@ async fn an_outage_serves_cached_values_stale_and_fails_uncached_ones_with_eio()
     let mut config = config("/airflow");
     config.request.timeout = Duration::from_secs(3);
     let (fs, _inval) = mount(airflow_store(), config);
-    assert_eq!(cat(&fs, "variables/my_secret").await.unwrap(), b"s3cr3t-value");
-    fs.store().inner().fail_every_call(Some(StoreError::Unavailable("connection refused".into())));
+    assert_eq!(
+        cat(&fs, "variables/my_secret").await.unwrap(),
+        b"s3cr3t-value"
+    );
+    fs.store()
+        .inner()
+        .fail_every_call(Some(StoreError::Unavailable("connection refused".into())));
     tokio::time::advance(Duration::from_secs(400)).await;
-    assert_eq!(cat(&fs, "variables/my_secret").await.unwrap(), b"s3cr3t-value", "stale but whole");
+    assert_eq!(
+        cat(&fs, "variables/my_secret").await.unwrap(),
+        b"s3cr3t-value",
+        "stale but whole"
+    );
     let started = tokio::time::Instant::now();
-    assert_eq!(cat(&fs, "connections/my_postgres").await.unwrap_err(), libc::EIO);
-    assert!(started.elapsed() <= Duration::from_secs(3), "EIO within the request deadline");
+    assert_eq!(
+        cat(&fs, "connections/my_postgres").await.unwrap_err(),
+        libc::EIO
+    );
+    assert!(
+        started.elapsed() <= Duration::from_secs(3),
+        "EIO within the request deadline"
+    );
     fs.store().inner().fail_every_call(None);
     tokio::time::advance(Duration::from_secs(11)).await;
-    assert_eq!(cat(&fs, "connections/my_postgres").await.unwrap(), b"postgresql://u:p@h:5432/db", "recovers");
+    assert_eq!(
+        cat(&fs, "connections/my_postgres").await.unwrap(),
+        b"postgresql://u:p@h:5432/db",
+        "recovers"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -302,10 +477,18 @@ async fn stale_serving_ends_after_the_stale_ttl() {
     let mut config = config("/airflow");
     config.cache.stale_ttl = Duration::from_secs(60);
     let (fs, _inval) = mount(airflow_store(), config);
-    assert_eq!(cat(&fs, "variables/my_secret").await.unwrap(), b"s3cr3t-value");
-    fs.store().inner().fail_every_call(Some(StoreError::Throttled));
+    assert_eq!(
+        cat(&fs, "variables/my_secret").await.unwrap(),
+        b"s3cr3t-value"
+    );
+    fs.store()
+        .inner()
+        .fail_every_call(Some(StoreError::Throttled));
     tokio::time::advance(Duration::from_secs(300 + 61)).await;
-    assert_eq!(cat(&fs, "variables/my_secret").await.unwrap_err(), libc::EIO);
+    assert_eq!(
+        cat(&fs, "variables/my_secret").await.unwrap_err(),
+        libc::EIO
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -318,7 +501,12 @@ async fn directory_wins_and_the_shadowed_value_stays_reachable() {
     assert_eq!(db.attr.kind, FileKind::Dir);
     assert_eq!(cat(&fs, "db/password").await.unwrap(), b"pw");
     assert_eq!(cat(&fs, "db/@value").await.unwrap(), b"i am shadowed");
-    let names: Vec<String> = ls(&fs, "db").await.unwrap().into_iter().map(|(n, _)| n).collect();
+    let names: Vec<String> = ls(&fs, "db")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     assert_eq!(names, vec!["@value", "password"]);
 }
 
@@ -343,15 +531,28 @@ async fn exact_bytes_for_unicode_control_characters_and_large_values() {
 async fn throttling_is_retried_and_counted() {
     let (fs, _inval) = mount(airflow_store(), config("/airflow"));
     fs.store().inner().fail_next_calls(2, StoreError::Throttled);
-    assert_eq!(cat(&fs, "variables/my_secret").await.unwrap(), b"s3cr3t-value");
-    assert!(fs.metrics().throttles.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    assert_eq!(
+        cat(&fs, "variables/my_secret").await.unwrap(),
+        b"s3cr3t-value"
+    );
+    assert!(
+        fs.metrics()
+            .throttles
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 1
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn drop_caches_makes_the_next_read_fetch_again() {
     let (fs, _inval) = mount(airflow_store(), config("/airflow"));
-    assert_eq!(cat(&fs, "variables/my_secret").await.unwrap(), b"s3cr3t-value");
-    fs.store().inner().put_string("/airflow/variables/my_secret", "after-hup");
+    assert_eq!(
+        cat(&fs, "variables/my_secret").await.unwrap(),
+        b"s3cr3t-value"
+    );
+    fs.store()
+        .inner()
+        .put_string("/airflow/variables/my_secret", "after-hup");
     fs.drop_caches();
     assert_eq!(cat(&fs, "variables/my_secret").await.unwrap(), b"after-hup");
 }

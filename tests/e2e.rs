@@ -15,9 +15,21 @@ const SEED: &[(&str, &str, &str)] = &[
     ("variables/my_secret", "s3cr3t-alpha-42", "SecureString"),
     ("variables/region", "eu-west-1", "String"),
     ("variables/hosts", "a.example,b.example", "StringList"),
-    ("variables/unicode", "p\u{e4}ss \u{1F511} tab\tnewline\nend", "SecureString"),
-    ("connections/my_postgres", "postgresql://user:hunter2-pw@db:5432/app", "SecureString"),
-    ("connections/deep/nested/conn", "redis://cache:6379/0", "String"),
+    (
+        "variables/unicode",
+        "p\u{e4}ss \u{1F511} tab\tnewline\nend",
+        "SecureString",
+    ),
+    (
+        "connections/my_postgres",
+        "postgresql://user:hunter2-pw@db:5432/app",
+        "SecureString",
+    ),
+    (
+        "connections/deep/nested/conn",
+        "redis://cache:6379/0",
+        "String",
+    ),
     ("config/core.parallelism", "thirty-two-workers", "String"),
 ];
 
@@ -25,15 +37,31 @@ fn kind(name: &str) -> ParameterType {
     ParameterType::from(name)
 }
 
-fn seed(rt: &tokio::runtime::Runtime, client: &aws_sdk_ssm::Client, prefix: &str) -> tempfile::TempDir {
+fn seed(
+    rt: &tokio::runtime::Runtime,
+    client: &aws_sdk_ssm::Client,
+    prefix: &str,
+) -> tempfile::TempDir {
     let expected = tempfile::tempdir().unwrap();
     for (path, value, type_name) in SEED {
-        put(rt, client, &format!("{prefix}/{path}"), value, kind(type_name));
+        put(
+            rt,
+            client,
+            &format!("{prefix}/{path}"),
+            value,
+            kind(type_name),
+        );
         let file = expected.path().join(path);
         std::fs::create_dir_all(file.parent().unwrap()).unwrap();
         std::fs::write(file, value).unwrap();
     }
-    put(rt, client, "/elsewhere/not_mounted", "outside", ParameterType::String);
+    put(
+        rt,
+        client,
+        "/elsewhere/not_mounted",
+        "outside",
+        ParameterType::String,
+    );
     expected
 }
 
@@ -50,37 +78,68 @@ fn the_mounted_tree_equals_the_seed_for_real_programs() {
     let mount = Mount::start(&moto.endpoint, "/airflow", &[]);
     let mnt = mount.path();
     let mnt_s = mnt.to_str().unwrap();
-    assert!(moto.requests() - before_mount <= 1, "mounting makes at most one call");
+    assert!(
+        moto.requests() - before_mount <= 1,
+        "mounting makes at most one call"
+    );
 
     let (code, out, _) = run("cat", &[&format!("{mnt_s}/variables/my_secret")]);
-    assert_eq!((code, out.as_str()), (0, "s3cr3t-alpha-42"), "exact bytes, no newline added");
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "s3cr3t-alpha-42"),
+        "exact bytes, no newline added"
+    );
 
     let (code, out, err) = run("diff", &["-r", expected.path().to_str().unwrap(), mnt_s]);
     assert_eq!(code, 0, "diff -r:\n{out}{err}");
 
     let (_, out, _) = run("find", &[mnt_s, "-type", "f"]);
     assert_eq!(out.lines().count(), SEED.len(), "{out}");
-    let (_, out, _) = run("stat", &["-c", "%s %a %F", &format!("{mnt_s}/connections/my_postgres")]);
+    let (_, out, _) = run(
+        "stat",
+        &[
+            "-c",
+            "%s %a %F",
+            &format!("{mnt_s}/connections/my_postgres"),
+        ],
+    );
     assert_eq!(out.trim(), format!("{} 400 regular file", SEED[4].1.len()));
     let (_, out, _) = run("ls", &["-l", &format!("{mnt_s}/variables")]);
-    assert!(out.contains(&format!(" {} ", SEED[1].1.len())) && out.contains("region"), "{out}");
+    assert!(
+        out.contains(&format!(" {} ", SEED[1].1.len())) && out.contains("region"),
+        "{out}"
+    );
 
     // Warm: everything again costs no API call.
     let warm_start = moto.requests();
     for _ in 0..3 {
-        assert_eq!(run("diff", &["-r", expected.path().to_str().unwrap(), mnt_s]).0, 0);
-        assert_eq!(run("cat", &[&format!("{mnt_s}/variables/unicode")]).1, SEED[3].1);
+        assert_eq!(
+            run("diff", &["-r", expected.path().to_str().unwrap(), mnt_s]).0,
+            0
+        );
+        assert_eq!(
+            run("cat", &[&format!("{mnt_s}/variables/unicode")]).1,
+            SEED[3].1
+        );
     }
     assert_eq!(moto.requests(), warm_start, "warm reads reach no API");
 
     // mtime is the parameter's LastModifiedDate: recent, not the epoch.
-    let mtime = std::fs::metadata(mnt.join("variables/region")).unwrap().mtime();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let mtime = std::fs::metadata(mnt.join("variables/region"))
+        .unwrap()
+        .mtime();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
     assert!((now - mtime).abs() < 600, "mtime {mtime} vs now {now}");
 
     // The mount shows up as ssmfs, read-only.
     let (_, out, _) = run("mount", &[]);
-    let line = out.lines().find(|l| l.contains(mnt_s)).expect("listed by mount");
+    let line = out
+        .lines()
+        .find(|l| l.contains(mnt_s))
+        .expect("listed by mount");
     assert!(line.contains("fuse.ssmfs") && line.contains("ro"), "{line}");
 }
 
@@ -93,7 +152,13 @@ fn cold_reads_cost_a_call_per_component_and_ls_a_page_per_ten() {
     let rt = runtime();
     let client = client(&rt, &moto.endpoint);
     for i in 0..45 {
-        put(&rt, &client, &format!("/app/many/p{i:02}"), &format!("value-{i}"), ParameterType::String);
+        put(
+            &rt,
+            &client,
+            &format!("/app/many/p{i:02}"),
+            &format!("value-{i}"),
+            ParameterType::String,
+        );
     }
     put(&rt, &client, "/app/x/y/z", "deep", ParameterType::String);
     let mount = Mount::start(&moto.endpoint, "/app", &[]);
@@ -102,17 +167,26 @@ fn cold_reads_cost_a_call_per_component_and_ls_a_page_per_ten() {
     let start = moto.requests();
     assert_eq!(std::fs::read(mnt.join("x/y/z")).unwrap(), b"deep");
     let cold = moto.requests() - start;
-    assert!(cold <= 3 * 2, "cold cat of 3 components cost {cold} requests");
+    assert!(
+        cold <= 3 * 2,
+        "cold cat of 3 components cost {cold} requests"
+    );
 
     let start = moto.requests();
     let (code, out, _) = run("ls", &["-l", mnt.join("many").to_str().unwrap()]);
     assert_eq!(code, 0);
     assert_eq!(out.lines().filter(|l| l.contains(" p")).count(), 45);
     let ls_cost = moto.requests() - start;
-    assert!(ls_cost <= 45usize.div_ceil(10) + 1 + 2, "ls -l of 45 cost {ls_cost}");
+    assert!(
+        ls_cost <= 45usize.div_ceil(10) + 1 + 2,
+        "ls -l of 45 cost {ls_cost}"
+    );
     let start = moto.requests();
     for i in 0..45 {
-        assert_eq!(std::fs::read(mnt.join(format!("many/p{i:02}"))).unwrap(), format!("value-{i}").as_bytes());
+        assert_eq!(
+            std::fs::read(mnt.join(format!("many/p{i:02}"))).unwrap(),
+            format!("value-{i}").as_bytes()
+        );
     }
     assert_eq!(moto.requests(), start, "ls filled the cache");
 }
@@ -135,7 +209,10 @@ fn writes_are_refused_read_only_and_missing_names_are_enoent() {
         ("touch", vec![m.join("variables/new").to_str().unwrap()]),
         ("mkdir", vec![m.join("variables/dir").to_str().unwrap()]),
         ("rm", vec!["-f", file_s]),
-        ("mv", vec![file_s, m.join("variables/moved").to_str().unwrap()]),
+        (
+            "mv",
+            vec![file_s, m.join("variables/moved").to_str().unwrap()],
+        ),
         ("chmod", vec!["777", file_s]),
         ("truncate", vec!["-s", "0", file_s]),
     ] {
@@ -147,7 +224,11 @@ fn writes_are_refused_read_only_and_missing_names_are_enoent() {
     assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
     let err = std::fs::read(m.join("variables/bad name!")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
-    assert_eq!(std::fs::read(&file).unwrap(), b"eu-west-1", "nothing was changed");
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        b"eu-west-1",
+        "nothing was changed"
+    );
 }
 
 #[test]
@@ -158,28 +239,52 @@ fn rotation_is_seen_within_the_ttl_and_open_readers_see_whole_values() {
     let moto = Moto::start();
     let rt = runtime();
     let client = client(&rt, &moto.endpoint);
-    put(&rt, &client, "/rot/secret", "version-one", ParameterType::SecureString);
+    put(
+        &rt,
+        &client,
+        "/rot/secret",
+        "version-one",
+        ParameterType::SecureString,
+    );
     let mount = Mount::start(&moto.endpoint, "/rot", &["--ttl", "2s"]);
     let path = mount.path().join("secret");
     assert_eq!(std::fs::read(&path).unwrap(), b"version-one");
     let mut held = std::fs::File::open(&path).unwrap();
-    put(&rt, &client, "/rot/secret", "version-two-is-longer", ParameterType::SecureString);
+    put(
+        &rt,
+        &client,
+        "/rot/secret",
+        "version-two-is-longer",
+        ParameterType::SecureString,
+    );
     let changed_at = Instant::now();
     loop {
         let now = std::fs::read(&path).unwrap();
-        assert!(now == b"version-one" || now == b"version-two-is-longer", "never a mix: {now:?}");
+        assert!(
+            now == b"version-one" || now == b"version-two-is-longer",
+            "never a mix: {now:?}"
+        );
         if now == b"version-two-is-longer" {
             break;
         }
-        assert!(changed_at.elapsed() < Duration::from_secs(3), "not seen within TTL + 1 s");
+        assert!(
+            changed_at.elapsed() < Duration::from_secs(3),
+            "not seen within TTL + 1 s"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let mut old_reader = String::new();
     held.read_to_string(&mut old_reader).unwrap();
-    assert!(old_reader == "version-one" || old_reader == "version-two-is-longer", "whole value: {old_reader:?}");
+    assert!(
+        old_reader == "version-one" || old_reader == "version-two-is-longer",
+        "whole value: {old_reader:?}"
+    );
     put(&rt, &client, "/rot/added", "new", ParameterType::String);
     std::thread::sleep(Duration::from_millis(2500));
-    let names: Vec<String> = std::fs::read_dir(mount.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let names: Vec<String> = std::fs::read_dir(mount.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     assert!(names.contains(&"added".to_string()), "{names:?}");
 }
 
@@ -192,19 +297,42 @@ fn an_outage_serves_cached_values_and_fails_uncached_with_eio_then_recovers() {
     let rt = runtime();
     let client = client(&rt, &moto.endpoint);
     put(&rt, &client, "/out/cached", "kept", ParameterType::String);
-    put(&rt, &client, "/out/sub/uncached", "later", ParameterType::String);
+    put(
+        &rt,
+        &client,
+        "/out/sub/uncached",
+        "later",
+        ParameterType::String,
+    );
     let endpoint = moto.endpoint.clone();
-    let mount = Mount::start(&endpoint, "/out", &["--ttl", "1s", "--request-timeout", "2s"]);
+    let mount = Mount::start(
+        &endpoint,
+        "/out",
+        &["--ttl", "1s", "--request-timeout", "2s"],
+    );
     let m = mount.path();
     assert_eq!(std::fs::read(m.join("cached")).unwrap(), b"kept");
     moto.stop();
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(std::fs::read(m.join("cached")).unwrap(), b"kept", "stale value served whole");
+    assert_eq!(
+        std::fs::read(m.join("cached")).unwrap(),
+        b"kept",
+        "stale value served whole"
+    );
     let started = Instant::now();
     let err = std::fs::read(m.join("other")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO));
-    assert!(started.elapsed() < Duration::from_secs(4), "EIO within the deadline, took {:?}", started.elapsed());
-    assert!(mount.log_text().contains("serving the cached answer past its TTL"), "one warning logged");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "EIO within the deadline, took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        mount
+            .log_text()
+            .contains("serving the cached answer past its TTL"),
+        "one warning logged"
+    );
 }
 
 #[test]
@@ -215,7 +343,13 @@ fn many_concurrent_cold_cats_cost_one_probe() {
     let moto = Moto::start();
     let rt = runtime();
     let client = client(&rt, &moto.endpoint);
-    put(&rt, &client, "/conc/secret", "shared-value", ParameterType::SecureString);
+    put(
+        &rt,
+        &client,
+        "/conc/secret",
+        "shared-value",
+        ParameterType::SecureString,
+    );
     let mount = Mount::start(&moto.endpoint, "/conc", &[]);
     let path = mount.path().join("secret");
     let start = moto.requests();
@@ -232,7 +366,10 @@ fn many_concurrent_cold_cats_cost_one_probe() {
     for t in threads {
         assert_eq!(t.join().unwrap(), b"shared-value");
     }
-    assert!(moto.requests() - start <= 2, "one lookup round trip of two calls at most");
+    assert!(
+        moto.requests() - start <= 2,
+        "one lookup round trip of two calls at most"
+    );
 }
 
 #[test]
@@ -248,7 +385,10 @@ fn sigterm_with_an_open_file_unmounts_and_exits_zero() {
     let _open = std::fs::File::open(mount.path().join("a")).unwrap();
     let status = mount.signal(libc::SIGTERM);
     assert!(status.success(), "{status:?}\n{}", mount.log_text());
-    assert!(!ssmfs::daemon::is_mount_point(&mount.path()), "left mounted");
+    assert!(
+        !ssmfs::daemon::is_mount_point(&mount.path()),
+        "left mounted"
+    );
 }
 
 #[test]
@@ -262,7 +402,18 @@ fn values_never_reach_the_log_even_at_trace_level() {
     seed(&rt, &client, "/airflow");
     let mut mount = Mount::start(&moto.endpoint, "/airflow", &[]);
     assert_eq!(run("diff", &["-r", "/dev/null", "/dev/null"]).0, 0);
-    let (_, _, _) = run("find", &[mount.path().to_str().unwrap(), "-type", "f", "-exec", "cat", "{}", "+"]);
+    let (_, _, _) = run(
+        "find",
+        &[
+            mount.path().to_str().unwrap(),
+            "-type",
+            "f",
+            "-exec",
+            "cat",
+            "{}",
+            "+",
+        ],
+    );
     let _ = std::fs::read(mount.path().join("variables/absent"));
     mount.signal(libc::SIGTERM);
     let log = mount.log_text();
@@ -270,8 +421,15 @@ fn values_never_reach_the_log_even_at_trace_level() {
     use base64_like::*;
     for (_, value, _) in SEED {
         for form in [value.to_string(), hex(value), b64(value)] {
-            let leaked: Vec<&str> = log.lines().filter(|l| l.contains(&form)).map(|l| &l[..l.len().min(160)]).collect();
-            assert!(leaked.is_empty(), "a test value (or its encoding) leaked into the log: {leaked:?}");
+            let leaked: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains(&form))
+                .map(|l| &l[..l.len().min(160)])
+                .collect();
+            assert!(
+                leaked.is_empty(),
+                "a test value (or its encoding) leaked into the log: {leaked:?}"
+            );
         }
     }
 }
@@ -294,7 +452,12 @@ fn bad_command_lines_exit_non_zero_with_one_line_and_mount_nothing() {
         (vec!["--uid", "bob", "/a", d], "--uid"),
     ];
     for (args, expected) in cases {
-        let out = std::process::Command::new(bin).args(&args).arg("-f").envs(aws_env()).output().unwrap();
+        let out = std::process::Command::new(bin)
+            .args(&args)
+            .arg("-f")
+            .envs(aws_env())
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} succeeded");
         assert!(err.contains(expected), "{args:?}: {err}");
@@ -302,7 +465,11 @@ fn bad_command_lines_exit_non_zero_with_one_line_and_mount_nothing() {
     }
     std::fs::remove_file(&file).unwrap();
     std::fs::write(dir.path().join("keep"), "x").unwrap();
-    let out = std::process::Command::new(bin).args(["-f", "/a", d]).envs(aws_env()).output().unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["-f", "/a", d])
+        .envs(aws_env())
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("not empty"));
 }
 
@@ -316,7 +483,10 @@ mod base64_like {
         let bytes = value.as_bytes();
         let mut out = String::new();
         for chunk in bytes.chunks(3) {
-            let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (*b as u32) << (16 - 8 * i));
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |acc, (i, b)| acc | (*b as u32) << (16 - 8 * i));
             for i in 0..=chunk.len() {
                 out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
             }

@@ -94,7 +94,11 @@ impl MemoryStore {
     /// Any call that touches `name` fails with `error` (SSM's per-parameter
     /// failures: access denied on one ARN, a KMS key one may not use).
     pub fn fail_name(&self, name: &str, error: StoreError) {
-        self.faults.lock().unwrap().by_name.insert(name.to_string(), error);
+        self.faults
+            .lock()
+            .unwrap()
+            .by_name
+            .insert(name.to_string(), error);
     }
 
     pub fn set_latency(&self, latency: Duration) {
@@ -124,11 +128,19 @@ impl MemoryStore {
 impl ParameterStore for MemoryStore {
     async fn get(&self, name: &str) -> Result<Parameter, StoreError> {
         self.enter(&self.get, &[name]).await?;
-        self.parameters.lock().unwrap().get(name).cloned().ok_or(StoreError::NotFound)
+        self.parameters
+            .lock()
+            .unwrap()
+            .get(name)
+            .cloned()
+            .ok_or(StoreError::NotFound)
     }
 
     async fn get_many(&self, names: &[String]) -> Result<Batch, StoreError> {
-        assert!(names.len() <= MAX_PAGE, "GetParameters takes at most {MAX_PAGE} names");
+        assert!(
+            names.len() <= MAX_PAGE,
+            "GetParameters takes at most {MAX_PAGE} names"
+        );
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         self.enter(&self.get_many, &refs).await?;
         let parameters = self.parameters.lock().unwrap();
@@ -169,7 +181,10 @@ impl ParameterStore for MemoryStore {
         } else {
             None
         };
-        Ok(Page { parameters, next_token })
+        Ok(Page {
+            parameters,
+            next_token,
+        })
     }
 }
 
@@ -207,7 +222,10 @@ mod tests {
         assert_eq!(store.get("/a").await.unwrap_err(), StoreError::Throttled);
         assert!(store.get("/a").await.is_ok());
         store.fail_name("/a", StoreError::AccessDenied("x".into()));
-        assert!(matches!(store.get("/a").await, Err(StoreError::AccessDenied(_))));
+        assert!(matches!(
+            store.get("/a").await,
+            Err(StoreError::AccessDenied(_))
+        ));
         assert_eq!(store.counts().get, 3);
     }
 }

@@ -37,7 +37,11 @@ struct Pacer {
 impl Pacer {
     fn new(max_tps: u32) -> Self {
         let interval = Duration::from_secs(1) / max_tps.max(1);
-        Self { interval, burst: interval * max_tps.max(1) * BURST_SECONDS, next_slot: Mutex::new(Instant::now()) }
+        Self {
+            interval,
+            burst: interval * max_tps.max(1) * BURST_SECONDS,
+            next_slot: Mutex::new(Instant::now()),
+        }
     }
 
     async fn wait_turn(&self) {
@@ -77,7 +81,12 @@ fn outcome<T>(result: &Result<T, StoreError>) -> &'static str {
 impl<S: ParameterStore> Resilient<S> {
     pub fn new(inner: S, config: RequestConfig, metrics: Arc<Metrics>) -> Self {
         let pacer = Pacer::new(config.max_tps);
-        Self { inner, config, pacer, metrics }
+        Self {
+            inner,
+            config,
+            pacer,
+            metrics,
+        }
     }
 
     pub fn inner(&self) -> &S {
@@ -110,7 +119,9 @@ impl<S: ParameterStore> Resilient<S> {
                 }
             }
         };
-        tokio::time::timeout(self.config.timeout, retries).await.unwrap_or(Err(StoreError::Timeout))
+        tokio::time::timeout(self.config.timeout, retries)
+            .await
+            .unwrap_or(Err(StoreError::Timeout))
     }
 }
 
@@ -120,11 +131,20 @@ impl<S: ParameterStore> ParameterStore for Resilient<S> {
     }
 
     async fn get_many(&self, names: &[String]) -> Result<Batch, StoreError> {
-        self.call("GetParameters", || self.inner.get_many(names)).await
+        self.call("GetParameters", || self.inner.get_many(names))
+            .await
     }
 
-    async fn list_page(&self, path: &str, max_results: usize, next_token: Option<String>) -> Result<Page, StoreError> {
-        self.call("GetParametersByPath", || self.inner.list_page(path, max_results, next_token.clone())).await
+    async fn list_page(
+        &self,
+        path: &str,
+        max_results: usize,
+        next_token: Option<String>,
+    ) -> Result<Page, StoreError> {
+        self.call("GetParametersByPath", || {
+            self.inner.list_page(path, max_results, next_token.clone())
+        })
+        .await
     }
 }
 
@@ -145,12 +165,21 @@ mod tests {
         store.inner().fail_next_calls(2, StoreError::Throttled);
         assert!(store.get("/a").await.is_ok());
         assert_eq!(store.inner().counts().get, 3);
-        assert_eq!(store.metrics.throttles.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(
+            store
+                .metrics
+                .throttles
+                .load(std::sync::atomic::Ordering::SeqCst),
+            2
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn retries_are_bounded() {
-        let store = resilient(RequestConfig { max_retries: 3, ..Default::default() });
+        let store = resilient(RequestConfig {
+            max_retries: 3,
+            ..Default::default()
+        });
         store.inner().fail_every_call(Some(StoreError::Throttled));
         assert_eq!(store.get("/a").await.unwrap_err(), StoreError::Throttled);
         assert_eq!(store.inner().counts().get, 4);
@@ -159,15 +188,23 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn not_found_and_denied_are_not_retried() {
         let store = resilient(RequestConfig::default());
-        assert_eq!(store.get("/missing").await.unwrap_err(), StoreError::NotFound);
-        store.inner().fail_name("/a", StoreError::AccessDenied("no".into()));
+        assert_eq!(
+            store.get("/missing").await.unwrap_err(),
+            StoreError::NotFound
+        );
+        store
+            .inner()
+            .fail_name("/a", StoreError::AccessDenied("no".into()));
         assert!(store.get("/a").await.is_err());
         assert_eq!(store.inner().counts().get, 2);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_hung_store_times_out_at_the_deadline() {
-        let store = resilient(RequestConfig { timeout: Duration::from_secs(2), ..Default::default() });
+        let store = resilient(RequestConfig {
+            timeout: Duration::from_secs(2),
+            ..Default::default()
+        });
         store.inner().set_latency(Duration::from_secs(60));
         let started = Instant::now();
         assert_eq!(store.get("/a").await.unwrap_err(), StoreError::Timeout);
@@ -176,14 +213,27 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_budget_queues_calls_instead_of_failing_them() {
-        let store = Arc::new(resilient(RequestConfig { max_tps: 5, timeout: Duration::from_secs(60), ..Default::default() }));
+        let store = Arc::new(resilient(RequestConfig {
+            max_tps: 5,
+            timeout: Duration::from_secs(60),
+            ..Default::default()
+        }));
         let started = Instant::now();
-        let calls: Vec<_> = (0..20).map(|_| { let s = store.clone(); tokio::spawn(async move { s.get("/a").await }) }).collect();
+        let calls: Vec<_> = (0..20)
+            .map(|_| {
+                let s = store.clone();
+                tokio::spawn(async move { s.get("/a").await })
+            })
+            .collect();
         for call in calls {
             assert!(call.await.unwrap().is_ok());
         }
         // 5 go out as the burst, the other 15 are spaced 200 ms apart.
-        assert!(started.elapsed() >= Duration::from_millis(2900), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() >= Duration::from_millis(2900),
+            "{:?}",
+            started.elapsed()
+        );
         assert_eq!(store.inner().counts().get, 20);
     }
 }

@@ -67,7 +67,10 @@ impl SsmStore {
                 .await;
             ssm_config = ssm_config.credentials_provider(provider);
         }
-        Self { client: Client::from_conf(ssm_config.build()), decrypt: !options.no_decrypt }
+        Self {
+            client: Client::from_conf(ssm_config.build()),
+            decrypt: !options.no_decrypt,
+        }
     }
 }
 
@@ -107,11 +110,14 @@ where
             let message = one_line(service_error.message().unwrap_or(""));
             match service_error.code().unwrap_or("") {
                 "ParameterNotFound" => StoreError::NotFound,
-                "AccessDeniedException" | "AccessDenied" | "UnrecognizedClientException"
-                | "InvalidKeyId" | "KMSAccessDeniedException" | "KMS.AccessDeniedException"
-                | "ExpiredTokenException" | "InvalidSignatureException" => {
-                    StoreError::AccessDenied(message)
-                }
+                "AccessDeniedException"
+                | "AccessDenied"
+                | "UnrecognizedClientException"
+                | "InvalidKeyId"
+                | "KMSAccessDeniedException"
+                | "KMS.AccessDeniedException"
+                | "ExpiredTokenException"
+                | "InvalidSignatureException" => StoreError::AccessDenied(message),
                 "ThrottlingException" | "TooManyRequestsException" | "RequestLimitExceeded" => {
                     StoreError::Throttled
                 }
@@ -139,7 +145,10 @@ impl ParameterStore for SsmStore {
             .send()
             .await
             .map_err(classify)?;
-        output.parameter.and_then(convert).ok_or(StoreError::NotFound)
+        output
+            .parameter
+            .and_then(convert)
+            .ok_or(StoreError::NotFound)
     }
 
     async fn get_many(&self, names: &[String]) -> Result<Batch, StoreError> {
@@ -152,7 +161,12 @@ impl ParameterStore for SsmStore {
             .await
             .map_err(classify)?;
         Ok(Batch {
-            found: output.parameters.unwrap_or_default().into_iter().filter_map(convert).collect(),
+            found: output
+                .parameters
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(convert)
+                .collect(),
             missing: output.invalid_parameters.unwrap_or_default(),
         })
     }
@@ -175,7 +189,12 @@ impl ParameterStore for SsmStore {
             .await
             .map_err(classify)?;
         Ok(Page {
-            parameters: output.parameters.unwrap_or_default().into_iter().filter_map(convert).collect(),
+            parameters: output
+                .parameters
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(convert)
+                .collect(),
             next_token: output.next_token.filter(|t| !t.is_empty()),
         })
     }

@@ -24,7 +24,8 @@ pub fn require(component_ok: bool, what: &str) -> bool {
 
 pub fn have_fuse_and_moto() -> bool {
     let fuse = Path::new("/dev/fuse").exists() && unsafe { libc::geteuid() } == 0;
-    require(fuse, "/dev/fuse with root") && require(moto_bin().exists(), "moto (.venv/bin/moto_server)")
+    require(fuse, "/dev/fuse with root")
+        && require(moto_bin().exists(), "moto (.venv/bin/moto_server)")
 }
 
 fn moto_bin() -> PathBuf {
@@ -40,7 +41,11 @@ pub struct Moto {
 
 impl Moto {
     pub fn start() -> Moto {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("moto.log");
         let child = Command::new(moto_bin())
@@ -55,13 +60,22 @@ impl Moto {
             assert!(Instant::now() < deadline, "moto did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
-        Moto { child, endpoint, log, _dir: dir }
+        Moto {
+            child,
+            endpoint,
+            log,
+            _dir: dir,
+        }
     }
 
     /// SSM API requests the server has answered (one access-log line each).
     pub fn requests(&self) -> usize {
         std::thread::sleep(Duration::from_millis(100)); // let the log line land
-        std::fs::read_to_string(&self.log).unwrap_or_default().lines().filter(|l| l.contains("\"POST /")).count()
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"POST /"))
+            .count()
     }
 
     pub fn stop(&mut self) {
@@ -89,7 +103,10 @@ pub fn aws_env() -> Vec<(&'static str, &'static str)> {
 }
 
 pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 pub fn client(rt: &tokio::runtime::Runtime, endpoint: &str) -> aws_sdk_ssm::Client {
@@ -104,9 +121,28 @@ pub fn client(rt: &tokio::runtime::Runtime, endpoint: &str) -> aws_sdk_ssm::Clie
     aws_sdk_ssm::Client::from_conf(config)
 }
 
-pub fn put(rt: &tokio::runtime::Runtime, client: &aws_sdk_ssm::Client, name: &str, value: &str, kind: ParameterType) {
-    rt.block_on(client.put_parameter().name(name).value(value).r#type(kind).overwrite(true).send())
-        .unwrap_or_else(|e| panic!("seeding {name}: {}", aws_sdk_ssm::error::DisplayErrorContext(&e)));
+pub fn put(
+    rt: &tokio::runtime::Runtime,
+    client: &aws_sdk_ssm::Client,
+    name: &str,
+    value: &str,
+    kind: ParameterType,
+) {
+    rt.block_on(
+        client
+            .put_parameter()
+            .name(name)
+            .value(value)
+            .r#type(kind)
+            .overwrite(true)
+            .send(),
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "seeding {name}: {}",
+            aws_sdk_ssm::error::DisplayErrorContext(&e)
+        )
+    });
 }
 
 pub struct Mount {
@@ -138,7 +174,11 @@ impl Mount {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("starting ssmfs");
-        let mount = Mount { child: Some(child), dir, log };
+        let mount = Mount {
+            child: Some(child),
+            dir,
+            log,
+        };
         mount.wait_mounted(true);
         mount
     }
@@ -146,7 +186,11 @@ impl Mount {
     pub fn wait_mounted(&self, wanted: bool) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while ssmfs::daemon::is_mount_point(&self.path()) != wanted {
-            assert!(Instant::now() < deadline, "mount state never became {wanted}; log:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "mount state never became {wanted}; log:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -164,7 +208,10 @@ impl Mount {
             if let Some(status) = child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "ssmfs did not exit after signal {signal}");
+            assert!(
+                Instant::now() < deadline,
+                "ssmfs did not exit after signal {signal}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -183,7 +230,10 @@ impl Drop for Mount {
 
 /// Runs a program and returns (status code, stdout, stderr).
 pub fn run(program: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e}"));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
