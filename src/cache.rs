@@ -113,6 +113,15 @@ pub struct DirEntry {
     pub complete: bool,
     pub children: Arc<BTreeMap<String, ChildKind>>,
     pub validity: Validity,
+    /// For a partial listing: where the next page starts and the names seen so
+    /// far, so a full listing continues instead of reading page one again.
+    pub resume: Option<Resume>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Resume {
+    pub next_token: String,
+    pub names: Arc<Vec<String>>,
 }
 
 impl DirEntry {
@@ -248,11 +257,13 @@ impl Cache {
         path: &str,
         complete: bool,
         children: BTreeMap<String, ChildKind>,
+        resume: Option<Resume>,
     ) -> DirEntry {
         let entry = DirEntry {
             complete,
             children: Arc::new(children),
             validity: self.validity(self.config.ttl),
+            resume,
         };
         let mut inner = self.inner.lock().unwrap();
         inner.dirs.put(path.to_string(), entry.clone());

@@ -28,7 +28,9 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::cache::{Cache, Change, ChildKind, DirEntry, Known, SingleFlight, Validity, ValueEntry};
+use crate::cache::{
+    Cache, Change, ChildKind, DirEntry, Known, Resume, SingleFlight, Validity, ValueEntry,
+};
 use crate::config::FsConfig;
 use crate::error::FsError;
 use crate::inode::{InodeTable, Role, ROOT_INO};
@@ -39,6 +41,12 @@ use crate::store::{Parameter, ParameterStore, StoreError, MAX_PAGE};
 /// While SSM is failing, a stale entry is served this long before the next
 /// attempt to refresh it, so readers are not each held up by a failing call.
 const STALE_RECHECK: Duration = Duration::from_secs(10);
+/// After this many probes of names in one partly listed directory, the rest
+/// of it is listed in one go: a `stat` storm or a task reading many variables
+/// then costs a page per ten names instead of two calls per name.
+const PROBES_BEFORE_LISTING: u32 = 3;
+/// Bound on the per-directory probe counters (they are hints, not state).
+const MAX_PROBE_COUNTERS: usize = 10_000;
 /// Reported as the block size: values are small, one page covers them.
 const BLOCK_SIZE: u32 = 4096;
 
@@ -167,6 +175,7 @@ pub struct Fs<S> {
     next_handle: AtomicU64,
     invalidations: mpsc::UnboundedSender<Invalidation>,
     denied_logged: Mutex<HashSet<String>>,
+    probes_by_dir: Mutex<HashMap<String, u32>>,
     mounted_at: SystemTime,
 }
 
@@ -188,6 +197,7 @@ impl<S: ParameterStore> Fs<S> {
             next_handle: AtomicU64::new(1),
             invalidations: sender,
             denied_logged: Mutex::new(HashSet::new()),
+            probes_by_dir: Mutex::new(HashMap::new()),
             mounted_at: SystemTime::now(),
             config,
         };
@@ -419,6 +429,15 @@ impl<S: ParameterStore> Fs<S> {
             return Ok(resolved);
         }
         Metrics::inc(&self.metrics.cache_misses);
+        let parent_partial = known.parent_dir.as_ref().is_some_and(|d| !d.complete);
+        if parent_partial && self.many_probes_in(parent) {
+            if let Ok(listing) = self.list_dir(parent).await {
+                known.parent_dir = Some(listing);
+                if let Some(resolved) = known.decide(base) {
+                    return Ok(resolved);
+                }
+            }
+        }
         let probe_dir = known.needs_dir_probe(base);
         let fetch_value = known.own_value.is_none();
         let (dir, value) = tokio::join!(
@@ -475,6 +494,18 @@ impl<S: ParameterStore> Fs<S> {
             });
         }
         known.decide(base).ok_or(FsError::NotFound)
+    }
+
+    /// Counts a probe below `dir`; true once enough siblings were probed that
+    /// listing the directory is cheaper.
+    fn many_probes_in(&self, dir: &str) -> bool {
+        let mut counters = self.probes_by_dir.lock().unwrap();
+        if counters.len() >= MAX_PROBE_COUNTERS {
+            counters.clear();
+        }
+        let count = counters.entry(dir.to_string()).or_default();
+        *count += 1;
+        *count > PROBES_BEFORE_LISTING
     }
 
     /// The cached value of `name`, fetched if missing or expired, served stale
@@ -602,8 +633,13 @@ impl<S: ParameterStore> Fs<S> {
                     let page = self.store.list_page(path, MAX_PAGE, token).await?;
                     // SSM may return an empty page that still has a next token.
                     if !page.parameters.is_empty() || page.next_token.is_none() {
-                        let complete = page.next_token.is_none();
-                        return Ok(self.record_listing(path, page.parameters, complete));
+                        let names = page.parameters.iter().map(|p| p.name.clone()).collect();
+                        return Ok(self.record_listing(
+                            path,
+                            names,
+                            page.parameters,
+                            page.next_token,
+                        ));
                     }
                     token = page.next_token;
                 }
@@ -611,22 +647,45 @@ impl<S: ParameterStore> Fs<S> {
             .await
     }
 
-    /// Every page below `path`.
+    /// Every page below `path`, continuing a fresh partial listing if there is one.
     async fn list_dir(self: &Arc<Self>, path: &str) -> Result<DirEntry, StoreError> {
         self.dir_flights
             .run((path.to_string(), true), || async {
-                let mut parameters = Vec::new();
-                let mut token = None;
-                loop {
-                    let page = self.store.list_page(path, MAX_PAGE, token).await?;
-                    parameters.extend(page.parameters);
-                    token = page.next_token;
-                    if token.is_none() {
-                        return Ok(self.record_listing(path, parameters, true));
+                let now = Instant::now();
+                let resume = self
+                    .cache
+                    .dir(path)
+                    .filter(|d| d.validity.is_fresh(now))
+                    .and_then(|d| d.resume);
+                if let Some(resume) = resume {
+                    let names = resume.names.as_ref().clone();
+                    match self.read_pages(path, names, Some(resume.next_token)).await {
+                        // A next token SSM no longer accepts: start over.
+                        Err(StoreError::Invalid(_)) => {}
+                        other => return other,
                     }
                 }
+                self.read_pages(path, Vec::new(), None).await
             })
             .await
+    }
+
+    async fn read_pages(
+        &self,
+        path: &str,
+        mut names: Vec<String>,
+        mut token: Option<String>,
+    ) -> Result<DirEntry, StoreError> {
+        let mut parameters = Vec::new();
+        loop {
+            let page = self.store.list_page(path, MAX_PAGE, token).await?;
+            names.extend(page.parameters.iter().map(|p| p.name.clone()));
+            parameters.extend(page.parameters);
+            token = page.next_token;
+            if token.is_none() {
+                return Ok(self.record_listing(path, names, parameters, None));
+            }
+        }
     }
 
     async fn listing(self: &Arc<Self>, path: &str) -> Result<DirEntry, FsError> {
@@ -654,31 +713,41 @@ impl<S: ParameterStore> Fs<S> {
         }
     }
 
-    /// Caches every value of a listing, the listing of `path` and, when the
-    /// listing is complete, of every directory below it.
-    fn record_listing(&self, path: &str, parameters: Vec<Parameter>, complete: bool) -> DirEntry {
+    /// Caches the values just fetched, the listing of `path` (every name seen
+    /// below it; complete unless SSM gave a next token) and, when complete, the
+    /// listing of every directory below it.
+    fn record_listing(
+        &self,
+        path: &str,
+        names: Vec<String>,
+        fetched: Vec<Parameter>,
+        next_token: Option<String>,
+    ) -> DirEntry {
+        let complete = next_token.is_none();
         let mut dirs: BTreeMap<String, BTreeMap<String, ChildKind>> = BTreeMap::new();
         dirs.insert(path.to_string(), BTreeMap::new());
-        for parameter in &parameters {
-            let Some(relative) = names::relative_to(path, &parameter.name) else {
+        for name in &names {
+            let Some(relative) = names::relative_to(path, name) else {
                 continue;
             };
             let mut dir = path.to_string();
             let segments: Vec<&str> = relative.split('/').collect();
             for (i, segment) in segments.iter().enumerate() {
-                let is_last = i + 1 == segments.len();
-                let kind = if is_last {
+                let kind = if i + 1 == segments.len() {
                     ChildKind::File
                 } else {
                     ChildKind::Dir
                 };
-                let children = dirs.entry(dir.clone()).or_default();
-                let slot = children.entry(segment.to_string()).or_insert(kind);
+                let slot = dirs
+                    .entry(dir.clone())
+                    .or_default()
+                    .entry(segment.to_string())
+                    .or_insert(kind);
                 if kind == ChildKind::Dir {
                     *slot = ChildKind::Dir; // directory wins
                 }
                 if !complete {
-                    break; // a partial page says nothing complete about subdirectories
+                    break; // a partial listing says nothing complete about subdirectories
                 }
                 dir = if dir == "/" {
                     format!("/{segment}")
@@ -687,26 +756,32 @@ impl<S: ParameterStore> Fs<S> {
                 };
             }
         }
-        for parameter in parameters {
+        for parameter in fetched {
             let name = parameter.name.clone();
             self.record_value(&name, Known::Present(Arc::new(parameter)));
         }
         let own = dirs.remove(path).unwrap_or_default();
         if complete {
             for (dir, children) in dirs {
-                self.record_dir(&dir, true, children);
+                self.record_dir(&dir, children, None);
             }
         }
-        self.record_dir(path, complete, own)
+        let resume = next_token.map(|next_token| Resume {
+            next_token,
+            names: Arc::new(names),
+        });
+        self.record_dir(path, own, resume)
     }
 
     fn record_dir(
         &self,
         path: &str,
-        complete: bool,
         children: BTreeMap<String, ChildKind>,
+        resume: Option<Resume>,
     ) -> DirEntry {
+        let complete = resume.is_none();
         if complete {
+            self.probes_by_dir.lock().unwrap().remove(path);
             if let Some(old) = self.cache.dir(path).filter(|d| d.complete) {
                 let changed = old
                     .children
@@ -729,7 +804,7 @@ impl<S: ParameterStore> Fs<S> {
                 }
             }
         }
-        self.cache.put_dir(path, complete, children)
+        self.cache.put_dir(path, complete, children, resume)
     }
 
     // ----- attributes -----

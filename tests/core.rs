@@ -567,3 +567,35 @@ async fn a_directory_of_ten_thousand_lists_completely() {
     assert_eq!(ls(&fs, "many").await.unwrap().len(), 10_000);
     assert!(calls(&fs).list_page <= 1001 + 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn ls_after_a_lookup_continues_the_first_page_instead_of_rereading_it() {
+    let store = MemoryStore::new();
+    for i in 0..1000 {
+        store.put_string(&format!("/p/big/k{i:04}"), "v");
+    }
+    let (fs, _inval) = mount(store, config("/p"));
+    assert_eq!(ls(&fs, "big").await.unwrap().len(), 1000);
+    let c = calls(&fs);
+    // lookup of "big": one GetParameter and the first page; ls: the other 99 pages.
+    assert_eq!(c.list_page, 100, "{c:?}");
+    assert_eq!(c.total(), 1000 / 10 + 1, "ceil(N/10)+1 calls, {c:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn reading_many_siblings_switches_from_probes_to_one_listing() {
+    let store = MemoryStore::new();
+    for i in 0..100 {
+        store.put_string(&format!("/p/vars/v{i:03}"), &format!("value-{i}"));
+    }
+    let (fs, _inval) = mount(store, config("/p"));
+    for i in (0..100).rev() {
+        assert_eq!(
+            cat(&fs, &format!("vars/v{i:03}")).await.unwrap(),
+            format!("value-{i}").as_bytes()
+        );
+    }
+    let c = calls(&fs);
+    // The directory probe (2), a few sibling probes (2 each), then the remaining pages.
+    assert!(c.total() <= 2 + 3 * 2 + 10, "100 cold reads cost {c:?}");
+}
