@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::airflow;
 use crate::config::{self, CacheConfig, FsConfig, RequestConfig};
 use crate::names;
 use crate::store::ssm::AwsOptions;
@@ -105,6 +106,21 @@ pub struct CliArgs {
     #[arg(long, default_value_t = config::DEFAULT_MAX_RETRIES, help_heading = "AWS")]
     pub max_retries: u32,
 
+    // ----- airflow -----
+    /// Mount Airflow's secrets layout (variables/, connections/, config/) from the
+    /// JSON kwargs of SystemsManagerParameterStoreBackend, as Airflow reads them.
+    /// Takes only MOUNTPOINT.
+    #[arg(
+        long,
+        value_name = "JSON",
+        help_heading = "Airflow",
+        conflicts_with = "airflow"
+    )]
+    pub airflow_kwargs: Option<String>,
+    /// Like --airflow-kwargs, reading the AIRFLOW__SECRETS__BACKEND_KWARGS variable.
+    #[arg(long, help_heading = "Airflow")]
+    pub airflow: bool,
+
     // ----- logging -----
     /// Write logs to this file instead of stderr (background mode: instead of syslog).
     #[arg(long, help_heading = "Logging")]
@@ -118,6 +134,10 @@ pub struct CliArgs {
 #[derive(Debug)]
 pub struct Settings {
     pub fs: FsConfig,
+    /// Names the mount in mount(8): `ssmfs:<prefix>` or `ssmfs:airflow`.
+    pub fsname: String,
+    /// Said once logging is up (e.g. Airflow kwargs that ssmfs does not use).
+    pub warnings: Vec<String>,
     pub aws: AwsOptions,
     pub mountpoint: PathBuf,
     pub foreground: bool,
@@ -206,13 +226,40 @@ impl CliArgs {
     }
 
     pub fn into_settings(self) -> Result<Settings, String> {
-        let (prefix, mountpoint) = match self.positional.as_slice() {
-            [prefix, mountpoint] => (
+        let airflow_json = match (&self.airflow_kwargs, self.airflow) {
+            (Some(json), _) => Some(("--airflow-kwargs", json.clone())),
+            (None, true) => Some((
+                "--airflow (AIRFLOW__SECRETS__BACKEND_KWARGS)",
+                std::env::var("AIRFLOW__SECRETS__BACKEND_KWARGS").unwrap_or_else(|_| "{}".into()),
+            )),
+            (None, false) => None,
+        };
+        let mut warnings = Vec::new();
+        let (prefix, mountpoint, airflow) = match (&airflow_json, self.positional.as_slice()) {
+            (Some((flag, json)), [mountpoint]) => {
+                let airflow = airflow::parse(json).map_err(|e| format!("{flag}: {e}"))?;
+                if !airflow.ignored_keys.is_empty() {
+                    warnings.push(format!(
+                        "{flag}: ssmfs does not use these keys: {}",
+                        airflow.ignored_keys.join(", ")
+                    ));
+                }
+                ("/".to_string(), PathBuf::from(mountpoint), Some(airflow))
+            }
+            (Some((flag, _)), _) => {
+                return Err(format!(
+                    "with {flag} give only MOUNTPOINT: ssmfs {flag} <MOUNTPOINT>"
+                ))
+            }
+            (None, [prefix, mountpoint]) => (
                 prefix.to_string_lossy().into_owned(),
                 PathBuf::from(mountpoint),
+                None,
             ),
-            [_] => return Err("missing MOUNTPOINT: usage is ssmfs <PREFIX> <MOUNTPOINT>".into()),
-            _ => return Err("usage is ssmfs <PREFIX> <MOUNTPOINT>".into()),
+            (None, [_]) => {
+                return Err("missing MOUNTPOINT: usage is ssmfs <PREFIX> <MOUNTPOINT>".into())
+            }
+            (None, _) => return Err("usage is ssmfs <PREFIX> <MOUNTPOINT>".into()),
         };
         let prefix =
             names::parse_prefix(&prefix).map_err(|e| format!("invalid PREFIX '{prefix}': {e}"))?;
@@ -245,16 +292,32 @@ impl CliArgs {
             max_tps: self.max_tps,
             max_retries: self.max_retries,
         };
+        let fsname = match &airflow {
+            Some(_) => "ssmfs:airflow".to_string(),
+            None => format!("ssmfs:{}", fs.prefix),
+        };
+        // Flags on the command line win over the same settings in the kwargs.
+        let (mut region, mut profile, mut endpoint_url, mut role_arn) =
+            (self.region, self.profile, self.endpoint_url, self.role_arn);
+        if let Some(airflow) = airflow {
+            fs.areas = airflow.areas;
+            region = region.or(airflow.region);
+            profile = profile.or(airflow.profile);
+            endpoint_url = endpoint_url.or(airflow.endpoint_url);
+            role_arn = role_arn.or(airflow.role_arn);
+        }
         let aws = AwsOptions {
-            region: self.region,
-            profile: self.profile,
-            endpoint_url: self.endpoint_url,
-            role_arn: self.role_arn,
+            region,
+            profile,
+            endpoint_url,
+            role_arn,
             no_decrypt: self.no_decrypt,
             attempt_timeout: self.request_timeout,
         };
         Ok(Settings {
             fs,
+            fsname,
+            warnings,
             aws,
             mountpoint,
             foreground: self.foreground,
@@ -309,6 +372,32 @@ mod tests {
         assert_eq!(s.fs.uid, 7);
         assert_eq!(s.fs.file_mode, 0o440);
         assert_eq!(s.fs.cache.ttl, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn airflow_kwargs_mount_only_takes_a_mountpoint() {
+        let kwargs = r#"{"connections_prefix": "airflow/connections", "variables_prefix": "airflow/variables", "region_name": "eu-west-1", "extra": 1}"#;
+        let s = parse(&["ssmfs", "--airflow-kwargs", kwargs, "/mnt/x"]).unwrap();
+        assert_eq!(s.fs.areas.len(), 3);
+        assert_eq!(s.aws.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(s.fsname, "ssmfs:airflow");
+        assert!(s.warnings[0].contains("extra"));
+        let s = parse(&[
+            "ssmfs",
+            "--region",
+            "us-east-2",
+            "--airflow-kwargs",
+            kwargs,
+            "/mnt/x",
+        ])
+        .unwrap();
+        assert_eq!(s.aws.region.as_deref(), Some("us-east-2"), "the flag wins");
+        assert!(parse(&["ssmfs", "--airflow-kwargs", "{oops", "/mnt/x"])
+            .unwrap_err()
+            .contains("--airflow-kwargs"));
+        assert!(parse(&["ssmfs", "--airflow-kwargs", "{}", "/a", "/mnt/x"])
+            .unwrap_err()
+            .contains("only MOUNTPOINT"));
     }
 
     #[test]

@@ -78,7 +78,10 @@ impl Default for RequestConfig {
 #[derive(Debug, Clone)]
 pub struct FsConfig {
     /// The SSM path shown at the mount root, normalised (`/` or `/a/b`).
+    /// Unused when `areas` is set.
     pub prefix: String,
+    /// Airflow layout: the root holds one folder per area instead.
+    pub areas: Vec<crate::airflow::Area>,
     pub uid: u32,
     pub gid: u32,
     pub file_mode: u16,
@@ -94,6 +97,7 @@ impl FsConfig {
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         Self {
             prefix: prefix.into(),
+            areas: Vec::new(),
             uid,
             gid,
             file_mode: DEFAULT_FILE_MODE,

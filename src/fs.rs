@@ -28,6 +28,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::airflow::Area;
 use crate::cache::{
     Cache, Change, ChildKind, DirEntry, Known, Resume, SingleFlight, Validity, ValueEntry,
 };
@@ -176,6 +177,8 @@ pub struct Fs<S> {
     invalidations: mpsc::UnboundedSender<Invalidation>,
     denied_logged: Mutex<HashSet<String>>,
     probes_by_dir: Mutex<HashMap<String, u32>>,
+    /// Airflow layout: the pinned folder inodes and the area each one shows.
+    areas: Vec<(u64, Area)>,
     mounted_at: SystemTime,
 }
 
@@ -186,10 +189,22 @@ impl<S: ParameterStore> Fs<S> {
         metrics: Arc<Metrics>,
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<Invalidation>) {
         let (sender, receiver) = mpsc::unbounded_channel();
+        let root_name = if config.areas.is_empty() {
+            config.prefix.as_str()
+        } else {
+            ""
+        };
+        let inodes = InodeTable::new(root_name);
+        let areas = config
+            .areas
+            .iter()
+            .map(|area| (inodes.pin(ROOT_INO, &area.prefix, Role::Dir), area.clone()))
+            .collect();
         let fs = Fs {
             store,
             cache: Cache::new(config.cache.clone(), metrics.clone()),
-            inodes: InodeTable::new(&config.prefix),
+            inodes,
+            areas,
             metrics,
             value_flights: SingleFlight::default(),
             dir_flights: SingleFlight::default(),
@@ -235,8 +250,29 @@ impl<S: ParameterStore> Fs<S> {
     ) -> Result<Entry, FsError> {
         let parent = self.dir_node(parent_ino)?;
         let segment = segment.to_str().ok_or(NameError::BadCharacter)?;
+        if self.is_area_root_dir(parent_ino) {
+            let (_, area) = self
+                .areas
+                .iter()
+                .find(|(_, a)| a.folder == segment)
+                .ok_or(FsError::NotFound)?;
+            let ino = self.inodes.remember(ROOT_INO, &area.prefix, Role::Dir);
+            return Ok(Entry {
+                attr: self.dir_attr(ino),
+                ttl: self.config.cache.ttl,
+            });
+        }
+        if self
+            .area_of(parent_ino)
+            .is_some_and(|area| !area.admits(segment))
+        {
+            return Err(FsError::NotFound);
+        }
         // The root's own value is the parent directory's business: mount one level up.
-        if segment == SHADOWED_VALUE_NAME && parent_ino != ROOT_INO {
+        if segment == SHADOWED_VALUE_NAME
+            && parent_ino != ROOT_INO
+            && self.area_of(parent_ino).is_none()
+        {
             let entry = self.value(&parent.name).await?;
             let parameter = present(&entry)?;
             let ino = self
@@ -318,7 +354,6 @@ impl<S: ParameterStore> Fs<S> {
     /// so offsets stay stable while the directory is read.
     pub async fn opendir(self: &Arc<Self>, ino: u64) -> Result<u64, FsError> {
         let node = self.dir_node(ino)?;
-        let listing = self.listing(&node.name).await?;
         let mut items = vec![
             DirItem {
                 ino,
@@ -331,18 +366,34 @@ impl<S: ParameterStore> Fs<S> {
                 name: "..".into(),
             },
         ];
+        if self.is_area_root_dir(ino) {
+            for (area_ino, area) in &self.areas {
+                items.push(DirItem {
+                    ino: *area_ino,
+                    kind: FileKind::Dir,
+                    name: area.folder.clone(),
+                });
+            }
+            return Ok(self.new_dir_handle(items));
+        }
+        let listing = self.listing(&node.name).await?;
+        let area = self.area_of(ino);
         let shadowed = self
             .cache
             .value(&node.name)
             .is_some_and(|e| e.parameter().is_some());
-        if shadowed && ino != ROOT_INO {
+        if shadowed && ino != ROOT_INO && area.is_none() {
             items.push(DirItem {
                 ino: self.item_ino(&node.name, Role::ShadowedValue),
                 kind: FileKind::File,
                 name: SHADOWED_VALUE_NAME.into(),
             });
         }
-        for (child, kind) in listing.children.iter() {
+        for (child, kind) in listing
+            .children
+            .iter()
+            .filter(|(c, _)| area.is_none_or(|a| a.admits(c)))
+        {
             let name = names::child_name(&node.name, child).unwrap_or_default();
             let (role, kind) = match kind {
                 ChildKind::Dir => (Role::Dir, FileKind::Dir),
@@ -354,12 +405,26 @@ impl<S: ParameterStore> Fs<S> {
                 name: child.clone(),
             });
         }
+        Ok(self.new_dir_handle(items))
+    }
+
+    fn new_dir_handle(&self, items: Vec<DirItem>) -> u64 {
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
         self.dir_handles
             .lock()
             .unwrap()
             .insert(handle, Arc::new(items));
-        Ok(handle)
+        handle
+    }
+
+    /// The virtual root of the Airflow layout (it has no SSM path of its own).
+    fn is_area_root_dir(&self, ino: u64) -> bool {
+        ino == ROOT_INO && !self.areas.is_empty()
+    }
+
+    /// The area whose folder `ino` is, if any: its keys are filtered by its pattern.
+    fn area_of(&self, ino: u64) -> Option<&Area> {
+        self.areas.iter().find(|(i, _)| *i == ino).map(|(_, a)| a)
     }
 
     /// Entries from `offset` on; each item's offset for the kernel is its index + 1.

@@ -95,6 +95,15 @@ impl InodeTable {
         ino
     }
 
+    /// An inode that lives as long as the mount (the Airflow area folders).
+    pub fn pin(&self, parent: u64, name: &str, role: Role) -> u64 {
+        let ino = self.remember(parent, name, role);
+        if let Some(node) = self.table.lock().unwrap().nodes.get_mut(&ino) {
+            node.lookups = u64::MAX / 2;
+        }
+        ino
+    }
+
     /// The inode of `name` in `role` if the kernel holds one.
     pub fn find(&self, name: &str, role: Role) -> Option<u64> {
         self.table

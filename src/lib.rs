@@ -4,6 +4,7 @@
 //! -> `fuse` (thin fuser adapter) -> `fs` (the async core) -> `cache` and
 //! `inode` -> `store` (the SSM API, or an in-memory double).
 
+pub mod airflow;
 pub mod cache;
 pub mod cli;
 pub mod config;

@@ -47,6 +47,9 @@ fn main() -> ExitCode {
         eprintln!("ssmfs: {message}");
         return ExitCode::from(1);
     }
+    for warning in &settings.warnings {
+        tracing::warn!("{warning}");
+    }
     match run(settings, mountpoint, &mut readiness) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
@@ -78,7 +81,7 @@ fn run(
     }
     let mount_settings = MountSettings {
         mountpoint,
-        fsname: format!("ssmfs:{prefix}"),
+        fsname: settings.fsname.clone(),
         allow_other: settings.allow_other,
         allow_root: settings.allow_root,
         threads: settings.threads,

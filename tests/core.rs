@@ -599,3 +599,65 @@ async fn reading_many_siblings_switches_from_probes_to_one_listing() {
     // The directory probe (2), a few sibling probes (2 each), then the remaining pages.
     assert!(c.total() <= 2 + 3 * 2 + 10, "100 cold reads cost {c:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_airflow_layout_maps_folders_to_prefixes_and_filters_keys() {
+    let kwargs = r#"{"variables_prefix": "airflow/variables", "connections_prefix": "airflow/connections/",
+                     "config_prefix": null, "connections_lookup_pattern": "my_"}"#;
+    let airflow = ssmfs::airflow::parse(kwargs).unwrap();
+    let mut config = config("/");
+    config.areas = airflow.areas;
+    let store = airflow_store();
+    store.put_string("/airflow/connections/other_db", "hidden by the pattern");
+    let (fs, _inval) = mount(store, config);
+    let mut top: Vec<String> = ls(&fs, "")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    top.sort();
+    assert_eq!(
+        top,
+        vec!["connections", "variables"],
+        "config_prefix null leaves config out"
+    );
+    assert_eq!(calls(&fs).total(), 0, "the root is known without SSM");
+    assert_eq!(
+        cat(&fs, "variables/my_secret").await.unwrap(),
+        b"s3cr3t-value"
+    );
+    assert_eq!(
+        cat(&fs, "connections/MY_postgres").await.unwrap_err(),
+        libc::ENOENT
+    );
+    assert_eq!(
+        cat(&fs, "connections/my_postgres").await.unwrap(),
+        b"postgresql://u:p@h:5432/db"
+    );
+    let before = calls(&fs);
+    assert_eq!(
+        cat(&fs, "connections/other_db").await.unwrap_err(),
+        libc::ENOENT
+    );
+    assert_eq!(
+        calls(&fs),
+        before,
+        "a key the pattern refuses costs no call"
+    );
+    let conns: Vec<String> = ls(&fs, "connections")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(
+        conns,
+        vec!["my_postgres"],
+        "refused keys are left out of listings"
+    );
+    assert_eq!(
+        cat(&fs, "config/sql_alchemy_conn").await.unwrap_err(),
+        libc::ENOENT
+    );
+}

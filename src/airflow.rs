@@ -1,0 +1,194 @@
+//! Airflow's `SystemsManagerParameterStoreBackend` kwargs, read as Airflow reads
+//! them, so a worker host mounts exactly the secrets its Airflow would look up.
+//!
+//! `variables`, `connections` and `config` folders map onto `variables_prefix`,
+//! `connections_prefix` and `config_prefix` (Airflow's defaults when absent; a
+//! leading `/` added and a trailing one dropped; `null` leaves the folder out).
+//! `*_lookup_pattern` is a regex matched at the start of the key,
+//! case-insensitively (Python's `re.match(..., re.IGNORECASE)`): keys that do not
+//! match are absent. AWS keys (`role_arn`, `region_name`, `profile_name`,
+//! `endpoint_url`) configure the client; other keys are reported, not used.
+
+use regex::Regex;
+use serde_json::{Map, Value};
+
+use crate::names;
+
+/// One folder of the mount and the SSM path behind it.
+#[derive(Debug, Clone)]
+pub struct Area {
+    pub folder: String,
+    pub prefix: String,
+    pub pattern: Option<Regex>,
+}
+
+impl Area {
+    /// Whether a key directly below the prefix may be looked up.
+    pub fn admits(&self, key: &str) -> bool {
+        self.pattern.as_ref().is_none_or(|p| p.is_match(key))
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct AirflowSettings {
+    pub areas: Vec<Area>,
+    pub role_arn: Option<String>,
+    pub region: Option<String>,
+    pub profile: Option<String>,
+    pub endpoint_url: Option<String>,
+    /// Keys ssmfs does not use, to be named in one warning.
+    pub ignored_keys: Vec<String>,
+}
+
+const FOLDERS: [(&str, &str, &str, &str); 3] = [
+    (
+        "variables",
+        "variables_prefix",
+        "variables_lookup_pattern",
+        "/airflow/variables",
+    ),
+    (
+        "connections",
+        "connections_prefix",
+        "connections_lookup_pattern",
+        "/airflow/connections",
+    ),
+    (
+        "config",
+        "config_prefix",
+        "config_lookup_pattern",
+        "/airflow/config",
+    ),
+];
+
+fn string_key(kwargs: &Map<String, Value>, key: &str) -> Result<Option<String>, String> {
+    match kwargs.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(format!("\"{key}\" must be a string, not {other}")),
+    }
+}
+
+/// Airflow: `ensure_leading_slash(prefix.rstrip("/"))` for a non-empty prefix.
+fn airflow_prefix(raw: &str) -> String {
+    let trimmed = raw.trim_end_matches('/');
+    if trimmed.starts_with('/') {
+        trimmed.to_string()
+    } else {
+        format!("/{trimmed}")
+    }
+}
+
+pub fn parse(json: &str) -> Result<AirflowSettings, String> {
+    let value: Value = serde_json::from_str(json).map_err(|e| format!("not valid JSON: {e}"))?;
+    let Value::Object(kwargs) = value else {
+        return Err(
+            "must be a JSON object such as {\"variables_prefix\": \"airflow/variables\"}".into(),
+        );
+    };
+    let mut settings = AirflowSettings::default();
+    for (folder, prefix_key, pattern_key, default) in FOLDERS {
+        let prefix = match kwargs.get(prefix_key) {
+            None => default.to_string(),
+            Some(Value::Null) => continue, // Airflow: lookups of this kind are disabled
+            Some(Value::String(raw)) => airflow_prefix(raw),
+            Some(other) => {
+                return Err(format!(
+                    "\"{prefix_key}\" must be a string or null, not {other}"
+                ))
+            }
+        };
+        let prefix = names::parse_prefix(&prefix).map_err(|e| format!("\"{prefix_key}\": {e}"))?;
+        let pattern = string_key(&kwargs, pattern_key)?
+            .map(|p| {
+                Regex::new(&format!("(?i)^(?:{p})"))
+                    .map_err(|e| format!("\"{pattern_key}\" is not a valid regex: {e}"))
+            })
+            .transpose()?;
+        settings.areas.push(Area {
+            folder: folder.to_string(),
+            prefix,
+            pattern,
+        });
+    }
+    settings.role_arn = string_key(&kwargs, "role_arn")?;
+    settings.region = string_key(&kwargs, "region_name")?;
+    settings.profile = string_key(&kwargs, "profile_name")?;
+    settings.endpoint_url = string_key(&kwargs, "endpoint_url")?;
+    let used: Vec<&str> = FOLDERS
+        .iter()
+        .flat_map(|(_, p, l, _)| [*p, *l])
+        .chain(["role_arn", "region_name", "profile_name", "endpoint_url"])
+        .collect();
+    settings.ignored_keys = kwargs
+        .keys()
+        .filter(|k| !used.contains(&k.as_str()))
+        .cloned()
+        .collect();
+    Ok(settings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_kwargs_as_is() {
+        let s = parse(r#"{"connections_prefix": "airflow/connections", "variables_prefix": "airflow/variables", "role_arn": "arn:aws:iam::123456789012:role/airflow", "region_name": "eu-west-1"}"#).unwrap();
+        let folders: Vec<(&str, &str)> = s
+            .areas
+            .iter()
+            .map(|a| (a.folder.as_str(), a.prefix.as_str()))
+            .collect();
+        assert_eq!(
+            folders,
+            vec![
+                ("variables", "/airflow/variables"),
+                ("connections", "/airflow/connections"),
+                ("config", "/airflow/config")
+            ]
+        );
+        assert_eq!(
+            s.role_arn.as_deref(),
+            Some("arn:aws:iam::123456789012:role/airflow")
+        );
+        assert_eq!(s.region.as_deref(), Some("eu-west-1"));
+        assert!(s.ignored_keys.is_empty());
+    }
+
+    #[test]
+    fn nulls_slashes_patterns_and_unknown_keys() {
+        let s = parse(r#"{"variables_prefix": "/team/vars/", "connections_prefix": null, "config_prefix": null,
+                          "variables_lookup_pattern": "^(prod|shared)_", "use_ssl": true, "config_kwargs": {}}"#).unwrap();
+        assert_eq!(s.areas.len(), 1);
+        assert_eq!(s.areas[0].prefix, "/team/vars");
+        assert!(s.areas[0].admits("PROD_db") && s.areas[0].admits("shared_x"));
+        assert!(!s.areas[0].admits("dev_db") && !s.areas[0].admits("x_prod_db"));
+        assert_eq!(
+            s.ignored_keys,
+            vec!["config_kwargs".to_string(), "use_ssl".to_string()]
+        );
+    }
+
+    #[test]
+    fn defaults_when_empty() {
+        let s = parse("{}").unwrap();
+        assert_eq!(s.areas.len(), 3);
+        assert!(s.areas.iter().all(|a| a.pattern.is_none()));
+    }
+
+    #[test]
+    fn bad_input_is_explained() {
+        assert!(parse("{not json").unwrap_err().contains("JSON"));
+        assert!(parse("[]").unwrap_err().contains("object"));
+        assert!(parse(r#"{"variables_lookup_pattern": "("}"#)
+            .unwrap_err()
+            .contains("variables_lookup_pattern"));
+        assert!(parse(r#"{"variables_prefix": 5}"#)
+            .unwrap_err()
+            .contains("variables_prefix"));
+        assert!(parse(r#"{"variables_prefix": "bad name!"}"#)
+            .unwrap_err()
+            .contains("variables_prefix"));
+    }
+}
