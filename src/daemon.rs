@@ -305,7 +305,10 @@ pub fn daemonize() -> Result<Readiness, String> {
             0 => {
                 libc::close(fds[0]);
                 libc::setsid();
-                Ok(Readiness { fd: Some(fds[1]) })
+                Ok(Readiness {
+                    fd: Some(fds[1]),
+                    background: true,
+                })
             }
             _ => {
                 libc::close(fds[1]);
@@ -346,11 +349,15 @@ impl FromRawFdChecked for std::fs::File {
 /// The channel back to a waiting parent (background mode) or nothing (foreground).
 pub struct Readiness {
     fd: Option<i32>,
+    background: bool,
 }
 
 impl Readiness {
     pub fn foreground() -> Self {
-        Self { fd: None }
+        Self {
+            fd: None,
+            background: false,
+        }
     }
 
     fn send(&mut self, message: &str) {
@@ -371,7 +378,7 @@ impl Readiness {
 
     /// Points stdin/stdout/stderr at /dev/null once the parent has gone.
     pub fn detach_stdio(&self) {
-        if self.fd.is_none() {
+        if !self.background {
             return;
         }
         let dev_null = CString::new("/dev/null").unwrap();
@@ -390,7 +397,7 @@ impl Readiness {
     }
 
     pub fn is_background(&self) -> bool {
-        self.fd.is_some()
+        self.background
     }
 }
 

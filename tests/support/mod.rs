@@ -158,6 +158,13 @@ impl Mount {
 
     /// Starts `ssmfs --foreground <args> <prefix> <mnt>` and waits for the mount.
     pub fn start(endpoint: &str, prefix: &str, extra: &[&str]) -> Mount {
+        let mut args: Vec<&str> = extra.to_vec();
+        args.push(prefix);
+        Mount::start_with(endpoint, &args, &[])
+    }
+
+    /// Starts `ssmfs --foreground --endpoint-url E <args> <mnt>` with extra environment.
+    pub fn start_with(endpoint: &str, args: &[&str], env: &[(&str, &str)]) -> Mount {
         let dir = tempfile::tempdir().unwrap();
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).unwrap();
@@ -165,10 +172,10 @@ impl Mount {
         let child = Command::new(env!("CARGO_BIN_EXE_ssmfs"))
             .arg("--foreground")
             .args(["--endpoint-url", endpoint])
-            .args(extra)
-            .arg(prefix)
+            .args(args)
             .arg(&mnt)
             .envs(aws_env())
+            .envs(env.iter().copied())
             .env("SSMFS_LOG", "trace")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

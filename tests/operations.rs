@@ -1,0 +1,438 @@
+//! End-to-end operation of the daemon as a host service: Airflow kwargs,
+//! background mode, the mount(8) helper, systemd notification, signals,
+//! stale-mount recovery, metrics and an assumed role. Real binary, real FUSE,
+//! moto on loopback.
+
+mod support;
+
+use std::os::unix::net::UnixDatagram;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use aws_sdk_ssm::types::ParameterType;
+use support::*;
+
+fn seed_airflow(rt: &tokio::runtime::Runtime, client: &aws_sdk_ssm::Client) {
+    put(
+        rt,
+        client,
+        "/airflow/variables/my_var",
+        "variable-value",
+        ParameterType::String,
+    );
+    put(
+        rt,
+        client,
+        "/airflow/variables/other",
+        "x",
+        ParameterType::String,
+    );
+    put(
+        rt,
+        client,
+        "/airflow/connections/my_postgres",
+        "postgresql://u:pw@h/db",
+        ParameterType::SecureString,
+    );
+    put(
+        rt,
+        client,
+        "/airflow/connections/skip_me",
+        "nope",
+        ParameterType::String,
+    );
+    put(
+        rt,
+        client,
+        "/airflow/config/core.parallelism",
+        "16",
+        ParameterType::String,
+    );
+}
+
+#[test]
+fn airflow_kwargs_mount_the_backends_layout() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let rt = runtime();
+    let client = client(&rt, &moto.endpoint);
+    seed_airflow(&rt, &client);
+    let kwargs = r#"{"connections_prefix": "airflow/connections", "variables_prefix": "airflow/variables", "role_arn": null, "region_name": "us-east-1", "connections_lookup_pattern": "my_", "use_ssl": true}"#;
+    let mount = Mount::start_with(&moto.endpoint, &["--airflow-kwargs", kwargs], &[]);
+    let m = mount.path();
+    assert_eq!(
+        std::fs::read(m.join("variables/my_var")).unwrap(),
+        b"variable-value"
+    );
+    assert_eq!(
+        std::fs::read(m.join("connections/my_postgres")).unwrap(),
+        b"postgresql://u:pw@h/db"
+    );
+    assert_eq!(
+        std::fs::read(m.join("config/core.parallelism")).unwrap(),
+        b"16"
+    );
+    let err = std::fs::read(m.join("connections/skip_me")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+    let (_, out, _) = run("ls", &[m.join("connections").to_str().unwrap()]);
+    assert_eq!(out.trim(), "my_postgres");
+    assert!(
+        mount.log_text().contains("use_ssl"),
+        "unused keys are named in a warning"
+    );
+
+    // --airflow reads the same JSON from Airflow's own variable.
+    drop(mount);
+    let mount = Mount::start_with(
+        &moto.endpoint,
+        &["--airflow"],
+        &[(
+            "AIRFLOW__SECRETS__BACKEND_KWARGS",
+            r#"{"config_prefix": null}"#,
+        )],
+    );
+    let mut names: Vec<String> = std::fs::read_dir(mount.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, vec!["connections", "variables"]);
+}
+
+/// `ssmfs` linked into /usr/local/bin for the test's duration (unless a real
+/// install is already there), as an operator's install would place it.
+struct InstalledBinary(Option<std::path::PathBuf>);
+
+impl InstalledBinary {
+    fn new() -> Self {
+        let target = std::path::PathBuf::from("/usr/local/bin/ssmfs");
+        if target.exists() {
+            return InstalledBinary(None);
+        }
+        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_ssmfs"), &target).unwrap();
+        InstalledBinary(Some(target))
+    }
+}
+
+impl Drop for InstalledBinary {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn daemon_running_for(mnt: &std::path::Path) -> bool {
+    let needle = mnt.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .map(|c| {
+                    String::from_utf8_lossy(&c).contains(&needle)
+                        && String::from_utf8_lossy(&c).contains("ssmfs")
+                })
+                .unwrap_or(false)
+        })
+}
+
+#[test]
+fn background_mode_returns_once_mounted_and_umount_ends_the_daemon() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let rt = runtime();
+    let client = client(&rt, &moto.endpoint);
+    put(&rt, &client, "/bg/value", "ready", ParameterType::String);
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let log = dir.path().join("log");
+    let status = Command::new(env!("CARGO_BIN_EXE_ssmfs"))
+        .args([
+            "--endpoint-url",
+            &moto.endpoint,
+            "--log-file",
+            log.to_str().unwrap(),
+            "/bg",
+        ])
+        .arg(&mnt)
+        .envs(aws_env())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // No waiting: the command returned only once the mount was ready.
+    assert!(
+        ssmfs::daemon::is_mount_point(&mnt),
+        "mounted when the command returned"
+    );
+    assert_eq!(std::fs::read(mnt.join("value")).unwrap(), b"ready");
+    assert_eq!(run("umount", &[mnt.to_str().unwrap()]).0, 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while daemon_running_for(&mnt) {
+        assert!(Instant::now() < deadline, "the daemon outlived its mount");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A failure in background mode is reported by the command itself.
+    let out = Command::new(env!("CARGO_BIN_EXE_ssmfs"))
+        .args(["/bg", "/no/such/dir"])
+        .envs(aws_env())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+}
+
+#[test]
+fn mount_t_fuse_ssmfs_works_through_mount_fuse3() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    assert!(require(
+        std::path::Path::new("/sbin/mount.fuse3").exists()
+            || std::path::Path::new("/usr/sbin/mount.fuse3").exists(),
+        "mount.fuse3 (Debian package fuse3)"
+    ));
+    let moto = Moto::start();
+    let rt = runtime();
+    let client = client(&rt, &moto.endpoint);
+    put(
+        &rt,
+        &client,
+        "/viamount/secret",
+        "through-the-helper",
+        ParameterType::SecureString,
+    );
+    // mount(8) runs helpers with a sanitised PATH: install as an operator would.
+    let _installed = InstalledBinary::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let options = format!(
+        "ro,nosuid,nodev,_netdev,uid=4242,file_mode=0440,ttl=5m,endpoint_url={},log_file={}",
+        moto.endpoint,
+        dir.path().join("log").display()
+    );
+    let out = Command::new("mount")
+        .args([
+            "-t",
+            "fuse.ssmfs",
+            "/viamount",
+            mnt.to_str().unwrap(),
+            "-o",
+            &options,
+        ])
+        .envs(aws_env())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mount: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result = std::panic::catch_unwind(|| {
+        assert_eq!(
+            std::fs::read(mnt.join("secret")).unwrap(),
+            b"through-the-helper"
+        );
+        let (_, out, _) = run(
+            "stat",
+            &["-c", "%u %a", mnt.join("secret").to_str().unwrap()],
+        );
+        assert_eq!(out.trim(), "4242 440");
+        let (_, out, _) = run(
+            "findmnt",
+            &["-n", "-o", "FSTYPE,SOURCE", mnt.to_str().unwrap()],
+        );
+        assert_eq!(
+            out.split_whitespace().collect::<Vec<_>>(),
+            vec!["fuse.ssmfs", "ssmfs:/viamount"]
+        );
+    });
+    let _ = run("umount", &[mnt.to_str().unwrap()]);
+    result.unwrap();
+}
+
+#[test]
+fn systemd_hears_ready_and_stopping() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut mount = Mount::start_with(
+        &moto.endpoint,
+        &["/sd"],
+        &[("NOTIFY_SOCKET", socket_path.to_str().unwrap())],
+    );
+    let mut buf = [0u8; 256];
+    let n = socket.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+    assert!(mount.signal(libc::SIGTERM).success());
+    let n = socket.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"STOPPING=1");
+}
+
+#[test]
+fn sighup_drops_cached_values() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let rt = runtime();
+    let client = client(&rt, &moto.endpoint);
+    put(&rt, &client, "/hup/key", "before", ParameterType::String);
+    let mount = Mount::start(&moto.endpoint, "/hup", &["--ttl", "1h"]);
+    assert_eq!(std::fs::read(mount.path().join("key")).unwrap(), b"before");
+    put(
+        &rt,
+        &client,
+        "/hup/key",
+        "after-the-hangup",
+        ParameterType::String,
+    );
+    assert_eq!(
+        std::fs::read(mount.path().join("key")).unwrap(),
+        b"before",
+        "cached for an hour"
+    );
+    unsafe { libc::kill(mount.child.as_ref().unwrap().id() as i32, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while std::fs::read(mount.path().join("key")).unwrap() != b"after-the-hangup" {
+        assert!(Instant::now() < deadline, "SIGHUP did not drop the cache");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_stale_mount_left_by_a_killed_daemon_is_recovered() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let rt = runtime();
+    let client = client(&rt, &moto.endpoint);
+    put(&rt, &client, "/stale/k", "v", ParameterType::String);
+    let mut first = Mount::start(&moto.endpoint, "/stale", &[]);
+    let mnt = first.path();
+    let status = first.signal(libc::SIGKILL);
+    assert!(!status.success());
+    let err = std::fs::metadata(&mnt).unwrap_err();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::ENOTCONN),
+        "the kill left a stale mount"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_ssmfs"))
+        .args([
+            "--endpoint-url",
+            &moto.endpoint,
+            "--log-file",
+            first.dir.path().join("second.log").to_str().unwrap(),
+            "/stale",
+        ])
+        .arg(&mnt)
+        .envs(aws_env())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(mnt.join("k")).unwrap(), b"v");
+    assert_eq!(run("umount", &[mnt.to_str().unwrap()]).0, 0);
+}
+
+#[test]
+fn metrics_count_what_was_done() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let rt = runtime();
+    let client = client(&rt, &moto.endpoint);
+    put(
+        &rt,
+        &client,
+        "/met/a",
+        "secret-metrics-value",
+        ParameterType::SecureString,
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mount = Mount::start(&moto.endpoint, "/met", &["--metrics-addr", &addr]);
+    for _ in 0..5 {
+        assert_eq!(
+            std::fs::read(mount.path().join("a")).unwrap(),
+            b"secret-metrics-value"
+        );
+    }
+    let _ = std::fs::read(mount.path().join("missing"));
+    let (code, body, _) = run("curl", &["-sf", &format!("http://{addr}/metrics")]);
+    assert_eq!(code, 0);
+    let value = |prefix: &str| -> f64 {
+        body.lines()
+            .filter(|l| l.starts_with(prefix))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
+    };
+    let api_calls = value("ssmfs_api_calls_total");
+    assert!((2.0..=4.0).contains(&api_calls), "{body}");
+    assert!(
+        value("ssmfs_api_calls_total{operation=\"GetParameter\",outcome=\"not_found\"}") >= 1.0,
+        "{body}"
+    );
+    assert!(
+        value("ssmfs_fuse_request_seconds_count{operation=\"lookup\"}") >= 2.0,
+        "{body}"
+    );
+    assert!(value("ssmfs_cache_entries") >= 1.0);
+    assert!(!body.contains("secret-metrics-value"));
+}
+
+#[test]
+fn role_arn_is_assumed_through_sts() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let rt = runtime();
+    let client = client(&rt, &moto.endpoint);
+    put(&rt, &client, "/role/a", "as-role", ParameterType::String);
+    let base = moto.requests();
+    let plain = Mount::start(&moto.endpoint, "/role", &[]);
+    assert_eq!(std::fs::read(plain.path().join("a")).unwrap(), b"as-role");
+    let without_role = moto.requests() - base;
+    drop(plain);
+    let base = moto.requests();
+    let role = Mount::start(
+        &moto.endpoint,
+        "/role",
+        &[
+            "--role-arn",
+            "arn:aws:iam::123456789012:role/airflow-worker",
+        ],
+    );
+    assert_eq!(std::fs::read(role.path().join("a")).unwrap(), b"as-role");
+    let with_role = moto.requests() - base;
+    assert_eq!(
+        with_role,
+        without_role + 1,
+        "one AssumeRole call to STS, then the same SSM calls"
+    );
+}
