@@ -1,0 +1,219 @@
+//! Security end to end: who may read (the kernel enforcing modes, other users
+//! kept out unless allowed), process hardening, and hostile names and sizes
+//! through a real mount.
+
+mod support;
+
+use std::process::Command;
+
+use aws_sdk_ssm::types::ParameterType;
+use support::*;
+
+/// Runs `cat path` as `uid` (gid the same) and returns (exit code, stderr).
+fn cat_as(uid: u32, path: &std::path::Path) -> (i32, String, String) {
+    let id = uid.to_string();
+    let reuid = format!("--reuid={id}");
+    let regid = format!("--regid={id}");
+    run(
+        "setpriv",
+        &[
+            &reuid,
+            &regid,
+            "--clear-groups",
+            "cat",
+            path.to_str().unwrap(),
+        ],
+    )
+}
+
+#[test]
+fn only_the_mounting_user_enters_by_default() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let rt = runtime();
+    let client = client(&rt, &moto.endpoint);
+    put(
+        &rt,
+        &client,
+        "/acl/secret",
+        "for-root-only",
+        ParameterType::SecureString,
+    );
+    let mount = Mount::start(&moto.endpoint, "/acl", &[]);
+    let file = mount.path().join("secret");
+    assert_eq!(std::fs::read(&file).unwrap(), b"for-root-only");
+    let (code, out, err) = cat_as(65534, &file);
+    assert_ne!(code, 0);
+    assert!(out.is_empty() && err.contains("Permission denied"), "{err}");
+}
+
+#[test]
+fn allow_other_with_uid_lets_exactly_that_user_read() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let rt = runtime();
+    let client = client(&rt, &moto.endpoint);
+    put(
+        &rt,
+        &client,
+        "/acl2/secret",
+        "for-the-airflow-user",
+        ParameterType::SecureString,
+    );
+    let mount = Mount::start(
+        &moto.endpoint,
+        "/acl2",
+        &[
+            "--allow-other",
+            "--uid",
+            "50000",
+            "--gid",
+            "50000",
+            "--file-mode",
+            "0400",
+        ],
+    );
+    let file = mount.path().join("secret");
+    let (code, out, err) = cat_as(50000, &file);
+    assert_eq!((code, out.as_str()), (0, "for-the-airflow-user"), "{err}");
+    let (code, out, err) = cat_as(50001, &file);
+    assert_ne!(code, 0);
+    assert!(out.is_empty() && err.contains("Permission denied"), "{err}");
+    let (code, _, err) = cat_as(65534, &file);
+    assert!(code != 0 && err.contains("Permission denied"), "{err}");
+}
+
+#[test]
+fn mlock_without_privilege_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let out = Command::new("prlimit")
+        .args([
+            "--memlock=0:0",
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ])
+        .arg(env!("CARGO_BIN_EXE_ssmfs"))
+        .args(["--mlock", "-f", "/x"])
+        .arg(&mnt)
+        .envs(aws_env())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--mlock") && err.contains("CAP_IPC_LOCK"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(!ssmfs::daemon::is_mount_point(&mnt));
+}
+
+#[test]
+fn hardening_makes_the_process_non_dumpable_without_core_files() {
+    // In a child, so the test process itself stays as it was.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let ok = ssmfs::daemon::harden_process(false).is_ok()
+            && unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) } == 0
+            && {
+                let mut limit = libc::rlimit {
+                    rlim_cur: 1,
+                    rlim_max: 1,
+                };
+                unsafe { libc::getrlimit(libc::RLIMIT_CORE, &mut limit) };
+                limit.rlim_cur == 0 && limit.rlim_max == 0
+            };
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    let mut status = 0;
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+}
+
+#[test]
+fn hostile_names_and_sizes_get_the_right_answer_and_the_daemon_stays_up() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let rt = runtime();
+    let client = client(&rt, &moto.endpoint);
+    let big: String = (0..8192).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+    let tricky = "multi-byte \u{1F511} \u{e9}\u{4e2d} and control \u{1}\u{7}\t\r\n end";
+    rt.block_on(
+        client
+            .put_parameter()
+            .name("/h/big")
+            .value(&big)
+            .r#type(ParameterType::String)
+            .tier(aws_sdk_ssm::types::ParameterTier::Advanced)
+            .send(),
+    )
+    .unwrap();
+    put(
+        &rt,
+        &client,
+        "/h/tricky",
+        tricky,
+        ParameterType::SecureString,
+    );
+    put(&rt, &client, "/h/dots...", "dots", ParameterType::String);
+    let mount = Mount::start(&moto.endpoint, "/h", &[]);
+    let m = mount.path();
+    assert_eq!(std::fs::read(m.join("big")).unwrap(), big.as_bytes());
+    assert_eq!(std::fs::metadata(m.join("big")).unwrap().len(), 8192);
+    assert_eq!(std::fs::read(m.join("tricky")).unwrap(), tricky.as_bytes());
+    assert_eq!(std::fs::read(m.join("dots...")).unwrap(), b"dots");
+    let before = moto.requests();
+    for (name, errno) in [
+        ("sp ace", libc::ENOENT),
+        ("semi;colon", libc::ENOENT),
+        ("caf\u{e9}", libc::ENOENT),
+        ("@value", libc::ENOENT),
+        ("back\\slash", libc::ENOENT),
+    ] {
+        let err = std::fs::read(m.join(name)).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(errno), "{name}");
+    }
+    let long = "a".repeat(250);
+    let mut path = m.clone();
+    for _ in 0..5 {
+        path = path.join(&long);
+    }
+    let err = std::fs::read(&path).unwrap_err();
+    assert!(
+        matches!(
+            err.raw_os_error(),
+            Some(libc::ENOENT) | Some(libc::ENAMETOOLONG)
+        ),
+        "{err}"
+    );
+    let deep: std::path::PathBuf = (0..20).map(|i| format!("d{i}")).collect();
+    assert_eq!(
+        std::fs::read(m.join(deep)).unwrap_err().raw_os_error(),
+        Some(libc::ENOENT)
+    );
+    // Only the first segment of the long and deep paths could ever be asked about.
+    assert!(
+        moto.requests() - before <= 4,
+        "impossible names reached SSM"
+    );
+    assert_eq!(
+        std::fs::read(m.join("tricky")).unwrap(),
+        tricky.as_bytes(),
+        "still serving"
+    );
+}
