@@ -116,6 +116,9 @@ pub struct DirEntry {
     /// For a partial listing: where the next page starts and the names seen so
     /// far, so a full listing continues instead of reading page one again.
     pub resume: Option<Resume>,
+    /// Whether the path is itself a parameter (shadowed: shown as `@value`),
+    /// when a listing of its parent said so.
+    pub own_parameter: Option<bool>,
 }
 
 #[derive(Debug, Clone)]
@@ -258,12 +261,14 @@ impl Cache {
         complete: bool,
         children: BTreeMap<String, ChildKind>,
         resume: Option<Resume>,
+        own_parameter: Option<bool>,
     ) -> DirEntry {
         let entry = DirEntry {
             complete,
             children: Arc::new(children),
             validity: self.validity(self.config.ttl),
             resume,
+            own_parameter,
         };
         let mut inner = self.inner.lock().unwrap();
         inner.dirs.put(path.to_string(), entry.clone());

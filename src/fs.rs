@@ -378,11 +378,20 @@ impl<S: ParameterStore> Fs<S> {
         }
         let listing = self.listing(&node.name).await?;
         let area = self.area_of(ino);
-        let shadowed = self
-            .cache
-            .value(&node.name)
-            .is_some_and(|e| e.parameter().is_some());
-        if shadowed && ino != ROOT_INO && area.is_none() {
+        let shows_own_value = ino != ROOT_INO && area.is_none();
+        let shadowed = shows_own_value
+            && match self.cache.value(&node.name) {
+                Some(entry) => entry.parameter().is_some(),
+                None => match listing.own_parameter {
+                    Some(known) => known,
+                    // Unknown: one GetParameter, the "+1" of a listing's cost.
+                    None => self
+                        .value(&node.name)
+                        .await
+                        .is_ok_and(|e| e.parameter().is_some()),
+                },
+            };
+        if shadowed {
             items.push(DirItem {
                 ino: self.item_ino(&node.name, Role::ShadowedValue),
                 kind: FileKind::File,
@@ -827,15 +836,17 @@ impl<S: ParameterStore> Fs<S> {
         }
         let own = dirs.remove(path).unwrap_or_default();
         if complete {
+            let parameters: HashSet<&str> = names.iter().map(String::as_str).collect();
             for (dir, children) in dirs {
-                self.record_dir(&dir, children, None);
+                let own_parameter = Some(parameters.contains(dir.as_str()));
+                self.record_dir(&dir, children, None, own_parameter);
             }
         }
         let resume = next_token.map(|next_token| Resume {
             next_token,
             names: Arc::new(names),
         });
-        self.record_dir(path, own, resume)
+        self.record_dir(path, own, resume, None)
     }
 
     fn record_dir(
@@ -843,8 +854,11 @@ impl<S: ParameterStore> Fs<S> {
         path: &str,
         children: BTreeMap<String, ChildKind>,
         resume: Option<Resume>,
+        own_parameter: Option<bool>,
     ) -> DirEntry {
         let complete = resume.is_none();
+        let own_parameter =
+            own_parameter.or_else(|| self.cache.dir(path).and_then(|d| d.own_parameter));
         if complete {
             self.probes_by_dir.lock().unwrap().remove(path);
             if let Some(old) = self.cache.dir(path).filter(|d| d.complete) {
@@ -869,7 +883,8 @@ impl<S: ParameterStore> Fs<S> {
                 }
             }
         }
-        self.cache.put_dir(path, complete, children, resume)
+        self.cache
+            .put_dir(path, complete, children, resume, own_parameter)
     }
 
     // ----- attributes -----

@@ -661,3 +661,85 @@ async fn the_airflow_layout_maps_folders_to_prefixes_and_filters_keys() {
         libc::ENOENT
     );
 }
+
+mod model {
+    //! A random tree served from the in-memory store equals a model of it when
+    //! walked through the core (listing every directory, reading every file).
+
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    /// What the tree should look like: path below the mount -> file contents.
+    /// A name that also has parameters below it is a directory whose own value
+    /// is `@value` inside it (directory wins).
+    fn expected(params: &BTreeMap<String, Vec<u8>>) -> BTreeMap<String, Vec<u8>> {
+        let mut out = BTreeMap::new();
+        for (name, value) in params {
+            let relative = name.strip_prefix("/m/").unwrap().to_string();
+            let prefix = format!("{name}/");
+            let shadowed = params.keys().any(|other| other.starts_with(&prefix));
+            let path = if shadowed {
+                format!("{relative}/@value")
+            } else {
+                relative
+            };
+            out.insert(path, value.clone());
+        }
+        out
+    }
+
+    async fn walk_all(fs: &TestFs, ino: u64, path: String, out: &mut BTreeMap<String, Vec<u8>>) {
+        let handle = fs.opendir(ino).await.unwrap();
+        let items = fs.readdir(handle, 0).unwrap();
+        fs.releasedir(handle);
+        for (_, item) in items
+            .into_iter()
+            .filter(|(_, i)| i.name != "." && i.name != "..")
+        {
+            let child = if path.is_empty() {
+                item.name.clone()
+            } else {
+                format!("{path}/{}", item.name)
+            };
+            let entry = fs.lookup(ino, OsStr::new(&item.name)).await.unwrap();
+            assert_eq!(entry.attr.kind, item.kind, "{child}");
+            if item.kind == FileKind::Dir {
+                Box::pin(walk_all(fs, entry.attr.ino, child, out)).await;
+            } else {
+                let data = fs.read(entry.attr.ino, 0, 1 << 16).await.unwrap();
+                assert_eq!(data.bytes().len() as u64, entry.attr.size);
+                out.insert(child, data.bytes().to_vec());
+            }
+        }
+    }
+
+    fn tree() -> impl Strategy<Value = BTreeMap<String, Vec<u8>>> {
+        let segment = prop::sample::select(vec!["a", "b", "c", "x.y", "_z", "a-1"]);
+        let name = prop::collection::vec(segment, 1..5).prop_map(|s| format!("/m/{}", s.join("/")));
+        let value = prop::collection::vec(any::<u8>(), 0..64);
+        prop::collection::btree_map(name, value, 1..40)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn a_random_tree_walks_as_modelled(params in tree(), small_cache in any::<bool>()) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let store = MemoryStore::new();
+                for (name, value) in &params {
+                    store.put(name, value.clone(), ParameterKind::String);
+                }
+                let mut config = config("/m");
+                if small_cache {
+                    config.cache.max_entries = 3;
+                }
+                let (fs, _inval) = mount(store, config);
+                let mut seen = BTreeMap::new();
+                walk_all(&fs, ROOT_INO, String::new(), &mut seen).await;
+                assert_eq!(seen, expected(&params));
+            });
+        }
+    }
+}
