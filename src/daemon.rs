@@ -219,24 +219,44 @@ impl Mounted {
     }
 }
 
+/// The signals that stop or refresh the daemon. Installed before the mount
+/// exists, so a SIGTERM sent the moment a supervisor sees the mount (or READY=1)
+/// is handled as a clean stop rather than killing the process mid-setup.
+pub struct StopSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Must run inside the tokio runtime.
+    pub fn install() -> Result<Self, String> {
+        let install =
+            |kind| signal(kind).map_err(|e| format!("cannot install signal handlers: {e}"));
+        Ok(Self {
+            terminate: install(SignalKind::terminate())?,
+            interrupt: install(SignalKind::interrupt())?,
+            hangup: install(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// Serves until the mount ends or a signal asks us to stop. SIGHUP drops caches.
 pub async fn serve_until_stopped<S: ParameterStore>(
     fs: Arc<Fs<S>>,
     mounted: &Mounted,
-) -> Result<&'static str, String> {
-    let mut terminate = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-    let mut hangup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    mut signals: StopSignals,
+) -> &'static str {
     let mut poll = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
-            _ = terminate.recv() => return Ok("SIGTERM"),
-            _ = interrupt.recv() => return Ok("SIGINT"),
-            _ = hangup.recv() => {
+            _ = signals.terminate.recv() => return "SIGTERM",
+            _ = signals.interrupt.recv() => return "SIGINT",
+            _ = signals.hangup.recv() => {
                 tracing::info!("SIGHUP: dropping every cached value and listing");
                 fs.drop_caches();
             }
-            _ = poll.tick() => if mounted.is_finished() { return Ok("unmounted") },
+            _ = poll.tick() => if mounted.is_finished() { return "unmounted" },
         }
     }
 }

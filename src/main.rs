@@ -71,6 +71,10 @@ fn run(
         .thread_name("ssmfs-worker")
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    let signals = {
+        let _in_runtime = runtime.enter();
+        daemon::StopSignals::install()?
+    };
     let metrics = daemon::new_metrics();
     let store = runtime.block_on(SsmStore::connect(&settings.aws));
     let store = Resilient::new(store, settings.fs.request.clone(), metrics.clone());
@@ -95,7 +99,7 @@ fn run(
     tracing::info!(prefix = %prefix, mountpoint = %mount_settings.mountpoint.display(), "mounted");
     readiness.ready();
     readiness.detach_stdio();
-    let reason = runtime.block_on(daemon::serve_until_stopped(fs, &mounted))?;
+    let reason = runtime.block_on(daemon::serve_until_stopped(fs, &mounted, signals));
     daemon::sd_notify("STOPPING=1");
     tracing::info!(reason, "unmounting");
     mounted.unmount();
