@@ -13,7 +13,8 @@ pidfile="$run/moto-$port.pid"
 case "$action" in
 start)
     [ -x .venv/bin/moto_server ] || scripts/setup.sh
-    if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null \
+        && curl -sf -o /dev/null "http://127.0.0.1:$port/moto-api/"; then
         echo "http://127.0.0.1:$port"; exit 0
     fi
     nohup .venv/bin/moto_server -H 127.0.0.1 -p "$port" >"$run/moto-$port.log" 2>&1 &

@@ -184,6 +184,41 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
         reply.ok();
     }
 
+    // Nothing is ever dirty. ENOSYS (rather than fuser's default, which also
+    // logs a warning per call) makes the kernel stop sending these at all.
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let files = self.fs.gauges().inodes as u64;
         reply.statfs(0, 0, 0, files, 0, 4096, 255, 4096);
