@@ -258,26 +258,66 @@ fn mount_t_fuse_ssmfs_works_through_mount_fuse3() {
     result.unwrap();
 }
 
+/// The shipped unit's ExecStart and example environment file, as systemd would
+/// expand them: `${VAR}` from the file (single quotes stripped), the mount point
+/// (last argument) and --foreground left to the harness.
+fn shipped_unit_command_line() -> (Vec<String>, Vec<(String, String)>) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/systemd");
+    let unit = std::fs::read_to_string(root.join("ssmfs-airflow.service")).unwrap();
+    let env_file = std::fs::read_to_string(root.join("ssmfs-airflow.env")).unwrap();
+    let env: Vec<(String, String)> = env_file
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#') && l.contains('='))
+        .map(|l| {
+            let (key, value) = l.split_once('=').unwrap();
+            (key.to_string(), value.trim_matches('\'').to_string())
+        })
+        .collect();
+    let exec_start = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("the unit has an ExecStart");
+    let mut args: Vec<String> = exec_start
+        .split_whitespace()
+        .skip(1)
+        .map(|word| {
+            env.iter().fold(word.to_string(), |w, (k, v)| {
+                w.replace(&format!("${{{k}}}"), v)
+            })
+        })
+        .filter(|a| a != "--foreground")
+        .collect();
+    assert_eq!(args.pop().as_deref(), Some("/mnt/airflow"));
+    (args, env)
+}
+
 #[test]
-fn systemd_hears_ready_and_stopping() {
+fn the_shipped_systemd_unit_mounts_and_speaks_sd_notify() {
     if !have_fuse_and_moto() {
         return;
     }
     let moto = Moto::start();
+    let rt = runtime();
+    let client = client(&rt, &moto.endpoint);
+    seed_airflow(&rt, &client);
+    let (args, env) = shipped_unit_command_line();
     let dir = tempfile::tempdir().unwrap();
     let socket_path = dir.path().join("notify");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     socket
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let mut mount = Mount::start_with(
-        &moto.endpoint,
-        &["/sd"],
-        &[("NOTIFY_SOCKET", socket_path.to_str().unwrap())],
-    );
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    env.push(("NOTIFY_SOCKET", socket_path.to_str().unwrap()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut mount = Mount::start_with(&moto.endpoint, &args, &env);
     let mut buf = [0u8; 256];
     let n = socket.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"READY=1");
+    let secret = mount.path().join("variables/my_var");
+    assert_eq!(std::fs::read(&secret).unwrap(), b"variable-value");
+    let (_, out, _) = run("stat", &["-c", "%u %g %a", secret.to_str().unwrap()]);
+    assert_eq!(out.trim(), "50000 50000 400", "owned by AIRFLOW_UID/GID");
     assert!(mount.signal(libc::SIGTERM).success());
     let n = socket.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"STOPPING=1");
