@@ -90,10 +90,26 @@ pub fn lazy_unmount(path: &Path) -> std::io::Result<()> {
     let c_path = CString::new(path.as_os_str().as_bytes())?;
     // SAFETY: a valid NUL-terminated path.
     if unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
+        return Ok(());
     }
+    let error = std::io::Error::last_os_error();
+    if error.raw_os_error() != Some(libc::EPERM) {
+        return Err(error);
+    }
+    // Not root: the setuid helper that mounted it may unmount it for us.
+    for helper in ["fusermount3", "fusermount"] {
+        match std::process::Command::new(helper)
+            .args(["-u", "-z", "--"])
+            .arg(path)
+            .stderr(std::process::Stdio::null())
+            .status()
+        {
+            Ok(status) if status.success() => return Ok(()),
+            Ok(_) => return Err(error),
+            Err(_) => continue,
+        }
+    }
+    Err(error)
 }
 
 /// A live mount: the session thread and what is needed to end it.

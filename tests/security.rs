@@ -217,3 +217,81 @@ fn hostile_names_and_sizes_get_the_right_answer_and_the_daemon_stays_up() {
         "still serving"
     );
 }
+
+#[test]
+fn a_dedicated_unprivileged_user_can_run_the_daemon() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    assert!(
+        require(
+            std::path::Path::new("/usr/bin/fusermount3").exists(),
+            "fusermount3 (Debian package fuse3)"
+        ),
+        "fusermount3 is needed"
+    );
+    let moto = Moto::start();
+    let rt = runtime();
+    let client = client(&rt, &moto.endpoint);
+    put(
+        &rt,
+        &client,
+        "/unpriv/secret",
+        "served-by-nobody",
+        ParameterType::SecureString,
+    );
+    // Distributions make /dev/fuse 0666 and let the setuid fusermount3 do the
+    // mount(2); some containers ship it 0600, so open it up as a host would.
+    use std::os::unix::fs::PermissionsExt;
+    let dev_mode = std::fs::metadata("/dev/fuse").unwrap().permissions().mode();
+    std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(0o666)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let binary = dir.path().join("ssmfs");
+    std::fs::copy(env!("CARGO_BIN_EXE_ssmfs"), &binary).unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    std::os::unix::fs::chown(&mnt, Some(65534), Some(65534)).unwrap();
+    let log = dir.path().join("log");
+    let mut child = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&binary)
+        .args(["--foreground", "--endpoint-url", &moto.endpoint, "/unpriv"])
+        .arg(&mnt)
+        .envs(aws_env())
+        .env("HOME", dir.path())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let result = std::panic::catch_unwind(|| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !ssmfs::daemon::is_mount_point(&mnt) {
+            assert!(
+                std::time::Instant::now() < deadline && child_alive(child.id()),
+                "not mounted: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let file = mnt.join("secret");
+        let (code, out, err) = cat_as(65534, &file);
+        assert_eq!((code, out.as_str()), (0, "served-by-nobody"), "{err}");
+        // Not even root enters a mount that did not allow it.
+        let denied = std::fs::read(&file).unwrap_err();
+        assert_eq!(denied.raw_os_error(), Some(libc::EACCES));
+    });
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let still_mounted = ssmfs::daemon::is_mount_point(&mnt);
+    if still_mounted {
+        let _ = ssmfs::daemon::lazy_unmount(&mnt);
+    }
+    std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(dev_mode)).unwrap();
+    result.unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!still_mounted, "SIGTERM must unmount through fusermount3");
+}
+
+fn child_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
