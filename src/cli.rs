@@ -217,7 +217,30 @@ impl CliArgs {
     /// Parses the process arguments, exiting with clap's message on error.
     pub fn parse_with_mount_options() -> Self {
         match expand_mount_options(std::env::args_os().collect()) {
-            Ok(args) => CliArgs::parse_from(args),
+            Ok(args) => CliArgs::try_parse_from(args).unwrap_or_else(|error| {
+                use clap::error::ErrorKind;
+                if matches!(
+                    error.kind(),
+                    ErrorKind::DisplayHelp
+                        | ErrorKind::DisplayVersion
+                        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                ) {
+                    error.exit();
+                }
+                // One line naming the problem, instead of clap's three.
+                let rendered = error.render().to_string();
+                let problem: Vec<&str> = rendered
+                    .lines()
+                    .take_while(|line| !line.trim().is_empty())
+                    .map(str::trim)
+                    .collect();
+                let problem = problem.join(" ");
+                eprintln!(
+                    "ssmfs: {} (see ssmfs --help)",
+                    problem.strip_prefix("error: ").unwrap_or(&problem)
+                );
+                std::process::exit(2);
+            }),
             Err(message) => {
                 eprintln!("ssmfs: {message}");
                 std::process::exit(2);
@@ -230,13 +253,22 @@ impl CliArgs {
             (Some(json), _) => Some(("--airflow-kwargs", json.clone())),
             (None, true) => Some((
                 "--airflow (AIRFLOW__SECRETS__BACKEND_KWARGS)",
-                std::env::var("AIRFLOW__SECRETS__BACKEND_KWARGS").unwrap_or_else(|_| "{}".into()),
+                std::env::var("AIRFLOW__SECRETS__BACKEND_KWARGS").unwrap_or_default(),
             )),
             (None, false) => None,
         };
         let mut warnings = Vec::new();
         let (prefix, mountpoint, airflow) = match (&airflow_json, self.positional.as_slice()) {
             (Some((flag, json)), [mountpoint]) => {
+                let json = if json.trim().is_empty() {
+                    // Airflow itself falls back to its default prefixes here.
+                    warnings.push(format!(
+                        "{flag}: not set or empty; using Airflow's default prefixes"
+                    ));
+                    "{}"
+                } else {
+                    json.as_str()
+                };
                 let airflow = airflow::parse(json).map_err(|e| format!("{flag}: {e}"))?;
                 if !airflow.ignored_keys.is_empty() {
                     warnings.push(format!(

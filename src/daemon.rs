@@ -155,6 +155,18 @@ pub fn mount<S: ParameterStore>(
         let fd = mount_fuse_as_root(settings).map_err(cannot)?;
         Session::from_fd(adapter, fd, config.acl, config.clone()).map_err(cannot)?
     } else {
+        // fuser gives up (rather than trying fusermount3) when it cannot open
+        // the device, so say what is wrong instead of a bare EACCES.
+        if let Err(e) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")
+        {
+            return Err(format!(
+                "cannot open /dev/fuse as a non-root user: {e} (distributions make it mode 0666; \
+                 check `ls -l /dev/fuse`, or run as root)"
+            ));
+        }
         Session::new(adapter, &settings.mountpoint, &config).map_err(cannot)?
     };
     run_invalidations(session.notifier(), invalidations);

@@ -50,10 +50,14 @@ fn main() -> ExitCode {
     for warning in &settings.warnings {
         tracing::warn!("{warning}");
     }
+    // When the log is stderr, the one-line message below already says it.
+    let log_is_stderr = settings.foreground && settings.log_file.is_none();
     match run(settings, mountpoint, &mut readiness) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            tracing::error!("{message}");
+            if !log_is_stderr {
+                tracing::error!("{message}");
+            }
             readiness.failed(&message);
             eprintln!("ssmfs: {message}");
             ExitCode::from(1)
@@ -76,7 +80,7 @@ fn run(
         daemon::StopSignals::install()?
     };
     let metrics = daemon::new_metrics();
-    let store = runtime.block_on(SsmStore::connect(&settings.aws));
+    let store = runtime.block_on(SsmStore::connect(&settings.aws))?;
     let store = Resilient::new(store, settings.fs.request.clone(), metrics.clone());
     let prefix = settings.fs.prefix.clone();
     let (fs, invalidations) = Fs::new(store, settings.fs, metrics);

@@ -465,8 +465,32 @@ fn bad_command_lines_exit_non_zero_with_one_line_and_mount_nothing() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} succeeded");
         assert!(err.contains(expected), "{args:?}: {err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{args:?}: one line: {err}"
+        );
         assert!(!ssmfs::daemon::is_mount_point(dir.path()));
     }
+    // No region anywhere: refused before mounting, not a mount whose reads all fail.
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["-f", "/a"])
+        .arg(&empty)
+        .envs(aws_env().into_iter().filter(|(k, _)| *k != "AWS_REGION"))
+        .env_remove("AWS_REGION")
+        .env_remove("AWS_DEFAULT_REGION")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no AWS region"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(!ssmfs::daemon::is_mount_point(&empty));
+    std::fs::remove_dir(&empty).unwrap();
     std::fs::remove_file(&file).unwrap();
     std::fs::write(dir.path().join("keep"), "x").unwrap();
     let out = std::process::Command::new(bin)

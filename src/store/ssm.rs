@@ -38,7 +38,9 @@ pub struct SsmStore {
 }
 
 impl SsmStore {
-    pub async fn connect(options: &AwsOptions) -> Self {
+    /// Loads credentials and region; fails (before anything is mounted) when no
+    /// region can be found, since every read would fail otherwise.
+    pub async fn connect(options: &AwsOptions) -> Result<Self, String> {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .retry_config(RetryConfig::disabled())
             .timeout_config(
@@ -57,6 +59,13 @@ impl SsmStore {
             loader = loader.endpoint_url(url);
         }
         let sdk_config = loader.load().await;
+        if sdk_config.region().is_none() {
+            return Err(
+                "no AWS region: pass --region (or region_name in the Airflow kwargs), \
+                 set AWS_REGION, or give the profile a region"
+                    .to_string(),
+            );
+        }
         let mut ssm_config = aws_sdk_ssm::config::Builder::from(&sdk_config);
         if let Some(role_arn) = &options.role_arn {
             // AssumeRoleProvider caches the session and refreshes it before expiry.
@@ -67,10 +76,10 @@ impl SsmStore {
                 .await;
             ssm_config = ssm_config.credentials_provider(provider);
         }
-        Self {
+        Ok(Self {
             client: Client::from_conf(ssm_config.build()),
             decrypt: !options.no_decrypt,
-        }
+        })
     }
 }
 
