@@ -35,6 +35,15 @@ impl<S: ParameterStore> FuseAdapter<S> {
         Self { fs, runtime }
     }
 
+    /// Records a request answered on the FUSE thread itself, when dropped.
+    fn timer(&self, operation: &'static str) -> RequestTimer<'_> {
+        RequestTimer {
+            metrics: self.fs.metrics(),
+            operation,
+            started: Instant::now(),
+        }
+    }
+
     /// Runs `work` on the runtime and records the request's latency.
     fn spawn<F, Fut>(&self, operation: &'static str, work: F)
     where
@@ -48,6 +57,19 @@ impl<S: ParameterStore> FuseAdapter<S> {
             task.await;
             metrics.fuse_request(operation, started.elapsed());
         });
+    }
+}
+
+struct RequestTimer<'a> {
+    metrics: &'a Arc<crate::metrics::Metrics>,
+    operation: &'static str,
+    started: Instant,
+}
+
+impl Drop for RequestTimer<'_> {
+    fn drop(&mut self) {
+        self.metrics
+            .fuse_request(self.operation, self.started.elapsed());
     }
 }
 
@@ -100,6 +122,7 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let _timer = self.timer("forget");
         self.fs.forget(ino.0, nlookup);
     }
 
@@ -113,6 +136,7 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
     }
 
     fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _timer = self.timer("open");
         // No-open mode: the kernel stops sending OPEN/RELEASE and keeps its page
         // cache across opens; a warm open+read+close then never reaches us.
         reply.error(Errno::ENOSYS);
@@ -154,6 +178,7 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _timer = self.timer("readdir");
         match self.fs.readdir(fh.0, offset) {
             Ok(items) => {
                 for (next_offset, item) in items {
@@ -180,6 +205,7 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.timer("releasedir");
         self.fs.releasedir(fh.0);
         reply.ok();
     }
@@ -194,6 +220,7 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.timer("flush");
         reply.error(Errno::ENOSYS);
     }
 
@@ -205,6 +232,7 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.timer("fsync");
         reply.error(Errno::ENOSYS);
     }
 
@@ -216,14 +244,19 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.timer("fsyncdir");
         reply.error(Errno::ENOSYS);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _timer = self.timer("statfs");
         let files = self.fs.gauges().inodes as u64;
         reply.statfs(0, 0, 0, files, 0, 4096, 255, 4096);
     }
 
+    // No extended attributes. ENOSYS makes the kernel answer EOPNOTSUPP itself
+    // from then on; `ls -l` asks for two per file (SELinux label, ACL), which
+    // would otherwise be two daemon round trips per file on every listing.
     fn getxattr(
         &self,
         _req: &Request,
@@ -232,18 +265,17 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
         _size: u32,
         reply: ReplyXattr,
     ) {
-        reply.error(Errno::NO_XATTR);
+        let _timer = self.timer("getxattr");
+        reply.error(Errno::ENOSYS);
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 {
-            reply.size(0)
-        } else {
-            reply.data(&[])
-        }
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        let _timer = self.timer("listxattr");
+        reply.error(Errno::ENOSYS);
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        let _timer = self.timer("access");
         // default_permissions: the kernel checks modes itself.
         reply.ok();
     }
@@ -268,6 +300,7 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _timer = self.timer("setattr");
         reply.error(Errno::EROFS);
     }
 
@@ -281,6 +314,7 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _timer = self.timer("mknod");
         reply.error(Errno::EROFS);
     }
 
@@ -293,14 +327,17 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        let _timer = self.timer("mkdir");
         reply.error(Errno::EROFS);
     }
 
     fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        let _timer = self.timer("unlink");
         reply.error(Errno::EROFS);
     }
 
     fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        let _timer = self.timer("rmdir");
         reply.error(Errno::EROFS);
     }
 
@@ -312,6 +349,7 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
         _target: &std::path::Path,
         reply: ReplyEntry,
     ) {
+        let _timer = self.timer("symlink");
         reply.error(Errno::EROFS);
     }
 
@@ -325,6 +363,7 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
         _flags: fuser::RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.timer("rename");
         reply.error(Errno::EROFS);
     }
 
@@ -336,6 +375,7 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
         _newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _timer = self.timer("link");
         reply.error(Errno::EROFS);
     }
 
@@ -351,6 +391,7 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let _timer = self.timer("write");
         reply.error(Errno::EROFS);
     }
 
@@ -364,6 +405,7 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        let _timer = self.timer("create");
         reply.error(Errno::EROFS);
     }
 
@@ -377,10 +419,12 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.timer("setxattr");
         reply.error(Errno::EROFS);
     }
 
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        let _timer = self.timer("removexattr");
         reply.error(Errno::EROFS);
     }
 
@@ -394,6 +438,7 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
         _mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.timer("fallocate");
         reply.error(Errno::EROFS);
     }
 }

@@ -522,3 +522,82 @@ mod base64_like {
         out
     }
 }
+
+/// FUSE requests by operation, from the daemon's own metrics.
+fn fuse_requests(addr: &str) -> std::collections::BTreeMap<String, u64> {
+    let (code, body, _) = run("curl", &["-sf", &format!("http://{addr}/metrics")]);
+    assert_eq!(code, 0);
+    body.lines()
+        .filter_map(|l| l.strip_prefix("ssmfs_fuse_request_seconds_count{operation=\""))
+        .map(|rest| {
+            let (op, count) = rest.split_once("\"} ").unwrap();
+            (op.to_string(), count.parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn warm_reads_and_listings_stay_in_the_kernel() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let rt = runtime();
+    let client = client(&rt, &moto.endpoint);
+    for i in 0..30 {
+        put(
+            &rt,
+            &client,
+            &format!("/warm/dir/p{i:02}"),
+            &format!("value-{i}"),
+            ParameterType::SecureString,
+        );
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mount = Mount::start(&moto.endpoint, "/warm", &["--metrics-addr", &addr]);
+    let dir = mount.path().join("dir");
+    let dir_arg = dir.to_str().unwrap();
+    let files: Vec<String> = (0..30)
+        .map(|i| dir.join(format!("p{i:02}")).to_str().unwrap().to_string())
+        .collect();
+    let mut cat_args: Vec<&str> = files.iter().map(String::as_str).collect();
+    for _ in 0..2 {
+        assert_eq!(run("ls", &["-l", dir_arg]).0, 0);
+        assert_eq!(run("cat", &cat_args).0, 0);
+    }
+    let before = fuse_requests(&addr);
+    for _ in 0..3 {
+        assert_eq!(run("ls", &["-l", dir_arg]).0, 0);
+        cat_args.push(files[0].as_str());
+        let (code, out, _) = run("cat", &cat_args);
+        assert_eq!(code, 0);
+        assert!(out.starts_with("value-0value-1"), "{out}");
+        let (code, _, _) = run("stat", &[files[5].as_str()]);
+        assert_eq!(code, 0);
+    }
+    let after = fuse_requests(&addr);
+    let made = |op: &str| after.get(op).unwrap_or(&0) - before.get(op).unwrap_or(&0);
+    // Listing the directory itself still asks the daemon (opendir/readdir);
+    // nothing per file does: no lookups, attributes, reads or xattrs.
+    for op in [
+        "lookup",
+        "getattr",
+        "read",
+        "getxattr",
+        "listxattr",
+        "open",
+        "flush",
+    ] {
+        assert_eq!(
+            made(op),
+            0,
+            "{op} requests while warm: {before:?} -> {after:?}"
+        );
+    }
+    assert!(made("readdir") <= 6, "{before:?} -> {after:?}");
+}
