@@ -89,6 +89,8 @@ async fn main() {
     }
     drop(items);
     assert!(fs.cached_values() >= count, "every value is cached");
+    // What the daemon's periodic trim (heap::TRIM_EVERY) does.
+    ssmfs::heap::release_freed();
     let grown = resident_kib().saturating_sub(before);
     let heap_per_parameter = live().saturating_sub(heap0) / count;
     println!("{count} {grown} {heap_per_parameter}");

@@ -276,8 +276,10 @@ pub async fn serve_until_stopped<S: ParameterStore>(
     mut signals: StopSignals,
 ) -> &'static str {
     let mut poll = tokio::time::interval(Duration::from_millis(200));
+    let mut trim = tokio::time::interval(crate::heap::TRIM_EVERY);
     loop {
         tokio::select! {
+            _ = trim.tick() => crate::heap::release_freed(),
             _ = signals.terminate.recv() => return "SIGTERM",
             _ = signals.interrupt.recv() => return "SIGINT",
             _ = signals.hangup.recv() => {

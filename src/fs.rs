@@ -464,6 +464,7 @@ impl<S: ParameterStore> Fs<S> {
     /// Drops every cached answer, here and in the kernel (SIGHUP).
     pub fn drop_caches(&self) {
         self.cache.clear();
+        crate::heap::release_freed();
         for node in self.inodes.all() {
             if node.ino != ROOT_INO {
                 self.send(Invalidation::Entry {
@@ -757,7 +758,12 @@ impl<S: ParameterStore> Fs<S> {
             parameters.extend(page.parameters);
             token = page.next_token;
             if token.is_none() {
-                return Ok(self.record_listing(path, names, parameters, None));
+                let many = names.len() >= crate::heap::TRIM_AFTER_LISTING_OF;
+                let listed = self.record_listing(path, names, parameters, None);
+                if many {
+                    crate::heap::release_freed();
+                }
+                return Ok(listed);
             }
         }
     }

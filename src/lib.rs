@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod error;
 pub mod fs;
 pub mod fuse;
+pub mod heap;
 pub mod inode;
 pub mod metrics;
 pub mod names;
