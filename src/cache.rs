@@ -53,6 +53,9 @@ pub struct Validity {
     refresh_after_ms: u32,
     expires_after_ms: u32,
     stale_after_ms: u32,
+    /// Set once a stale serve of this entry has been logged (it fits in the
+    /// padding here; in the entry it would cost 8 bytes).
+    pub stale_logged: bool,
 }
 
 fn millis(duration: Duration) -> u32 {
@@ -71,6 +74,7 @@ impl Validity {
             refresh_after_ms: millis(refresh_in),
             expires_after_ms: millis(expires_in),
             stale_after_ms: millis(stale_in),
+            stale_logged: false,
         }
     }
 
@@ -129,8 +133,6 @@ pub struct ValueEntry {
     /// The version this entry replaced, kept for readers mid-rotation.
     pub previous: Option<Arc<Parameter>>,
     pub validity: Validity,
-    /// Set once a stale serve of this entry has been logged.
-    pub stale_logged: bool,
 }
 
 impl ValueEntry {
@@ -156,7 +158,7 @@ impl ValueEntry {
 pub struct DirEntry {
     /// True when every parameter below the path was listed.
     pub complete: bool,
-    pub children: Arc<BTreeMap<String, ChildKind>>,
+    pub children: Arc<BTreeMap<Box<str>, ChildKind>>,
     pub validity: Validity,
     /// For a partial listing: where the next page starts and the names seen so
     /// far, so a full listing continues instead of reading page one again.
@@ -169,7 +171,7 @@ pub struct DirEntry {
 #[derive(Debug, Clone)]
 pub struct Resume {
     pub next_token: String,
-    pub names: Arc<Vec<String>>,
+    pub names: Arc<Vec<Arc<str>>>,
 }
 
 impl DirEntry {
@@ -188,7 +190,8 @@ pub enum Change {
 }
 
 struct Inner {
-    values: LruCache<String, ValueEntry>,
+    /// Keyed by the parameter's own name when present (one shared copy).
+    values: LruCache<Arc<str>, ValueEntry>,
     value_bytes: usize,
     dirs: LruCache<String, DirEntry>,
 }
@@ -240,6 +243,13 @@ impl Cache {
         self.inner.lock().unwrap().values.get(name).cloned()
     }
 
+    /// The cache's copy of `name`, for others to share instead of copying it.
+    pub fn shared_name(&self, name: &str) -> Option<Arc<str>> {
+        let inner = self.inner.lock().unwrap();
+        let parameter = inner.values.peek(name)?.parameter()?;
+        (&*parameter.name == name).then(|| parameter.name.clone())
+    }
+
     pub fn dir(&self, path: &str) -> Option<DirEntry> {
         self.inner.lock().unwrap().dirs.get(path).cloned()
     }
@@ -266,10 +276,13 @@ impl Cache {
             known,
             previous,
             validity,
-            stale_logged: false,
         };
         inner.value_bytes += entry.bytes(name);
-        inner.values.put(name.to_string(), entry.clone());
+        let key = match entry.parameter() {
+            Some(parameter) if &*parameter.name == name => parameter.name.clone(),
+            _ => Arc::from(name),
+        };
+        inner.values.put(key, entry.clone());
         self.enforce_bounds(&mut inner);
         (change, entry)
     }
@@ -283,8 +296,8 @@ impl Cache {
             return false;
         };
         entry.validity.recheck_at(Instant::now() + recheck_in);
-        let first = !entry.stale_logged;
-        entry.stale_logged = true;
+        let first = !entry.validity.stale_logged;
+        entry.validity.stale_logged = true;
         first
     }
 
@@ -299,7 +312,7 @@ impl Cache {
         &self,
         path: &str,
         complete: bool,
-        children: BTreeMap<String, ChildKind>,
+        children: BTreeMap<Box<str>, ChildKind>,
         resume: Option<Resume>,
         own_parameter: Option<bool>,
     ) -> DirEntry {
@@ -399,7 +412,7 @@ mod tests {
             name: name.into(),
             value: SecretBytes::new(value.as_bytes().to_vec()),
             version,
-            last_modified: SystemTime::now(),
+            last_modified: SystemTime::now().into(),
             kind: ParameterKind::String,
         }))
     }

@@ -290,7 +290,12 @@ impl<S: ParameterStore> Fs<S> {
                 })
             }
             Resolved::File(parameter, validity) => {
-                let ino = self.inodes.remember(parent_ino, &name, Role::File);
+                let ino = if *parameter.name == *name {
+                    self.inodes
+                        .remember_shared(parent_ino, &parameter.name, Role::File)
+                } else {
+                    self.inodes.remember(parent_ino, &name, Role::File)
+                };
                 Ok(self.file_entry(ino, &parameter, &validity))
             }
             Resolved::Missing => Err(FsError::NotFound),
@@ -411,7 +416,7 @@ impl<S: ParameterStore> Fs<S> {
             items.push(DirItem {
                 ino: self.item_ino(&name, role),
                 kind,
-                name: child.clone(),
+                name: child.to_string(),
             });
         }
         Ok(self.new_dir_handle(items))
@@ -748,7 +753,7 @@ impl<S: ParameterStore> Fs<S> {
     async fn read_pages(
         &self,
         path: &str,
-        mut names: Vec<String>,
+        mut names: Vec<Arc<str>>,
         mut token: Option<String>,
     ) -> Result<DirEntry, StoreError> {
         let mut parameters = Vec::new();
@@ -799,12 +804,12 @@ impl<S: ParameterStore> Fs<S> {
     fn record_listing(
         &self,
         path: &str,
-        names: Vec<String>,
+        names: Vec<Arc<str>>,
         fetched: Vec<Parameter>,
         next_token: Option<String>,
     ) -> DirEntry {
         let complete = next_token.is_none();
-        let mut dirs: BTreeMap<String, BTreeMap<String, ChildKind>> = BTreeMap::new();
+        let mut dirs: BTreeMap<String, BTreeMap<Box<str>, ChildKind>> = BTreeMap::new();
         dirs.insert(path.to_string(), BTreeMap::new());
         for name in &names {
             let Some(relative) = names::relative_to(path, name) else {
@@ -821,7 +826,7 @@ impl<S: ParameterStore> Fs<S> {
                 let slot = dirs
                     .entry(dir.clone())
                     .or_default()
-                    .entry(segment.to_string())
+                    .entry(Box::from(*segment))
                     .or_insert(kind);
                 if kind == ChildKind::Dir {
                     *slot = ChildKind::Dir; // directory wins
@@ -842,7 +847,7 @@ impl<S: ParameterStore> Fs<S> {
         }
         let own = dirs.remove(path).unwrap_or_default();
         if complete {
-            let parameters: HashSet<&str> = names.iter().map(String::as_str).collect();
+            let parameters: HashSet<&str> = names.iter().map(|n| &**n).collect();
             for (dir, children) in dirs {
                 let own_parameter = Some(parameters.contains(dir.as_str()));
                 self.record_dir(&dir, children, None, own_parameter);
@@ -858,7 +863,7 @@ impl<S: ParameterStore> Fs<S> {
     fn record_dir(
         &self,
         path: &str,
-        children: BTreeMap<String, ChildKind>,
+        children: BTreeMap<Box<str>, ChildKind>,
         resume: Option<Resume>,
         own_parameter: Option<bool>,
     ) -> DirEntry {
@@ -883,7 +888,7 @@ impl<S: ParameterStore> Fs<S> {
                     for name in changed {
                         self.send(Invalidation::Entry {
                             parent,
-                            name: name.clone(),
+                            name: name.to_string(),
                         });
                     }
                 }
@@ -928,7 +933,7 @@ impl<S: ParameterStore> Fs<S> {
                 ino,
                 kind: FileKind::File,
                 size: parameter.value.len() as u64,
-                mtime: parameter.last_modified,
+                mtime: parameter.last_modified.into(),
                 perm: self.config.file_mode,
                 uid: self.config.uid,
                 gid: self.config.gid,

@@ -8,7 +8,8 @@
 //! values: the cache bounds those.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::num::{NonZeroI64, NonZeroU64};
+use std::sync::{Arc, Mutex};
 
 pub const ROOT_INO: u64 = 1;
 
@@ -23,19 +24,75 @@ pub enum Role {
 #[derive(Debug, Clone)]
 pub struct Node {
     pub ino: u64,
-    /// The full SSM name (for the root, the mount prefix).
-    pub name: String,
+    /// The full SSM name (for the root, the mount prefix); shared with the
+    /// name index, so a node costs one copy of its name.
+    pub name: Arc<str>,
     pub role: Role,
     pub parent: u64,
-    lookups: u64,
     /// The value version whose size the kernel was last given.
     pub reported_version: Option<i64>,
 }
 
+/// The inodes of one name, by role. Indexing by name alone (not by name and
+/// role) lets lookups borrow a `&str` instead of building a key.
+#[derive(Debug, Default, Clone, Copy)]
+struct RoleInos {
+    dir: Option<NonZeroU64>,
+    file: Option<NonZeroU64>,
+    shadowed_value: Option<NonZeroU64>,
+}
+
+impl RoleInos {
+    fn slot(&mut self, role: Role) -> &mut Option<NonZeroU64> {
+        match role {
+            Role::Dir => &mut self.dir,
+            Role::File => &mut self.file,
+            Role::ShadowedValue => &mut self.shadowed_value,
+        }
+    }
+
+    fn get(mut self, role: Role) -> Option<u64> {
+        self.slot(role).map(NonZeroU64::get)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.dir.is_none() && self.file.is_none() && self.shadowed_value.is_none()
+    }
+}
+
+/// What the table stores per inode: `Node` without the number (the map's key)
+/// and with the version in 8 bytes (SSM versions start at 1).
+#[derive(Debug)]
+struct Record {
+    name: Arc<str>,
+    parent: u64,
+    lookups: u64,
+    reported_version: Option<NonZeroI64>,
+    role: Role,
+}
+
+impl Record {
+    fn node(&self, ino: u64) -> Node {
+        Node {
+            ino,
+            name: self.name.clone(),
+            role: self.role,
+            parent: self.parent,
+            reported_version: self.reported_version.map(NonZeroI64::get),
+        }
+    }
+}
+
 struct Table {
-    nodes: HashMap<u64, Node>,
-    by_key: HashMap<(String, Role), u64>,
+    nodes: HashMap<u64, Record>,
+    by_name: HashMap<Arc<str>, RoleInos>,
     next_ino: u64,
+}
+
+impl Table {
+    fn find(&self, name: &str, role: Role) -> Option<u64> {
+        self.by_name.get(name).and_then(|inos| inos.get(role))
+    }
 }
 
 pub struct InodeTable {
@@ -44,55 +101,79 @@ pub struct InodeTable {
 
 impl InodeTable {
     pub fn new(prefix: &str) -> Self {
-        let root = Node {
-            ino: ROOT_INO,
-            name: prefix.to_string(),
-            role: Role::Dir,
-            parent: ROOT_INO,
-            lookups: 1,
-            reported_version: None,
+        let mut table = Table {
+            nodes: HashMap::new(),
+            by_name: HashMap::new(),
+            next_ino: ROOT_INO,
         };
-        let mut nodes = HashMap::new();
-        nodes.insert(ROOT_INO, root);
-        let mut by_key = HashMap::new();
-        by_key.insert((prefix.to_string(), Role::Dir), ROOT_INO);
+        Self::insert(&mut table, ROOT_INO, prefix, None, Role::Dir);
         Self {
-            table: Mutex::new(Table {
-                nodes,
-                by_key,
-                next_ino: ROOT_INO + 1,
-            }),
+            table: Mutex::new(table),
         }
     }
 
-    pub fn get(&self, ino: u64) -> Option<Node> {
-        self.table.lock().unwrap().nodes.get(&ino).cloned()
-    }
-
-    /// The inode for `name` in `role`, created if needed, with one more kernel
-    /// reference (every successful lookup reply is one reference).
-    pub fn remember(&self, parent: u64, name: &str, role: Role) -> u64 {
-        let mut table = self.table.lock().unwrap();
-        let key = (name.to_string(), role);
-        if let Some(&ino) = table.by_key.get(&key) {
-            if let Some(node) = table.nodes.get_mut(&ino) {
-                node.lookups += 1;
-                return ino;
-            }
-        }
+    fn insert(
+        table: &mut Table,
+        parent: u64,
+        name: &str,
+        shared: Option<&Arc<str>>,
+        role: Role,
+    ) -> u64 {
         let ino = table.next_ino;
         table.next_ino += 1;
-        let node = Node {
-            ino,
-            name: name.to_string(),
+        let name: Arc<str> = match (table.by_name.get_key_value(name), shared) {
+            (Some((indexed, _)), _) => indexed.clone(),
+            (None, Some(shared)) => shared.clone(),
+            (None, None) => Arc::from(name),
+        };
+        *table.by_name.entry(name.clone()).or_default().slot(role) = NonZeroU64::new(ino);
+        let record = Record {
+            name,
             role,
             parent,
             lookups: 1,
             reported_version: None,
         };
-        table.nodes.insert(ino, node);
-        table.by_key.insert(key, ino);
+        table.nodes.insert(ino, record);
         ino
+    }
+
+    pub fn get(&self, ino: u64) -> Option<Node> {
+        self.table
+            .lock()
+            .unwrap()
+            .nodes
+            .get(&ino)
+            .map(|r| r.node(ino))
+    }
+
+    /// The inode for `name` in `role`, created if needed, with one more kernel
+    /// reference (every successful lookup reply is one reference).
+    pub fn remember(&self, parent: u64, name: &str, role: Role) -> u64 {
+        self.remember_sharing(parent, name, None, role)
+    }
+
+    /// Like `remember`, keeping the caller's copy of the name (a cached
+    /// parameter's) instead of making another.
+    pub fn remember_shared(&self, parent: u64, name: &Arc<str>, role: Role) -> u64 {
+        self.remember_sharing(parent, name, Some(name), role)
+    }
+
+    fn remember_sharing(
+        &self,
+        parent: u64,
+        name: &str,
+        shared: Option<&Arc<str>>,
+        role: Role,
+    ) -> u64 {
+        let mut table = self.table.lock().unwrap();
+        if let Some(ino) = table.find(name, role) {
+            if let Some(node) = table.nodes.get_mut(&ino) {
+                node.lookups += 1;
+                return ino;
+            }
+        }
+        Self::insert(&mut table, parent, name, shared, role)
     }
 
     /// An inode that lives as long as the mount (the Airflow area folders).
@@ -106,17 +187,12 @@ impl InodeTable {
 
     /// The inode of `name` in `role` if the kernel holds one.
     pub fn find(&self, name: &str, role: Role) -> Option<u64> {
-        self.table
-            .lock()
-            .unwrap()
-            .by_key
-            .get(&(name.to_string(), role))
-            .copied()
+        self.table.lock().unwrap().find(name, role)
     }
 
     pub fn set_reported_version(&self, ino: u64, version: Option<i64>) {
         if let Some(node) = self.table.lock().unwrap().nodes.get_mut(&ino) {
-            node.reported_version = version;
+            node.reported_version = version.and_then(NonZeroI64::new);
         }
     }
 
@@ -129,18 +205,27 @@ impl InodeTable {
             return;
         };
         node.lookups = node.lookups.saturating_sub(count);
-        if node.lookups == 0 {
-            let key = (node.name.clone(), node.role);
-            table.nodes.remove(&ino);
-            if table.by_key.get(&key) == Some(&ino) {
-                table.by_key.remove(&key);
+        if node.lookups > 0 {
+            return;
+        }
+        let Some(node) = table.nodes.remove(&ino) else {
+            return;
+        };
+        if let Some(inos) = table.by_name.get_mut(&*node.name) {
+            let slot = inos.slot(node.role);
+            if *slot == NonZeroU64::new(ino) {
+                *slot = None;
+            }
+            if inos.is_empty() {
+                table.by_name.remove(&*node.name);
             }
         }
     }
 
     /// A snapshot of every node the kernel holds.
     pub fn all(&self) -> Vec<Node> {
-        self.table.lock().unwrap().nodes.values().cloned().collect()
+        let table = self.table.lock().unwrap();
+        table.nodes.iter().map(|(ino, r)| r.node(*ino)).collect()
     }
 
     pub fn len(&self) -> usize {

@@ -55,10 +55,10 @@ impl MemoryStore {
         parameters.insert(
             name.to_string(),
             Parameter {
-                name: name.to_string(),
+                name: name.into(),
                 value: SecretBytes::new(value.into()),
                 version,
-                last_modified: SystemTime::now(),
+                last_modified: SystemTime::now().into(),
                 kind,
             },
         );
@@ -172,12 +172,12 @@ impl ParameterStore for MemoryStore {
                 .map(|(_, p)| p.clone())
                 .collect()
         };
-        let names: Vec<&str> = below.iter().map(|p| p.name.as_str()).collect();
+        let names: Vec<&str> = below.iter().map(|p| &*p.name).collect();
         self.enter(&self.list_page, &names).await?;
         let mut parameters = below;
         let next_token = if parameters.len() > max_results {
             parameters.truncate(max_results);
-            parameters.last().map(|p| p.name.clone())
+            parameters.last().map(|p| p.name.to_string())
         } else {
             None
         };

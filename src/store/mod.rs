@@ -28,11 +28,38 @@ pub enum ParameterKind {
 /// One parameter as SSM returned it. `Debug` is safe: the value redacts itself.
 #[derive(Debug, Clone)]
 pub struct Parameter {
-    pub name: String,
+    /// Shared with the cache's index, so a cached parameter holds its name once.
+    pub name: std::sync::Arc<str>,
     pub value: SecretBytes,
     pub version: i64,
-    pub last_modified: SystemTime,
+    pub last_modified: Modified,
     pub kind: ParameterKind,
+}
+
+/// LastModifiedDate in milliseconds since the epoch (SSM's own precision): 8
+/// bytes where `SystemTime` takes 16, which keeps a cached parameter in a
+/// smaller allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Modified(i64);
+
+impl From<SystemTime> for Modified {
+    fn from(time: SystemTime) -> Self {
+        match time.duration_since(SystemTime::UNIX_EPOCH) {
+            Ok(after) => Self(i64::try_from(after.as_millis()).unwrap_or(i64::MAX)),
+            Err(before) => Self(-i64::try_from(before.duration().as_millis()).unwrap_or(i64::MAX)),
+        }
+    }
+}
+
+impl From<Modified> for SystemTime {
+    fn from(modified: Modified) -> Self {
+        let millis = std::time::Duration::from_millis(modified.0.unsigned_abs());
+        if modified.0 >= 0 {
+            SystemTime::UNIX_EPOCH + millis
+        } else {
+            SystemTime::UNIX_EPOCH - millis
+        }
+    }
 }
 
 /// One page of a listing below a path.

@@ -94,10 +94,10 @@ fn convert(parameter: SdkParameter) -> Option<Parameter> {
         .and_then(|d| SystemTime::try_from(d).ok())
         .unwrap_or(SystemTime::UNIX_EPOCH);
     Some(Parameter {
-        name: parameter.name?,
+        name: parameter.name?.into(),
         value: SecretBytes::from_string(parameter.value.unwrap_or_default()),
         version: parameter.version,
-        last_modified,
+        last_modified: last_modified.into(),
         kind,
     })
 }
