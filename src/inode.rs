@@ -33,8 +33,9 @@ pub struct Node {
     pub reported_version: Option<i64>,
 }
 
-/// The inodes of one name, by role. Indexing by name alone (not by name and
-/// role) lets lookups borrow a `&str` instead of building a key.
+/// The further inodes of a name that has more than one role (a directory and
+/// its `@value`, or a file that became a directory while the kernel still
+/// holds the file). Indexing by name alone lets lookups borrow a `&str`.
 #[derive(Debug, Default, Clone, Copy)]
 struct RoleInos {
     dir: Option<NonZeroU64>,
@@ -85,13 +86,21 @@ impl Record {
 
 struct Table {
     nodes: HashMap<u64, Record>,
-    by_name: HashMap<Arc<str>, RoleInos>,
+    /// One inode per name covers nearly every name in 24 bytes a slot...
+    by_name: HashMap<Arc<str>, u64>,
+    /// ...and the few names with a second role are indexed here.
+    other_roles: HashMap<Arc<str>, RoleInos>,
     next_ino: u64,
 }
 
 impl Table {
     fn find(&self, name: &str, role: Role) -> Option<u64> {
-        self.by_name.get(name).and_then(|inos| inos.get(role))
+        if let Some(&ino) = self.by_name.get(name) {
+            if self.nodes.get(&ino).is_some_and(|r| r.role == role) {
+                return Some(ino);
+            }
+        }
+        self.other_roles.get(name).and_then(|inos| inos.get(role))
     }
 }
 
@@ -104,6 +113,7 @@ impl InodeTable {
         let mut table = Table {
             nodes: HashMap::new(),
             by_name: HashMap::new(),
+            other_roles: HashMap::new(),
             next_ino: ROOT_INO,
         };
         Self::insert(&mut table, ROOT_INO, prefix, None, Role::Dir);
@@ -121,12 +131,32 @@ impl InodeTable {
     ) -> u64 {
         let ino = table.next_ino;
         table.next_ino += 1;
-        let name: Arc<str> = match (table.by_name.get_key_value(name), shared) {
+        let indexed = table
+            .by_name
+            .get_key_value(name)
+            .or_else(|| table.other_roles.get_key_value(name).map(|(k, _)| (k, &0)));
+        let name: Arc<str> = match (indexed, shared) {
             (Some((indexed, _)), _) => indexed.clone(),
             (None, Some(shared)) => shared.clone(),
             (None, None) => Arc::from(name),
         };
-        *table.by_name.entry(name.clone()).or_default().slot(role) = NonZeroU64::new(ino);
+        let primary_role = table
+            .by_name
+            .get(&*name)
+            .and_then(|existing| table.nodes.get(existing))
+            .map(|r| r.role);
+        match primary_role {
+            Some(other) if other != role => {
+                *table
+                    .other_roles
+                    .entry(name.clone())
+                    .or_default()
+                    .slot(role) = NonZeroU64::new(ino);
+            }
+            _ => {
+                table.by_name.insert(name.clone(), ino);
+            }
+        }
         let record = Record {
             name,
             role,
@@ -211,13 +241,15 @@ impl InodeTable {
         let Some(node) = table.nodes.remove(&ino) else {
             return;
         };
-        if let Some(inos) = table.by_name.get_mut(&*node.name) {
+        if table.by_name.get(&*node.name) == Some(&ino) {
+            table.by_name.remove(&*node.name);
+        } else if let Some(inos) = table.other_roles.get_mut(&*node.name) {
             let slot = inos.slot(node.role);
             if *slot == NonZeroU64::new(ino) {
                 *slot = None;
             }
             if inos.is_empty() {
-                table.by_name.remove(&*node.name);
+                table.other_roles.remove(&*node.name);
             }
         }
     }
@@ -257,5 +289,38 @@ mod tests {
         assert!(again > dir, "numbers are never reused");
         table.forget(ROOT_INO, 100);
         assert!(table.get(ROOT_INO).is_some());
+    }
+
+    #[test]
+    fn one_name_in_three_roles_keeps_three_inodes() {
+        let table = InodeTable::new("/p");
+        let dir = table.remember(ROOT_INO, "/p/a", Role::Dir);
+        let value = table.remember(dir, "/p/a", Role::ShadowedValue);
+        let file = table.remember(ROOT_INO, "/p/a", Role::File);
+        assert!(dir != value && value != file && dir != file);
+        for (role, ino) in [
+            (Role::Dir, dir),
+            (Role::ShadowedValue, value),
+            (Role::File, file),
+        ] {
+            assert_eq!(table.find("/p/a", role), Some(ino));
+            assert_eq!(table.remember(ROOT_INO, "/p/a", role), ino);
+        }
+        table.forget(dir, 2);
+        assert_eq!(table.find("/p/a", Role::Dir), None);
+        assert_eq!(table.find("/p/a", Role::ShadowedValue), Some(value));
+        assert_eq!(table.find("/p/a", Role::File), Some(file));
+        let dir_again = table.remember(ROOT_INO, "/p/a", Role::Dir);
+        assert!(dir_again > file);
+        assert_eq!(table.find("/p/a", Role::Dir), Some(dir_again));
+        table.forget(value, 2);
+        table.forget(file, 2);
+        table.forget(dir_again, 1);
+        assert_eq!(table.len(), 1, "only the root is left");
+        let t = table.table.lock().unwrap();
+        assert!(
+            t.by_name.len() == 1 && t.other_roles.is_empty(),
+            "indexes emptied"
+        );
     }
 }
