@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use super::{Batch, Page, Parameter, ParameterKind, ParameterStore, StoreError, MAX_PAGE};
+use super::{Page, Parameter, ParameterKind, ParameterStore, StoreError, MAX_PAGE};
 use crate::names;
 use crate::secret::SecretBytes;
 
@@ -16,13 +16,12 @@ use crate::secret::SecretBytes;
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CallCounts {
     pub get: u64,
-    pub get_many: u64,
     pub list_page: u64,
 }
 
 impl CallCounts {
     pub fn total(&self) -> u64 {
-        self.get + self.get_many + self.list_page
+        self.get + self.list_page
     }
 }
 
@@ -39,7 +38,6 @@ pub struct MemoryStore {
     parameters: Mutex<BTreeMap<String, Parameter>>,
     faults: Mutex<Faults>,
     get: AtomicU64,
-    get_many: AtomicU64,
     list_page: AtomicU64,
 }
 
@@ -75,7 +73,6 @@ impl MemoryStore {
     pub fn counts(&self) -> CallCounts {
         CallCounts {
             get: self.get.load(Ordering::SeqCst),
-            get_many: self.get_many.load(Ordering::SeqCst),
             list_page: self.list_page.load(Ordering::SeqCst),
         }
     }
@@ -134,24 +131,6 @@ impl ParameterStore for MemoryStore {
             .get(name)
             .cloned()
             .ok_or(StoreError::NotFound)
-    }
-
-    async fn get_many(&self, names: &[String]) -> Result<Batch, StoreError> {
-        assert!(
-            names.len() <= MAX_PAGE,
-            "GetParameters takes at most {MAX_PAGE} names"
-        );
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        self.enter(&self.get_many, &refs).await?;
-        let parameters = self.parameters.lock().unwrap();
-        let mut batch = Batch::default();
-        for name in names {
-            match parameters.get(name) {
-                Some(p) => batch.found.push(p.clone()),
-                None => batch.missing.push(name.clone()),
-            }
-        }
-        Ok(batch)
     }
 
     async fn list_page(

@@ -1,8 +1,8 @@
 //! The parameter store model: what ssmfs needs from SSM, and nothing more.
 //!
-//! Three reads: one name (`get`), up to ten names (`get_many`, one
-//! GetParameters call) and one page of everything below a path (`list_page`,
-//! one GetParametersByPath call). Implementations: `ssm` (aws-sdk-ssm),
+//! Two reads: one name (`get`, one GetParameter call) and one page of
+//! everything below a path (`list_page`, one GetParametersByPath call, which
+//! is also how many names are fetched at once: ten to a page, with values). Implementations: `ssm` (aws-sdk-ssm),
 //! `memory` (counted and fault-injected, for tests and the demo) and
 //! `resilient` (pacing, retries and deadlines around any store).
 
@@ -15,7 +15,7 @@ use std::time::SystemTime;
 
 use crate::secret::SecretBytes;
 
-/// SSM's page size for GetParametersByPath, and its batch size for GetParameters.
+/// SSM's largest page for GetParametersByPath.
 pub const MAX_PAGE: usize = 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,14 +69,6 @@ pub struct Page {
     pub next_token: Option<String>,
 }
 
-/// The answer to a GetParameters call: the parameters found, and the names SSM
-/// reported as invalid (which, for GetParameters, means "does not exist").
-#[derive(Debug, Default)]
-pub struct Batch {
-    pub found: Vec<Parameter>,
-    pub missing: Vec<String>,
-}
-
 /// Why a store call failed. Messages never carry a value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -114,9 +106,6 @@ impl StoreError {
 pub trait ParameterStore: Send + Sync + 'static {
     /// GetParameter: one name; `NotFound` if it does not exist.
     fn get(&self, name: &str) -> impl Future<Output = Result<Parameter, StoreError>> + Send;
-
-    /// GetParameters: at most `MAX_PAGE` names in one call.
-    fn get_many(&self, names: &[String]) -> impl Future<Output = Result<Batch, StoreError>> + Send;
 
     /// GetParametersByPath with `Recursive=true`: one page of every parameter
     /// strictly below `path`, at most `max_results` (<= `MAX_PAGE`) of them.

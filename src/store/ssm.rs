@@ -16,7 +16,7 @@ use aws_sdk_ssm::Client;
 use aws_smithy_types::retry::RetryConfig;
 use aws_smithy_types::timeout::TimeoutConfig;
 
-use super::{Batch, Page, Parameter, ParameterKind, ParameterStore, StoreError};
+use super::{Page, Parameter, ParameterKind, ParameterStore, StoreError};
 use crate::secret::SecretBytes;
 
 /// Where and as whom to talk to SSM; every field falls back to aws-config's chain.
@@ -158,26 +158,6 @@ impl ParameterStore for SsmStore {
             .parameter
             .and_then(convert)
             .ok_or(StoreError::NotFound)
-    }
-
-    async fn get_many(&self, names: &[String]) -> Result<Batch, StoreError> {
-        let output = self
-            .client
-            .get_parameters()
-            .set_names(Some(names.to_vec()))
-            .with_decryption(self.decrypt)
-            .send()
-            .await
-            .map_err(classify)?;
-        Ok(Batch {
-            found: output
-                .parameters
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(convert)
-                .collect(),
-            missing: output.invalid_parameters.unwrap_or_default(),
-        })
     }
 
     async fn list_page(
