@@ -553,12 +553,7 @@ fn warm_reads_and_listings_stay_in_the_kernel() {
             ParameterType::SecureString,
         );
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = format!("127.0.0.1:{}", free_loopback_port());
     let mount = Mount::start(&moto.endpoint, "/warm", &["--metrics-addr", &addr]);
     let dir = mount.path().join("dir");
     let dir_arg = dir.to_str().unwrap();

@@ -409,12 +409,7 @@ fn metrics_count_what_was_done() {
         "secret-metrics-value",
         ParameterType::SecureString,
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = format!("127.0.0.1:{}", free_loopback_port());
     let mount = Mount::start(&moto.endpoint, "/met", &["--metrics-addr", &addr]);
     for _ in 0..5 {
         assert_eq!(

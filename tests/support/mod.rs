@@ -39,13 +39,18 @@ pub struct Moto {
     _dir: tempfile::TempDir,
 }
 
+/// A loopback port that was free a moment ago (for moto, or --metrics-addr).
+pub fn free_loopback_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 impl Moto {
     pub fn start() -> Moto {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_loopback_port();
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("moto.log");
         let child = Command::new(moto_bin())
