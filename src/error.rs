@@ -41,7 +41,9 @@ impl FsError {
             FsError::UnknownInode(_) => libc::ESTALE,
             FsError::BadHandle(_) => libc::EBADF,
             FsError::Store(StoreError::NotFound) => libc::ENOENT,
-            FsError::Store(StoreError::AccessDenied(_)) => libc::EACCES,
+            FsError::Store(StoreError::AccessDenied(_) | StoreError::Credentials(_)) => {
+                libc::EACCES
+            }
             FsError::Store(
                 StoreError::Throttled
                 | StoreError::Unavailable(_)
@@ -71,6 +73,10 @@ mod tests {
             libc::EACCES
         );
         assert_eq!(FsError::Store(StoreError::Timeout).errno(), libc::EIO);
+        assert_eq!(
+            FsError::Store(StoreError::Credentials("x".into())).errno(),
+            libc::EACCES
+        );
         assert_eq!(FsError::ReadOnly.errno(), libc::EROFS);
     }
 }

@@ -223,6 +223,29 @@ impl<S: ParameterStore> Fs<S> {
         &self.store
     }
 
+    /// The one API call of a mount: the first page below the mounted path (the
+    /// first folder's, in the Airflow layout). It proves credentials, region
+    /// and endpoint before the mount appears, and is kept as that listing's
+    /// first page. Returns a warning to log when SSM merely refuses listings.
+    pub async fn check_access(self: &Arc<Self>) -> Result<Option<String>, String> {
+        let path = match self.areas.first() {
+            Some((_, area)) => area.prefix.clone(),
+            None => self.config.prefix.clone(),
+        };
+        match self.probe_dir(&path).await {
+            Ok(_) => Ok(None),
+            Err(StoreError::AccessDenied(message)) => Ok(Some(format!(
+                "SSM denied listing {path} ({message}); names will be resolved one by one, \
+                 and listing a directory answers EACCES"
+            ))),
+            Err(StoreError::Throttled) => Ok(Some(format!(
+                "SSM throttled the first listing of {path}; continuing"
+            ))),
+            Err(error @ StoreError::Credentials(_)) => Err(error.to_string()),
+            Err(error) => Err(format!("cannot read {path} from SSM: {error}")),
+        }
+    }
+
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }

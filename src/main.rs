@@ -84,6 +84,9 @@ fn run(
     let store = Resilient::new(store, settings.fs.request.clone(), metrics.clone());
     let prefix = settings.fs.prefix.clone();
     let (fs, invalidations) = Fs::new(store, settings.fs, metrics);
+    if let Some(warning) = runtime.block_on(fs.check_access())? {
+        tracing::warn!("{warning}");
+    }
     if let Some(addr) = settings.metrics_addr {
         runtime.block_on(daemon::serve_metrics(fs.clone(), addr))?;
     }

@@ -743,3 +743,55 @@ mod model {
         }
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_mount_check_is_one_listing_that_later_lookups_reuse() {
+    let (fs, _inval) = mount(airflow_store(), config("/airflow"));
+    assert_eq!(fs.check_access().await, Ok(None));
+    assert_eq!(calls(&fs).list_page, 1);
+    assert_eq!(calls(&fs).total(), 1, "mounting costs one call");
+    let variables = fs.lookup(ROOT_INO, OsStr::new("variables")).await.unwrap();
+    let secret = fs
+        .lookup(variables.attr.ino, OsStr::new("my_secret"))
+        .await
+        .unwrap();
+    assert_eq!(
+        fs.read(secret.attr.ino, 0, 4096).await.unwrap().bytes(),
+        b"s3cr3t-value"
+    );
+    assert_eq!(
+        calls(&fs).total(),
+        1,
+        "the check's page answered both lookups"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_mount_check_refuses_what_would_break_every_read() {
+    for (error, expected) in [
+        (
+            StoreError::Credentials("token expired".into()),
+            "credentials",
+        ),
+        (
+            StoreError::Unavailable("connection refused".into()),
+            "/airflow",
+        ),
+        (
+            StoreError::Invalid("ValidationException: bad path".into()),
+            "/airflow",
+        ),
+    ] {
+        let store = airflow_store();
+        store.fail_every_call(Some(error));
+        let (fs, _inval) = mount(store, config("/airflow"));
+        let message = fs.check_access().await.unwrap_err();
+        assert!(message.contains(expected), "{message}");
+    }
+    // A role that may read parameters but not list them still mounts.
+    let store = airflow_store();
+    store.fail_every_call(Some(StoreError::AccessDenied("no ByPath".into())));
+    let (fs, _inval) = mount(store, config("/airflow"));
+    let warning = fs.check_access().await.unwrap().expect("a warning");
+    assert!(warning.contains("one by one"), "{warning}");
+}

@@ -297,13 +297,16 @@ fn an_outage_serves_cached_values_and_fails_uncached_with_eio_then_recovers() {
     let rt = runtime();
     let client = client(&rt, &moto.endpoint);
     put(&rt, &client, "/out/cached", "kept", ParameterType::String);
-    put(
-        &rt,
-        &client,
-        "/out/sub/uncached",
-        "later",
-        ParameterType::String,
-    );
+    // More than one page, so the mount's first page leaves some names unknown.
+    for i in 0..14 {
+        put(
+            &rt,
+            &client,
+            &format!("/out/many/p{i:02}"),
+            "later",
+            ParameterType::String,
+        );
+    }
     let endpoint = moto.endpoint.clone();
     let mount = Mount::start(
         &endpoint,
@@ -320,7 +323,7 @@ fn an_outage_serves_cached_values_and_fails_uncached_with_eio_then_recovers() {
         "stale value served whole"
     );
     let started = Instant::now();
-    let err = std::fs::read(m.join("other")).unwrap_err();
+    let err = std::fs::read(m.join("many/p13")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO));
     assert!(
         started.elapsed() < Duration::from_secs(4),
@@ -333,6 +336,31 @@ fn an_outage_serves_cached_values_and_fails_uncached_with_eio_then_recovers() {
             .contains("serving the cached answer past its TTL"),
         "one warning logged"
     );
+
+    // SSM answers again (a fresh server, seeded anew): no remount needed.
+    moto.restart();
+    let client = support::client(&rt, &moto.endpoint);
+    put(
+        &rt,
+        &client,
+        "/out/cached",
+        "rotated",
+        ParameterType::String,
+    );
+    put(&rt, &client, "/out/many/p13", "back", ParameterType::String);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let cached = std::fs::read(m.join("cached"));
+        let uncached = std::fs::read(m.join("many/p13"));
+        if matches!((&cached, &uncached), (Ok(c), Ok(u)) if c == b"rotated" && u == b"back") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no recovery: {cached:?} {uncached:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 #[test]
@@ -489,6 +517,30 @@ fn bad_command_lines_exit_non_zero_with_one_line_and_mount_nothing() {
         "{err}"
     );
     assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(!ssmfs::daemon::is_mount_point(&empty));
+    // Nothing answers at the endpoint: refused by the mount's one call, in time.
+    let nowhere = format!("http://127.0.0.1:{}", free_loopback_port());
+    let started = Instant::now();
+    let out = std::process::Command::new(bin)
+        .args([
+            "-f",
+            "--request-timeout",
+            "2s",
+            "--endpoint-url",
+            &nowhere,
+            "/a",
+        ])
+        .arg(&empty)
+        .envs(aws_env())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cannot read /a from SSM"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(started.elapsed() < Duration::from_secs(6));
     assert!(!ssmfs::daemon::is_mount_point(&empty));
     std::fs::remove_dir(&empty).unwrap();
     std::fs::remove_file(&file).unwrap();

@@ -76,6 +76,10 @@ pub enum StoreError {
     NotFound,
     #[error("access denied: {0}")]
     AccessDenied(String),
+    /// AWS rejected who we are (no, unknown, expired or mis-signed
+    /// credentials), as opposed to what we asked for.
+    #[error("no usable AWS credentials: {0}")]
+    Credentials(String),
     #[error("throttled by SSM")]
     Throttled,
     #[error("SSM is unavailable: {0}")]
@@ -93,11 +97,16 @@ impl StoreError {
     }
 
     /// Errors that say nothing about the parameter itself, only that SSM could
-    /// not answer now: a cached value may be served stale through them.
+    /// not answer now: a cached value may be served stale through them. A
+    /// credentials failure counts (an instance role's session that fails to
+    /// refresh should not take cached secrets away).
     pub fn is_outage(&self) -> bool {
         matches!(
             self,
-            StoreError::Throttled | StoreError::Unavailable(_) | StoreError::Timeout
+            StoreError::Throttled
+                | StoreError::Unavailable(_)
+                | StoreError::Timeout
+                | StoreError::Credentials(_)
         )
     }
 }

@@ -71,6 +71,7 @@ fn outcome<T>(result: &Result<T, StoreError>) -> &'static str {
         Ok(_) => "ok",
         Err(StoreError::NotFound) => "not_found",
         Err(StoreError::AccessDenied(_)) => "access_denied",
+        Err(StoreError::Credentials(_)) => "credentials_rejected",
         Err(StoreError::Throttled) => "throttled",
         Err(StoreError::Unavailable(_)) => "unavailable",
         Err(StoreError::Timeout) => "timeout",

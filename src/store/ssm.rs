@@ -10,11 +10,13 @@ use std::time::{Duration, SystemTime};
 
 use aws_config::sts::AssumeRoleProvider;
 use aws_config::{BehaviorVersion, Region};
-use aws_sdk_ssm::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ssm::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ssm::types::{Parameter as SdkParameter, ParameterType};
 use aws_sdk_ssm::Client;
 use aws_smithy_types::retry::RetryConfig;
 use aws_smithy_types::timeout::TimeoutConfig;
+
+use aws_credential_types::provider::error::CredentialsError;
 
 use super::{Page, Parameter, ParameterKind, ParameterStore, StoreError};
 use crate::secret::SecretBytes;
@@ -107,12 +109,15 @@ fn convert(parameter: SdkParameter) -> Option<Parameter> {
 fn classify<E, R>(error: SdkError<E, R>) -> StoreError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug,
+    R: std::fmt::Debug + 'static,
 {
+    if let Some(credentials) = find_in_chain::<CredentialsError>(&error) {
+        return StoreError::Credentials(error_chain(credentials));
+    }
     match &error {
         SdkError::TimeoutError(_) => StoreError::Timeout,
         SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            StoreError::Unavailable(one_line(&DisplayErrorContext(&error).to_string()))
+            StoreError::Unavailable(error_chain(&error))
         }
         SdkError::ServiceError(context) => {
             let service_error = context.err();
@@ -121,12 +126,14 @@ where
                 "ParameterNotFound" => StoreError::NotFound,
                 "AccessDeniedException"
                 | "AccessDenied"
-                | "UnrecognizedClientException"
                 | "InvalidKeyId"
                 | "KMSAccessDeniedException"
-                | "KMS.AccessDeniedException"
+                | "KMS.AccessDeniedException" => StoreError::AccessDenied(message),
+                "UnrecognizedClientException"
                 | "ExpiredTokenException"
-                | "InvalidSignatureException" => StoreError::AccessDenied(message),
+                | "InvalidSignatureException"
+                | "InvalidClientTokenId"
+                | "SignatureDoesNotMatch" => StoreError::Credentials(message),
                 "ThrottlingException" | "TooManyRequestsException" | "RequestLimitExceeded" => {
                     StoreError::Throttled
                 }
@@ -136,8 +143,38 @@ where
                 code => StoreError::Invalid(format!("{code}: {message}")),
             }
         }
-        _ => StoreError::Unavailable(one_line(&DisplayErrorContext(&error).to_string())),
+        _ => StoreError::Unavailable(error_chain(&error)),
     }
+}
+
+/// The first error of type `T` in `error`'s source chain (the SDK wraps a
+/// credentials failure in a dispatch failure in a connector error).
+fn find_in_chain<'a, T: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// Every message in the source chain on one line, without the SDK's Debug
+/// dump (which `DisplayErrorContext` appends).
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut current = Some(error);
+    while let Some(e) = current {
+        let text = one_line(&e.to_string());
+        if !text.is_empty() && !parts.last().is_some_and(|last| last.contains(&text)) {
+            parts.push(text);
+        }
+        current = e.source();
+    }
+    parts.join(": ")
 }
 
 fn one_line(text: &str) -> String {

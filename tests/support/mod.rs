@@ -35,6 +35,7 @@ fn moto_bin() -> PathBuf {
 pub struct Moto {
     child: Child,
     pub endpoint: String,
+    port: u16,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -50,27 +51,43 @@ pub fn free_loopback_port() -> u16 {
 
 impl Moto {
     pub fn start() -> Moto {
-        let port = free_loopback_port();
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("moto.log");
+        let port = free_loopback_port();
+        Moto {
+            child: Self::spawn(port, &log),
+            endpoint: format!("http://127.0.0.1:{port}"),
+            port,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn spawn(port: u16, log: &Path) -> Child {
         let child = Command::new(moto_bin())
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .unwrap(),
+            )
             .spawn()
             .expect("starting moto_server");
-        let endpoint = format!("http://127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "moto did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
-        Moto {
-            child,
-            endpoint,
-            log,
-            _dir: dir,
-        }
+        child
+    }
+
+    /// A fresh server (empty store) on the same endpoint, after `stop`.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = Self::spawn(self.port, &self.log);
     }
 
     /// SSM API requests the server has answered (one access-log line each).
