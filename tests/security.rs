@@ -295,3 +295,34 @@ fn a_dedicated_unprivileged_user_can_run_the_daemon() {
 fn child_alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
+
+#[test]
+fn ten_thousand_entries_in_one_directory_list_completely() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let rt = runtime();
+    let client = client(&rt, &moto.endpoint);
+    let started = std::time::Instant::now();
+    put_many(
+        &rt,
+        &client,
+        (0..10_000)
+            .map(|i| (format!("/wide/dir/k{i:05}"), format!("{i}")))
+            .collect(),
+    );
+    eprintln!("seeded 10,000 parameters in {:?}", started.elapsed());
+    let mount = Mount::start(&moto.endpoint, "/wide", &["--max-tps", "1000"]);
+    let dir = mount.path().join("dir");
+    let (code, out, err) = run("ls", &[dir.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let names: Vec<&str> = out.lines().collect();
+    assert_eq!(names.len(), 10_000);
+    assert_eq!(names.first(), Some(&"k00000"));
+    assert_eq!(names.last(), Some(&"k09999"));
+    let (code, out, _) = run("find", &[dir.to_str().unwrap(), "-type", "f"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), 10_000);
+    assert_eq!(std::fs::read(dir.join("k04321")).unwrap(), b"4321");
+}

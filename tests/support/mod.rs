@@ -167,6 +167,42 @@ pub fn put(
     });
 }
 
+/// Seeds many String parameters, 16 requests at a time.
+pub fn put_many(
+    rt: &tokio::runtime::Runtime,
+    client: &aws_sdk_ssm::Client,
+    items: Vec<(String, String)>,
+) {
+    let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
+    rt.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (name, value) in items {
+            let client = client.clone();
+            let permit = semaphore.clone().acquire_owned().await.unwrap();
+            tasks.spawn(async move {
+                let _permit = permit;
+                client
+                    .put_parameter()
+                    .name(&name)
+                    .value(value)
+                    .r#type(ParameterType::String)
+                    .overwrite(true)
+                    .send()
+                    .await
+                    .unwrap_or_else(|e| {
+                        panic!(
+                            "seeding {name}: {}",
+                            aws_sdk_ssm::error::DisplayErrorContext(&e)
+                        )
+                    });
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap();
+        }
+    });
+}
+
 pub struct Mount {
     pub child: Option<Child>,
     pub dir: tempfile::TempDir,
