@@ -256,6 +256,38 @@ fn mount_t_fuse_ssmfs_works_through_mount_fuse3() {
     });
     let _ = run("umount", &[mnt.to_str().unwrap()]);
     result.unwrap();
+    wait_until(|| !daemon_running_for(&mnt), "the daemon ends with umount");
+
+    // The same as an /etc/fstab line (`mount -T` reads an fstab of our own, so
+    // the host's is left alone): `mount <mountpoint>` finds the rest there.
+    let fstab = dir.path().join("fstab");
+    std::fs::write(
+        &fstab,
+        format!("/viamount {} fuse.ssmfs {options} 0 0\n", mnt.display()),
+    )
+    .unwrap();
+    let out = Command::new("mount")
+        .args(["-T", fstab.to_str().unwrap(), mnt.to_str().unwrap()])
+        .envs(aws_env())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mount from fstab: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read = std::fs::read(mnt.join("secret"));
+    let _ = run("umount", &[mnt.to_str().unwrap()]);
+    assert_eq!(read.unwrap(), b"through-the-helper");
+}
+
+/// Polls `condition` for up to ten seconds.
+fn wait_until(condition: impl Fn() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The shipped unit's ExecStart and example environment file, as systemd would
