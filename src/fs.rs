@@ -176,6 +176,10 @@ pub struct Fs<S> {
     next_handle: AtomicU64,
     invalidations: mpsc::UnboundedSender<Invalidation>,
     denied_logged: Mutex<HashSet<String>>,
+    /// Paths whose listing SSM refused (a role with GetParameter alone), and
+    /// until when not to ask again: each refusal is a wasted call and an
+    /// AccessDenied event in CloudTrail.
+    listings_denied: Mutex<HashMap<String, Instant>>,
     probes_by_dir: Mutex<HashMap<String, u32>>,
     /// Airflow layout: the pinned folder inodes and the area each one shows.
     areas: Vec<(u64, Area)>,
@@ -212,6 +216,7 @@ impl<S: ParameterStore> Fs<S> {
             next_handle: AtomicU64::new(1),
             invalidations: sender,
             denied_logged: Mutex::new(HashSet::new()),
+            listings_denied: Mutex::new(HashMap::new()),
             probes_by_dir: Mutex::new(HashMap::new()),
             mounted_at: SystemTime::now(),
             config,
@@ -226,7 +231,7 @@ impl<S: ParameterStore> Fs<S> {
     /// The one API call of a mount: the first page below the mounted path (the
     /// first folder's, in the Airflow layout). It proves credentials, region
     /// and endpoint before the mount appears, and is kept as that listing's
-    /// first page. Returns a warning to log when SSM merely refuses listings.
+    /// first page. Returns a warning to log when SSM only throttled it.
     pub async fn check_access(self: &Arc<Self>) -> Result<Option<String>, String> {
         let path = match self.areas.first() {
             Some((_, area)) => area.prefix.clone(),
@@ -234,10 +239,12 @@ impl<S: ParameterStore> Fs<S> {
         };
         match self.probe_dir(&path).await {
             Ok(_) => Ok(None),
-            Err(StoreError::AccessDenied(message)) => Ok(Some(format!(
-                "SSM denied listing {path} ({message}); names will be resolved one by one, \
-                 and listing a directory answers EACCES"
-            ))),
+            // A role that may read parameters but not list them: mount, and
+            // resolve names one by one (logged once, by the note).
+            Err(StoreError::AccessDenied(_)) => {
+                self.note_listing_denied(&path, Instant::now());
+                Ok(None)
+            }
             Err(StoreError::Throttled) => Ok(Some(format!(
                 "SSM throttled the first listing of {path}; continuing"
             ))),
@@ -541,8 +548,17 @@ impl<S: ParameterStore> Fs<S> {
                 }
             }
         }
-        let probe_dir = known.needs_dir_probe(base);
+        let mut probe_dir = known.needs_dir_probe(base);
         let fetch_value = known.own_value.is_none();
+        // A listing SSM refused within the TTL is not asked for again. Below a
+        // path it will not list, the value is asked for alone first: a found
+        // parameter is a file (the usual case, one call); only a miss takes a
+        // second round trip to ask whether the name is a directory.
+        let refused_here = probe_dir && self.listing_denied(name, now);
+        let value_first = probe_dir && !refused_here && self.listing_denied(parent, now);
+        if refused_here || value_first {
+            probe_dir = false;
+        }
         let (dir, value) = tokio::join!(
             async {
                 if probe_dir {
@@ -559,6 +575,12 @@ impl<S: ParameterStore> Fs<S> {
                 }
             },
         );
+        let mut dir = dir;
+        let found = matches!(&value, Some(Ok(entry)) if entry.parameter().is_some())
+            || known.own_value.as_ref().is_some_and(|e| e.parameter().is_some());
+        if value_first && !found && !matches!(&value, Some(Err(_))) {
+            dir = Some(self.probe_dir(name).await);
+        }
         let mut outage = None;
         let mut listing_denied = false;
         match dir {
@@ -566,7 +588,10 @@ impl<S: ParameterStore> Fs<S> {
             // SSM refuses a listing when IAM or KMS denies something below the
             // name: so something is there. Unless the name is itself a readable
             // parameter, it is a directory whose names resolve one by one.
-            Some(Err(StoreError::AccessDenied(_))) => listing_denied = true,
+            Some(Err(StoreError::AccessDenied(_))) => {
+                self.note_listing_denied(name, now);
+                listing_denied = true;
+            }
             Some(Err(e)) if e.is_outage() => outage = Some(e),
             Some(Err(e)) => return Err(e.into()),
             None => {}
@@ -587,16 +612,46 @@ impl<S: ParameterStore> Fs<S> {
                 None => Err(error.into()),
             };
         }
-        if listing_denied {
+        // Where SSM will not list, a name that holds no value of its own may
+        // still have parameters below it (a refusal can come from one
+        // parameter inside): it is served as a directory whose names resolve
+        // one by one.
+        if listing_denied || refused_here || (value_first && found) {
             return Ok(match known.own_value.as_ref().map(value_resolution) {
                 Some(Resolved::Missing) | None => {
-                    tracing::warn!(path = name, "SSM denied listing below this path; serving it as a directory of names resolved one by one");
                     Resolved::Dir(self.cache.validity(self.config.cache.negative_ttl))
                 }
                 Some(resolved) => resolved,
             });
         }
         known.decide(base).ok_or(FsError::NotFound)
+    }
+
+    /// Whether SSM refused to list `path` within the last TTL.
+    fn listing_denied(&self, path: &str, now: Instant) -> bool {
+        self.listings_denied
+            .lock()
+            .unwrap()
+            .get(path)
+            .is_some_and(|until| now < *until)
+    }
+
+    /// Remembers a refused listing for a TTL; the first refusal of a path is
+    /// logged, later ones are not.
+    fn note_listing_denied(&self, path: &str, now: Instant) {
+        let mut denied = self.listings_denied.lock().unwrap();
+        if denied.len() >= MAX_PROBE_COUNTERS {
+            denied.clear();
+        }
+        let first = denied
+            .insert(path.to_string(), now + self.config.cache.ttl)
+            .is_none();
+        if first {
+            tracing::warn!(
+                path,
+                "SSM denied listing below this path: serving it as a directory of names resolved one by one (listing it answers EACCES)"
+            );
+        }
     }
 
     /// Counts a probe below `dir`; true once enough siblings were probed that
@@ -803,8 +858,15 @@ impl<S: ParameterStore> Fs<S> {
             Metrics::inc(&self.metrics.cache_hits);
             return Ok(dir.clone());
         }
+        if self.listing_denied(path, now) {
+            return Err(FsError::Store(StoreError::AccessDenied(path.to_string())));
+        }
         Metrics::inc(&self.metrics.cache_misses);
         match self.list_dir(path).await {
+            Err(StoreError::AccessDenied(message)) => {
+                self.note_listing_denied(path, now);
+                Err(FsError::Store(StoreError::AccessDenied(message)))
+            }
             Ok(dir) => Ok(dir),
             Err(error) if error.is_outage() => {
                 match cached.filter(|d| d.validity.may_serve_stale(now)) {

@@ -788,10 +788,48 @@ async fn the_mount_check_refuses_what_would_break_every_read() {
         let message = fs.check_access().await.unwrap_err();
         assert!(message.contains(expected), "{message}");
     }
-    // A role that may read parameters but not list them still mounts.
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_role_with_get_parameter_alone_pays_one_call_per_name() {
     let store = airflow_store();
-    store.fail_every_call(Some(StoreError::AccessDenied("no ByPath".into())));
+    store.deny_listings(true);
     let (fs, _inval) = mount(store, config("/airflow"));
-    let warning = fs.check_access().await.unwrap().expect("a warning");
-    assert!(warning.contains("one by one"), "{warning}");
+    assert_eq!(fs.check_access().await, Ok(None), "it still mounts");
+    assert_eq!(calls(&fs).list_page, 1);
+    let variables = fs
+        .lookup(ROOT_INO, OsStr::new("variables"))
+        .await
+        .unwrap();
+    assert_eq!(variables.attr.kind, FileKind::Dir);
+    let before = calls(&fs);
+    for name in ["my_secret", "region"] {
+        let entry = fs
+            .lookup(variables.attr.ino, OsStr::new(name))
+            .await
+            .unwrap();
+        assert_eq!(entry.attr.kind, FileKind::File);
+        fs.read(entry.attr.ino, 0, 4096).await.unwrap();
+    }
+    let after = calls(&fs);
+    assert_eq!(after.get - before.get, 2, "one GetParameter per name");
+    assert_eq!(
+        after.list_page, before.list_page,
+        "no listing asked again below a path SSM refused to list"
+    );
+    let error = fs.opendir(variables.attr.ino).await.unwrap_err();
+    assert_eq!(error.errno(), libc::EACCES);
+    assert_eq!(calls(&fs).list_page, before.list_page, "EACCES from memory");
+    // A name with no value may still have parameters below it: it is served
+    // as a directory, and asking again within the TTL costs nothing.
+    let unknown = fs
+        .lookup(variables.attr.ino, OsStr::new("team"))
+        .await
+        .unwrap();
+    assert_eq!(unknown.attr.kind, FileKind::Dir);
+    let settled = calls(&fs);
+    fs.lookup(variables.attr.ino, OsStr::new("team"))
+        .await
+        .unwrap();
+    assert_eq!(calls(&fs), settled);
 }

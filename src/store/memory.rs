@@ -39,6 +39,7 @@ pub struct MemoryStore {
     faults: Mutex<Faults>,
     get: AtomicU64,
     list_page: AtomicU64,
+    listings_denied: std::sync::atomic::AtomicBool,
 }
 
 impl MemoryStore {
@@ -98,6 +99,11 @@ impl MemoryStore {
             .insert(name.to_string(), error);
     }
 
+    /// Every listing is refused, as for a role granted ssm:GetParameter alone.
+    pub fn deny_listings(&self, denied: bool) {
+        self.listings_denied.store(denied, Ordering::SeqCst);
+    }
+
     pub fn set_latency(&self, latency: Duration) {
         self.faults.lock().unwrap().latency = latency;
     }
@@ -153,6 +159,11 @@ impl ParameterStore for MemoryStore {
         };
         let names: Vec<&str> = below.iter().map(|p| &*p.name).collect();
         self.enter(&self.list_page, &names).await?;
+        if self.listings_denied.load(Ordering::SeqCst) {
+            return Err(StoreError::AccessDenied(format!(
+                "not authorized to perform ssm:GetParametersByPath on {path}"
+            )));
+        }
         let mut parameters = below;
         let next_token = if parameters.len() > max_results {
             parameters.truncate(max_results);
