@@ -577,7 +577,10 @@ impl<S: ParameterStore> Fs<S> {
         );
         let mut dir = dir;
         let found = matches!(&value, Some(Ok(entry)) if entry.parameter().is_some())
-            || known.own_value.as_ref().is_some_and(|e| e.parameter().is_some());
+            || known
+                .own_value
+                .as_ref()
+                .is_some_and(|e| e.parameter().is_some());
         if value_first && !found && !matches!(&value, Some(Err(_))) {
             dir = Some(self.probe_dir(name).await);
         }

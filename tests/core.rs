@@ -797,10 +797,7 @@ async fn a_role_with_get_parameter_alone_pays_one_call_per_name() {
     let (fs, _inval) = mount(store, config("/airflow"));
     assert_eq!(fs.check_access().await, Ok(None), "it still mounts");
     assert_eq!(calls(&fs).list_page, 1);
-    let variables = fs
-        .lookup(ROOT_INO, OsStr::new("variables"))
-        .await
-        .unwrap();
+    let variables = fs.lookup(ROOT_INO, OsStr::new("variables")).await.unwrap();
     assert_eq!(variables.attr.kind, FileKind::Dir);
     let before = calls(&fs);
     for name in ["my_secret", "region"] {

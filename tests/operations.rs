@@ -198,16 +198,7 @@ fn mount_t_fuse_ssmfs_works_through_mount_fuse3() {
             || std::path::Path::new("/usr/sbin/mount.fuse3").exists(),
         "mount.fuse3 (Debian package fuse3)"
     ));
-    let moto = Moto::start();
-    let rt = runtime();
-    let client = client(&rt, &moto.endpoint);
-    put(
-        &rt,
-        &client,
-        "/viamount/secret",
-        "through-the-helper",
-        ParameterType::SecureString,
-    );
+    let moto = Moto::with_secret("/viamount/secret", "through-the-helper");
     // mount(8) runs helpers with a sanitised PATH: install as an operator would.
     let _installed = InstalledBinary::new();
     let dir = tempfile::tempdir().unwrap();
@@ -431,16 +422,7 @@ fn metrics_count_what_was_done() {
     if !have_fuse_and_moto() {
         return;
     }
-    let moto = Moto::start();
-    let rt = runtime();
-    let client = client(&rt, &moto.endpoint);
-    put(
-        &rt,
-        &client,
-        "/met/a",
-        "secret-metrics-value",
-        ParameterType::SecureString,
-    );
+    let moto = Moto::with_secret("/met/a", "secret-metrics-value");
     let addr = format!("127.0.0.1:{}", free_loopback_port());
     let mount = Mount::start(&moto.endpoint, "/met", &["--metrics-addr", &addr]);
     for _ in 0..5 {

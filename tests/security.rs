@@ -31,16 +31,7 @@ fn only_the_mounting_user_enters_by_default() {
     if !have_fuse_and_moto() {
         return;
     }
-    let moto = Moto::start();
-    let rt = runtime();
-    let client = client(&rt, &moto.endpoint);
-    put(
-        &rt,
-        &client,
-        "/acl/secret",
-        "for-root-only",
-        ParameterType::SecureString,
-    );
+    let moto = Moto::with_secret("/acl/secret", "for-root-only");
     let mount = Mount::start(&moto.endpoint, "/acl", &[]);
     let file = mount.path().join("secret");
     assert_eq!(std::fs::read(&file).unwrap(), b"for-root-only");
@@ -54,16 +45,7 @@ fn allow_other_with_uid_lets_exactly_that_user_read() {
     if !have_fuse_and_moto() {
         return;
     }
-    let moto = Moto::start();
-    let rt = runtime();
-    let client = client(&rt, &moto.endpoint);
-    put(
-        &rt,
-        &client,
-        "/acl2/secret",
-        "for-the-airflow-user",
-        ParameterType::SecureString,
-    );
+    let moto = Moto::with_secret("/acl2/secret", "for-the-airflow-user");
     let mount = Mount::start(
         &moto.endpoint,
         "/acl2",
@@ -230,16 +212,7 @@ fn a_dedicated_unprivileged_user_can_run_the_daemon() {
         ),
         "fusermount3 is needed"
     );
-    let moto = Moto::start();
-    let rt = runtime();
-    let client = client(&rt, &moto.endpoint);
-    put(
-        &rt,
-        &client,
-        "/unpriv/secret",
-        "served-by-nobody",
-        ParameterType::SecureString,
-    );
+    let moto = Moto::with_secret("/unpriv/secret", "served-by-nobody");
     // Distributions make /dev/fuse 0666 and let the setuid fusermount3 do the
     // mount(2); some containers ship it 0600, so open it up as a host would.
     use std::os::unix::fs::PermissionsExt;

@@ -84,6 +84,20 @@ impl Moto {
         child
     }
 
+    /// A server holding one SecureString.
+    pub fn with_secret(name: &str, value: &str) -> Moto {
+        let moto = Moto::start();
+        let rt = runtime();
+        put(
+            &rt,
+            &client(&rt, &moto.endpoint),
+            name,
+            value,
+            ParameterType::SecureString,
+        );
+        moto
+    }
+
     /// A fresh server (empty store) on the same endpoint, after `stop`.
     pub fn restart(&mut self) {
         self.stop();
