@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs everything ssmfs's tests, demo and benchmark need on a fresh Debian
 # machine: the FUSE 3 userspace tools (fuse3: mount.fuse3, fusermount3), curl,
-# and a project-local Python venv (.venv) with moto's SSM server. Idempotent.
+# gcc, and a project-local Python venv (.venv) with moto's SSM server. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v mount.fuse3 >/dev/null 2>&1 || need_apt+=(fuse3)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v gcc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)  # the benchmark's C reader loop
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
