@@ -74,7 +74,7 @@ async fn main() {
         .attr
         .ino;
     let handle = fs.opendir(dir).await.unwrap();
-    let items = fs.readdir(handle, 0).unwrap();
+    let items = fs.readdir(handle, 0, usize::MAX).unwrap();
     fs.releasedir(handle);
     for (_, item) in items.iter().filter(|(_, i)| i.name.starts_with('p')) {
         let entry = fs.lookup(dir, OsStr::new(&item.name)).await.unwrap();

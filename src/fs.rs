@@ -471,8 +471,15 @@ impl<S: ParameterStore> Fs<S> {
         self.areas.iter().find(|(i, _)| *i == ino).map(|(_, a)| a)
     }
 
-    /// Entries from `offset` on; each item's offset for the kernel is its index + 1.
-    pub fn readdir(&self, handle: u64, offset: u64) -> Result<Vec<(u64, DirItem)>, FsError> {
+    /// At most `limit` entries from `offset` on; each item's offset for the
+    /// kernel is its index + 1. The limit keeps a listing of N entries, read a
+    /// buffer at a time, from copying O(N) entries per call.
+    pub fn readdir(
+        &self,
+        handle: u64,
+        offset: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, DirItem)>, FsError> {
         let items = self
             .dir_handles
             .lock()
@@ -484,6 +491,7 @@ impl<S: ParameterStore> Fs<S> {
             .iter()
             .enumerate()
             .skip(offset as usize)
+            .take(limit)
             .map(|(i, item)| (i as u64 + 1, item.clone()))
             .collect())
     }

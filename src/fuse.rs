@@ -97,6 +97,10 @@ fn to_file_attr(attr: &Attr) -> FileAttr {
     }
 }
 
+/// Entries offered per READDIR: a kernel readdir buffer (one page) holds at
+/// most 128 (a 24-byte header and a name padded to 8 bytes each).
+const READDIR_BATCH: usize = 256;
+
 fn file_type(kind: FileKind) -> FileType {
     match kind {
         FileKind::File => FileType::RegularFile,
@@ -179,7 +183,7 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
         mut reply: ReplyDirectory,
     ) {
         let _timer = self.timer("readdir");
-        match self.fs.readdir(fh.0, offset) {
+        match self.fs.readdir(fh.0, offset, READDIR_BATCH) {
             Ok(items) => {
                 for (next_offset, item) in items {
                     if reply.add(

@@ -88,6 +88,23 @@ async fn cat(fs: &TestFs, path: &str) -> Result<Vec<u8>, i32> {
     Ok(data.bytes().to_vec())
 }
 
+/// Reads a directory handle in small batches, continuing from the last
+/// offset as the kernel does.
+fn read_whole_dir(
+    fs: &TestFs,
+    handle: u64,
+) -> Result<Vec<(u64, ssmfs::fs::DirItem)>, ssmfs::error::FsError> {
+    let mut items = Vec::new();
+    loop {
+        let offset = items.last().map_or(0, |(o, _)| *o);
+        let batch = fs.readdir(handle, offset, 7)?;
+        if batch.is_empty() {
+            return Ok(items);
+        }
+        items.extend(batch);
+    }
+}
+
 async fn ls(fs: &TestFs, path: &str) -> Result<Vec<(String, FileKind)>, i32> {
     let ino = if path.is_empty() {
         ROOT_INO
@@ -95,7 +112,7 @@ async fn ls(fs: &TestFs, path: &str) -> Result<Vec<(String, FileKind)>, i32> {
         walk(fs, path).await?.attr.ino
     };
     let handle = fs.opendir(ino).await.map_err(|e| e.errno())?;
-    let items = fs.readdir(handle, 0).map_err(|e| e.errno())?;
+    let items = read_whole_dir(fs, handle).map_err(|e| e.errno())?;
     fs.releasedir(handle);
     Ok(items
         .into_iter()
@@ -691,7 +708,7 @@ mod model {
 
     async fn walk_all(fs: &TestFs, ino: u64, path: String, out: &mut BTreeMap<String, Vec<u8>>) {
         let handle = fs.opendir(ino).await.unwrap();
-        let items = fs.readdir(handle, 0).unwrap();
+        let items = super::read_whole_dir(fs, handle).unwrap();
         fs.releasedir(handle);
         for (_, item) in items
             .into_iter()
