@@ -716,3 +716,47 @@ fn warm_reads_and_listings_stay_in_the_kernel() {
     }
     assert!(made("readdir") <= 6, "{before:?} -> {after:?}");
 }
+
+#[test]
+fn no_decrypt_serves_securestrings_as_stored_and_strings_unchanged() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let rt = runtime();
+    let client = client(&rt, &moto.endpoint);
+    put(
+        &rt,
+        &client,
+        "/nd/secure",
+        "plain-secret",
+        ParameterType::SecureString,
+    );
+    put(
+        &rt,
+        &client,
+        "/nd/plain",
+        "plain-string",
+        ParameterType::String,
+    );
+    let mount = Mount::start(&moto.endpoint, "/nd", &["--no-decrypt"]);
+    let secure = std::fs::read(mount.path().join("secure")).unwrap();
+    assert_ne!(
+        secure, b"plain-secret",
+        "served as SSM stores it, not decrypted"
+    );
+    assert!(!secure.is_empty());
+    let (_, size, _) = run(
+        "stat",
+        &["-c", "%s", mount.path().join("secure").to_str().unwrap()],
+    );
+    assert_eq!(
+        size.trim(),
+        secure.len().to_string(),
+        "size matches content"
+    );
+    assert_eq!(
+        std::fs::read(mount.path().join("plain")).unwrap(),
+        b"plain-string"
+    );
+}

@@ -225,3 +225,68 @@ impl ParameterStore for SsmStore {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_ssm::config::http::HttpResponse;
+    use aws_sdk_ssm::operation::get_parameter::GetParameterError;
+    use aws_smithy_types::body::SdkBody;
+    use aws_smithy_types::error::ErrorMetadata;
+
+    fn service_error(code: &str) -> StoreError {
+        let error = GetParameterError::generic(
+            ErrorMetadata::builder()
+                .code(code)
+                .message("some   AWS\n text")
+                .build(),
+        );
+        let response = HttpResponse::new(400.try_into().unwrap(), SdkBody::empty());
+        classify(SdkError::service_error(error, response))
+    }
+
+    #[test]
+    fn every_denial_is_access_denied_never_a_value_or_ciphertext() {
+        for code in [
+            "AccessDeniedException",
+            "InvalidKeyId",
+            "KMSAccessDeniedException",
+            "KMS.AccessDeniedException",
+        ] {
+            assert!(
+                matches!(service_error(code), StoreError::AccessDenied(ref m) if m == "some AWS text"),
+                "{code}"
+            );
+        }
+    }
+
+    #[test]
+    fn identity_failures_throttling_and_outages_are_classified() {
+        for code in [
+            "UnrecognizedClientException",
+            "ExpiredTokenException",
+            "InvalidSignatureException",
+        ] {
+            assert!(
+                matches!(service_error(code), StoreError::Credentials(_)),
+                "{code}"
+            );
+        }
+        assert!(matches!(
+            service_error("ParameterNotFound"),
+            StoreError::NotFound
+        ));
+        assert!(matches!(
+            service_error("ThrottlingException"),
+            StoreError::Throttled
+        ));
+        assert!(matches!(
+            service_error("InternalServerError"),
+            StoreError::Unavailable(_)
+        ));
+        assert!(matches!(
+            service_error("ValidationException"),
+            StoreError::Invalid(_)
+        ));
+    }
+}
