@@ -240,11 +240,8 @@ impl<S: ParameterStore> Fs<S> {
         match self.probe_dir(&path).await {
             Ok(_) => Ok(None),
             // A role that may read parameters but not list them: mount, and
-            // resolve names one by one (logged once, by the note).
-            Err(StoreError::AccessDenied(_)) => {
-                self.note_listing_denied(&path, Instant::now());
-                Ok(None)
-            }
+            // resolve names one by one (probe_dir remembered and logged it).
+            Err(StoreError::AccessDenied(_)) => Ok(None),
             Err(StoreError::Throttled) => Ok(Some(format!(
                 "SSM throttled the first listing of {path}; continuing"
             ))),
@@ -567,7 +564,7 @@ impl<S: ParameterStore> Fs<S> {
         if refused_here || value_first {
             probe_dir = false;
         }
-        let (dir, value) = tokio::join!(
+        let (mut dir, value) = tokio::join!(
             async {
                 if probe_dir {
                     Some(self.probe_dir(name).await)
@@ -583,7 +580,6 @@ impl<S: ParameterStore> Fs<S> {
                 }
             },
         );
-        let mut dir = dir;
         let found = matches!(&value, Some(Ok(entry)) if entry.parameter().is_some())
             || known
                 .own_value
@@ -599,10 +595,7 @@ impl<S: ParameterStore> Fs<S> {
             // SSM refuses a listing when IAM or KMS denies something below the
             // name: so something is there. Unless the name is itself a readable
             // parameter, it is a directory whose names resolve one by one.
-            Some(Err(StoreError::AccessDenied(_))) => {
-                self.note_listing_denied(name, now);
-                listing_denied = true;
-            }
+            Some(Err(StoreError::AccessDenied(_))) => listing_denied = true,
             Some(Err(e)) if e.is_outage() => outage = Some(e),
             Some(Err(e)) => return Err(e.into()),
             None => {}
@@ -647,9 +640,13 @@ impl<S: ParameterStore> Fs<S> {
             .is_some_and(|until| now < *until)
     }
 
-    /// Remembers a refused listing for a TTL; the first refusal of a path is
-    /// logged, later ones are not.
-    fn note_listing_denied(&self, path: &str, now: Instant) {
+    /// Remembers a refused listing of `path` for a TTL, wherever a listing is
+    /// asked for; the first refusal of a path is logged, later ones are not.
+    fn remember_refusal(&self, path: &str, error: &StoreError) {
+        if !matches!(error, StoreError::AccessDenied(_)) {
+            return;
+        }
+        let now = Instant::now();
         let mut denied = self.listings_denied.lock().unwrap();
         if denied.len() >= MAX_PROBE_COUNTERS {
             denied.clear();
@@ -814,6 +811,7 @@ impl<S: ParameterStore> Fs<S> {
                 }
             })
             .await
+            .inspect_err(|error| self.remember_refusal(path, error))
     }
 
     /// Every page below `path`, continuing a fresh partial listing if there is one.
@@ -837,6 +835,7 @@ impl<S: ParameterStore> Fs<S> {
                 self.read_pages(path, Vec::new(), None).await
             })
             .await
+            .inspect_err(|error| self.remember_refusal(path, error))
     }
 
     async fn read_pages(
@@ -874,10 +873,6 @@ impl<S: ParameterStore> Fs<S> {
         }
         Metrics::inc(&self.metrics.cache_misses);
         match self.list_dir(path).await {
-            Err(StoreError::AccessDenied(message)) => {
-                self.note_listing_denied(path, now);
-                Err(FsError::Store(StoreError::AccessDenied(message)))
-            }
             Ok(dir) => Ok(dir),
             Err(error) if error.is_outage() => {
                 match cached.filter(|d| d.validity.may_serve_stale(now)) {
