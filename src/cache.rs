@@ -243,13 +243,6 @@ impl Cache {
         self.inner.lock().unwrap().values.get(name).cloned()
     }
 
-    /// The cache's copy of `name`, for others to share instead of copying it.
-    pub fn shared_name(&self, name: &str) -> Option<Arc<str>> {
-        let inner = self.inner.lock().unwrap();
-        let parameter = inner.values.peek(name)?.parameter()?;
-        (&*parameter.name == name).then(|| parameter.name.clone())
-    }
-
     pub fn dir(&self, path: &str) -> Option<DirEntry> {
         self.inner.lock().unwrap().dirs.get(path).cloned()
     }

@@ -131,15 +131,16 @@ impl InodeTable {
     ) -> u64 {
         let ino = table.next_ino;
         table.next_ino += 1;
+        // One copy of a name: the index's, else the caller's, else a new one.
         let indexed = table
             .by_name
             .get_key_value(name)
-            .or_else(|| table.other_roles.get_key_value(name).map(|(k, _)| (k, &0)));
-        let name: Arc<str> = match (indexed, shared) {
-            (Some((indexed, _)), _) => indexed.clone(),
-            (None, Some(shared)) => shared.clone(),
-            (None, None) => Arc::from(name),
-        };
+            .map(|(key, _)| key)
+            .or_else(|| table.other_roles.get_key_value(name).map(|(key, _)| key));
+        let name: Arc<str> = indexed
+            .or(shared)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(name));
         let primary_role = table
             .by_name
             .get(&*name)

@@ -111,7 +111,9 @@ where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: std::fmt::Debug + 'static,
 {
-    if let Some(credentials) = find_in_chain::<CredentialsError>(&error) {
+    if let Some(credentials) =
+        source_chain(&error).find_map(|e| e.downcast_ref::<CredentialsError>())
+    {
         return StoreError::Credentials(error_chain(credentials));
     }
     match &error {
@@ -147,32 +149,23 @@ where
     }
 }
 
-/// The first error of type `T` in `error`'s source chain (the SDK wraps a
-/// credentials failure in a dispatch failure in a connector error).
-fn find_in_chain<'a, T: std::error::Error + 'static>(
+/// `error` and its sources, outermost first (the SDK wraps a credentials
+/// failure in a dispatch failure in a connector error).
+fn source_chain<'a>(
     error: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a T> {
-    let mut current = Some(error);
-    while let Some(e) = current {
-        if let Some(found) = e.downcast_ref::<T>() {
-            return Some(found);
-        }
-        current = e.source();
-    }
-    None
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(error), |e| e.source())
 }
 
 /// Every message in the source chain on one line, without the SDK's Debug
-/// dump (which `DisplayErrorContext` appends).
+/// dump (which `DisplayErrorContext` appends and which can hold raw bodies).
 fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
-    let mut current = Some(error);
-    while let Some(e) = current {
+    for e in source_chain(error) {
         let text = one_line(&e.to_string());
         if !text.is_empty() && !parts.last().is_some_and(|last| last.contains(&text)) {
             parts.push(text);
         }
-        current = e.source();
     }
     parts.join(": ")
 }
