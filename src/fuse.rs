@@ -35,10 +35,11 @@ impl<S: ParameterStore> FuseAdapter<S> {
         Self { fs, runtime }
     }
 
-    /// Records a request answered on the FUSE thread itself, when dropped.
-    fn timer(&self, operation: &'static str) -> RequestTimer<'_> {
+    /// Times one request; the latency is recorded when the timer is dropped,
+    /// on the FUSE thread or at the end of the task that answers it.
+    fn timer(&self, operation: &'static str) -> RequestTimer {
         RequestTimer {
-            metrics: self.fs.metrics(),
+            metrics: self.fs.metrics().clone(),
             operation,
             started: Instant::now(),
         }
@@ -50,23 +51,22 @@ impl<S: ParameterStore> FuseAdapter<S> {
         F: FnOnce(Arc<Fs<S>>) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let started = Instant::now();
-        let metrics = self.fs.metrics().clone();
+        let timer = self.timer(operation);
         let task = work(self.fs.clone());
         self.runtime.spawn(async move {
             task.await;
-            metrics.fuse_request(operation, started.elapsed());
+            drop(timer);
         });
     }
 }
 
-struct RequestTimer<'a> {
-    metrics: &'a Arc<crate::metrics::Metrics>,
+struct RequestTimer {
+    metrics: Arc<crate::metrics::Metrics>,
     operation: &'static str,
     started: Instant,
 }
 
-impl Drop for RequestTimer<'_> {
+impl Drop for RequestTimer {
     fn drop(&mut self) {
         self.metrics
             .fuse_request(self.operation, self.started.elapsed());
