@@ -810,7 +810,9 @@ async fn the_mount_check_refuses_what_would_break_every_read() {
 #[tokio::test(start_paused = true)]
 async fn a_role_with_get_parameter_alone_pays_one_call_per_name() {
     let store = airflow_store();
-    store.deny_listings(true);
+    store.fail_every_listing(Some(StoreError::AccessDenied(
+        "not authorized to perform ssm:GetParametersByPath".into(),
+    )));
     let (fs, _inval) = mount(store, config("/airflow"));
     assert_eq!(fs.check_access().await, Ok(None), "it still mounts");
     assert_eq!(calls(&fs).list_page, 1);

@@ -28,6 +28,7 @@ impl CallCounts {
 #[derive(Default)]
 struct Faults {
     every_call: Option<StoreError>,
+    every_listing: Option<StoreError>,
     next_calls: Vec<StoreError>,
     by_name: HashMap<String, StoreError>,
     latency: Duration,
@@ -39,7 +40,6 @@ pub struct MemoryStore {
     faults: Mutex<Faults>,
     get: AtomicU64,
     list_page: AtomicU64,
-    listings_denied: std::sync::atomic::AtomicBool,
 }
 
 impl MemoryStore {
@@ -99,9 +99,10 @@ impl MemoryStore {
             .insert(name.to_string(), error);
     }
 
-    /// Every listing is refused, as for a role granted ssm:GetParameter alone.
-    pub fn deny_listings(&self, denied: bool) {
-        self.listings_denied.store(denied, Ordering::SeqCst);
+    /// Every listing fails with `error` until cleared with `None` (as
+    /// AccessDenied does for a role granted ssm:GetParameter alone).
+    pub fn fail_every_listing(&self, error: Option<StoreError>) {
+        self.faults.lock().unwrap().every_listing = error;
     }
 
     pub fn set_latency(&self, latency: Duration) {
@@ -159,10 +160,8 @@ impl ParameterStore for MemoryStore {
         };
         let names: Vec<&str> = below.iter().map(|p| &*p.name).collect();
         self.enter(&self.list_page, &names).await?;
-        if self.listings_denied.load(Ordering::SeqCst) {
-            return Err(StoreError::AccessDenied(format!(
-                "not authorized to perform ssm:GetParametersByPath on {path}"
-            )));
+        if let Some(error) = self.faults.lock().unwrap().every_listing.clone() {
+            return Err(error);
         }
         let mut parameters = below;
         let next_token = if parameters.len() > max_results {

@@ -2,9 +2,10 @@
 //!
 //! Two reads: one name (`get`, one GetParameter call) and one page of
 //! everything below a path (`list_page`, one GetParametersByPath call, which
-//! is also how many names are fetched at once: ten to a page, with values). Implementations: `ssm` (aws-sdk-ssm),
-//! `memory` (counted and fault-injected, for tests and the demo) and
-//! `resilient` (pacing, retries and deadlines around any store).
+//! is also how many names are fetched at once: ten to a page, with values).
+//! Implementations: `ssm` (aws-sdk-ssm), `memory` (counted and fault-injected,
+//! for tests and the demo) and `resilient` (pacing, retries and deadlines
+//! around any store).
 
 pub mod memory;
 pub mod resilient;
