@@ -151,15 +151,14 @@ fn cold_reads_cost_a_call_per_component_and_ls_a_page_per_ten() {
     let moto = Moto::start();
     let rt = runtime();
     let client = client(&rt, &moto.endpoint);
-    for i in 0..45 {
-        put(
-            &rt,
-            &client,
-            &format!("/app/many/p{i:02}"),
-            &format!("value-{i}"),
-            ParameterType::String,
-        );
-    }
+    put_many(
+        &rt,
+        &client,
+        (0..45)
+            .map(|i| (format!("/app/many/p{i:02}"), format!("value-{i}")))
+            .collect(),
+        ParameterType::String,
+    );
     put(&rt, &client, "/app/x/y/z", "deep", ParameterType::String);
     let mount = Mount::start(&moto.endpoint, "/app", &[]);
     let mnt = mount.path();
@@ -429,15 +428,16 @@ fn sixty_four_threads_of_warm_reads_get_every_byte_right() {
     let values: Vec<String> = (0..50)
         .map(|i| format!("secret-{i:02}-{}", "\u{e9}x".repeat(i + 1)))
         .collect();
-    for (i, value) in values.iter().enumerate() {
-        put(
-            &rt,
-            &client,
-            &format!("/hot/s{i:02}"),
-            value,
-            ParameterType::SecureString,
-        );
-    }
+    put_many(
+        &rt,
+        &client,
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, value)| (format!("/hot/s{i:02}"), value.clone()))
+            .collect(),
+        ParameterType::SecureString,
+    );
     let mount = Mount::start(&moto.endpoint, "/hot", &[]);
     let dir = mount.path();
     for i in 0..50 {
@@ -664,15 +664,14 @@ fn warm_reads_and_listings_stay_in_the_kernel() {
     let moto = Moto::start();
     let rt = runtime();
     let client = client(&rt, &moto.endpoint);
-    for i in 0..30 {
-        put(
-            &rt,
-            &client,
-            &format!("/warm/dir/p{i:02}"),
-            &format!("value-{i}"),
-            ParameterType::SecureString,
-        );
-    }
+    put_many(
+        &rt,
+        &client,
+        (0..30)
+            .map(|i| (format!("/warm/dir/p{i:02}"), format!("value-{i}")))
+            .collect(),
+        ParameterType::SecureString,
+    );
     let addr = format!("127.0.0.1:{}", free_loopback_port());
     let mount = Mount::start(&moto.endpoint, "/warm", &["--metrics-addr", &addr]);
     let dir = mount.path().join("dir");

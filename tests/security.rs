@@ -284,6 +284,7 @@ fn ten_thousand_entries_in_one_directory_list_completely() {
         (0..10_000)
             .map(|i| (format!("/wide/dir/k{i:05}"), format!("{i}")))
             .collect(),
+        ParameterType::String,
     );
     eprintln!("seeded 10,000 parameters in {:?}", started.elapsed());
     let mount = Mount::start(&moto.endpoint, "/wide", &["--max-tps", "1000"]);

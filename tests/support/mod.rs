@@ -157,6 +157,24 @@ pub fn client(rt: &tokio::runtime::Runtime, endpoint: &str) -> aws_sdk_ssm::Clie
     aws_sdk_ssm::Client::from_conf(config)
 }
 
+/// PutParameter (overwriting), panicking with the SDK's whole error.
+async fn put_async(client: &aws_sdk_ssm::Client, name: &str, value: &str, kind: ParameterType) {
+    client
+        .put_parameter()
+        .name(name)
+        .value(value)
+        .r#type(kind)
+        .overwrite(true)
+        .send()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "seeding {name}: {}",
+                aws_sdk_ssm::error::DisplayErrorContext(&e)
+            )
+        });
+}
+
 pub fn put(
     rt: &tokio::runtime::Runtime,
     client: &aws_sdk_ssm::Client,
@@ -164,51 +182,27 @@ pub fn put(
     value: &str,
     kind: ParameterType,
 ) {
-    rt.block_on(
-        client
-            .put_parameter()
-            .name(name)
-            .value(value)
-            .r#type(kind)
-            .overwrite(true)
-            .send(),
-    )
-    .unwrap_or_else(|e| {
-        panic!(
-            "seeding {name}: {}",
-            aws_sdk_ssm::error::DisplayErrorContext(&e)
-        )
-    });
+    rt.block_on(put_async(client, name, value, kind));
 }
 
-/// Seeds many String parameters, 16 requests at a time.
+/// Seeds many parameters of one type, 16 requests at a time (so in no
+/// particular order: tests that rely on moto's insertion order use `put`).
 pub fn put_many(
     rt: &tokio::runtime::Runtime,
     client: &aws_sdk_ssm::Client,
     items: Vec<(String, String)>,
+    kind: ParameterType,
 ) {
     let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
     rt.block_on(async {
         let mut tasks = tokio::task::JoinSet::new();
         for (name, value) in items {
             let client = client.clone();
+            let kind = kind.clone();
             let permit = semaphore.clone().acquire_owned().await.unwrap();
             tasks.spawn(async move {
                 let _permit = permit;
-                client
-                    .put_parameter()
-                    .name(&name)
-                    .value(value)
-                    .r#type(ParameterType::String)
-                    .overwrite(true)
-                    .send()
-                    .await
-                    .unwrap_or_else(|e| {
-                        panic!(
-                            "seeding {name}: {}",
-                            aws_sdk_ssm::error::DisplayErrorContext(&e)
-                        )
-                    });
+                put_async(&client, &name, &value, kind).await;
             });
         }
         while let Some(done) = tasks.join_next().await {
