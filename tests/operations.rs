@@ -209,23 +209,14 @@ fn mount_t_fuse_ssmfs_works_through_mount_fuse3() {
         moto.endpoint,
         dir.path().join("log").display()
     );
-    let out = Command::new("mount")
-        .args([
-            "-t",
-            "fuse.ssmfs",
-            "/viamount",
-            mnt.to_str().unwrap(),
-            "-o",
-            &options,
-        ])
-        .envs(aws_env())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "mount: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    mount_8(&[
+        "-t",
+        "fuse.ssmfs",
+        "/viamount",
+        mnt.to_str().unwrap(),
+        "-o",
+        &options,
+    ]);
     let result = std::panic::catch_unwind(|| {
         assert_eq!(
             std::fs::read(mnt.join("secret")).unwrap(),
@@ -257,19 +248,24 @@ fn mount_t_fuse_ssmfs_works_through_mount_fuse3() {
         format!("/viamount {} fuse.ssmfs {options} 0 0\n", mnt.display()),
     )
     .unwrap();
+    mount_8(&["-T", fstab.to_str().unwrap(), mnt.to_str().unwrap()]);
+    let read = std::fs::read(mnt.join("secret"));
+    let _ = run("umount", &[mnt.to_str().unwrap()]);
+    assert_eq!(read.unwrap(), b"through-the-helper");
+}
+
+/// Runs mount(8) with the test's AWS environment and requires it to succeed.
+fn mount_8(args: &[&str]) {
     let out = Command::new("mount")
-        .args(["-T", fstab.to_str().unwrap(), mnt.to_str().unwrap()])
+        .args(args)
         .envs(aws_env())
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "mount from fstab: {}",
+        "mount {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let read = std::fs::read(mnt.join("secret"));
-    let _ = run("umount", &[mnt.to_str().unwrap()]);
-    assert_eq!(read.unwrap(), b"through-the-helper");
 }
 
 /// Polls `condition` for up to ten seconds.
