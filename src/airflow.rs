@@ -61,11 +61,34 @@ const FOLDERS: [(&str, &str, &str, &str); 3] = [
     ),
 ];
 
-fn string_key(kwargs: &Map<String, Value>, key: &str) -> Result<Option<String>, String> {
+/// Why a kwargs JSON cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KwargsError {
+    #[error("not valid JSON: {0}")]
+    NotJson(serde_json::Error),
+    #[error("must be a JSON object such as {{\"variables_prefix\": \"airflow/variables\"}}")]
+    NotAnObject,
+    #[error("\"{key}\" must be a string, not {found}")]
+    NotAString { key: String, found: Value },
+    #[error("\"{key}\" must be a string or null, not {found}")]
+    NotAStringOrNull { key: String, found: Value },
+    #[error("\"{key}\": {cause}")]
+    BadPrefix {
+        key: String,
+        cause: names::NameError,
+    },
+    #[error("\"{key}\" is not a valid regex: {cause}")]
+    BadPattern { key: String, cause: regex::Error },
+}
+
+fn string_key(kwargs: &Map<String, Value>, key: &str) -> Result<Option<String>, KwargsError> {
     match kwargs.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(other) => Err(format!("\"{key}\" must be a string, not {other}")),
+        Some(other) => Err(KwargsError::NotAString {
+            key: key.to_string(),
+            found: other.clone(),
+        }),
     }
 }
 
@@ -79,12 +102,10 @@ fn airflow_prefix(raw: &str) -> String {
     }
 }
 
-pub fn parse(json: &str) -> Result<AirflowSettings, String> {
-    let value: Value = serde_json::from_str(json).map_err(|e| format!("not valid JSON: {e}"))?;
+pub fn parse(json: &str) -> Result<AirflowSettings, KwargsError> {
+    let value: Value = serde_json::from_str(json).map_err(KwargsError::NotJson)?;
     let Value::Object(kwargs) = value else {
-        return Err(
-            "must be a JSON object such as {\"variables_prefix\": \"airflow/variables\"}".into(),
-        );
+        return Err(KwargsError::NotAnObject);
     };
     let mut settings = AirflowSettings::default();
     for (folder, prefix_key, pattern_key, default) in FOLDERS {
@@ -93,16 +114,22 @@ pub fn parse(json: &str) -> Result<AirflowSettings, String> {
             Some(Value::Null) => continue, // Airflow: lookups of this kind are disabled
             Some(Value::String(raw)) => airflow_prefix(raw),
             Some(other) => {
-                return Err(format!(
-                    "\"{prefix_key}\" must be a string or null, not {other}"
-                ))
+                return Err(KwargsError::NotAStringOrNull {
+                    key: prefix_key.to_string(),
+                    found: other.clone(),
+                })
             }
         };
-        let prefix = names::parse_prefix(&prefix).map_err(|e| format!("\"{prefix_key}\": {e}"))?;
+        let prefix = names::parse_prefix(&prefix).map_err(|cause| KwargsError::BadPrefix {
+            key: prefix_key.to_string(),
+            cause,
+        })?;
         let pattern = string_key(&kwargs, pattern_key)?
             .map(|p| {
-                Regex::new(&format!("(?i)^(?:{p})"))
-                    .map_err(|e| format!("\"{pattern_key}\" is not a valid regex: {e}"))
+                Regex::new(&format!("(?i)^(?:{p})")).map_err(|cause| KwargsError::BadPattern {
+                    key: pattern_key.to_string(),
+                    cause,
+                })
             })
             .transpose()?;
         settings.areas.push(Area {
@@ -179,16 +206,19 @@ mod tests {
 
     #[test]
     fn bad_input_is_explained() {
-        assert!(parse("{not json").unwrap_err().contains("JSON"));
-        assert!(parse("[]").unwrap_err().contains("object"));
+        assert!(parse("{not json").unwrap_err().to_string().contains("JSON"));
+        assert!(parse("[]").unwrap_err().to_string().contains("object"));
         assert!(parse(r#"{"variables_lookup_pattern": "("}"#)
             .unwrap_err()
+            .to_string()
             .contains("variables_lookup_pattern"));
         assert!(parse(r#"{"variables_prefix": 5}"#)
             .unwrap_err()
+            .to_string()
             .contains("variables_prefix"));
         assert!(parse(r#"{"variables_prefix": "bad name!"}"#)
             .unwrap_err()
+            .to_string()
             .contains("variables_prefix"));
     }
 }

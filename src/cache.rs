@@ -1,9 +1,12 @@
 //! The bounded cache of what SSM told us, and single-flight for what it has not.
 //!
-//! Two LRU maps keyed by SSM name: `values` (a parameter, the fact that it does
-//! not exist, or that we may not read it) and `dirs` (the children below a path:
-//! complete when a whole recursive listing was read, partial when only a first
-//! page was). Every entry carries when it was fetched, when it expires (TTL,
+//! Three LRU maps keyed by SSM name: `values` (a parameter, the fact that it
+//! does not exist, or that we may not read it), `dirs` (the children below a
+//! path: complete when a whole recursive listing was read, partial when only a
+//! first page was) and `notes` (short-lived facts about a path that are
+//! neither: SSM refused to list it, and how many names below it were probed
+//! one by one). All three are bounded, so no stream of distinct names grows
+//! memory without limit. Every entry carries when it was fetched, when it expires (TTL,
 //! or the shorter negative TTL), when it should be refreshed ahead of expiry
 //! (jittered, so a fleet does not refresh in lockstep) and until when it may be
 //! served stale while SSM is failing. Values are bounded by count and bytes,
@@ -38,11 +41,7 @@ pub enum Known {
     Denied,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ChildKind {
-    File,
-    Dir,
-}
+pub use crate::names::ChildKind;
 
 /// Timing shared by both kinds of entry: the fetch time and three offsets from
 /// it in milliseconds (32 bytes instead of four 16-byte instants, which matters
@@ -189,11 +188,23 @@ pub enum Change {
     Disappeared,
 }
 
+/// What is known about a path besides its value and listing.
+#[derive(Debug, Clone, Copy, Default)]
+struct Note {
+    /// SSM refused to list below the path (a role with GetParameter alone);
+    /// not asked again before this instant: each refusal is a wasted call and
+    /// an AccessDenied event in CloudTrail.
+    refused_until: Option<Instant>,
+    /// Names below the path resolved one by one since it was last listed.
+    probes: u32,
+}
+
 struct Inner {
     /// Keyed by the parameter's own name when present (one shared copy).
     values: LruCache<Arc<str>, ValueEntry>,
     value_bytes: usize,
     dirs: LruCache<String, DirEntry>,
+    notes: LruCache<String, Note>,
 }
 
 pub struct Cache {
@@ -209,6 +220,7 @@ impl Cache {
                 values: LruCache::unbounded(),
                 value_bytes: 0,
                 dirs: LruCache::unbounded(),
+                notes: LruCache::unbounded(),
             }),
             config,
             metrics,
@@ -317,9 +329,62 @@ impl Cache {
             own_parameter,
         };
         let mut inner = self.inner.lock().unwrap();
+        if complete {
+            if let Some(note) = inner.notes.peek_mut(path) {
+                note.probes = 0;
+            }
+        }
         inner.dirs.put(path.to_string(), entry.clone());
         self.enforce_bounds(&mut inner);
         entry
+    }
+
+    /// Records that SSM refused to list `path`, for one TTL. Returns true when
+    /// this is news (no refusal was on record), so the caller logs it once.
+    pub fn refuse_listing(&self, path: &str) -> bool {
+        let now = Instant::now();
+        let until = now + self.config.ttl;
+        self.update_note(path, |note| {
+            let news = note.refused_until.is_none_or(|t| t <= now);
+            note.refused_until = Some(until);
+            news
+        })
+    }
+
+    /// Whether SSM refused to list `path` within the last TTL.
+    pub fn listing_refused(&self, path: &str, now: Instant) -> bool {
+        let mut inner = self.inner.lock().unwrap();
+        inner
+            .notes
+            .get(path)
+            .and_then(|n| n.refused_until)
+            .is_some_and(|until| now < until)
+    }
+
+    /// How many names below `dir` were probed one by one since its last listing.
+    pub fn probes_below(&self, dir: &str) -> u32 {
+        let mut inner = self.inner.lock().unwrap();
+        inner.notes.get(dir).map_or(0, |n| n.probes)
+    }
+
+    /// Counts one more probe of a name below `dir`.
+    pub fn count_probe(&self, dir: &str) {
+        self.update_note(dir, |note| note.probes = note.probes.saturating_add(1));
+    }
+
+    fn update_note<T>(&self, path: &str, update: impl FnOnce(&mut Note) -> T) -> T {
+        let mut inner = self.inner.lock().unwrap();
+        let result = match inner.notes.get_mut(path) {
+            Some(note) => update(note),
+            None => {
+                let mut note = Note::default();
+                let result = update(&mut note);
+                inner.notes.put(path.to_string(), note);
+                result
+            }
+        };
+        self.enforce_bounds(&mut inner);
+        result
     }
 
     fn enforce_bounds(&self, inner: &mut Inner) {
@@ -336,6 +401,10 @@ impl Cache {
             inner.dirs.pop_lru();
             Metrics::inc(&self.metrics.cache_evictions);
         }
+        // Notes are hints: losing one costs at most a repeated call.
+        while inner.notes.len() > self.config.max_entries {
+            inner.notes.pop_lru();
+        }
     }
 
     /// Forgets everything (SIGHUP): the next reads fetch fresh answers.
@@ -343,14 +412,28 @@ impl Cache {
         let mut inner = self.inner.lock().unwrap();
         inner.values.clear();
         inner.dirs.clear();
+        inner.notes.clear();
         inner.value_bytes = 0;
     }
 
-    /// (values held, listings held, bytes of values)
-    pub fn usage(&self) -> (usize, usize, usize) {
+    pub fn usage(&self) -> Usage {
         let inner = self.inner.lock().unwrap();
-        (inner.values.len(), inner.dirs.len(), inner.value_bytes)
+        Usage {
+            values: inner.values.len(),
+            dirs: inner.dirs.len(),
+            notes: inner.notes.len(),
+            value_bytes: inner.value_bytes,
+        }
     }
+}
+
+/// How much the cache holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub values: usize,
+    pub dirs: usize,
+    pub notes: usize,
+    pub value_bytes: usize,
 }
 
 /// Coalesces concurrent calls for one key: the first caller runs the call,
@@ -428,7 +511,7 @@ mod tests {
         cache.put_value("/c", parameter("/c", "3", 1));
         assert!(cache.value("/b").is_none(), "b was least recently used");
         assert!(cache.value("/a").is_some() && cache.value("/c").is_some());
-        assert_eq!(cache.usage().0, 2);
+        assert_eq!(cache.usage().values, 2);
     }
 
     #[test]
@@ -440,9 +523,9 @@ mod tests {
                 parameter(&format!("/p{i}"), &"x".repeat(40), 1),
             );
         }
-        let (entries, _, bytes) = cache.usage();
-        assert!(bytes <= 100, "{bytes}");
-        assert!(entries < 10);
+        let usage = cache.usage();
+        assert!(usage.value_bytes <= 100, "{usage:?}");
+        assert!(usage.values < 10);
     }
 
     #[test]
@@ -484,6 +567,23 @@ mod tests {
             points.iter().any(|p| *p != points[0]),
             "refresh points must be jittered"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_expire_with_the_ttl_and_notes_stay_bounded() {
+        let cache = cache(100, usize::MAX);
+        assert!(cache.refuse_listing("/a"), "the first refusal is news");
+        assert!(!cache.refuse_listing("/a"), "a repeated one is not");
+        assert!(cache.listing_refused("/a", Instant::now()));
+        tokio::time::advance(cache.config().ttl).await;
+        assert!(!cache.listing_refused("/a", Instant::now()));
+        assert!(cache.refuse_listing("/a"), "news again once expired");
+        for i in 0..1_000 {
+            cache.count_probe(&format!("/d{i}"));
+        }
+        assert_eq!(cache.usage().notes, 100);
+        assert_eq!(cache.probes_below("/d999"), 1);
+        assert_eq!(cache.probes_below("/d0"), 0, "the oldest were evicted");
     }
 
     #[tokio::test]

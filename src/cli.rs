@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::airflow;
+use crate::airflow::{self, KwargsError};
 use crate::config::{self, CacheConfig, FsConfig, RequestConfig};
 use crate::names;
 use crate::store::ssm::AwsOptions;
@@ -175,15 +175,49 @@ const GENERIC_MOUNT_OPTIONS: &[&str] = &[
     "sync",
 ];
 
+/// A command line that cannot be used, in one line that names the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Not an error: `--help` or `--version` text, for standard output.
+    #[error("{0}")]
+    Informational(String),
+    #[error("{0} (see ssmfs --help)")]
+    Usage(String),
+    #[error("-o needs a list of options")]
+    EmptyMountOptions,
+    #[error("{flag}: {cause}")]
+    Kwargs {
+        flag: &'static str,
+        cause: KwargsError,
+    },
+    #[error("with {0} give only MOUNTPOINT: ssmfs {0} <MOUNTPOINT>")]
+    AirflowTakesOnlyMountpoint(&'static str),
+    #[error("missing MOUNTPOINT: usage is ssmfs <PREFIX> <MOUNTPOINT>")]
+    MissingMountpoint,
+    #[error("usage is ssmfs <PREFIX> <MOUNTPOINT>")]
+    MissingArguments,
+    #[error("invalid PREFIX '{prefix}': {cause}")]
+    BadPrefix {
+        prefix: String,
+        cause: names::NameError,
+    },
+    #[error("--file-mode {0:04o} lets every user read secrets; add --allow-world-readable if that is intended")]
+    WorldReadable(u16),
+    #[error("--threads must be at least 1")]
+    NoThreads,
+    #[error("--cache-entries and --cache-bytes must be at least 1")]
+    EmptyCache,
+}
+
 /// Rewrites `-o a,b=c` into `--a --b c`, dropping generic mount options.
-pub fn expand_mount_options(args: Vec<OsString>) -> Result<Vec<OsString>, String> {
+pub fn expand_mount_options(args: Vec<OsString>) -> Result<Vec<OsString>, CliError> {
     let mut out = Vec::with_capacity(args.len());
     let mut iter = args.into_iter();
     while let Some(arg) = iter.next() {
         let text = arg.to_string_lossy().into_owned();
         let list = if text == "-o" {
             iter.next()
-                .ok_or("-o needs a list of options")?
+                .ok_or(CliError::EmptyMountOptions)?
                 .to_string_lossy()
                 .into_owned()
         } else if let Some(rest) = text.strip_prefix("-o").filter(|r| !r.is_empty()) {
@@ -214,41 +248,36 @@ pub fn expand_mount_options(args: Vec<OsString>) -> Result<Vec<OsString>, String
 }
 
 impl CliArgs {
-    /// Parses the process arguments, exiting with clap's message on error.
-    pub fn parse_with_mount_options() -> Self {
-        match expand_mount_options(std::env::args_os().collect()) {
-            Ok(args) => CliArgs::try_parse_from(args).unwrap_or_else(|error| {
-                use clap::error::ErrorKind;
-                if matches!(
-                    error.kind(),
-                    ErrorKind::DisplayHelp
-                        | ErrorKind::DisplayVersion
-                        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-                ) {
-                    error.exit();
-                }
-                // One line naming the problem, instead of clap's three.
-                let rendered = error.render().to_string();
-                let problem: Vec<&str> = rendered
-                    .lines()
-                    .take_while(|line| !line.trim().is_empty())
-                    .map(str::trim)
-                    .collect();
-                let problem = problem.join(" ");
-                eprintln!(
-                    "ssmfs: {} (see ssmfs --help)",
-                    problem.strip_prefix("error: ").unwrap_or(&problem)
-                );
-                std::process::exit(2);
-            }),
-            Err(message) => {
-                eprintln!("ssmfs: {message}");
-                std::process::exit(2);
+    /// Parses `args` (the process's, program name first), mount options included.
+    pub fn parse_with_mount_options(args: Vec<OsString>) -> Result<Self, CliError> {
+        CliArgs::try_parse_from(expand_mount_options(args)?).map_err(|error| {
+            use clap::error::ErrorKind;
+            if matches!(
+                error.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                return CliError::Informational(error.render().to_string());
             }
-        }
+            // One line naming the problem, instead of clap's three.
+            let rendered = error.render().to_string();
+            let problem: Vec<&str> = rendered
+                .lines()
+                .take_while(|line| !line.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let problem = problem.join(" ");
+            CliError::Usage(
+                problem
+                    .strip_prefix("error: ")
+                    .unwrap_or(&problem)
+                    .to_string(),
+            )
+        })
     }
 
-    pub fn into_settings(self) -> Result<Settings, String> {
+    pub fn into_settings(self) -> Result<Settings, CliError> {
         let airflow_json = match (&self.airflow_kwargs, self.airflow) {
             (Some(json), _) => Some(("--airflow-kwargs", json.clone())),
             (None, true) => Some((
@@ -269,7 +298,8 @@ impl CliArgs {
                 } else {
                     json.as_str()
                 };
-                let airflow = airflow::parse(json).map_err(|e| format!("{flag}: {e}"))?;
+                let airflow =
+                    airflow::parse(json).map_err(|cause| CliError::Kwargs { flag, cause })?;
                 if !airflow.ignored_keys.is_empty() {
                     warnings.push(format!(
                         "{flag}: ssmfs does not use these keys: {}",
@@ -278,34 +308,25 @@ impl CliArgs {
                 }
                 ("/".to_string(), PathBuf::from(mountpoint), Some(airflow))
             }
-            (Some((flag, _)), _) => {
-                return Err(format!(
-                    "with {flag} give only MOUNTPOINT: ssmfs {flag} <MOUNTPOINT>"
-                ))
-            }
+            (Some((flag, _)), _) => return Err(CliError::AirflowTakesOnlyMountpoint(flag)),
             (None, [prefix, mountpoint]) => (
                 prefix.to_string_lossy().into_owned(),
                 PathBuf::from(mountpoint),
                 None,
             ),
-            (None, [_]) => {
-                return Err("missing MOUNTPOINT: usage is ssmfs <PREFIX> <MOUNTPOINT>".into())
-            }
-            (None, _) => return Err("usage is ssmfs <PREFIX> <MOUNTPOINT>".into()),
+            (None, [_]) => return Err(CliError::MissingMountpoint),
+            (None, _) => return Err(CliError::MissingArguments),
         };
         let prefix =
-            names::parse_prefix(&prefix).map_err(|e| format!("invalid PREFIX '{prefix}': {e}"))?;
+            names::parse_prefix(&prefix).map_err(|cause| CliError::BadPrefix { prefix, cause })?;
         if self.file_mode & 0o004 != 0 && !self.allow_world_readable {
-            return Err(format!(
-                "--file-mode {:04o} lets every user read secrets; add --allow-world-readable if that is intended",
-                self.file_mode
-            ));
+            return Err(CliError::WorldReadable(self.file_mode));
         }
         if self.threads == 0 {
-            return Err("--threads must be at least 1".into());
+            return Err(CliError::NoThreads);
         }
         if self.cache_entries == 0 || self.cache_bytes == 0 {
-            return Err("--cache-entries and --cache-bytes must be at least 1".into());
+            return Err(CliError::EmptyCache);
         }
         let mut fs = FsConfig::new(prefix);
         fs.uid = self.uid.unwrap_or(fs.uid);
@@ -368,10 +389,9 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Settings, String> {
-        let args = expand_mount_options(args.iter().map(OsString::from).collect())?;
-        CliArgs::try_parse_from(args)
-            .map_err(|e| e.to_string())?
-            .into_settings()
+        CliArgs::parse_with_mount_options(args.iter().map(OsString::from).collect())
+            .and_then(CliArgs::into_settings)
+            .map_err(|e| e.to_string())
     }
 
     #[test]

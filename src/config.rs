@@ -108,31 +108,39 @@ impl FsConfig {
     }
 }
 
+/// A setting's text that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("'{0}' is negative; use a duration such as 30s, 5m or 1h")]
+    NegativeDuration(String),
+    #[error("'{0}' has no unit; use a duration such as 30s, 5m or 1h")]
+    DurationWithoutUnit(String),
+    #[error("'{0}' is not a duration; use a form such as 30s, 5m or 1h")]
+    NotADuration(String),
+    #[error("'{0}' is not an octal permission mode such as 0400")]
+    NotAMode(String),
+}
+
 /// Parses a duration such as `30s`, `5m`, `1h` or `1h30m`. A bare number is
 /// refused: `--ttl 300` is too easy to misread as milliseconds.
-pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+pub fn parse_duration(raw: &str) -> Result<Duration, ValueError> {
     let trimmed = raw.trim();
     if trimmed.starts_with('-') {
-        return Err(format!(
-            "'{raw}' is negative; use a duration such as 30s, 5m or 1h"
-        ));
+        return Err(ValueError::NegativeDuration(raw.to_string()));
     }
     if !trimmed.is_empty() && trimmed.chars().all(|c| c.is_ascii_digit()) {
-        return Err(format!(
-            "'{raw}' has no unit; use a duration such as 30s, 5m or 1h"
-        ));
+        return Err(ValueError::DurationWithoutUnit(raw.to_string()));
     }
-    humantime::parse_duration(trimmed)
-        .map_err(|_| format!("'{raw}' is not a duration; use a form such as 30s, 5m or 1h"))
+    humantime::parse_duration(trimmed).map_err(|_| ValueError::NotADuration(raw.to_string()))
 }
 
 /// Parses an octal permission mode such as `0400` or `440`.
-pub fn parse_mode(raw: &str) -> Result<u16, String> {
+pub fn parse_mode(raw: &str) -> Result<u16, ValueError> {
     let digits = raw.trim().trim_start_matches("0o");
     u16::from_str_radix(digits, 8)
         .ok()
         .filter(|mode| *mode <= 0o7777 && !digits.is_empty())
-        .ok_or_else(|| format!("'{raw}' is not an octal permission mode such as 0400"))
+        .ok_or_else(|| ValueError::NotAMode(raw.to_string()))
 }
 
 #[cfg(test)]
@@ -145,9 +153,15 @@ mod tests {
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert!(parse_duration("-5s").unwrap_err().contains("negative"));
+        assert!(parse_duration("-5s")
+            .unwrap_err()
+            .to_string()
+            .contains("negative"));
         assert!(parse_duration("10 parsecs").is_err());
-        assert!(parse_duration("300").unwrap_err().contains("no unit"));
+        assert!(parse_duration("300")
+            .unwrap_err()
+            .to_string()
+            .contains("no unit"));
         assert!(parse_duration("").is_err());
     }
 

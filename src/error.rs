@@ -1,4 +1,11 @@
 //! The one error type at the FUSE boundary, with an exhaustive errno mapping.
+//!
+//! Each variant says what went wrong in terms a user can act on; its Display
+//! names a parameter or path when there is one, never a value. `errno` is the
+//! only place a failure becomes a number, and `level` says how loudly the
+//! FUSE adapter logs it (a missing name is routine; an unknown inode is a bug).
+
+use tracing::Level;
 
 use crate::names::NameError;
 use crate::store::StoreError;
@@ -19,6 +26,15 @@ pub enum FsError {
     UnknownInode(u64),
     #[error("unknown directory handle {0}")]
     BadHandle(u64),
+    /// IAM or KMS denies reading this parameter.
+    #[error("SSM denied access to {name} (IAM or KMS)")]
+    AccessDenied { name: String },
+    /// IAM denies listing below this path (ssm:GetParametersByPath).
+    #[error("SSM denied listing below {path}")]
+    ListingRefused { path: String },
+    /// The mount-time check could not read the mounted path at all.
+    #[error("cannot read {path} from SSM: {source}")]
+    Unreachable { path: String, source: StoreError },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -40,16 +56,39 @@ impl FsError {
             FsError::IsDirectory => libc::EISDIR,
             FsError::UnknownInode(_) => libc::ESTALE,
             FsError::BadHandle(_) => libc::EBADF,
-            FsError::Store(StoreError::NotFound) => libc::ENOENT,
-            FsError::Store(StoreError::AccessDenied(_) | StoreError::Credentials(_)) => {
-                libc::EACCES
-            }
-            FsError::Store(
-                StoreError::Throttled
-                | StoreError::Unavailable(_)
-                | StoreError::Timeout
-                | StoreError::Invalid(_),
-            ) => libc::EIO,
+            FsError::AccessDenied { .. } | FsError::ListingRefused { .. } => libc::EACCES,
+            FsError::Unreachable { source, .. } => Self::store_errno(source),
+            FsError::Store(error) => Self::store_errno(error),
+        }
+    }
+
+    fn store_errno(error: &StoreError) -> i32 {
+        match error {
+            StoreError::NotFound => libc::ENOENT,
+            StoreError::AccessDenied { .. } | StoreError::Credentials(_) => libc::EACCES,
+            StoreError::Throttled
+            | StoreError::Unavailable(_)
+            | StoreError::Timeout
+            | StoreError::InvalidNextToken
+            | StoreError::Rejected { .. } => libc::EIO,
+        }
+    }
+
+    /// How loudly a failed request is logged: routine answers at DEBUG, SSM
+    /// trouble at WARN (the core already logged the first of each), and what
+    /// only a bug can cause at ERROR.
+    pub fn level(&self) -> Level {
+        match self {
+            FsError::NotFound
+            | FsError::BadName(_)
+            | FsError::ReadOnly
+            | FsError::NotDirectory
+            | FsError::IsDirectory
+            | FsError::AccessDenied { .. }
+            | FsError::ListingRefused { .. }
+            | FsError::Store(StoreError::NotFound) => Level::DEBUG,
+            FsError::Store(_) | FsError::Unreachable { .. } => Level::WARN,
+            FsError::UnknownInode(_) | FsError::BadHandle(_) => Level::ERROR,
         }
     }
 }
@@ -68,15 +107,18 @@ mod tests {
             FsError::BadName(NameError::BadCharacter).errno(),
             libc::ENOENT
         );
-        assert_eq!(
-            FsError::Store(StoreError::AccessDenied("x".into())).errno(),
-            libc::EACCES
-        );
+        let denied = FsError::AccessDenied {
+            name: "/p/x".into(),
+        };
+        assert_eq!(denied.errno(), libc::EACCES);
+        assert_eq!(denied.to_string(), "SSM denied access to /p/x (IAM or KMS)");
         assert_eq!(FsError::Store(StoreError::Timeout).errno(), libc::EIO);
         assert_eq!(
             FsError::Store(StoreError::Credentials("x".into())).errno(),
             libc::EACCES
         );
         assert_eq!(FsError::ReadOnly.errno(), libc::EROFS);
+        assert_eq!(FsError::UnknownInode(9).level(), Level::ERROR);
+        assert_eq!(FsError::NotFound.level(), Level::DEBUG);
     }
 }

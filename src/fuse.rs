@@ -7,11 +7,15 @@
 //! sending OPEN and RELEASE and keeps page-cache contents across opens), and
 //! FUSE_AUTO_INVAL_DATA makes it drop those pages when attributes it revalidates
 //! show a new size or mtime.
+//!
+//! Every request runs in a DEBUG span naming the operation and inode; a failed
+//! one is logged at its error's level (`FsError::level`), so `SSMFS_LOG=debug`
+//! traces requests while the default log shows only SSM trouble and bugs.
 
 use std::ffi::OsStr;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
@@ -20,6 +24,7 @@ use fuser::{
     WriteFlags,
 };
 use tokio::runtime::Handle;
+use tracing::{Instrument, Level};
 
 use crate::error::FsError;
 use crate::fs::{Attr, FileKind, Fs};
@@ -45,19 +50,49 @@ impl<S: ParameterStore> FuseAdapter<S> {
         }
     }
 
-    /// Runs `work` on the runtime and records the request's latency.
-    fn spawn<F, Fut>(&self, operation: &'static str, work: F)
+    /// Runs `work` for the request on inode `ino` on the runtime, in the
+    /// request's span, and records its latency.
+    fn spawn<F, Fut>(&self, operation: &'static str, ino: INodeNo, work: F)
     where
         F: FnOnce(Arc<Fs<S>>) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let timer = self.timer(operation);
+        let span = tracing::debug_span!("fuse", op = operation, ino = ino.0);
         let task = work(self.fs.clone());
-        self.runtime.spawn(async move {
-            task.await;
-            drop(timer);
-        });
+        self.runtime.spawn(
+            async move {
+                task.await;
+                drop(timer);
+            }
+            .instrument(span),
+        );
     }
+}
+
+/// The errno for a failed request, logged at the error's level.
+fn fail(operation: &'static str, error: &FsError) -> Errno {
+    let errno = error.errno();
+    match error.level() {
+        Level::ERROR => tracing::error!(op = operation, errno, %error, "request failed"),
+        Level::WARN => tracing::warn!(op = operation, errno, %error, "request failed"),
+        _ => tracing::debug!(op = operation, errno, %error, "request failed"),
+    }
+    Errno::from_i32(errno)
+}
+
+/// Operations that would change the tree (EROFS) or that a read-only tree
+/// never needs (ENOSYS: the kernel then stops sending them). Each is timed
+/// like any request.
+macro_rules! refuse {
+    ($($operation:ident($($argument:ty),*) -> $reply:ty = $errno:ident;)*) => {
+        $(
+            fn $operation(&self, _: &Request, $(_: $argument,)* reply: $reply) {
+                let _timer = self.timer(stringify!($operation));
+                reply.error(Errno::$errno);
+            }
+        )*
+    };
 }
 
 struct RequestTimer {
@@ -71,10 +106,6 @@ impl Drop for RequestTimer {
         self.metrics
             .fuse_request(self.operation, self.started.elapsed());
     }
-}
-
-fn errno(error: &FsError) -> Errno {
-    Errno::from_i32(error.errno())
 }
 
 fn to_file_attr(attr: &Attr) -> FileAttr {
@@ -117,10 +148,10 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name.to_os_string();
-        self.spawn("lookup", |fs| async move {
+        self.spawn("lookup", parent, |fs| async move {
             match fs.lookup(parent.0, &name).await {
                 Ok(entry) => reply.entry(&entry.ttl, &to_file_attr(&entry.attr), Generation(0)),
-                Err(error) => reply.error(errno(&error)),
+                Err(error) => reply.error(fail("lookup", &error)),
             }
         });
     }
@@ -131,10 +162,10 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.spawn("getattr", |fs| async move {
+        self.spawn("getattr", ino, |fs| async move {
             match fs.getattr(ino.0).await {
                 Ok(entry) => reply.attr(&entry.ttl, &to_file_attr(&entry.attr)),
-                Err(error) => reply.error(errno(&error)),
+                Err(error) => reply.error(fail("getattr", &error)),
             }
         });
     }
@@ -157,19 +188,19 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.spawn("read", |fs| async move {
+        self.spawn("read", ino, |fs| async move {
             match fs.read(ino.0, offset, size).await {
                 Ok(data) => reply.data(data.bytes()),
-                Err(error) => reply.error(errno(&error)),
+                Err(error) => reply.error(fail("read", &error)),
             }
         });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        self.spawn("opendir", |fs| async move {
+        self.spawn("opendir", ino, |fs| async move {
             match fs.opendir(ino.0).await {
                 Ok(handle) => reply.opened(FileHandle(handle), FopenFlags::empty()),
-                Err(error) => reply.error(errno(&error)),
+                Err(error) => reply.error(fail("opendir", &error)),
             }
         });
     }
@@ -197,7 +228,7 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
                 }
                 reply.ok();
             }
-            Err(error) => reply.error(errno(&error)),
+            Err(error) => reply.error(fail("readdir", &error)),
         }
     }
 
@@ -216,40 +247,15 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
 
     // Nothing is ever dirty. ENOSYS (rather than fuser's default, which also
     // logs a warning per call) makes the kernel stop sending these at all.
-    fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
-        let _timer = self.timer("flush");
-        reply.error(Errno::ENOSYS);
-    }
-
-    fn fsync(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
-        let _timer = self.timer("fsync");
-        reply.error(Errno::ENOSYS);
-    }
-
-    fn fsyncdir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
-        let _timer = self.timer("fsyncdir");
-        reply.error(Errno::ENOSYS);
+    // No extended attributes either: `ls -l` asks for two per file (SELinux
+    // label, ACL), which would otherwise be two daemon round trips per file on
+    // every listing; after ENOSYS the kernel answers EOPNOTSUPP itself.
+    refuse! {
+        flush(INodeNo, FileHandle, LockOwner) -> ReplyEmpty = ENOSYS;
+        fsync(INodeNo, FileHandle, bool) -> ReplyEmpty = ENOSYS;
+        fsyncdir(INodeNo, FileHandle, bool) -> ReplyEmpty = ENOSYS;
+        getxattr(INodeNo, &OsStr, u32) -> ReplyXattr = ENOSYS;
+        listxattr(INodeNo, u32) -> ReplyXattr = ENOSYS;
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -258,192 +264,33 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
         reply.statfs(0, 0, 0, files, 0, 4096, 255, 4096);
     }
 
-    // No extended attributes. ENOSYS makes the kernel answer EOPNOTSUPP itself
-    // from then on; `ls -l` asks for two per file (SELinux label, ACL), which
-    // would otherwise be two daemon round trips per file on every listing.
-    fn getxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _size: u32,
-        reply: ReplyXattr,
-    ) {
-        let _timer = self.timer("getxattr");
-        reply.error(Errno::ENOSYS);
-    }
-
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
-        let _timer = self.timer("listxattr");
-        reply.error(Errno::ENOSYS);
-    }
-
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
         let _timer = self.timer("access");
         // default_permissions: the kernel checks modes itself.
         reply.ok();
     }
 
-    // ----- everything that would change the tree: EROFS -----
-
-    fn setattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
-        _size: Option<u64>,
-        _atime: Option<TimeOrNow>,
-        _mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
-        _crtime: Option<SystemTime>,
-        _chgtime: Option<SystemTime>,
-        _bkuptime: Option<SystemTime>,
-        _flags: Option<fuser::BsdFileFlags>,
-        reply: ReplyAttr,
-    ) {
-        let _timer = self.timer("setattr");
-        reply.error(Errno::EROFS);
-    }
-
-    fn mknod(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        _rdev: u32,
-        reply: ReplyEntry,
-    ) {
-        let _timer = self.timer("mknod");
-        reply.error(Errno::EROFS);
-    }
-
-    fn mkdir(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        reply: ReplyEntry,
-    ) {
-        let _timer = self.timer("mkdir");
-        reply.error(Errno::EROFS);
-    }
-
-    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        let _timer = self.timer("unlink");
-        reply.error(Errno::EROFS);
-    }
-
-    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        let _timer = self.timer("rmdir");
-        reply.error(Errno::EROFS);
-    }
-
-    fn symlink(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _link_name: &OsStr,
-        _target: &std::path::Path,
-        reply: ReplyEntry,
-    ) {
-        let _timer = self.timer("symlink");
-        reply.error(Errno::EROFS);
-    }
-
-    fn rename(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _newparent: INodeNo,
-        _newname: &OsStr,
-        _flags: fuser::RenameFlags,
-        reply: ReplyEmpty,
-    ) {
-        let _timer = self.timer("rename");
-        reply.error(Errno::EROFS);
-    }
-
-    fn link(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _newparent: INodeNo,
-        _newname: &OsStr,
-        reply: ReplyEntry,
-    ) {
-        let _timer = self.timer("link");
-        reply.error(Errno::EROFS);
-    }
-
-    fn write(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _data: &[u8],
-        _write_flags: WriteFlags,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyWrite,
-    ) {
-        let _timer = self.timer("write");
-        reply.error(Errno::EROFS);
-    }
-
-    fn create(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        _flags: i32,
-        reply: ReplyCreate,
-    ) {
-        let _timer = self.timer("create");
-        reply.error(Errno::EROFS);
-    }
-
-    fn setxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _value: &[u8],
-        _flags: i32,
-        _position: u32,
-        reply: ReplyEmpty,
-    ) {
-        let _timer = self.timer("setxattr");
-        reply.error(Errno::EROFS);
-    }
-
-    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        let _timer = self.timer("removexattr");
-        reply.error(Errno::EROFS);
-    }
-
-    fn fallocate(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _length: u64,
-        _mode: i32,
-        reply: ReplyEmpty,
-    ) {
-        let _timer = self.timer("fallocate");
-        reply.error(Errno::EROFS);
+    // Everything that would change the tree.
+    refuse! {
+        setattr(
+            INodeNo, Option<u32>, Option<u32>, Option<u32>, Option<u64>, Option<TimeOrNow>,
+            Option<TimeOrNow>, Option<SystemTime>, Option<FileHandle>, Option<SystemTime>,
+            Option<SystemTime>, Option<SystemTime>, Option<fuser::BsdFileFlags>
+        ) -> ReplyAttr = EROFS;
+        mknod(INodeNo, &OsStr, u32, u32, u32) -> ReplyEntry = EROFS;
+        mkdir(INodeNo, &OsStr, u32, u32) -> ReplyEntry = EROFS;
+        unlink(INodeNo, &OsStr) -> ReplyEmpty = EROFS;
+        rmdir(INodeNo, &OsStr) -> ReplyEmpty = EROFS;
+        symlink(INodeNo, &OsStr, &std::path::Path) -> ReplyEntry = EROFS;
+        rename(INodeNo, &OsStr, INodeNo, &OsStr, fuser::RenameFlags) -> ReplyEmpty = EROFS;
+        link(INodeNo, INodeNo, &OsStr) -> ReplyEntry = EROFS;
+        write(
+            INodeNo, FileHandle, u64, &[u8], WriteFlags, OpenFlags, Option<LockOwner>
+        ) -> ReplyWrite = EROFS;
+        create(INodeNo, &OsStr, u32, u32, i32) -> ReplyCreate = EROFS;
+        setxattr(INodeNo, &OsStr, &[u8], i32, u32) -> ReplyEmpty = EROFS;
+        removexattr(INodeNo, &OsStr) -> ReplyEmpty = EROFS;
+        fallocate(INodeNo, FileHandle, u64, u64, i32) -> ReplyEmpty = EROFS;
     }
 }
 
@@ -474,8 +321,3 @@ pub fn run_invalidations(
 /// How long the kernel may wait for the daemon before a request is abandoned
 /// by the reader is the kernel's business; this is only the unmount grace.
 pub const UNMOUNT_GRACE: Duration = Duration::from_secs(2);
-
-#[allow(dead_code)]
-fn _epoch() -> SystemTime {
-    UNIX_EPOCH
-}

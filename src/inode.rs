@@ -1,11 +1,19 @@
 //! The inode table: which inode number stands for which SSM name.
 //!
 //! A node is keyed by (SSM name, role): the same name can be a directory and,
-//! when shadowed, also the `@value` file inside it. Numbers are never reused
-//! during a mount. The kernel's lookup count is tracked so `forget` can drop a
-//! node; a name whose role changes (a file that became a directory) gets a new
-//! number, and the old one lives on until the kernel forgets it. Nodes hold no
-//! values: the cache bounds those.
+//! when shadowed, also the `@value` file inside it. A node's number is a hash
+//! of (role, name), so a directory listing can report, without storing
+//! anything, the very number a later lookup gives (`d_ino` == `st_ino`), the
+//! same name gets the same number again after the kernel forgets it, and a
+//! restarted daemon numbers the tree as its predecessor did. A name whose role
+//! changes (a file that became a directory) gets another number. The table
+//! holds only the nodes the kernel has looked up, with the kernel's lookup
+//! count, so `forget` can drop them. Nodes hold no values: the cache bounds those.
+//!
+//! Two keys whose hashes collide (about one chance in 2^63 a pair) are told
+//! apart by probing: the later one takes the next free number of its own
+//! sequence. Listings then agree with lookups for every name but, at worst,
+//! such a pair while both are held.
 
 use std::collections::HashMap;
 use std::num::{NonZeroI64, NonZeroU64};
@@ -19,6 +27,50 @@ pub enum Role {
     File,
     /// The `@value` file showing a directory's own shadowed parameter.
     ShadowedValue,
+    /// A folder of the Airflow layout (`variables`, ...): a directory whose
+    /// keys are filtered by its lookup pattern. A role of its own, so the same
+    /// SSM path reached as a plain subdirectory is another node.
+    Area,
+}
+
+impl Role {
+    pub fn is_dir(self) -> bool {
+        matches!(self, Role::Dir | Role::Area)
+    }
+
+    fn tag(self) -> u8 {
+        match self {
+            Role::Dir => b'd',
+            Role::File => b'f',
+            Role::ShadowedValue => b'v',
+            Role::Area => b'a',
+        }
+    }
+}
+
+/// The candidate numbers for (name, role), first choice first: FNV-1a over
+/// the role and the name, mixed (splitmix64's finaliser) so similar names
+/// spread over the whole range, then re-mixed for each further candidate.
+/// Kept below 2^63 (some tools read `st_ino` as signed) and above the root's.
+/// Fixed here, not `std`'s hasher, so numbers survive a rebuild or upgrade.
+fn candidates(name: &str, role: Role) -> impl Iterator<Item = u64> {
+    const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+    let seed = std::iter::once(role.tag())
+        .chain(name.bytes())
+        .fold(FNV_OFFSET, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(FNV_PRIME)
+        });
+    std::iter::successors(Some(mix(seed)), |previous| Some(mix(*previous)))
+        .map(|hash| hash >> 1)
+        .filter(|ino| *ino > ROOT_INO)
+}
+
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 #[derive(Debug, Clone)]
@@ -41,6 +93,7 @@ struct RoleInos {
     dir: Option<NonZeroU64>,
     file: Option<NonZeroU64>,
     shadowed_value: Option<NonZeroU64>,
+    area: Option<NonZeroU64>,
 }
 
 impl RoleInos {
@@ -49,6 +102,7 @@ impl RoleInos {
             Role::Dir => &mut self.dir,
             Role::File => &mut self.file,
             Role::ShadowedValue => &mut self.shadowed_value,
+            Role::Area => &mut self.area,
         }
     }
 
@@ -57,7 +111,10 @@ impl RoleInos {
     }
 
     fn is_empty(&self) -> bool {
-        self.dir.is_none() && self.file.is_none() && self.shadowed_value.is_none()
+        self.dir.is_none()
+            && self.file.is_none()
+            && self.shadowed_value.is_none()
+            && self.area.is_none()
     }
 }
 
@@ -90,7 +147,6 @@ struct Table {
     by_name: HashMap<Arc<str>, u64>,
     /// ...and the few names with a second role are indexed here.
     other_roles: HashMap<Arc<str>, RoleInos>,
-    next_ino: u64,
 }
 
 impl Table {
@@ -101,6 +157,15 @@ impl Table {
             }
         }
         self.other_roles.get(name).and_then(|inos| inos.get(role))
+    }
+
+    /// The number (name, role) has, or would get if looked up now.
+    fn number(&self, name: &str, role: Role) -> u64 {
+        self.find(name, role).unwrap_or_else(|| {
+            candidates(name, role)
+                .find(|ino| !self.nodes.contains_key(ino))
+                .expect("an endless sequence of candidates")
+        })
     }
 }
 
@@ -114,9 +179,8 @@ impl InodeTable {
             nodes: HashMap::new(),
             by_name: HashMap::new(),
             other_roles: HashMap::new(),
-            next_ino: ROOT_INO,
         };
-        Self::insert(&mut table, ROOT_INO, prefix, None, Role::Dir);
+        Self::insert(&mut table, ROOT_INO, ROOT_INO, prefix, None, Role::Dir);
         Self {
             table: Mutex::new(table),
         }
@@ -124,13 +188,12 @@ impl InodeTable {
 
     fn insert(
         table: &mut Table,
+        ino: u64,
         parent: u64,
         name: &str,
         shared: Option<&Arc<str>>,
         role: Role,
     ) -> u64 {
-        let ino = table.next_ino;
-        table.next_ino += 1;
         // One copy of a name: the index's, else the caller's, else a new one.
         let indexed = table
             .by_name
@@ -204,16 +267,14 @@ impl InodeTable {
                 return ino;
             }
         }
-        Self::insert(&mut table, parent, name, shared, role)
+        let ino = table.number(name, role);
+        Self::insert(&mut table, ino, parent, name, shared, role)
     }
 
-    /// An inode that lives as long as the mount (the Airflow area folders).
-    pub fn pin(&self, parent: u64, name: &str, role: Role) -> u64 {
-        let ino = self.remember(parent, name, role);
-        if let Some(node) = self.table.lock().unwrap().nodes.get_mut(&ino) {
-            node.lookups = u64::MAX / 2;
-        }
-        ino
+    /// The number a listing reports for (name, role): the held node's, or the
+    /// one a lookup would create. Nothing is stored.
+    pub fn number(&self, name: &str, role: Role) -> u64 {
+        self.table.lock().unwrap().number(name, role)
     }
 
     /// The inode of `name` in `role` if the kernel holds one.
@@ -287,7 +348,10 @@ mod tests {
         assert!(table.get(a).is_none());
         assert_eq!(table.find("/p/a", Role::File), None);
         let again = table.remember(ROOT_INO, "/p/a", Role::File);
-        assert!(again > dir, "numbers are never reused");
+        assert_eq!(
+            again, a,
+            "a name forgotten and looked up again keeps its number"
+        );
         table.forget(ROOT_INO, 100);
         assert!(table.get(ROOT_INO).is_some());
     }
@@ -312,7 +376,7 @@ mod tests {
         assert_eq!(table.find("/p/a", Role::ShadowedValue), Some(value));
         assert_eq!(table.find("/p/a", Role::File), Some(file));
         let dir_again = table.remember(ROOT_INO, "/p/a", Role::Dir);
-        assert!(dir_again > file);
+        assert_eq!(dir_again, dir);
         assert_eq!(table.find("/p/a", Role::Dir), Some(dir_again));
         table.forget(value, 2);
         table.forget(file, 2);
@@ -323,5 +387,46 @@ mod tests {
             t.by_name.len() == 1 && t.other_roles.is_empty(),
             "indexes emptied"
         );
+    }
+
+    #[test]
+    fn a_listing_reports_the_number_a_lookup_gives() {
+        let table = InodeTable::new("/p");
+        let listed = table.number("/p/a", Role::File);
+        assert_eq!(table.len(), 1, "reporting a number stores nothing");
+        assert_eq!(table.number("/p/a", Role::File), listed);
+        assert_eq!(table.remember(ROOT_INO, "/p/a", Role::File), listed);
+        assert_ne!(table.number("/p/a", Role::Dir), listed);
+        assert_ne!(
+            table.number("/p/a", Role::Area),
+            table.number("/p/a", Role::Dir)
+        );
+        let fresh = InodeTable::new("/p");
+        assert_eq!(
+            fresh.number("/p/a", Role::File),
+            listed,
+            "another table (a restarted daemon) numbers alike"
+        );
+    }
+
+    #[test]
+    fn numbers_stay_in_range_and_collisions_probe_on() {
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..10_000 {
+            let ino = candidates(&format!("/p/n{i}"), Role::File).next().unwrap();
+            assert!(ino > ROOT_INO && ino < 1 << 63);
+            assert!(seen.insert(ino), "distinct names, distinct numbers");
+        }
+        // Force a collision: occupy the first candidate with another key.
+        let table = InodeTable::new("/p");
+        let wanted = candidates("/p/b", Role::File).next().unwrap();
+        {
+            let mut t = table.table.lock().unwrap();
+            InodeTable::insert(&mut t, wanted, ROOT_INO, "/p/squatter", None, Role::File);
+        }
+        let b = table.remember(ROOT_INO, "/p/b", Role::File);
+        assert_ne!(b, wanted);
+        assert_eq!(b, candidates("/p/b", Role::File).nth(1).unwrap());
+        assert_eq!(table.number("/p/b", Role::File), b);
     }
 }

@@ -4,77 +4,85 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use ssmfs::cli::{CliArgs, Settings};
-use ssmfs::daemon::{self, MountSettings, Readiness};
+use anyhow::Context;
+use ssmfs::cli::{CliArgs, CliError, Settings};
+use ssmfs::daemon::{self, Forked, MountSettings, Readiness};
 use ssmfs::fs::Fs;
 use ssmfs::store::resilient::Resilient;
 use ssmfs::store::ssm::SsmStore;
 use tracing_subscriber::EnvFilter;
 
+/// Exit status for a command line that cannot be used (as clap and mount(8) use).
+const EXIT_USAGE: u8 = 2;
+
 fn main() -> ExitCode {
-    let settings = match CliArgs::parse_with_mount_options().into_settings() {
+    let settings = match CliArgs::parse_with_mount_options(std::env::args_os().collect())
+        .and_then(CliArgs::into_settings)
+    {
         Ok(settings) => settings,
-        Err(message) => {
-            eprintln!("ssmfs: {message}");
-            return ExitCode::from(2);
+        Err(CliError::Informational(text)) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Err(error) => {
+            eprintln!("ssmfs: {error}");
+            return ExitCode::from(EXIT_USAGE);
         }
     };
-    // Checked before forking so the user sees the reason on their terminal.
-    let mountpoint = match daemon::prepare_mountpoint(&settings.mountpoint) {
-        Ok(path) => path,
-        Err(message) => {
-            eprintln!("ssmfs: {message}");
-            return ExitCode::from(1);
+    let mut readiness = match prepare(&settings) {
+        Ok(Some(readiness)) => readiness,
+        // The parent of a background daemon: the daemon reported success.
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("ssmfs: {error:#}");
+            return ExitCode::FAILURE;
         }
     };
-    if let Err(message) = daemon::harden_process(settings.mlock) {
-        eprintln!("ssmfs: {message}");
-        return ExitCode::from(1);
-    }
-    let mut readiness = if settings.foreground {
-        Readiness::foreground()
-    } else {
-        match daemon::daemonize() {
-            Ok(readiness) => readiness,
-            Err(message) => {
-                eprintln!("ssmfs: {message}");
-                return ExitCode::from(1);
-            }
-        }
-    };
-    if let Err(message) = init_logging(&settings, readiness.is_background()) {
-        readiness.failed(&message);
-        eprintln!("ssmfs: {message}");
-        return ExitCode::from(1);
-    }
-    for warning in &settings.warnings {
-        tracing::warn!("{warning}");
-    }
     // When the log is stderr, the one-line message below already says it.
     let log_is_stderr = settings.foreground && settings.log_file.is_none();
-    match run(settings, mountpoint, &mut readiness) {
+    let result = init_logging(&settings, readiness.is_background()).and_then(|()| {
+        for warning in &settings.warnings {
+            tracing::warn!("{warning}");
+        }
+        run(settings, &mut readiness)
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
+        Err(error) => {
+            let message = format!("{error:#}");
             if !log_is_stderr {
                 tracing::error!("{message}");
             }
             readiness.failed(&message);
             eprintln!("ssmfs: {message}");
-            ExitCode::from(1)
+            ExitCode::FAILURE
         }
     }
 }
 
-fn run(
-    settings: Settings,
-    mountpoint: std::path::PathBuf,
-    readiness: &mut Readiness,
-) -> Result<(), String> {
+/// Checks made before forking, so the user sees the reason on their terminal,
+/// then the fork. `None`: this is the parent of a daemon that mounted.
+fn prepare(settings: &Settings) -> anyhow::Result<Option<Readiness>> {
+    daemon::prepare_mountpoint(&settings.mountpoint)?;
+    daemon::harden_process(settings.mlock)?;
+    if settings.foreground {
+        return Ok(Some(Readiness::foreground()));
+    }
+    match daemon::daemonize()? {
+        Forked::Daemon(readiness) => Ok(Some(readiness)),
+        Forked::Parent(Ok(())) => Ok(None),
+        Forked::Parent(Err(message)) => Err(anyhow::anyhow!(message)),
+    }
+}
+
+fn run(settings: Settings, readiness: &mut Readiness) -> anyhow::Result<()> {
+    let mountpoint = std::fs::canonicalize(&settings.mountpoint)
+        .with_context(|| format!("mount point {}", settings.mountpoint.display()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ssmfs-worker")
         .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+        .context("cannot start the async runtime")?;
     let signals = {
         let _in_runtime = runtime.enter();
         daemon::StopSignals::install()?
@@ -84,9 +92,7 @@ fn run(
     let store = Resilient::new(store, settings.fs.request.clone(), metrics.clone());
     let prefix = settings.fs.prefix.clone();
     let (fs, invalidations) = Fs::new(store, settings.fs, metrics);
-    if let Some(warning) = runtime.block_on(fs.check_access())? {
-        tracing::warn!("{warning}");
-    }
+    runtime.block_on(fs.check_access())?;
     if let Some(addr) = settings.metrics_addr {
         runtime.block_on(daemon::serve_metrics(fs.clone(), addr))?;
     }
@@ -118,7 +124,7 @@ fn run(
 /// by SSMFS_LOG (default `info`). Log lines name parameters, never values; the
 /// AWS SDK and HTTP crates are capped at INFO whatever SSMFS_LOG says, because
 /// their DEBUG/TRACE output includes raw response bodies, i.e. secret values.
-fn init_logging(settings: &Settings, background: bool) -> Result<(), String> {
+fn init_logging(settings: &Settings, background: bool) -> anyhow::Result<()> {
     use tracing_subscriber::filter::{LevelFilter, Targets};
     use tracing_subscriber::fmt::writer::BoxMakeWriter;
     use tracing_subscriber::prelude::*;
@@ -131,7 +137,7 @@ fn init_logging(settings: &Settings, background: bool) -> Result<(), String> {
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|e| format!("--log-file {}: {e}", path.display()))?;
+            .with_context(|| format!("--log-file {}", path.display()))?;
         (BoxMakeWriter::new(std::sync::Mutex::new(file)), false)
     } else if background {
         (BoxMakeWriter::new(ssmfs_syslog::Syslog::open), false)

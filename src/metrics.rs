@@ -37,6 +37,8 @@ pub struct Metrics {
 /// Gauges read from their owners at scrape time.
 pub struct Gauges {
     pub cache_entries: usize,
+    /// Short-lived facts about paths (refused listings, probe counts).
+    pub cache_notes: usize,
     pub cache_bytes: usize,
     pub inodes: usize,
 }
@@ -137,6 +139,11 @@ impl Metrics {
                 "ssmfs_cache_entries",
                 "Values and listings held in the cache.",
                 gauges.cache_entries,
+            ),
+            (
+                "ssmfs_cache_notes",
+                "Facts about paths held in the cache (refused listings, probe counts).",
+                gauges.cache_notes,
             ),
             (
                 "ssmfs_cache_bytes",

@@ -6,6 +6,8 @@
 //! reserved `aws` / `ssm` prefixes (except AWS's public `/aws/...` tree). Anything
 //! outside those rules is answered here, locally, without an API call.
 
+use std::collections::BTreeMap;
+
 use thiserror::Error;
 
 /// SSM's documented limit on a parameter name's length.
@@ -100,6 +102,61 @@ pub fn child_name(parent: &str, segment: &str) -> Result<String, NameError> {
     Ok(name)
 }
 
+/// `segment` joined below `dir`, unchecked (for names SSM itself returned).
+pub fn join(dir: &str, segment: &str) -> String {
+    if dir == "/" {
+        format!("/{segment}")
+    } else {
+        format!("{dir}/{segment}")
+    }
+}
+
+/// What a child of a directory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChildKind {
+    File,
+    Dir,
+}
+
+/// The children of each directory at or below one path.
+pub type Tree = BTreeMap<String, BTreeMap<Box<str>, ChildKind>>;
+
+/// Folds parameter names found below `path` into the directories they imply:
+/// `path` itself with its children, and, when `deep`, every directory below
+/// it with its own. A child that is both a parameter and a prefix of others
+/// is a directory ("directory wins"). Names not below `path` are ignored.
+pub fn tree_below<'a>(path: &str, names: impl IntoIterator<Item = &'a str>, deep: bool) -> Tree {
+    let mut tree = Tree::new();
+    tree.insert(path.to_string(), BTreeMap::new());
+    for name in names {
+        let Some(relative) = relative_to(path, name) else {
+            continue;
+        };
+        let mut dir = path.to_string();
+        let mut segments = relative.split('/').peekable();
+        while let Some(segment) = segments.next() {
+            let kind = if segments.peek().is_some() {
+                ChildKind::Dir
+            } else {
+                ChildKind::File
+            };
+            let slot = tree
+                .entry(dir.clone())
+                .or_default()
+                .entry(Box::from(segment))
+                .or_insert(kind);
+            if kind == ChildKind::Dir {
+                *slot = ChildKind::Dir;
+            }
+            if !deep {
+                break;
+            }
+            dir = join(&dir, segment);
+        }
+    }
+    tree
+}
+
 /// Number of levels in a hierarchical name: `/a` is 1, `/a/b/c` is 3.
 pub fn depth(name: &str) -> usize {
     name.matches('/').count()
@@ -181,6 +238,25 @@ mod tests {
         assert_eq!(parent_name("/a/b"), "/a");
         assert_eq!(parent_name("/a"), "/");
         assert_eq!(base_name("/a/b"), "b");
+    }
+
+    #[test]
+    fn names_fold_into_directories_and_directories_win() {
+        let names = ["/p/a", "/p/a/b", "/p/c/d/e", "/q/x"];
+        let deep = tree_below("/p", names, true);
+        let kinds = |dir: &str| -> Vec<(String, ChildKind)> {
+            deep[dir].iter().map(|(n, k)| (n.to_string(), *k)).collect()
+        };
+        assert_eq!(
+            kinds("/p"),
+            [("a".into(), ChildKind::Dir), ("c".into(), ChildKind::Dir)]
+        );
+        assert_eq!(kinds("/p/a"), [("b".into(), ChildKind::File)]);
+        assert_eq!(kinds("/p/c/d"), [("e".into(), ChildKind::File)]);
+        assert!(!deep.contains_key("/q"));
+        let shallow = tree_below("/p", names, false);
+        assert_eq!(shallow.len(), 1, "only the path itself");
+        assert_eq!(tree_below("/", ["/a/b"], true)["/a"].len(), 1);
     }
 
     proptest! {

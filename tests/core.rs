@@ -306,7 +306,7 @@ async fn one_failing_parameter_never_breaks_the_rest() {
     let store = airflow_store();
     store.fail_name(
         "/airflow/variables/region",
-        StoreError::AccessDenied("not allowed".into()),
+        StoreError::access_denied("not allowed"),
     );
     let (fs, _inval) = mount(store, config("/airflow"));
     assert_eq!(
@@ -764,7 +764,7 @@ mod model {
 #[tokio::test(start_paused = true)]
 async fn the_mount_check_is_one_listing_that_later_lookups_reuse() {
     let (fs, _inval) = mount(airflow_store(), config("/airflow"));
-    assert_eq!(fs.check_access().await, Ok(None));
+    assert!(fs.check_access().await.is_ok());
     assert_eq!(calls(&fs).list_page, 1);
     assert_eq!(calls(&fs).total(), 1, "mounting costs one call");
     let variables = fs.lookup(ROOT_INO, OsStr::new("variables")).await.unwrap();
@@ -795,14 +795,17 @@ async fn the_mount_check_refuses_what_would_break_every_read() {
             "/airflow",
         ),
         (
-            StoreError::Invalid("ValidationException: bad path".into()),
+            StoreError::Rejected {
+                code: "ValidationException".into(),
+                message: "bad path".into(),
+            },
             "/airflow",
         ),
     ] {
         let store = airflow_store();
         store.fail_every_call(Some(error));
         let (fs, _inval) = mount(store, config("/airflow"));
-        let message = fs.check_access().await.unwrap_err();
+        let message = fs.check_access().await.unwrap_err().to_string();
         assert!(message.contains(expected), "{message}");
     }
 }
@@ -810,11 +813,11 @@ async fn the_mount_check_refuses_what_would_break_every_read() {
 #[tokio::test(start_paused = true)]
 async fn a_role_with_get_parameter_alone_pays_one_call_per_name() {
     let store = airflow_store();
-    store.fail_every_listing(Some(StoreError::AccessDenied(
-        "not authorized to perform ssm:GetParametersByPath".into(),
+    store.fail_every_listing(Some(StoreError::access_denied(
+        "not authorized to perform ssm:GetParametersByPath",
     )));
     let (fs, _inval) = mount(store, config("/airflow"));
-    assert_eq!(fs.check_access().await, Ok(None), "it still mounts");
+    assert!(fs.check_access().await.is_ok(), "it still mounts");
     assert_eq!(calls(&fs).list_page, 1);
     let variables = fs.lookup(ROOT_INO, OsStr::new("variables")).await.unwrap();
     assert_eq!(variables.attr.kind, FileKind::Dir);
@@ -848,4 +851,35 @@ async fn a_role_with_get_parameter_alone_pays_one_call_per_name() {
         .await
         .unwrap();
     assert_eq!(calls(&fs), settled);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_of_distinct_missing_and_denied_names_stays_within_the_cache_bounds() {
+    let mut config = config("/p");
+    config.cache.max_entries = 1_000;
+    let (fs, _inval) = mount(MemoryStore::new(), config);
+    for i in 0..50_000 {
+        let missing = fs.lookup(ROOT_INO, OsStr::new(&format!("m{i}"))).await;
+        assert_eq!(missing.unwrap_err().errno(), libc::ENOENT);
+    }
+    // A role that may read nothing: every value and listing is refused.
+    fs.store()
+        .inner()
+        .fail_every_call(Some(StoreError::access_denied("not authorized")));
+    for i in 0..50_000 {
+        let denied = fs.lookup(ROOT_INO, OsStr::new(&format!("d{i}"))).await;
+        assert_eq!(denied.unwrap_err().errno(), libc::EACCES);
+    }
+    let gauges = fs.gauges();
+    assert!(
+        gauges.cache_entries <= 2 * 1_000,
+        "{}",
+        gauges.cache_entries
+    );
+    assert!(gauges.cache_notes <= 1_000, "{}", gauges.cache_notes);
+    assert_eq!(
+        gauges.inodes, 1,
+        "no inode for a name that does not resolve"
+    );
+    assert_eq!(calls(&fs).total(), 200_000, "every name was really asked");
 }

@@ -759,3 +759,94 @@ fn no_decrypt_serves_securestrings_as_stored_and_strings_unchanged() {
         b"plain-string"
     );
 }
+
+/// `(name, inode)` for every entry of `dir`, as `getdents64` reports them
+/// (`d_ino`, what `ls -i`, `find -inum` and Python's `DirEntry.inode()` use).
+fn listed_inodes(dir: &std::path::Path) -> std::collections::BTreeMap<String, u64> {
+    use std::os::unix::fs::DirEntryExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name().to_string_lossy().into_owned(), e.ino())
+        })
+        .collect()
+}
+
+/// `(name, inode)` for every entry of `dir`, as `stat` reports them (`st_ino`).
+fn stat_inodes(dir: &std::path::Path) -> std::collections::BTreeMap<String, u64> {
+    let (code, out, err) = run(
+        "sh",
+        &[
+            "-c",
+            &format!("cd '{}' && stat -c '%i %n' *", dir.display()),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    out.lines()
+        .map(|line| {
+            let (ino, name) = line.split_once(' ').unwrap();
+            (name.to_string(), ino.parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn listings_and_stat_agree_on_inode_numbers_before_and_after_the_kernel_forgets() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let rt = runtime();
+    let client = client(&rt, &moto.endpoint);
+    let mut items: Vec<(String, String)> = (0..30)
+        .map(|i| (format!("/ino/dir/p{i:02}"), format!("v{i}")))
+        .collect();
+    items.push(("/ino/dir/sub/leaf".into(), "leaf".into()));
+    put_many(&rt, &client, items, ParameterType::String);
+    let mount = Mount::start(&moto.endpoint, "/ino", &[]);
+    let dir = mount.path().join("dir");
+
+    // A directory never looked up: listing first, then stat.
+    let listed = listed_inodes(&dir);
+    assert_eq!(listed.len(), 31);
+    let statted = stat_inodes(&dir);
+    assert_eq!(
+        listed, statted,
+        "d_ino from readdir must equal st_ino from stat"
+    );
+    assert_eq!(listed_inodes(&dir), listed, "a second listing agrees");
+    let (code, out, _) = run("ls", &["-i", dir.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    for line in out.lines() {
+        let (ino, name) = line.trim().split_once(' ').unwrap();
+        assert_eq!(
+            listed[name],
+            ino.parse::<u64>().unwrap(),
+            "ls -i for {name}"
+        );
+    }
+    let (_, found, _) = run(
+        "find",
+        &[dir.to_str().unwrap(), "-inum", &listed["p07"].to_string()],
+    );
+    assert_eq!(found.trim(), dir.join("p07").to_str().unwrap());
+    let unique: std::collections::HashSet<_> = listed.values().collect();
+    assert_eq!(
+        unique.len(),
+        listed.len(),
+        "distinct files, distinct numbers"
+    );
+
+    // The kernel forgets every inode it can; the names keep their numbers.
+    std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    assert_eq!(stat_inodes(&dir), listed, "stat after the kernel forgot");
+    assert_eq!(
+        listed_inodes(&dir),
+        listed,
+        "listing after the kernel forgot"
+    );
+    let root_listing = listed_inodes(&mount.path());
+    let dir_meta = std::fs::metadata(&dir).unwrap();
+    assert_eq!(root_listing["dir"], dir_meta.ino());
+}

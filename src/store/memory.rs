@@ -210,10 +210,10 @@ mod tests {
         store.fail_next_calls(1, StoreError::Throttled);
         assert_eq!(store.get("/a").await.unwrap_err(), StoreError::Throttled);
         assert!(store.get("/a").await.is_ok());
-        store.fail_name("/a", StoreError::AccessDenied("x".into()));
+        store.fail_name("/a", StoreError::access_denied("x"));
         assert!(matches!(
             store.get("/a").await,
-            Err(StoreError::AccessDenied(_))
+            Err(StoreError::AccessDenied { .. })
         ));
         assert_eq!(store.counts().get, 3);
     }

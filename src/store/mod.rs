@@ -75,8 +75,10 @@ pub struct Page {
 pub enum StoreError {
     #[error("parameter not found")]
     NotFound,
-    #[error("access denied: {0}")]
-    AccessDenied(String),
+    /// IAM or KMS refused; `reason` is AWS's own text (it names the caller and
+    /// the resource, never a value).
+    #[error("access denied: {reason}")]
+    AccessDenied { reason: String },
     /// AWS rejected who we are (no, unknown, expired or mis-signed
     /// credentials), as opposed to what we asked for.
     #[error("no usable AWS credentials: {0}")]
@@ -87,11 +89,23 @@ pub enum StoreError {
     Unavailable(String),
     #[error("no answer from SSM within the request timeout")]
     Timeout,
-    #[error("SSM refused the request: {0}")]
-    Invalid(String),
+    /// A listing's continuation token SSM no longer accepts (it expired):
+    /// the listing starts over from the first page.
+    #[error("SSM no longer accepts this listing's page token")]
+    InvalidNextToken,
+    /// Any other refusal of the request itself (validation, an unknown code):
+    /// asking again will not help.
+    #[error("SSM refused the request ({code}): {message}")]
+    Rejected { code: String, message: String },
 }
 
 impl StoreError {
+    pub fn access_denied(reason: impl Into<String>) -> Self {
+        StoreError::AccessDenied {
+            reason: reason.into(),
+        }
+    }
+
     /// Errors worth trying again: the same request may well succeed later.
     pub fn is_retryable(&self) -> bool {
         matches!(self, StoreError::Throttled | StoreError::Unavailable(_))

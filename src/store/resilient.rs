@@ -70,12 +70,13 @@ fn outcome<T>(result: &Result<T, StoreError>) -> &'static str {
     match result {
         Ok(_) => "ok",
         Err(StoreError::NotFound) => "not_found",
-        Err(StoreError::AccessDenied(_)) => "access_denied",
+        Err(StoreError::AccessDenied { .. }) => "access_denied",
         Err(StoreError::Credentials(_)) => "credentials_rejected",
         Err(StoreError::Throttled) => "throttled",
         Err(StoreError::Unavailable(_)) => "unavailable",
         Err(StoreError::Timeout) => "timeout",
-        Err(StoreError::Invalid(_)) => "invalid",
+        Err(StoreError::InvalidNextToken) => "invalid_next_token",
+        Err(StoreError::Rejected { .. }) => "rejected",
     }
 }
 
@@ -190,7 +191,7 @@ mod tests {
         );
         store
             .inner()
-            .fail_name("/a", StoreError::AccessDenied("no".into()));
+            .fail_name("/a", StoreError::access_denied("no"));
         assert!(store.get("/a").await.is_err());
         assert_eq!(store.inner().counts().get, 2);
     }

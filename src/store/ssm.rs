@@ -34,6 +34,13 @@ pub struct AwsOptions {
     pub attempt_timeout: Duration,
 }
 
+/// Why an SSM client cannot be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("no AWS region: pass --region (or region_name in the Airflow kwargs), set AWS_REGION, or give the profile a region")]
+    NoRegion,
+}
+
 pub struct SsmStore {
     client: Client,
     decrypt: bool,
@@ -42,7 +49,7 @@ pub struct SsmStore {
 impl SsmStore {
     /// Loads credentials and region; fails (before anything is mounted) when no
     /// region can be found, since every read would fail otherwise.
-    pub async fn connect(options: &AwsOptions) -> Result<Self, String> {
+    pub async fn connect(options: &AwsOptions) -> Result<Self, ConnectError> {
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .retry_config(RetryConfig::disabled())
             .timeout_config(
@@ -62,11 +69,7 @@ impl SsmStore {
         }
         let sdk_config = loader.load().await;
         if sdk_config.region().is_none() {
-            return Err(
-                "no AWS region: pass --region (or region_name in the Airflow kwargs), \
-                 set AWS_REGION, or give the profile a region"
-                    .to_string(),
-            );
+            return Err(ConnectError::NoRegion);
         }
         let mut ssm_config = aws_sdk_ssm::config::Builder::from(&sdk_config);
         if let Some(role_arn) = &options.role_arn {
@@ -130,7 +133,7 @@ where
                 | "AccessDenied"
                 | "InvalidKeyId"
                 | "KMSAccessDeniedException"
-                | "KMS.AccessDeniedException" => StoreError::AccessDenied(message),
+                | "KMS.AccessDeniedException" => StoreError::AccessDenied { reason: message },
                 "UnrecognizedClientException"
                 | "ExpiredTokenException"
                 | "InvalidSignatureException"
@@ -142,7 +145,11 @@ where
                 "InternalServerError" | "InternalFailure" | "ServiceUnavailable" => {
                     StoreError::Unavailable(message)
                 }
-                code => StoreError::Invalid(format!("{code}: {message}")),
+                "InvalidNextToken" => StoreError::InvalidNextToken,
+                code => StoreError::Rejected {
+                    code: code.to_string(),
+                    message,
+                },
             }
         }
         _ => StoreError::Unavailable(error_chain(&error)),
@@ -247,7 +254,7 @@ mod tests {
             "KMS.AccessDeniedException",
         ] {
             assert!(
-                matches!(service_error(code), StoreError::AccessDenied(ref m) if m == "some AWS text"),
+                matches!(service_error(code), StoreError::AccessDenied { ref reason } if reason == "some AWS text"),
                 "{code}"
             );
         }
@@ -279,7 +286,11 @@ mod tests {
         ));
         assert!(matches!(
             service_error("ValidationException"),
-            StoreError::Invalid(_)
+            StoreError::Rejected { ref code, .. } if code == "ValidationException"
+        ));
+        assert!(matches!(
+            service_error("InvalidNextToken"),
+            StoreError::InvalidNextToken
         ));
     }
 }

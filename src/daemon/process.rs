@@ -1,0 +1,142 @@
+//! The process around the mount: the fork into the background with a pipe
+//! that carries the daemon's verdict back to the waiting parent, readiness
+//! reports (to that parent and to systemd), and hardening against leaks of
+//! secrets through core dumps, ptrace and swap.
+
+use std::ffi::CString;
+use std::io::Write;
+
+use super::{sd_notify, DaemonError};
+
+/// Which side of the fork this process is.
+pub enum Forked {
+    /// The original process: the daemon's verdict (the mount is ready, or why
+    /// not), for it to report and exit with.
+    Parent(Result<(), String>),
+    /// The daemon, with the channel to report its verdict through.
+    Daemon(Readiness),
+}
+
+/// Background mode: forks before any thread exists. The parent waits on a pipe
+/// for the child's verdict and returns it; the child returns a `Readiness`
+/// to report through once mounted (or failed).
+pub fn daemonize() -> Result<Forked, DaemonError> {
+    let mut fds = [0; 2];
+    // SAFETY: plain syscalls on a fresh fd pair; no threads exist yet.
+    unsafe {
+        if libc::pipe(fds.as_mut_ptr()) != 0 {
+            return Err(DaemonError::Fork(std::io::Error::last_os_error()));
+        }
+        match libc::fork() {
+            -1 => Err(DaemonError::Fork(std::io::Error::last_os_error())),
+            0 => {
+                libc::close(fds[0]);
+                libc::setsid();
+                Ok(Forked::Daemon(Readiness {
+                    fd: Some(fds[1]),
+                    background: true,
+                }))
+            }
+            _ => {
+                libc::close(fds[1]);
+                let mut reader = std::fs::File::from_raw_fd_checked(fds[0]);
+                let mut verdict = String::new();
+                use std::io::Read;
+                let _ = reader.read_to_string(&mut verdict);
+                Ok(Forked::Parent(match verdict.strip_prefix("ok") {
+                    Some(_) => Ok(()),
+                    None if verdict.is_empty() => {
+                        Err("the daemon exited before the mount was ready (see its log)"
+                            .to_string())
+                    }
+                    None => Err(verdict.trim_end().to_string()),
+                }))
+            }
+        }
+    }
+}
+
+trait FromRawFdChecked {
+    fn from_raw_fd_checked(fd: i32) -> std::fs::File;
+}
+
+impl FromRawFdChecked for std::fs::File {
+    fn from_raw_fd_checked(fd: i32) -> std::fs::File {
+        use std::os::fd::FromRawFd;
+        // SAFETY: `fd` is a pipe end this process owns and no one else closes.
+        unsafe { std::fs::File::from_raw_fd(fd) }
+    }
+}
+
+/// The channel back to a waiting parent (background mode) or nothing (foreground).
+pub struct Readiness {
+    fd: Option<i32>,
+    background: bool,
+}
+
+impl Readiness {
+    pub fn foreground() -> Self {
+        Self {
+            fd: None,
+            background: false,
+        }
+    }
+
+    fn send(&mut self, message: &str) {
+        if let Some(fd) = self.fd.take() {
+            let mut pipe = std::fs::File::from_raw_fd_checked(fd);
+            let _ = pipe.write_all(message.as_bytes());
+        }
+    }
+
+    pub fn ready(&mut self) {
+        self.send("ok");
+        sd_notify("READY=1");
+    }
+
+    pub fn failed(&mut self, message: &str) {
+        self.send(message);
+    }
+
+    /// Points stdin/stdout/stderr at /dev/null once the parent has gone.
+    pub fn detach_stdio(&self) {
+        if !self.background {
+            return;
+        }
+        let dev_null = CString::new("/dev/null").unwrap();
+        // SAFETY: standard daemon fd juggling on valid descriptors.
+        unsafe {
+            let fd = libc::open(dev_null.as_ptr(), libc::O_RDWR);
+            if fd >= 0 {
+                libc::dup2(fd, 0);
+                libc::dup2(fd, 1);
+                libc::dup2(fd, 2);
+                if fd > 2 {
+                    libc::close(fd);
+                }
+            }
+        }
+    }
+
+    pub fn is_background(&self) -> bool {
+        self.background
+    }
+}
+
+/// Marks the process non-dumpable (no core files with secrets, no ptrace by
+/// other users) and, if asked, locks its memory so secrets never reach swap.
+pub fn harden_process(lock_memory: bool) -> Result<(), DaemonError> {
+    // SAFETY: prctl/setrlimit/mlockall with constant, valid arguments.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        let no_core = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::setrlimit(libc::RLIMIT_CORE, &no_core);
+        if lock_memory && libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) != 0 {
+            return Err(DaemonError::Mlock(std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,99 @@
+//! Attributes and entries as the core reports them, independent of fuser.
+//!
+//! A file's size is its value's exact length and its mtime the parameter's
+//! LastModifiedDate; a directory's mtime is the mount time (SSM keeps none for
+//! a path). Every answer carries how long the kernel may keep it: the time
+//! left until the entry behind it is due for refresh.
+
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use crate::cache::Validity;
+use crate::config::FsConfig;
+use crate::store::Parameter;
+
+/// Reported as the block size: values are small, one page covers them.
+const BLOCK_SIZE: u32 = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FileKind {
+    File,
+    Dir,
+}
+
+/// Attributes of one inode.
+#[derive(Debug, Clone)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: FileKind,
+    pub size: u64,
+    pub mtime: SystemTime,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub blksize: u32,
+}
+
+/// An answer the kernel may cache for `ttl`.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub attr: Attr,
+    pub ttl: Duration,
+}
+
+/// Builds attributes from the mount's ownership and modes.
+pub(super) struct Attrs {
+    uid: u32,
+    gid: u32,
+    file_mode: u16,
+    dir_mode: u16,
+    mounted_at: SystemTime,
+}
+
+impl Attrs {
+    pub(super) fn new(config: &FsConfig) -> Self {
+        Self {
+            uid: config.uid,
+            gid: config.gid,
+            file_mode: config.file_mode,
+            dir_mode: config.dir_mode,
+            mounted_at: SystemTime::now(),
+        }
+    }
+
+    pub(super) fn dir(&self, ino: u64, ttl: Duration) -> Entry {
+        Entry {
+            attr: Attr {
+                ino,
+                kind: FileKind::Dir,
+                size: 0,
+                mtime: self.mounted_at,
+                perm: self.dir_mode,
+                uid: self.uid,
+                gid: self.gid,
+                nlink: 2,
+                blksize: BLOCK_SIZE,
+            },
+            ttl,
+        }
+    }
+
+    pub(super) fn file(&self, ino: u64, parameter: &Parameter, validity: &Validity) -> Entry {
+        Entry {
+            attr: Attr {
+                ino,
+                kind: FileKind::File,
+                size: parameter.value.len() as u64,
+                mtime: parameter.last_modified.into(),
+                perm: self.file_mode,
+                uid: self.uid,
+                gid: self.gid,
+                nlink: 1,
+                blksize: BLOCK_SIZE,
+            },
+            ttl: validity.kernel_ttl(Instant::now()),
+        }
+    }
+}

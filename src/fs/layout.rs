@@ -1,0 +1,102 @@
+//! What the mount root shows, and which names a directory admits.
+//!
+//! Two layouts: a plain tree, whose root is the SSM path PREFIX, and the
+//! Airflow layout, whose root is virtual and holds one folder per area
+//! (`variables`, `connections`, `config`), each an SSM path of its own whose
+//! keys are filtered by the area's lookup pattern. An area folder is a node of
+//! its own role (`Role::Area`); everything below it is an ordinary tree.
+
+use crate::airflow::Area;
+use crate::config::FsConfig;
+use crate::inode::{Node, Role, ROOT_INO};
+use crate::names::SHADOWED_VALUE_NAME;
+
+pub(super) enum Layout {
+    Tree { prefix: String },
+    Areas(Vec<Area>),
+}
+
+/// What a name inside a directory stands for, before SSM is asked.
+pub(super) enum Child<'a> {
+    /// An area folder of the virtual root.
+    Area(&'a Area),
+    /// The directory's own shadowed value (`@value`).
+    OwnValue,
+    /// An SSM name below the directory.
+    Name,
+    /// Nothing can be there: not an area, or filtered out by the area's pattern.
+    Excluded,
+}
+
+impl Layout {
+    pub(super) fn new(config: &FsConfig) -> Self {
+        if config.areas.is_empty() {
+            Layout::Tree {
+                prefix: config.prefix.clone(),
+            }
+        } else {
+            Layout::Areas(config.areas.clone())
+        }
+    }
+
+    /// The SSM name of the root node (none for the virtual root).
+    pub(super) fn root_name(&self) -> &str {
+        match self {
+            Layout::Tree { prefix } => prefix,
+            Layout::Areas(_) => "",
+        }
+    }
+
+    /// The path the mount-time check lists: the root, or the first area.
+    pub(super) fn first_path(&self) -> &str {
+        match self {
+            Layout::Tree { prefix } => prefix,
+            Layout::Areas(areas) => &areas[0].prefix,
+        }
+    }
+
+    /// The folders of a virtual root, or `None` when `dir` is a real path.
+    pub(super) fn root_items(&self, dir: &Node) -> Option<&[Area]> {
+        match self {
+            Layout::Areas(areas) if dir.ino == ROOT_INO => Some(areas),
+            _ => None,
+        }
+    }
+
+    /// The area `dir` is the folder of, if it is one.
+    pub(super) fn area_of(&self, dir: &Node) -> Option<&Area> {
+        match self {
+            Layout::Areas(areas) if dir.role == Role::Area => {
+                areas.iter().find(|a| *a.prefix == *dir.name)
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether `dir` shows its own shadowed value as `@value`. The mount root
+    /// does not (mount one level up to see it) and neither do area folders.
+    pub(super) fn shows_own_value(&self, dir: &Node) -> bool {
+        dir.ino != ROOT_INO && dir.role == Role::Dir
+    }
+
+    /// Whether a listing of `dir` shows `child`.
+    pub(super) fn admits(&self, dir: &Node, child: &str) -> bool {
+        self.area_of(dir).is_none_or(|area| area.admits(child))
+    }
+
+    pub(super) fn classify<'a>(&'a self, dir: &Node, segment: &str) -> Child<'a> {
+        if let Some(areas) = self.root_items(dir) {
+            return match areas.iter().find(|a| a.folder == segment) {
+                Some(area) => Child::Area(area),
+                None => Child::Excluded,
+            };
+        }
+        if !self.admits(dir, segment) {
+            return Child::Excluded;
+        }
+        if segment == SHADOWED_VALUE_NAME && self.shows_own_value(dir) {
+            return Child::OwnValue;
+        }
+        Child::Name
+    }
+}

@@ -1,0 +1,219 @@
+//! Listings: GetParametersByPath pages folded into the cached tree.
+//!
+//! A probe reads the first page below a path (enough to tell whether it is a
+//! directory); a listing reads every page, continuing a fresh probe's pages
+//! rather than reading page one again. Every page's parameters are cached as
+//! values, and a complete listing also caches the listing of every directory
+//! below the path, so a following `find` or `diff -r` costs nothing. A listing
+//! SSM refuses (a role with GetParameter alone) is remembered for a TTL and
+//! logged once; a changed listing tells the kernel which entries to drop.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use super::{Fs, Invalidation, STALE_RECHECK};
+use crate::cache::{ChildKind, DirEntry, Known, Resume};
+use crate::error::FsError;
+use crate::inode::Role;
+use crate::metrics::Metrics;
+use crate::names;
+use crate::store::{Parameter, ParameterStore, StoreError, MAX_PAGE};
+
+impl<S: ParameterStore> Fs<S> {
+    /// The first page below `path`: enough to tell whether it is a directory.
+    pub(super) async fn probe_dir(self: &Arc<Self>, path: &str) -> Result<DirEntry, StoreError> {
+        self.dir_flights
+            .run((path.to_string(), false), || async {
+                let mut token = None;
+                loop {
+                    let page = self.store.list_page(path, MAX_PAGE, token).await?;
+                    // SSM may return an empty page that still has a next token.
+                    if !page.parameters.is_empty() || page.next_token.is_none() {
+                        let names = page.parameters.iter().map(|p| p.name.clone()).collect();
+                        return Ok(self.record_listing(
+                            path,
+                            names,
+                            page.parameters,
+                            page.next_token,
+                        ));
+                    }
+                    token = page.next_token;
+                }
+            })
+            .await
+            .inspect_err(|error| self.remember_refusal(path, error))
+    }
+
+    /// Every page below `path`, continuing a fresh partial listing if there is one.
+    pub(super) async fn list_dir(self: &Arc<Self>, path: &str) -> Result<DirEntry, StoreError> {
+        self.dir_flights
+            .run((path.to_string(), true), || async {
+                let now = Instant::now();
+                let resume = self
+                    .cache
+                    .dir(path)
+                    .filter(|d| d.validity.is_fresh(now))
+                    .and_then(|d| d.resume);
+                if let Some(resume) = resume {
+                    let names = resume.names.as_ref().clone();
+                    match self.read_pages(path, names, Some(resume.next_token)).await {
+                        Err(StoreError::InvalidNextToken) => {} // expired: start over
+                        other => return other,
+                    }
+                }
+                self.read_pages(path, Vec::new(), None).await
+            })
+            .await
+            .inspect_err(|error| self.remember_refusal(path, error))
+    }
+
+    async fn read_pages(
+        &self,
+        path: &str,
+        mut names: Vec<Arc<str>>,
+        mut token: Option<String>,
+    ) -> Result<DirEntry, StoreError> {
+        let mut parameters = Vec::new();
+        loop {
+            let page = self.store.list_page(path, MAX_PAGE, token).await?;
+            names.extend(page.parameters.iter().map(|p| p.name.clone()));
+            parameters.extend(page.parameters);
+            token = page.next_token;
+            if token.is_none() {
+                let many = names.len() >= crate::heap::TRIM_AFTER_LISTING_OF;
+                let listed = self.record_listing(path, names, parameters, None);
+                if many {
+                    crate::heap::release_freed();
+                }
+                return Ok(listed);
+            }
+        }
+    }
+
+    /// The complete listing of `path`: cached, fetched, or served stale
+    /// through an outage.
+    pub(super) async fn listing(self: &Arc<Self>, path: &str) -> Result<DirEntry, FsError> {
+        let now = Instant::now();
+        let cached = self.cache.dir(path).filter(|d| d.complete);
+        if let Some(dir) = cached.as_ref().filter(|d| d.validity.is_fresh(now)) {
+            Metrics::inc(&self.metrics.cache_hits);
+            return Ok(dir.clone());
+        }
+        if self.cache.listing_refused(path, now) {
+            return Err(FsError::ListingRefused {
+                path: path.to_string(),
+            });
+        }
+        Metrics::inc(&self.metrics.cache_misses);
+        match self.list_dir(path).await {
+            Ok(dir) => Ok(dir),
+            Err(StoreError::AccessDenied { .. }) => Err(FsError::ListingRefused {
+                path: path.to_string(),
+            }),
+            Err(error) if error.is_outage() => {
+                match cached.filter(|d| d.validity.may_serve_stale(now)) {
+                    Some(dir) => {
+                        Metrics::inc(&self.metrics.stale_serves);
+                        self.cache.extend_stale_dir(path, STALE_RECHECK);
+                        tracing::warn!(path, %error, "SSM is not answering; serving the cached listing past its TTL");
+                        Ok(dir)
+                    }
+                    None => Err(error.into()),
+                }
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Remembers a refused listing of `path` for a TTL, wherever a listing is
+    /// asked for; a refusal not already on record is logged.
+    fn remember_refusal(&self, path: &str, error: &StoreError) {
+        if matches!(error, StoreError::AccessDenied { .. }) && self.cache.refuse_listing(path) {
+            tracing::warn!(
+                path,
+                "SSM denied listing below this path: serving it as a directory of names resolved one by one (listing it answers EACCES)"
+            );
+        }
+    }
+
+    /// Caches the values just fetched, the listing of `path` (every name seen
+    /// below it; complete unless SSM gave a next token) and, when complete, the
+    /// listing of every directory below it.
+    fn record_listing(
+        &self,
+        path: &str,
+        names: Vec<Arc<str>>,
+        fetched: Vec<Parameter>,
+        next_token: Option<String>,
+    ) -> DirEntry {
+        let complete = next_token.is_none();
+        // A partial listing says nothing complete about subdirectories.
+        let mut tree = names::tree_below(path, names.iter().map(|n| &**n), complete);
+        for parameter in fetched {
+            let name = parameter.name.clone();
+            self.record_value(&name, Known::Present(Arc::new(parameter)));
+        }
+        let own = tree.remove(path).unwrap_or_default();
+        if complete {
+            let parameters: HashSet<&str> = names.iter().map(|n| &**n).collect();
+            for (dir, children) in tree {
+                let own_parameter = Some(parameters.contains(dir.as_str()));
+                self.record_dir(&dir, children, None, own_parameter);
+            }
+        }
+        let resume = next_token.map(|next_token| Resume {
+            next_token,
+            names: Arc::new(names),
+        });
+        self.record_dir(path, own, resume, None)
+    }
+
+    fn record_dir(
+        &self,
+        path: &str,
+        children: BTreeMap<Box<str>, ChildKind>,
+        resume: Option<Resume>,
+        own_parameter: Option<bool>,
+    ) -> DirEntry {
+        let complete = resume.is_none();
+        let own_parameter =
+            own_parameter.or_else(|| self.cache.dir(path).and_then(|d| d.own_parameter));
+        if complete {
+            if let Some(old) = self.cache.dir(path).filter(|d| d.complete) {
+                let changed = old
+                    .children
+                    .iter()
+                    .filter(|(n, k)| children.get(*n) != Some(k))
+                    .map(|(n, _)| n)
+                    .chain(
+                        children
+                            .iter()
+                            .filter(|(n, k)| old.children.get(*n) != Some(k))
+                            .map(|(n, _)| n),
+                    );
+                for parent in self.dir_inodes(path) {
+                    for name in changed.clone() {
+                        self.send(Invalidation::Entry {
+                            parent,
+                            name: name.to_string(),
+                        });
+                    }
+                }
+            }
+        }
+        self.cache
+            .put_dir(path, complete, children, resume, own_parameter)
+    }
+
+    /// The inodes the kernel holds for the directory `path` (a plain
+    /// directory, an area folder, or both).
+    pub(super) fn dir_inodes(&self, path: &str) -> impl Iterator<Item = u64> + Clone {
+        [Role::Dir, Role::Area]
+            .into_iter()
+            .filter_map(|role| self.inodes.find(path, role))
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+}

@@ -1,0 +1,523 @@
+//! The lookup policy: what a name is, from what the cache knows, and what to
+//! ask SSM when it does not know enough.
+//!
+//! The policy is two pure functions over `Knowledge` (the cached listing of
+//! the parent, the name's own listing and value, and the refusals on record):
+//! `plan` decides what to fetch, `conclude` decides what the answers mean.
+//! `Fs::resolve` only executes the plan. In order of preference:
+//!
+//! - the cache answers (a fresh listing of the parent, or of the name);
+//! - a partly listed parent whose names were probed one by one a few times
+//!   is listed whole (a page per ten names beats two calls per name);
+//! - the value and the first page below the name are asked for together, one
+//!   round trip ("is it a parameter?" and "is anything below it?");
+//! - below a path SSM refuses to list, the value is asked for first: a found
+//!   parameter is a file (the usual case, one call); only a miss costs a
+//!   second round trip asking whether anything is below the name.
+//!
+//! Where SSM will not list, a name without a readable value of its own may
+//! still have parameters below it (a refusal can come from one parameter
+//! inside): it is served as a directory whose names resolve one by one.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use super::Fs;
+use crate::cache::{ChildKind, DirEntry, Known, Validity, ValueEntry};
+use crate::error::FsError;
+use crate::metrics::Metrics;
+use crate::names;
+use crate::store::{Parameter, ParameterStore, StoreError};
+
+/// After this many probes of names in one partly listed directory, the rest
+/// of it is listed in one go: a `stat` storm or a task reading many variables
+/// then costs a page per ten names instead of two calls per name.
+pub(super) const PROBES_BEFORE_LISTING: u32 = 3;
+
+/// What a name turned out to be.
+#[derive(Debug, Clone)]
+pub(super) enum Resolved {
+    Dir(Validity),
+    /// A directory known only by SSM's refusal to list it: trusted for the
+    /// negative TTL, as any answer inferred from a refusal.
+    UnlistedDir,
+    File(Arc<Parameter>, Validity),
+    Missing,
+    Denied,
+}
+
+/// What the cache holds about one name and its parent, for one decision.
+#[derive(Default, Clone)]
+pub(super) struct Knowledge {
+    pub parent_dir: Option<DirEntry>,
+    pub own_dir: Option<DirEntry>,
+    pub own_value: Option<ValueEntry>,
+    /// SSM refused to list below the name within the TTL.
+    pub name_unlistable: bool,
+    /// SSM refused to list below the parent within the TTL.
+    pub parent_unlistable: bool,
+    /// Names below the parent probed one by one since its last listing.
+    pub siblings_probed: u32,
+}
+
+/// What to do next for one lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Plan {
+    /// The cache answers.
+    Cached,
+    /// List the parent whole, then plan again.
+    ListParent,
+    /// Ask SSM for the value and/or the first page below the name, together.
+    Ask { value: bool, dir: bool },
+    /// Ask for the value alone; `conclude` says whether the directory probe follows.
+    ValueFirst { value: bool },
+}
+
+/// What SSM answered to a plan's questions (`None`: not asked).
+#[derive(Default)]
+pub(super) struct Answers {
+    pub value: Option<Result<ValueEntry, StoreError>>,
+    pub dir: Option<Result<DirEntry, StoreError>>,
+}
+
+/// What the answers mean.
+#[derive(Debug)]
+pub(super) enum Conclusion {
+    Resolved(Resolved),
+    /// The value-first step found no parameter: ask whether anything is below.
+    ProbeDir,
+    /// SSM could not answer now: fall back to what may be served stale.
+    Outage(StoreError),
+    Failed(StoreError),
+}
+
+impl Knowledge {
+    /// Decides what `base` in the parent is, or `None` if more must be fetched.
+    pub(super) fn decide(&self, base: &str) -> Option<Resolved> {
+        if let Some(dir) = self.own_dir.as_ref().filter(|d| d.is_dir()) {
+            return Some(Resolved::Dir(dir.validity));
+        }
+        let listed = self
+            .parent_dir
+            .as_ref()
+            .and_then(|d| d.children.get(base).map(|k| (d, *k)));
+        match listed {
+            Some((parent, ChildKind::Dir)) => return Some(Resolved::Dir(parent.validity)),
+            Some((_, ChildKind::File)) => return self.own_value.as_ref().map(value_resolution),
+            None if self.parent_dir.as_ref().is_some_and(|d| d.complete) => {
+                return Some(Resolved::Missing)
+            }
+            None => {}
+        }
+        match (&self.own_dir, &self.own_value) {
+            (Some(_), Some(value)) => Some(value_resolution(value)),
+            _ => None,
+        }
+    }
+
+    /// Whether anything must be asked about what lies below the name.
+    fn needs_dir_probe(&self, base: &str) -> bool {
+        let parent_says_file = self
+            .parent_dir
+            .as_ref()
+            .is_some_and(|d| d.children.get(base) == Some(&ChildKind::File));
+        self.own_dir.is_none() && !parent_says_file
+    }
+
+    fn parent_is_partial(&self) -> bool {
+        self.parent_dir.as_ref().is_some_and(|d| !d.complete)
+    }
+
+    fn has_value(&self) -> bool {
+        self.own_value
+            .as_ref()
+            .is_some_and(|e| e.parameter().is_some())
+    }
+}
+
+pub(super) fn value_resolution(entry: &ValueEntry) -> Resolved {
+    match &entry.known {
+        Known::Present(p) => Resolved::File(p.clone(), entry.validity),
+        Known::Absent => Resolved::Missing,
+        Known::Denied => Resolved::Denied,
+    }
+}
+
+/// Decides what to fetch about `base`, given what is known.
+pub(super) fn plan(known: &Knowledge, base: &str) -> Plan {
+    if known.decide(base).is_some() {
+        return Plan::Cached;
+    }
+    if known.parent_is_partial() && known.siblings_probed >= PROBES_BEFORE_LISTING {
+        return Plan::ListParent;
+    }
+    let value = known.own_value.is_none();
+    let dir_unknown = known.needs_dir_probe(base) && !known.name_unlistable;
+    if dir_unknown && known.parent_unlistable {
+        Plan::ValueFirst { value }
+    } else {
+        Plan::Ask {
+            value,
+            dir: dir_unknown,
+        }
+    }
+}
+
+/// Folds SSM's answers to `plan` into `known` and says what `base` is.
+pub(super) fn conclude(
+    known: &mut Knowledge,
+    base: &str,
+    plan: Plan,
+    answers: Answers,
+) -> Conclusion {
+    let value_failed = matches!(&answers.value, Some(Err(_)));
+    let mut listing_refused = false;
+    let mut outage = None;
+    match answers.dir {
+        Some(Ok(dir)) => known.own_dir = Some(dir),
+        // SSM refuses a listing when IAM or KMS denies something below the
+        // name: so something is there.
+        Some(Err(StoreError::AccessDenied { .. })) => listing_refused = true,
+        Some(Err(e)) if e.is_outage() => outage = Some(e),
+        Some(Err(e)) => return Conclusion::Failed(e),
+        None => {}
+    }
+    match answers.value {
+        Some(Ok(value)) => known.own_value = Some(value),
+        Some(Err(e)) if e.is_outage() => outage = Some(e),
+        Some(Err(e)) => return Conclusion::Failed(e),
+        None => {}
+    }
+    if let Some(error) = outage {
+        return Conclusion::Outage(error);
+    }
+    let found = known.has_value();
+    let value_first_done = matches!(plan, Plan::ValueFirst { .. });
+    if value_first_done && !found && !value_failed && known.own_dir.is_none() && !listing_refused {
+        return Conclusion::ProbeDir;
+    }
+    let name_unlisted = known.name_unlistable && known.needs_dir_probe(base);
+    if listing_refused || name_unlisted || (value_first_done && found) {
+        return Conclusion::Resolved(match known.own_value.as_ref().map(value_resolution) {
+            Some(Resolved::Missing) | None => Resolved::UnlistedDir,
+            Some(resolved) => resolved,
+        });
+    }
+    Conclusion::Resolved(known.decide(base).unwrap_or(Resolved::Missing))
+}
+
+impl<S: ParameterStore> Fs<S> {
+    pub(super) fn knowledge(
+        &self,
+        parent: &str,
+        name: &str,
+        usable: impl Fn(&Validity) -> bool,
+    ) -> Knowledge {
+        let now = Instant::now();
+        Knowledge {
+            parent_dir: self.cache.dir(parent).filter(|d| usable(&d.validity)),
+            own_dir: self.cache.dir(name).filter(|d| usable(&d.validity)),
+            own_value: self.cache.value(name).filter(|v| usable(&v.validity)),
+            name_unlistable: self.cache.listing_refused(name, now),
+            parent_unlistable: self.cache.listing_refused(parent, now),
+            siblings_probed: self.cache.probes_below(parent),
+        }
+    }
+
+    /// Executes the lookup policy for `name` in the directory `parent`.
+    pub(super) async fn resolve(
+        self: &Arc<Self>,
+        parent: &str,
+        name: &str,
+    ) -> Result<Resolved, FsError> {
+        let base = names::base_name(name);
+        let now = Instant::now();
+        let mut known = self.knowledge(parent, name, |v| v.is_fresh(now));
+        let mut step = plan(&known, base);
+        if step == Plan::Cached {
+            Metrics::inc(&self.metrics.cache_hits);
+            self.refresh_if_due(&known.own_value, name);
+            return Ok(known.decide(base).expect("planned from the cache"));
+        }
+        Metrics::inc(&self.metrics.cache_misses);
+        if step == Plan::ListParent {
+            match self.list_dir(parent).await {
+                Ok(listing) => known.parent_dir = Some(listing),
+                // Probing one by one still works; don't try listing again now.
+                Err(_) => known.siblings_probed = 0,
+            }
+            step = plan(&known, base);
+            if step == Plan::Cached {
+                return Ok(known.decide(base).expect("planned from the cache"));
+            }
+        }
+        if known.parent_dir.as_ref().is_some_and(|d| !d.complete) {
+            self.cache.count_probe(parent);
+        }
+        let (value, dir) = match step {
+            Plan::Ask { value, dir } => (value, dir),
+            Plan::ValueFirst { value } => (value, false),
+            Plan::Cached | Plan::ListParent => unreachable!("handled above"),
+        };
+        let (dir, value) = tokio::join!(
+            async {
+                match dir {
+                    true => Some(self.probe_dir(name).await),
+                    false => None,
+                }
+            },
+            async {
+                match value {
+                    true => Some(self.fetch_value(name).await),
+                    false => None,
+                }
+            },
+        );
+        let mut conclusion = conclude(&mut known, base, step, Answers { value, dir });
+        if let Conclusion::ProbeDir = conclusion {
+            let dir = Some(self.probe_dir(name).await);
+            conclusion = conclude(
+                &mut known,
+                base,
+                Plan::Ask {
+                    value: false,
+                    dir: true,
+                },
+                Answers { value: None, dir },
+            );
+        }
+        match conclusion {
+            Conclusion::Resolved(resolved) => Ok(resolved),
+            Conclusion::Outage(error) => {
+                let stale = self.knowledge(parent, name, |v| v.may_serve_stale(now));
+                match stale.decide(base) {
+                    Some(resolved) => {
+                        self.note_stale(name, &error);
+                        Ok(resolved)
+                    }
+                    None => Err(error.into()),
+                }
+            }
+            Conclusion::Failed(error) => Err(error.into()),
+            Conclusion::ProbeDir => unreachable!("a directory probe was just made"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::SecretBytes;
+    use crate::store::ParameterKind;
+    use std::collections::BTreeMap;
+    use std::time::{Duration, SystemTime};
+
+    const ASK_BOTH: Plan = Plan::Ask {
+        value: true,
+        dir: true,
+    };
+    const ASK_VALUE: Plan = Plan::Ask {
+        value: true,
+        dir: false,
+    };
+    const ASK_DIR: Plan = Plan::Ask {
+        value: false,
+        dir: true,
+    };
+
+    fn answers(
+        value: Option<Result<ValueEntry, StoreError>>,
+        dir: Option<Result<DirEntry, StoreError>>,
+    ) -> Answers {
+        Answers { value, dir }
+    }
+
+    fn validity() -> Validity {
+        let hour = Duration::from_secs(3600);
+        Validity::new(Instant::now(), hour, hour, hour)
+    }
+
+    fn listing(complete: bool, children: &[(&str, ChildKind)]) -> DirEntry {
+        let children: BTreeMap<Box<str>, ChildKind> =
+            children.iter().map(|(n, k)| (Box::from(*n), *k)).collect();
+        DirEntry {
+            complete,
+            children: Arc::new(children),
+            validity: validity(),
+            resume: None,
+            own_parameter: None,
+        }
+    }
+
+    fn value(known: Known) -> ValueEntry {
+        ValueEntry {
+            known,
+            previous: None,
+            validity: validity(),
+        }
+    }
+
+    fn present() -> ValueEntry {
+        value(Known::Present(Arc::new(Parameter {
+            name: "/p/a".into(),
+            value: SecretBytes::new(b"v".to_vec()),
+            version: 1,
+            last_modified: SystemTime::now().into(),
+            kind: ParameterKind::String,
+        })))
+    }
+
+    fn is_file(r: &Resolved) -> bool {
+        matches!(r, Resolved::File(..))
+    }
+
+    #[test]
+    fn the_cache_answers_when_it_can() {
+        let complete = Knowledge {
+            parent_dir: Some(listing(true, &[("d", ChildKind::Dir)])),
+            ..Default::default()
+        };
+        assert_eq!(plan(&complete, "d"), Plan::Cached);
+        assert!(matches!(complete.decide("d"), Some(Resolved::Dir(_))));
+        assert_eq!(plan(&complete, "gone"), Plan::Cached);
+        assert!(matches!(complete.decide("gone"), Some(Resolved::Missing)));
+        // A listed file still needs its value.
+        let file = Knowledge {
+            parent_dir: Some(listing(true, &[("a", ChildKind::File)])),
+            ..Default::default()
+        };
+        assert_eq!(plan(&file, "a"), ASK_VALUE);
+        let with_value = Knowledge {
+            own_value: Some(present()),
+            ..file
+        };
+        assert_eq!(plan(&with_value, "a"), Plan::Cached);
+    }
+
+    #[test]
+    fn nothing_known_asks_value_and_directory_together() {
+        assert_eq!(plan(&Knowledge::default(), "a"), ASK_BOTH);
+        // A partial listing that lacks the name says nothing about it.
+        let partial = Knowledge {
+            parent_dir: Some(listing(false, &[("b", ChildKind::File)])),
+            siblings_probed: PROBES_BEFORE_LISTING - 1,
+            ..Default::default()
+        };
+        assert_eq!(plan(&partial, "a"), ASK_BOTH);
+    }
+
+    #[test]
+    fn many_probes_in_a_partial_directory_list_it() {
+        let known = Knowledge {
+            parent_dir: Some(listing(false, &[("b", ChildKind::File)])),
+            siblings_probed: PROBES_BEFORE_LISTING,
+            ..Default::default()
+        };
+        assert_eq!(plan(&known, "a"), Plan::ListParent);
+    }
+
+    #[test]
+    fn below_an_unlistable_parent_the_value_comes_first() {
+        let mut known = Knowledge {
+            parent_unlistable: true,
+            ..Default::default()
+        };
+        let step = plan(&known, "a");
+        assert_eq!(step, Plan::ValueFirst { value: true });
+        // Found: a file, one call.
+        let mut found = known.clone();
+        let got = answers(Some(Ok(present())), None);
+        let c = conclude(&mut found, "a", step, got);
+        assert!(
+            matches!(c, Conclusion::Resolved(ref r) if is_file(r)),
+            "{c:?}"
+        );
+        // Missing: then ask below it.
+        let got = answers(Some(Ok(value(Known::Absent))), None);
+        let c = conclude(&mut known, "a", step, got);
+        assert!(matches!(c, Conclusion::ProbeDir), "{c:?}");
+        let probe = ASK_DIR;
+        let mut empty = known.clone();
+        let got = answers(None, Some(Ok(listing(false, &[]))));
+        let c = conclude(&mut empty, "a", probe, got);
+        assert!(
+            matches!(c, Conclusion::Resolved(Resolved::Missing)),
+            "{c:?}"
+        );
+        let got = answers(None, Some(Err(StoreError::access_denied("no"))));
+        let c = conclude(&mut known, "a", probe, got);
+        assert!(
+            matches!(c, Conclusion::Resolved(Resolved::UnlistedDir)),
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn a_name_ssm_will_not_list_is_its_value_or_a_directory() {
+        let mut known = Knowledge {
+            name_unlistable: true,
+            ..Default::default()
+        };
+        let step = plan(&known, "a");
+        assert_eq!(step, ASK_VALUE);
+        let mut with_value = known.clone();
+        let got = answers(Some(Ok(present())), None);
+        assert!(matches!(
+            conclude(&mut with_value, "a", step, got),
+            Conclusion::Resolved(ref r) if is_file(r)
+        ));
+        let got = answers(Some(Ok(value(Known::Absent))), None);
+        assert!(matches!(
+            conclude(&mut known, "a", step, got),
+            Conclusion::Resolved(Resolved::UnlistedDir)
+        ));
+    }
+
+    #[test]
+    fn directory_wins_over_a_value() {
+        let mut known = Knowledge::default();
+        let step = plan(&known, "a");
+        let got = answers(
+            Some(Ok(present())),
+            Some(Ok(listing(false, &[("x", ChildKind::File)]))),
+        );
+        assert!(matches!(
+            conclude(&mut known, "a", step, got),
+            Conclusion::Resolved(Resolved::Dir(_))
+        ));
+        let mut file = Knowledge::default();
+        let got = answers(Some(Ok(present())), Some(Ok(listing(true, &[]))));
+        assert!(matches!(
+            conclude(&mut file, "a", step, got),
+            Conclusion::Resolved(ref r) if is_file(r)
+        ));
+    }
+
+    #[test]
+    fn failures_are_outages_or_errors_and_never_a_guess() {
+        let step = plan(&Knowledge::default(), "a");
+        let got = answers(
+            Some(Err(StoreError::Throttled)),
+            Some(Ok(listing(true, &[]))),
+        );
+        assert!(matches!(
+            conclude(&mut Knowledge::default(), "a", step, got),
+            Conclusion::Outage(StoreError::Throttled)
+        ));
+        let rejected = StoreError::Rejected {
+            code: "ValidationException".into(),
+            message: "m".into(),
+        };
+        let got = answers(Some(Ok(present())), Some(Err(rejected)));
+        assert!(matches!(
+            conclude(&mut Knowledge::default(), "a", step, got),
+            Conclusion::Failed(StoreError::Rejected { .. })
+        ));
+        let got = answers(Some(Ok(value(Known::Denied))), Some(Ok(listing(true, &[]))));
+        assert!(matches!(
+            conclude(&mut Knowledge::default(), "a", step, got),
+            Conclusion::Resolved(Resolved::Denied)
+        ));
+    }
+}

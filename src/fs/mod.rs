@@ -1,0 +1,537 @@
+//! The filesystem core: lookup, getattr, read, opendir/readdir as async methods
+//! that return plain structs. It knows nothing of fuser; tests drive it directly.
+//!
+//! Model: the mount root is the SSM path PREFIX (or, in the Airflow layout, a
+//! virtual folder of areas: `layout`). What a name is comes from the lookup
+//! policy (`lookup`): the cache when it knows, else one round trip that asks
+//! SSM both "is it a parameter?" and "is anything below it?". Anything below a
+//! name makes it a directory ("directory wins"); its own value, if any, is the
+//! file `@value` inside it. Listing a directory reads every page below it once
+//! and fills the cache with every value and listing it saw (`listing`).
+//!
+//! Freshness: entries expire after the TTL; a hot entry is refreshed in the
+//! background shortly before (readers never wait); the kernel is told to keep
+//! answers exactly as long as they stay valid (`attr`), and is told to drop
+//! them (through the `Invalidation` channel, handled outside any FUSE
+//! callback) when a refresh sees a new version or a name appear or vanish.
+//! When SSM fails with an outage, a cached answer is served stale for up to
+//! `stale_ttl` (one warning per entry); anything never cached answers EIO
+//! within the request deadline.
+
+mod attr;
+mod layout;
+mod listing;
+mod lookup;
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use attr::Attrs;
+pub use attr::{Attr, Entry, FileKind};
+use layout::{Child, Layout};
+use lookup::Resolved;
+
+use crate::cache::{Cache, Change, ChildKind, DirEntry, Known, SingleFlight, ValueEntry};
+use crate::config::FsConfig;
+use crate::error::FsError;
+use crate::inode::{InodeTable, Node, Role, ROOT_INO};
+use crate::metrics::{Gauges, Metrics};
+use crate::names::{self, NameError, SHADOWED_VALUE_NAME};
+use crate::store::{Parameter, ParameterStore, StoreError};
+
+/// While SSM is failing, a stale entry is served this long before the next
+/// attempt to refresh it, so readers are not each held up by a failing call.
+const STALE_RECHECK: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct DirItem {
+    pub ino: u64,
+    pub kind: FileKind,
+    pub name: String,
+}
+
+/// The bytes a read returns: a range of one value, shared, never copied.
+pub struct ReadData {
+    parameter: Arc<Parameter>,
+    start: usize,
+    end: usize,
+}
+
+impl ReadData {
+    pub fn bytes(&self) -> &[u8] {
+        &self.parameter.value.expose()[self.start..self.end]
+    }
+}
+
+/// What the kernel must forget, sent to whoever owns the FUSE notifier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    /// Drop the inode's cached attributes and data.
+    Inode(u64),
+    /// Drop the directory entry `name` in `parent`.
+    Entry { parent: u64, name: String },
+}
+
+pub struct Fs<S> {
+    store: S,
+    cache: Cache,
+    inodes: InodeTable,
+    layout: Layout,
+    attrs: Attrs,
+    config: FsConfig,
+    metrics: Arc<Metrics>,
+    value_flights: SingleFlight<String, Result<ValueEntry, StoreError>>,
+    dir_flights: SingleFlight<(String, bool), Result<DirEntry, StoreError>>,
+    dir_handles: Mutex<HashMap<u64, Arc<Vec<DirItem>>>>,
+    next_handle: AtomicU64,
+    invalidations: mpsc::UnboundedSender<Invalidation>,
+}
+
+impl<S: ParameterStore> Fs<S> {
+    pub fn new(
+        store: S,
+        config: FsConfig,
+        metrics: Arc<Metrics>,
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<Invalidation>) {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let layout = Layout::new(&config);
+        let fs = Fs {
+            store,
+            cache: Cache::new(config.cache.clone(), metrics.clone()),
+            inodes: InodeTable::new(layout.root_name()),
+            layout,
+            attrs: Attrs::new(&config),
+            metrics,
+            value_flights: SingleFlight::default(),
+            dir_flights: SingleFlight::default(),
+            dir_handles: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            invalidations: sender,
+            config,
+        };
+        (Arc::new(fs), receiver)
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The one API call of a mount: the first page below the mounted path (the
+    /// first folder's, in the Airflow layout). It proves credentials, region
+    /// and endpoint before the mount appears, and is kept as that listing's
+    /// first page. A refused listing (a role with GetParameter alone) or
+    /// throttling still mounts; anything that would break every read does not.
+    pub async fn check_access(self: &Arc<Self>) -> Result<(), FsError> {
+        let path = self.layout.first_path().to_string();
+        match self.probe_dir(&path).await {
+            // A refusal was remembered and logged by probe_dir.
+            Ok(_) | Err(StoreError::AccessDenied { .. }) => Ok(()),
+            Err(StoreError::Throttled) => {
+                tracing::warn!(path, "SSM throttled the first listing; continuing");
+                Ok(())
+            }
+            Err(error @ StoreError::Credentials(_)) => Err(error.into()),
+            Err(source) => Err(FsError::Unreachable { path, source }),
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn gauges(&self) -> Gauges {
+        let usage = self.cache.usage();
+        Gauges {
+            cache_entries: usage.values + usage.dirs,
+            cache_notes: usage.notes,
+            cache_bytes: usage.value_bytes,
+            inodes: self.inodes.len(),
+        }
+    }
+
+    /// Values currently held in the cache.
+    pub fn cached_values(&self) -> usize {
+        self.cache.usage().values
+    }
+
+    // ----- FUSE operations -----
+
+    pub async fn lookup(
+        self: &Arc<Self>,
+        parent_ino: u64,
+        segment: &OsStr,
+    ) -> Result<Entry, FsError> {
+        let parent = self.dir_node(parent_ino)?;
+        let segment = segment.to_str().ok_or(NameError::BadCharacter)?;
+        match self.layout.classify(&parent, segment) {
+            Child::Excluded => Err(FsError::NotFound),
+            Child::Area(area) => {
+                let ino = self.inodes.remember(ROOT_INO, &area.prefix, Role::Area);
+                Ok(self.attrs.dir(ino, self.config.cache.ttl))
+            }
+            Child::OwnValue => {
+                let entry = self.value(&parent.name).await?;
+                let parameter = self.present(&entry, &parent.name)?;
+                let ino = self
+                    .inodes
+                    .remember(parent_ino, &parent.name, Role::ShadowedValue);
+                Ok(self.file_entry(ino, &parameter, &entry))
+            }
+            Child::Name => {
+                let name = names::child_name(&parent.name, segment)?;
+                self.lookup_name(parent_ino, &parent.name, &name).await
+            }
+        }
+    }
+
+    async fn lookup_name(
+        self: &Arc<Self>,
+        parent_ino: u64,
+        parent: &str,
+        name: &str,
+    ) -> Result<Entry, FsError> {
+        match self.resolve(parent, name).await? {
+            Resolved::Dir(validity) => {
+                let ino = self.inodes.remember(parent_ino, name, Role::Dir);
+                Ok(self.attrs.dir(ino, validity.kernel_ttl(Instant::now())))
+            }
+            Resolved::UnlistedDir => {
+                let ino = self.inodes.remember(parent_ino, name, Role::Dir);
+                Ok(self.attrs.dir(ino, self.config.cache.negative_ttl))
+            }
+            Resolved::File(parameter, validity) => {
+                let ino = if *parameter.name == *name {
+                    self.inodes
+                        .remember_shared(parent_ino, &parameter.name, Role::File)
+                } else {
+                    self.inodes.remember(parent_ino, name, Role::File)
+                };
+                self.inodes
+                    .set_reported_version(ino, Some(parameter.version));
+                Ok(self.attrs.file(ino, &parameter, &validity))
+            }
+            Resolved::Missing => Err(FsError::NotFound),
+            Resolved::Denied => Err(FsError::AccessDenied {
+                name: name.to_string(),
+            }),
+        }
+    }
+
+    pub async fn getattr(self: &Arc<Self>, ino: u64) -> Result<Entry, FsError> {
+        let node = self.node(ino)?;
+        if node.role.is_dir() {
+            // A directory's existence is revalidated by lookup; its attributes never change.
+            return Ok(self.attrs.dir(ino, self.config.cache.ttl));
+        }
+        let entry = self.value(&node.name).await?;
+        let parameter = self.present(&entry, &node.name)?;
+        Ok(self.file_entry(ino, &parameter, &entry))
+    }
+
+    pub async fn read(
+        self: &Arc<Self>,
+        ino: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<ReadData, FsError> {
+        let node = self.node(ino)?;
+        if node.role.is_dir() {
+            return Err(FsError::IsDirectory);
+        }
+        let entry = self.value(&node.name).await?;
+        let current = self.present(&entry, &node.name)?;
+        // Serve the version whose size the kernel holds, so a read never mixes or
+        // truncates two versions; if that one is gone, serve the new one whole and
+        // make the kernel fetch its size again.
+        let parameter = match node.reported_version {
+            Some(version) if version != current.version => {
+                match entry.previous.filter(|p| p.version == version) {
+                    Some(previous) => previous,
+                    None => {
+                        self.send(Invalidation::Inode(ino));
+                        self.inodes.set_reported_version(ino, Some(current.version));
+                        current
+                    }
+                }
+            }
+            _ => current,
+        };
+        let len = parameter.value.len();
+        let start = (offset as usize).min(len);
+        let end = start.saturating_add(size as usize).min(len);
+        Ok(ReadData {
+            parameter,
+            start,
+            end,
+        })
+    }
+
+    /// Lists the directory once and keeps that listing for the handle's life,
+    /// so offsets stay stable while the directory is read. Every entry carries
+    /// the inode number a lookup of it gives.
+    pub async fn opendir(self: &Arc<Self>, ino: u64) -> Result<u64, FsError> {
+        let node = self.dir_node(ino)?;
+        let mut items = vec![
+            DirItem {
+                ino,
+                kind: FileKind::Dir,
+                name: ".".into(),
+            },
+            DirItem {
+                ino: node.parent,
+                kind: FileKind::Dir,
+                name: "..".into(),
+            },
+        ];
+        if let Some(areas) = self.layout.root_items(&node) {
+            items.extend(areas.iter().map(|area| DirItem {
+                ino: self.inodes.number(&area.prefix, Role::Area),
+                kind: FileKind::Dir,
+                name: area.folder.clone(),
+            }));
+            return Ok(self.new_dir_handle(items));
+        }
+        let listing = self.listing(&node.name).await?;
+        if self.layout.shows_own_value(&node) && self.has_own_value(&node.name, &listing).await {
+            items.push(DirItem {
+                ino: self.inodes.number(&node.name, Role::ShadowedValue),
+                kind: FileKind::File,
+                name: SHADOWED_VALUE_NAME.into(),
+            });
+        }
+        for (child, kind) in listing
+            .children
+            .iter()
+            .filter(|(child, _)| self.layout.admits(&node, child))
+        {
+            let (role, kind) = match kind {
+                ChildKind::Dir => (Role::Dir, FileKind::Dir),
+                ChildKind::File => (Role::File, FileKind::File),
+            };
+            items.push(DirItem {
+                ino: self.inodes.number(&names::join(&node.name, child), role),
+                kind,
+                name: child.to_string(),
+            });
+        }
+        Ok(self.new_dir_handle(items))
+    }
+
+    /// Whether the directory `path` is itself a parameter (shown as `@value`).
+    async fn has_own_value(self: &Arc<Self>, path: &str, listing: &DirEntry) -> bool {
+        match self.cache.value(path) {
+            Some(entry) => entry.parameter().is_some(),
+            None => match listing.own_parameter {
+                Some(known) => known,
+                // Unknown: one GetParameter, the "+1" of a listing's cost.
+                None => self
+                    .value(path)
+                    .await
+                    .is_ok_and(|e| e.parameter().is_some()),
+            },
+        }
+    }
+
+    fn new_dir_handle(&self, items: Vec<DirItem>) -> u64 {
+        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.dir_handles
+            .lock()
+            .unwrap()
+            .insert(handle, Arc::new(items));
+        handle
+    }
+
+    /// At most `limit` entries from `offset` on; each item's offset for the
+    /// kernel is its index + 1. The limit keeps a listing of N entries, read a
+    /// buffer at a time, from copying O(N) entries per call.
+    pub fn readdir(
+        &self,
+        handle: u64,
+        offset: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, DirItem)>, FsError> {
+        let items = self
+            .dir_handles
+            .lock()
+            .unwrap()
+            .get(&handle)
+            .cloned()
+            .ok_or(FsError::BadHandle(handle))?;
+        Ok(items
+            .iter()
+            .enumerate()
+            .skip(offset as usize)
+            .take(limit)
+            .map(|(i, item)| (i as u64 + 1, item.clone()))
+            .collect())
+    }
+
+    pub fn releasedir(&self, handle: u64) {
+        self.dir_handles.lock().unwrap().remove(&handle);
+    }
+
+    pub fn forget(&self, ino: u64, count: u64) {
+        self.inodes.forget(ino, count);
+    }
+
+    /// Drops every cached answer, here and in the kernel (SIGHUP).
+    pub fn drop_caches(&self) {
+        self.cache.clear();
+        crate::heap::release_freed();
+        for node in self.inodes.all() {
+            if node.ino != ROOT_INO {
+                self.send(Invalidation::Entry {
+                    parent: node.parent,
+                    name: names::base_name(&node.name).to_string(),
+                });
+            }
+            self.send(Invalidation::Inode(node.ino));
+        }
+    }
+
+    // ----- nodes and values -----
+
+    fn node(&self, ino: u64) -> Result<Node, FsError> {
+        self.inodes.get(ino).ok_or(FsError::UnknownInode(ino))
+    }
+
+    fn dir_node(&self, ino: u64) -> Result<Node, FsError> {
+        let node = self.node(ino)?;
+        if !node.role.is_dir() {
+            return Err(FsError::NotDirectory);
+        }
+        Ok(node)
+    }
+
+    /// The parameter of a value entry, or why there is none.
+    fn present(&self, entry: &ValueEntry, name: &str) -> Result<Arc<Parameter>, FsError> {
+        match &entry.known {
+            Known::Present(parameter) => Ok(parameter.clone()),
+            Known::Absent => Err(FsError::NotFound),
+            Known::Denied => Err(FsError::AccessDenied {
+                name: name.to_string(),
+            }),
+        }
+    }
+
+    fn file_entry(&self, ino: u64, parameter: &Parameter, entry: &ValueEntry) -> Entry {
+        self.inodes
+            .set_reported_version(ino, Some(parameter.version));
+        self.attrs.file(ino, parameter, &entry.validity)
+    }
+
+    /// The cached value of `name`, fetched if missing or expired, served stale
+    /// through an outage.
+    async fn value(self: &Arc<Self>, name: &str) -> Result<ValueEntry, FsError> {
+        let now = Instant::now();
+        let cached = self.cache.value(name);
+        if let Some(entry) = cached.as_ref().filter(|e| e.validity.is_fresh(now)) {
+            Metrics::inc(&self.metrics.cache_hits);
+            self.refresh_if_due(&cached, name);
+            return Ok(entry.clone());
+        }
+        Metrics::inc(&self.metrics.cache_misses);
+        match self.fetch_value(name).await {
+            Ok(entry) => Ok(entry),
+            Err(error) if error.is_outage() => {
+                match cached.filter(|e| e.validity.may_serve_stale(now)) {
+                    Some(entry) => {
+                        self.note_stale(name, &error);
+                        Ok(entry)
+                    }
+                    None => Err(error.into()),
+                }
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    fn refresh_if_due(self: &Arc<Self>, entry: &Option<ValueEntry>, name: &str) {
+        let due = entry
+            .as_ref()
+            .is_some_and(|e| e.parameter().is_some() && e.validity.wants_refresh(Instant::now()));
+        if due {
+            let fs = self.clone();
+            let name = name.to_string();
+            tokio::spawn(async move {
+                if let Err(error) = fs.fetch_value(&name).await {
+                    if error.is_outage() {
+                        fs.note_stale(&name, &error);
+                    }
+                }
+            });
+        }
+    }
+
+    fn note_stale(&self, name: &str, error: &StoreError) {
+        Metrics::inc(&self.metrics.stale_serves);
+        self.cache
+            .extend_stale_dir(names::parent_name(name), STALE_RECHECK);
+        self.cache.extend_stale_dir(name, STALE_RECHECK);
+        if self.cache.extend_stale_value(name, STALE_RECHECK) {
+            tracing::warn!(parameter = name, %error, "SSM is not answering; serving the cached answer past its TTL");
+        }
+    }
+
+    /// One GetParameter, shared by every concurrent caller for the name.
+    async fn fetch_value(self: &Arc<Self>, name: &str) -> Result<ValueEntry, StoreError> {
+        self.value_flights
+            .run(name.to_string(), || async {
+                let known = match self.store.get(name).await {
+                    Ok(parameter) => Known::Present(Arc::new(parameter)),
+                    Err(StoreError::NotFound) => Known::Absent,
+                    Err(StoreError::AccessDenied { .. }) => Known::Denied,
+                    Err(error) => return Err(error),
+                };
+                Ok(self.record_value(name, known))
+            })
+            .await
+    }
+
+    fn record_value(&self, name: &str, known: Known) -> ValueEntry {
+        if matches!(known, Known::Denied) {
+            let already = self
+                .cache
+                .value(name)
+                .is_some_and(|e| matches!(e.known, Known::Denied));
+            if !already {
+                tracing::warn!(
+                    parameter = name,
+                    "SSM denied access to this parameter (IAM or KMS); answering EACCES"
+                );
+            }
+        }
+        let (change, entry) = self.cache.put_value(name, known);
+        match change {
+            Change::None => {}
+            Change::NewVersion => {
+                for role in [Role::File, Role::ShadowedValue] {
+                    if let Some(ino) = self.inodes.find(name, role) {
+                        self.send(Invalidation::Inode(ino));
+                    }
+                }
+            }
+            Change::Appeared | Change::Disappeared => {
+                for parent in self.dir_inodes(names::parent_name(name)) {
+                    self.send(Invalidation::Entry {
+                        parent,
+                        name: names::base_name(name).to_string(),
+                    });
+                }
+            }
+        }
+        entry
+    }
+
+    fn send(&self, invalidation: Invalidation) {
+        Metrics::inc(&self.metrics.invalidations);
+        // The receiver is gone only during shutdown, when nothing needs telling.
+        let _ = self.invalidations.send(invalidation);
+    }
+}
