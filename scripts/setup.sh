@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs everything ssmfs's tests, demo and benchmark need on a fresh Debian
 # machine: the FUSE 3 userspace tools (fuse3: mount.fuse3, fusermount3), curl,
-# gcc, and a project-local Python venv (.venv) with moto's SSM server. Idempotent.
+# gcc, a project-local Python venv (.venv) with moto's SSM server, and another
+# (.venv-airflow) with Apache Airflow, its Amazon provider and the project's
+# Airflow backend (integrations/airflow, editable). Idempotent: each venv is
+# built once and rebuilt only when its pinned requirements change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,4 +29,15 @@ if [ ! -x .venv/bin/moto_server ]; then
     python3 -m venv .venv
     .venv/bin/pip install -q --disable-pip-version-check 'moto[server]>=5,<6' boto3
 fi
+# Airflow pins its own dependency tree, so it lives apart from moto's venv.
+airflow_requirements="apache-airflow==3.3.2 apache-airflow-providers-amazon==9.39.0 pytest==9.2.0"
+if [ "$(cat .venv-airflow/.requirements 2>/dev/null)" != "$airflow_requirements" ]; then
+    echo "setup: creating .venv-airflow with $airflow_requirements (about a minute)" >&2
+    rm -rf .venv-airflow
+    python3 -m venv .venv-airflow
+    # shellcheck disable=SC2086
+    .venv-airflow/bin/pip install -q --disable-pip-version-check $airflow_requirements
+    echo "$airflow_requirements" > .venv-airflow/.requirements
+fi
+.venv-airflow/bin/pip install -q --disable-pip-version-check --no-deps -e integrations/airflow >/dev/null
 [ -e /dev/fuse ] || { echo "setup: /dev/fuse is missing: load the fuse module (modprobe fuse)" >&2; exit 1; }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole suite: set up what the tests need (fuse3, moto venv), check format
-# and lints, run unit, core and end-to-end tests, then the benchmark's smoke mode.
+# The whole suite: set up what the tests need (fuse3, moto and Airflow venvs),
+# check format and lints, run unit, core and end-to-end tests, the Airflow
+# backend's pytest suite against real Airflow, then the benchmark's smoke mode.
 # Run as root on a machine with /dev/fuse (as the build machines are).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,4 +10,6 @@ cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 # The end-to-end tests start their own moto servers and mount in temp dirs.
 cargo test --all-targets -- --test-threads=4
+# The Airflow backend against real Airflow, the debug binary and moto.
+SSMFS_BIN="$PWD/target/debug/ssmfs" .venv-airflow/bin/python -m pytest -q integrations/airflow
 scripts/bench.sh --smoke

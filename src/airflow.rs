@@ -7,7 +7,9 @@
 //! `*_lookup_pattern` is a regex matched at the start of the key,
 //! case-insensitively (Python's `re.match(..., re.IGNORECASE)`): keys that do not
 //! match are absent. AWS keys (`role_arn`, `region_name`, `profile_name`,
-//! `endpoint_url`) configure the client; other keys are reported, not used.
+//! `endpoint_url`) configure the client; `mountpoint` and `fallback` belong to
+//! ssmfs's own Airflow backend (integrations/airflow), which reads the same
+//! JSON; other keys are reported, not used.
 
 use regex::Regex;
 use serde_json::{Map, Value};
@@ -146,6 +148,8 @@ pub fn parse(json: &str) -> Result<AirflowSettings, KwargsError> {
         .iter()
         .flat_map(|(_, p, l, _)| [*p, *l])
         .chain(["role_arn", "region_name", "profile_name", "endpoint_url"])
+        // The kwargs of ssmfs's own Airflow backend, which shares this JSON.
+        .chain(["mountpoint", "fallback"])
         .collect();
     settings.ignored_keys = kwargs
         .keys()
@@ -186,7 +190,7 @@ mod tests {
     #[test]
     fn nulls_slashes_patterns_and_unknown_keys() {
         let s = parse(r#"{"variables_prefix": "/team/vars/", "connections_prefix": null, "config_prefix": null,
-                          "variables_lookup_pattern": "^(prod|shared)_", "use_ssl": true, "config_kwargs": {}}"#).unwrap();
+                          "variables_lookup_pattern": "^(prod|shared)_", "use_ssl": true, "config_kwargs": {}, "mountpoint": "/mnt/airflow", "fallback": true}"#).unwrap();
         assert_eq!(s.areas.len(), 1);
         assert_eq!(s.areas[0].prefix, "/team/vars");
         assert!(s.areas[0].admits("PROD_db") && s.areas[0].admits("shared_x"));

@@ -261,7 +261,18 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let _timer = self.timer("statfs");
         let files = self.fs.gauges().inodes as u64;
-        reply.statfs(0, 0, 0, files, 0, 4096, 255, 4096);
+        // f_namemax is SSM's limit on a name, which also marks a live ssmfs
+        // mount for readers that must tell it from an empty directory.
+        reply.statfs(
+            0,
+            0,
+            0,
+            files,
+            0,
+            4096,
+            crate::names::MAX_NAME_LEN as u32,
+            4096,
+        );
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
