@@ -7,8 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 smoke=0; [ "${1:-}" = "--smoke" ] && smoke=1
-iters=200000; listing=1000; hot_reads=5000; cached=100000
-[ $smoke = 1 ] && { iters=2000; listing=100; hot_reads=500; cached=10000; }
+iters=200000; listing=1000; hot_reads=5000; cached=100000; variable_gets=2000
+[ $smoke = 1 ] && { iters=2000; listing=100; hot_reads=500; cached=10000; variable_gets=100; }
 scripts/setup.sh
 cargo build --release --quiet --bin ssmfs --example cache_memory
 run=.ssmfs-run/bench; rm -rf "$run"; mkdir -p "$run/mnt" "$run/tmpfs"
@@ -16,10 +16,12 @@ gcc -O2 -pthread -o "$run/readloop" bench/readloop.c
 port=5077
 endpoint=$(scripts/moto.sh start $port)
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
-pid=""
+pid=""; af_pid=""
 cleanup() {
     [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+    [ -n "$af_pid" ] && kill -TERM "$af_pid" 2>/dev/null && wait "$af_pid" 2>/dev/null || true
     mountpoint -q "$run/mnt" && umount -l "$run/mnt" || true
+    mountpoint -q "$run/af" && umount -l "$run/af" || true
     mountpoint -q "$run/tmpfs" && umount "$run/tmpfs" || true
     scripts/moto.sh stop $port
 }
@@ -85,6 +87,32 @@ for i in range(reads):
 print(calls, int((time.perf_counter() - start) * 1e6 / reads))
 PY
 )"
+# Row 7: Variable.get through Airflow with each secrets backend, in a process
+# configured only by environment variables. ssmfs_airflow reads a second mount
+# in the Airflow layout; API calls are counted in moto's access log.
+moto_posts() { sleep 0.2; grep -c '"POST /' ".ssmfs-run/moto-$port.log" || true; }
+mkdir -p "$run/af"
+./target/release/ssmfs --foreground --endpoint-url "$endpoint" --max-tps 1000 \
+    --airflow-kwargs '{"variables_prefix": "/bench/hot", "connections_prefix": null, "config_prefix": null}' \
+    "$run/af" 2>"$run/ssmfs-airflow.log" &
+af_pid=$!
+until mountpoint -q "$run/af"; do sleep 0.01; done
+variable_get() { # BACKEND -> "us_per_lookup api_calls"
+    local fifo="$run/vg.fifo" out="$run/vg.out" before line
+    rm -f "$fifo"; mkfifo "$fifo"
+    .venv-airflow/bin/python bench/airflow_variable_get.py "$1" "$endpoint" "$run/af" "$variable_gets" <"$fifo" >"$out" 2>"$run/vg-$1.log" &
+    local py=$!
+    exec 7>"$fifo"
+    until grep -q '^WARM' "$out" 2>/dev/null; do kill -0 $py 2>/dev/null || { cat "$run/vg-$1.log" >&2; exit 1; }; sleep 0.05; done
+    before=$(moto_posts)
+    echo >&7; exec 7>&-
+    wait $py
+    line=$(grep -E '^[0-9]+ [0-9]+$' "$out")
+    echo "${line%% *} $(( $(moto_posts) - before ))"
+}
+read -r vg_ssmfs_us vg_ssmfs_calls <<<"$(variable_get ssmfs)"
+read -r vg_ssm_us vg_ssm_calls <<<"$(variable_get ssm)"
+kill -TERM $af_pid; wait $af_pid 2>/dev/null || true; af_pid=""
 # Row 5: cache and inode bookkeeping for $cached parameters of 100 bytes, measured
 # through the filesystem core in its own process (seeding moto with 100,000
 # parameters would take longer than the rest of the benchmark together).
@@ -96,7 +124,8 @@ met() { awk "BEGIN { print ($1) ? \"true\" : \"false\" }"; }
 targets="{\"row1_within_1.5x_tmpfs\": $(met "$r1 <= 1.5 * $t1"), \"row1_no_api_calls_warm\": $(met "$warm_calls == 0"),
  \"row2_mount_one_call\": $(met "$mount_calls <= 1"), \"row2_one_round_trip_per_component\": $(met "$cold_calls <= 2 * 3"), \"row3_cold_calls\": $(met "$ls_cold <= ($listing + 9) / 10 + 1"),
  \"row3_warm_zero\": $(met "$ls_warm == 0"), \"row4_50x_fewer\": $(met "$direct_ratio >= 50"),
- \"row5_64mib\": $(met "$projected_kb <= 65536"), \"row6_under_100ms\": $(met "$startup_ms < 100")}"
+ \"row5_64mib\": $(met "$projected_kb <= 65536"), \"row6_under_100ms\": $(met "$startup_ms < 100"),
+ \"row7_no_calls_warm\": $(met "$vg_ssmfs_calls == 0")}"
 cat <<TABLE
 | row | measure | ssmfs | reference | ratio |
 |---|---|---|---|---|
@@ -114,6 +143,7 @@ cat <<TABLE
 | 5 | cache growth for $cached parameters of 100 B (KiB; heap B/param) | $cache_growth_kb; $heap_per_param | | |
 | 5 | daemon + $cached cached parameters (KiB) | $projected_kb | <= 65536 | $(ratio $projected_kb 65536)x |
 | 6 | start to first read served (ms) | $startup_ms | < 100 | |
+| 7 | $variable_gets warm Variable.get through Airflow: us per call / API calls | ssmfs_airflow $vg_ssmfs_us / $vg_ssmfs_calls | SSM backend $vg_ssm_us / $vg_ssm_calls | $(ratio $vg_ssm_us $vg_ssmfs_us)x faster |
 TABLE
 cat > "$run/../bench.json" <<JSON
 {"smoke": $smoke, "warm_read_ns": {"ssmfs_1": $r1, "tmpfs_1": $t1, "ssmfs_16": $r16, "tmpfs_16": $t16, "ssmfs_stat": $rs, "tmpfs_stat": $ts},
@@ -122,6 +152,7 @@ cat > "$run/../bench.json" <<JSON
  "repeated_reads": {"reads": $hot_reads, "ssmfs_calls": $hot_calls, "direct_calls": $direct_calls, "direct_us_per_read": $direct_us},
  "rss_kib": $rss_kb, "rss_anon_kib": $rss_anon_kb, "rss_file_kib": $rss_file_kb, "memory": {"parameters": $cached, "cache_growth_kib": $cache_growth_kb, "heap_bytes_per_parameter": $heap_per_param, "projected_kib": $projected_kb, "target_kib": 65536},
  "startup_ms": $startup_ms,
+ "variable_get": {"lookups": $variable_gets, "ssmfs_us": $vg_ssmfs_us, "ssmfs_calls": $vg_ssmfs_calls, "ssm_backend_us": $vg_ssm_us, "ssm_backend_calls": $vg_ssm_calls},
  "targets_met": $targets}
 JSON
 echo "targets met: $targets"

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything ssmfs's tests, demo and benchmark need on a fresh Debian
 # machine: the FUSE 3 userspace tools (fuse3: mount.fuse3, fusermount3), curl,
-# gcc, a project-local Python venv (.venv) with moto's SSM server, and another
-# (.venv-airflow) with Apache Airflow, its Amazon provider and the project's
-# Airflow backend (integrations/airflow, editable). Idempotent: each venv is
+# gcc, a project-local Python venv (.venv) with moto's SSM server, and two
+# (.venv-airflow: Airflow 3; .venv-airflow2: Airflow 2.10) with Apache Airflow,
+# its Amazon provider and the project's Airflow backend (integrations/airflow). Idempotent: each venv is
 # built once and rebuilt only when its pinned requirements change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,15 +29,20 @@ if [ ! -x .venv/bin/moto_server ]; then
     python3 -m venv .venv
     .venv/bin/pip install -q --disable-pip-version-check 'moto[server]>=5,<6' boto3
 fi
-# Airflow pins its own dependency tree, so it lives apart from moto's venv.
-airflow_requirements="apache-airflow==3.3.2 apache-airflow-providers-amazon==9.39.0 pytest==9.2.0"
-if [ "$(cat .venv-airflow/.requirements 2>/dev/null)" != "$airflow_requirements" ]; then
-    echo "setup: creating .venv-airflow with $airflow_requirements (about a minute)" >&2
-    rm -rf .venv-airflow
-    python3 -m venv .venv-airflow
-    # shellcheck disable=SC2086
-    .venv-airflow/bin/pip install -q --disable-pip-version-check $airflow_requirements
-    echo "$airflow_requirements" > .venv-airflow/.requirements
-fi
-.venv-airflow/bin/pip install -q --disable-pip-version-check --no-deps -e integrations/airflow >/dev/null
+# Airflow pins its own dependency tree, so it lives apart from moto's venv: the
+# newest Airflow 3 and the oldest supported Airflow 2, each with the project's
+# backend installed editable.
+airflow_venv() { # DIR REQUIREMENTS...
+    local dir=$1; shift
+    if [ "$(cat "$dir/.requirements" 2>/dev/null)" != "$*" ]; then
+        echo "setup: creating $dir with $* (about a minute)" >&2
+        rm -rf "$dir"
+        python3 -m venv "$dir"
+        "$dir/bin/pip" install -q --disable-pip-version-check "$@"
+        echo "$*" > "$dir/.requirements"
+    fi
+    "$dir/bin/pip" install -q --disable-pip-version-check --no-deps -e integrations/airflow >/dev/null
+}
+airflow_venv .venv-airflow apache-airflow==3.3.2 apache-airflow-providers-amazon==9.39.0 pytest==9.2.0
+airflow_venv .venv-airflow2 apache-airflow==2.10.5 apache-airflow-providers-amazon==9.17.0 pytest==9.2.0
 [ -e /dev/fuse ] || { echo "setup: /dev/fuse is missing: load the fuse module (modprobe fuse)" >&2; exit 1; }

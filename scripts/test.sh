@@ -10,6 +10,8 @@ cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 # The end-to-end tests start their own moto servers and mount in temp dirs.
 cargo test --all-targets -- --test-threads=4
-# The Airflow backend against real Airflow, the debug binary and moto.
-SSMFS_BIN="$PWD/target/debug/ssmfs" .venv-airflow/bin/python -m pytest -q integrations/airflow
+# The Airflow backend against real Airflow 3 and 2, the debug binary and moto.
+for venv in .venv-airflow .venv-airflow2; do
+    SSMFS_BIN="$PWD/target/debug/ssmfs" "$venv/bin/python" -m pytest -q -p no:cacheprovider integrations/airflow
+done
 scripts/bench.sh --smoke

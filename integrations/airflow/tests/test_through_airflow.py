@@ -41,10 +41,16 @@ def test_variable_get_in_a_python_process(seeded, mount):
 
 DAG = '''
 import datetime, os
-from airflow.sdk import DAG, Variable
 from airflow.hooks.base import BaseHook
-from airflow.providers.standard.operators.python import PythonOperator
-from airflow.providers.standard.operators.bash import BashOperator
+try:  # Airflow 3
+    from airflow.sdk import DAG, Variable
+    from airflow.providers.standard.operators.python import PythonOperator
+    from airflow.providers.standard.operators.bash import BashOperator
+except ImportError:  # Airflow 2
+    from airflow import DAG
+    from airflow.models import Variable
+    from airflow.operators.python import PythonOperator
+    from airflow.operators.bash import BashOperator
 
 OUT = os.environ["SSMFS_TEST_OUT"]
 
