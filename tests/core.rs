@@ -600,21 +600,54 @@ async fn ls_after_a_lookup_continues_the_first_page_instead_of_rereading_it() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn reading_many_siblings_switches_from_probes_to_one_listing() {
-    let store = MemoryStore::new();
-    for i in 0..100 {
-        store.put_string(&format!("/p/vars/v{i:03}"), &format!("value-{i}"));
-    }
-    let (fs, _inval) = mount(store, config("/p"));
-    for i in (0..100).rev() {
-        assert_eq!(
-            cat(&fs, &format!("vars/v{i:03}")).await.unwrap(),
-            format!("value-{i}").as_bytes()
+async fn reading_many_siblings_costs_a_page_per_ten_in_any_order() {
+    for (n, order) in [
+        (50, "ascending"),
+        (50, "descending"),
+        (50, "scattered"),
+        (100, "descending"),
+    ] {
+        let store = MemoryStore::new();
+        store.put_string(
+            "/p/first",
+            "a sibling of vars, so the mount check sees vars",
+        );
+        for i in 0..n {
+            store.put_string(&format!("/p/vars/v{i:03}"), &format!("value-{i}"));
+        }
+        let (fs, _inval) = mount(store, config("/p"));
+        fs.check_access().await.unwrap();
+        let before = calls(&fs).total();
+        let indexes: Vec<usize> = match order {
+            "ascending" => (0..n).collect(),
+            "descending" => (0..n).rev().collect(),
+            _ => (0..n).map(|i| (i * 37) % n).collect(), // 37 is coprime with 50 and 100
+        };
+        for i in indexes {
+            assert_eq!(
+                cat(&fs, &format!("vars/v{i:03}")).await.unwrap(),
+                format!("value-{i}").as_bytes()
+            );
+        }
+        let cost = calls(&fs).total() - before;
+        assert!(
+            cost <= (n as u64).div_ceil(10) + 3,
+            "{n} siblings read {order}: {cost} calls"
         );
     }
-    let c = calls(&fs);
-    // The directory probe (2), a few sibling probes (2 each), then the remaining pages.
-    assert!(c.total() <= 2 + 3 * 2 + 10, "100 cold reads cost {c:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_one_off_read_still_costs_one_round_trip() {
+    let store = MemoryStore::new();
+    for i in 0..500 {
+        store.put_string(&format!("/p/big/k{i:03}"), "v");
+    }
+    let (fs, _inval) = mount(store, config("/p"));
+    assert_eq!(cat(&fs, "big/k321").await.unwrap(), b"v");
+    // The root listing page that shows `big`, then one probe of the name:
+    // value and first page below it, together.
+    assert!(calls(&fs).total() <= 4, "{:?}", calls(&fs));
 }
 
 #[tokio::test(start_paused = true)]
@@ -858,9 +891,19 @@ async fn a_stream_of_distinct_missing_and_denied_names_stays_within_the_cache_bo
     let mut config = config("/p");
     config.cache.max_entries = 1_000;
     let (fs, _inval) = mount(MemoryStore::new(), config);
+    // A role with GetParameter alone: no listing, so each name is asked for.
+    fs.store()
+        .inner()
+        .fail_every_listing(Some(StoreError::access_denied("no listing")));
     for i in 0..50_000 {
-        let missing = fs.lookup(ROOT_INO, OsStr::new(&format!("m{i}"))).await;
-        assert_eq!(missing.unwrap_err().errno(), libc::ENOENT);
+        // Missing, and SSM will not say whether anything lies below it: served
+        // as a directory whose names resolve one by one; the kernel forgets it.
+        let entry = fs
+            .lookup(ROOT_INO, OsStr::new(&format!("m{i}")))
+            .await
+            .unwrap();
+        assert_eq!(entry.attr.kind, FileKind::Dir);
+        fs.forget(entry.attr.ino, 1);
     }
     // A role that may read nothing: every value and listing is refused.
     fs.store()
@@ -881,5 +924,5 @@ async fn a_stream_of_distinct_missing_and_denied_names_stays_within_the_cache_bo
         gauges.inodes, 1,
         "no inode for a name that does not resolve"
     );
-    assert_eq!(calls(&fs).total(), 200_000, "every name was really asked");
+    assert!(calls(&fs).total() >= 200_000, "every name was really asked");
 }

@@ -850,3 +850,37 @@ fn listings_and_stat_agree_on_inode_numbers_before_and_after_the_kernel_forgets(
     let dir_meta = std::fs::metadata(&dir).unwrap();
     assert_eq!(root_listing["dir"], dir_meta.ino());
 }
+
+#[test]
+fn fifty_siblings_read_one_by_one_cost_a_page_per_ten() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let rt = runtime();
+    let client = client(&rt, &moto.endpoint);
+    put(&rt, &client, "/b/a_first", "x", ParameterType::String);
+    put_many(
+        &rt,
+        &client,
+        (0..50)
+            .map(|i| (format!("/b/many/k{i:02}"), format!("value-{i}")))
+            .collect(),
+        ParameterType::SecureString,
+    );
+    let mount = Mount::start(&moto.endpoint, "/b", &[]);
+    let start = moto.requests();
+    for i in 0..50 {
+        let (code, out, _) = run(
+            "cat",
+            &[mount.path().join(format!("many/k{i:02}")).to_str().unwrap()],
+        );
+        assert_eq!(code, 0);
+        assert_eq!(out, format!("value-{i}"));
+    }
+    let cost = moto.requests() - start;
+    assert!(
+        cost <= 50usize.div_ceil(10) + 3,
+        "50 cold cats cost {cost} calls"
+    );
+}

@@ -2,7 +2,9 @@
 //!
 //! A probe reads the first page below a path (enough to tell whether it is a
 //! directory); a listing reads every page, continuing a fresh probe's pages
-//! rather than reading page one again. Every page's parameters are cached as
+//! rather than reading page one again; an extension reads a bounded number of
+//! further pages of a partial listing (siblings read one after another then
+//! cost a page per ten names, not two calls per name). Every page's parameters are cached as
 //! values, and a complete listing also caches the listing of every directory
 //! below the path, so a following `find` or `diff -r` costs nothing. A listing
 //! SSM refuses (a role with GetParameter alone) is remembered for a TTL and
@@ -13,7 +15,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::{Fs, Invalidation, STALE_RECHECK};
+use super::{Fs, Invalidation, ListingFlight, STALE_RECHECK};
 use crate::cache::{ChildKind, DirEntry, Known, Resume};
 use crate::error::FsError;
 use crate::inode::Role;
@@ -25,7 +27,7 @@ impl<S: ParameterStore> Fs<S> {
     /// The first page below `path`: enough to tell whether it is a directory.
     pub(super) async fn probe_dir(self: &Arc<Self>, path: &str) -> Result<DirEntry, StoreError> {
         self.dir_flights
-            .run((path.to_string(), false), || async {
+            .run((path.to_string(), ListingFlight::Probe), || async {
                 let mut token = None;
                 loop {
                     let page = self.store.list_page(path, MAX_PAGE, token).await?;
@@ -49,14 +51,8 @@ impl<S: ParameterStore> Fs<S> {
     /// Every page below `path`, continuing a fresh partial listing if there is one.
     pub(super) async fn list_dir(self: &Arc<Self>, path: &str) -> Result<DirEntry, StoreError> {
         self.dir_flights
-            .run((path.to_string(), true), || async {
-                let now = Instant::now();
-                let resume = self
-                    .cache
-                    .dir(path)
-                    .filter(|d| d.validity.is_fresh(now))
-                    .and_then(|d| d.resume);
-                if let Some(resume) = resume {
+            .run((path.to_string(), ListingFlight::Whole), || async {
+                if let Some(resume) = self.fresh_resume(path) {
                     let names = resume.names.as_ref().clone();
                     match self.read_pages(path, names, Some(resume.next_token)).await {
                         Err(StoreError::InvalidNextToken) => {} // expired: start over
@@ -67,6 +63,53 @@ impl<S: ParameterStore> Fs<S> {
             })
             .await
             .inspect_err(|error| self.remember_refusal(path, error))
+    }
+
+    /// More of `path`'s listing: from where a fresh partial listing stopped (or
+    /// from the start), until it is complete or `max_pages` pages of names were
+    /// read (an empty page with a next token does not count).
+    pub(super) async fn extend_listing(
+        self: &Arc<Self>,
+        path: &str,
+        max_pages: usize,
+    ) -> Result<DirEntry, StoreError> {
+        self.dir_flights
+            .run((path.to_string(), ListingFlight::Extend), || async {
+                let (mut names, mut token) = match self.fresh_resume(path) {
+                    Some(resume) => (resume.names.as_ref().clone(), Some(resume.next_token)),
+                    None => (Vec::new(), None),
+                };
+                let mut parameters = Vec::new();
+                let mut pages = 0;
+                while pages < max_pages {
+                    let page = match self.store.list_page(path, MAX_PAGE, token.clone()).await {
+                        Err(StoreError::InvalidNextToken) if token.is_some() => {
+                            (names, token) = (Vec::new(), None); // expired: start over
+                            continue;
+                        }
+                        other => other?,
+                    };
+                    pages += usize::from(!page.parameters.is_empty());
+                    names.extend(page.parameters.iter().map(|p| p.name.clone()));
+                    parameters.extend(page.parameters);
+                    token = page.next_token;
+                    if token.is_none() {
+                        break;
+                    }
+                }
+                Ok(self.record_listing(path, names, parameters, token))
+            })
+            .await
+            .inspect_err(|error| self.remember_refusal(path, error))
+    }
+
+    /// Where a fresh partial listing of `path` stopped.
+    fn fresh_resume(&self, path: &str) -> Option<Resume> {
+        let now = Instant::now();
+        self.cache
+            .dir(path)
+            .filter(|d| d.validity.is_fresh(now))
+            .and_then(|d| d.resume)
     }
 
     async fn read_pages(

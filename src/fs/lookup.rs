@@ -7,8 +7,10 @@
 //! `Fs::resolve` only executes the plan. In order of preference:
 //!
 //! - the cache answers (a fresh listing of the parent, or of the name);
-//! - a partly listed parent whose names were probed one by one a few times
-//!   is listed whole (a page per ten names beats two calls per name);
+//! - in a directory not listed whole where a sibling was already probed, the
+//!   parent's listing is read on (at most `PAGES_PER_LOOKUP` pages of names):
+//!   siblings read one after another then cost a page per ten names instead
+//!   of two calls per name, in any order;
 //! - the value and the first page below the name are asked for together, one
 //!   round trip ("is it a parameter?" and "is anything below it?");
 //! - below a path SSM refuses to list, the value is asked for first: a found
@@ -30,10 +32,17 @@ use crate::metrics::Metrics;
 use crate::names;
 use crate::store::{Parameter, ParameterStore, StoreError};
 
-/// After this many probes of names in one partly listed directory, the rest
-/// of it is listed in one go: a `stat` storm or a task reading many variables
-/// then costs a page per ten names instead of two calls per name.
-pub(super) const PROBES_BEFORE_LISTING: u32 = 3;
+/// After this many probes of names in one directory not listed whole, the
+/// next lookup there reads the parent's listing on instead: one probe keeps a
+/// one-off read at one round trip, and from the second sibling on a page of
+/// ten names costs half a probe of one.
+pub(super) const PROBES_BEFORE_LISTING: u32 = 1;
+/// Pages of names of the parent's listing one lookup reads at most: a
+/// directory of up to a hundred names is listed whole at once, and a lookup in
+/// a huge directory costs a bounded number of calls (the listing goes on at
+/// the next lookup there). A name a partial listing shows as a file still
+/// needs a probe of what lies below it ("directory wins").
+pub(super) const PAGES_PER_LOOKUP: usize = 10;
 
 /// What a name turned out to be.
 #[derive(Debug, Clone)]
@@ -66,8 +75,8 @@ pub(super) struct Knowledge {
 pub(super) enum Plan {
     /// The cache answers.
     Cached,
-    /// List the parent whole, then plan again.
-    ListParent,
+    /// Read the parent's listing on until the name shows up, then plan again.
+    ExtendParent,
     /// Ask SSM for the value and/or the first page below the name, together.
     Ask { value: bool, dir: bool },
     /// Ask for the value alone; `conclude` says whether the directory probe follows.
@@ -103,12 +112,14 @@ impl Knowledge {
             .as_ref()
             .and_then(|d| d.children.get(base).map(|k| (d, *k)));
         match listed {
+            // Something below it was seen: a directory, even in a partial listing.
             Some((parent, ChildKind::Dir)) => return Some(Resolved::Dir(parent.validity)),
-            Some((_, ChildKind::File)) => return self.own_value.as_ref().map(value_resolution),
-            None if self.parent_dir.as_ref().is_some_and(|d| d.complete) => {
-                return Some(Resolved::Missing)
+            // Only a complete listing rules out names below it on a later page.
+            Some((parent, ChildKind::File)) if parent.complete => {
+                return self.own_value.as_ref().map(value_resolution)
             }
-            None => {}
+            None if self.parent_is_complete() => return Some(Resolved::Missing),
+            _ => {}
         }
         match (&self.own_dir, &self.own_value) {
             (Some(_), Some(value)) => Some(value_resolution(value)),
@@ -121,12 +132,12 @@ impl Knowledge {
         let parent_says_file = self
             .parent_dir
             .as_ref()
-            .is_some_and(|d| d.children.get(base) == Some(&ChildKind::File));
+            .is_some_and(|d| d.complete && d.children.get(base) == Some(&ChildKind::File));
         self.own_dir.is_none() && !parent_says_file
     }
 
-    fn parent_is_partial(&self) -> bool {
-        self.parent_dir.as_ref().is_some_and(|d| !d.complete)
+    fn parent_is_complete(&self) -> bool {
+        self.parent_dir.as_ref().is_some_and(|d| d.complete)
     }
 
     fn has_value(&self) -> bool {
@@ -149,8 +160,11 @@ pub(super) fn plan(known: &Knowledge, base: &str) -> Plan {
     if known.decide(base).is_some() {
         return Plan::Cached;
     }
-    if known.parent_is_partial() && known.siblings_probed >= PROBES_BEFORE_LISTING {
-        return Plan::ListParent;
+    if !known.parent_is_complete()
+        && !known.parent_unlistable
+        && known.siblings_probed >= PROBES_BEFORE_LISTING
+    {
+        return Plan::ExtendParent;
     }
     let value = known.own_value.is_none();
     let dir_unknown = known.needs_dir_probe(base) && !known.name_unlistable;
@@ -241,24 +255,24 @@ impl<S: ParameterStore> Fs<S> {
             return Ok(known.decide(base).expect("planned from the cache"));
         }
         Metrics::inc(&self.metrics.cache_misses);
-        if step == Plan::ListParent {
-            match self.list_dir(parent).await {
-                Ok(listing) => known.parent_dir = Some(listing),
-                // Probing one by one still works; don't try listing again now.
-                Err(_) => known.siblings_probed = 0,
+        if step == Plan::ExtendParent {
+            if let Ok(listing) = self.extend_listing(parent, PAGES_PER_LOOKUP).await {
+                known.parent_dir = Some(listing);
             }
+            // Still unknown (or SSM failed): this lookup probes the name itself.
+            known.siblings_probed = 0;
             step = plan(&known, base);
             if step == Plan::Cached {
                 return Ok(known.decide(base).expect("planned from the cache"));
             }
         }
-        if known.parent_dir.as_ref().is_some_and(|d| !d.complete) {
+        if !known.parent_is_complete() {
             self.cache.count_probe(parent);
         }
         let (value, dir) = match step {
             Plan::Ask { value, dir } => (value, dir),
             Plan::ValueFirst { value } => (value, false),
-            Plan::Cached | Plan::ListParent => unreachable!("handled above"),
+            Plan::Cached | Plan::ExtendParent => unreachable!("handled above"),
         };
         let (dir, value) = tokio::join!(
             async {
@@ -408,13 +422,25 @@ mod tests {
     }
 
     #[test]
-    fn many_probes_in_a_partial_directory_list_it() {
-        let known = Knowledge {
+    fn after_a_sibling_was_probed_the_parent_listing_is_read_on() {
+        let partial = Knowledge {
             parent_dir: Some(listing(false, &[("b", ChildKind::File)])),
             siblings_probed: PROBES_BEFORE_LISTING,
             ..Default::default()
         };
-        assert_eq!(plan(&known, "a"), Plan::ListParent);
+        assert_eq!(plan(&partial, "a"), Plan::ExtendParent);
+        // Also when the parent is known only as a name in its own parent's page.
+        let unlisted = Knowledge {
+            siblings_probed: PROBES_BEFORE_LISTING,
+            ..Default::default()
+        };
+        assert_eq!(plan(&unlisted, "a"), Plan::ExtendParent);
+        // Not where SSM refuses listings.
+        let refused = Knowledge {
+            parent_unlistable: true,
+            ..unlisted
+        };
+        assert_eq!(plan(&refused, "a"), Plan::ValueFirst { value: true });
     }
 
     #[test]

@@ -69,6 +69,14 @@ impl ReadData {
     }
 }
 
+/// The kinds of listing call that run once for all concurrent askers of a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum ListingFlight {
+    Probe,
+    Whole,
+    Extend,
+}
+
 /// What the kernel must forget, sent to whoever owns the FUSE notifier.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Invalidation {
@@ -87,7 +95,7 @@ pub struct Fs<S> {
     config: FsConfig,
     metrics: Arc<Metrics>,
     value_flights: SingleFlight<String, Result<ValueEntry, StoreError>>,
-    dir_flights: SingleFlight<(String, bool), Result<DirEntry, StoreError>>,
+    dir_flights: SingleFlight<(String, ListingFlight), Result<DirEntry, StoreError>>,
     dir_handles: Mutex<HashMap<u64, Arc<Vec<DirItem>>>>,
     next_handle: AtomicU64,
     invalidations: mpsc::UnboundedSender<Invalidation>,
