@@ -55,6 +55,9 @@ pub struct Validity {
     /// Set once a stale serve of this entry has been logged (it fits in the
     /// padding here; in the entry it would cost 8 bytes).
     pub stale_logged: bool,
+    /// Set when a reader used the entry since it was fetched: only such
+    /// entries are refreshed ahead of expiry (keys nobody reads lapse).
+    pub read_since_fetch: bool,
 }
 
 fn millis(duration: Duration) -> u32 {
@@ -74,6 +77,7 @@ impl Validity {
             expires_after_ms: millis(expires_in),
             stale_after_ms: millis(stale_in),
             stale_logged: false,
+            read_since_fetch: false,
         }
     }
 
@@ -200,6 +204,8 @@ struct Note {
 }
 
 struct Inner {
+    /// SSM refused GetParameters: refresh name by name until then.
+    batches_refused_until: Option<Instant>,
     /// Keyed by the parameter's own name when present (one shared copy).
     values: LruCache<Arc<str>, ValueEntry>,
     value_bytes: usize,
@@ -217,6 +223,7 @@ impl Cache {
     pub fn new(config: CacheConfig, metrics: Arc<Metrics>) -> Self {
         Self {
             inner: Mutex::new(Inner {
+                batches_refused_until: None,
                 values: LruCache::unbounded(),
                 value_bytes: 0,
                 dirs: LruCache::unbounded(),
@@ -292,6 +299,43 @@ impl Cache {
         (change, entry)
     }
 
+    /// Notes that a reader used the value of `name` (see `due_for_refresh`).
+    pub fn mark_read(&self, name: &str) {
+        if let Some(entry) = self.inner.lock().unwrap().values.peek_mut(name) {
+            entry.validity.read_since_fetch = true;
+        }
+    }
+
+    /// Up to `limit` names of present values, read since they were fetched,
+    /// whose refresh is due before `now + horizon`, soonest first, skipping
+    /// `busy` ones: the names a refresh batch takes along.
+    pub fn due_for_refresh(
+        &self,
+        now: Instant,
+        horizon: Duration,
+        limit: usize,
+        busy: impl Fn(&str) -> bool,
+    ) -> Vec<Arc<str>> {
+        let inner = self.inner.lock().unwrap();
+        let mut due: Vec<(Instant, &Arc<str>)> = inner
+            .values
+            .iter()
+            .filter(|(_, e)| {
+                e.parameter().is_some()
+                    && e.validity.read_since_fetch
+                    && e.validity.refresh_at() <= now + horizon
+                    && e.validity.may_serve_stale(now)
+            })
+            .filter(|(name, _)| !busy(name))
+            .map(|(name, e)| (e.validity.refresh_at(), name))
+            .collect();
+        due.sort_unstable_by_key(|(at, _)| *at);
+        due.into_iter()
+            .take(limit)
+            .map(|(_, name)| name.clone())
+            .collect()
+    }
+
     /// Records that a refresh failed while SSM is out: keep serving the entry
     /// until `recheck_at` without asking again. Returns true the first time, so
     /// the caller logs one warning per entry, not one per read.
@@ -349,6 +393,19 @@ impl Cache {
             note.refused_until = Some(until);
             news
         })
+    }
+
+    /// Records that SSM refused GetParameters, for the longer of the TTL and
+    /// the stale TTL (an hour by default): IAM changes are rare, and asking
+    /// again sooner would put an AccessDenied event in CloudTrail each time.
+    pub fn refuse_batches(&self) {
+        let until = Instant::now() + self.config.ttl.max(self.config.stale_ttl);
+        self.inner.lock().unwrap().batches_refused_until = Some(until);
+    }
+
+    pub fn batches_refused(&self, now: Instant) -> bool {
+        let inner = self.inner.lock().unwrap();
+        inner.batches_refused_until.is_some_and(|until| now < until)
     }
 
     /// Whether SSM refused to list `path` within the last TTL.
@@ -413,6 +470,7 @@ impl Cache {
         inner.values.clear();
         inner.dirs.clear();
         inner.notes.clear();
+        inner.batches_refused_until = None;
         inner.value_bytes = 0;
     }
 
@@ -566,6 +624,41 @@ mod tests {
         assert!(
             points.iter().any(|p| *p != points[0]),
             "refresh points must be jittered"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_read_values_due_soon_are_picked_for_a_refresh_batch() {
+        let cache = cache(100, usize::MAX);
+        let ttl = cache.config().ttl;
+        for i in 0..20 {
+            let name = format!("/k{i:02}");
+            cache.put_value(&name, parameter(&name, "v", 1));
+            if i % 2 == 0 {
+                cache.mark_read(&name);
+            }
+        }
+        cache.put_value("/absent", Known::Absent);
+        cache.mark_read("/absent");
+        let now = Instant::now();
+        assert!(
+            cache
+                .due_for_refresh(now, ttl / 10, 10, |_| false)
+                .is_empty(),
+            "nothing due yet"
+        );
+        let due = cache.due_for_refresh(now, ttl, 10, |n| n == "/k00");
+        assert_eq!(due.len(), 9, "the ten read ones, less the busy one");
+        assert!(due
+            .iter()
+            .all(|n| n.as_ref() != "/k00" && n[2..].parse::<u32>().unwrap() % 2 == 0));
+        tokio::time::advance(ttl).await;
+        assert_eq!(
+            cache
+                .due_for_refresh(Instant::now(), ttl, 10, |_| false)
+                .len(),
+            10,
+            "expired but still servable (an outage): retried in batches"
         );
     }
 

@@ -21,8 +21,46 @@ struct Histogram {
     sum: f64,
 }
 
-#[derive(Default)]
+/// API calls per second over the last minute, in one-second buckets: the
+/// host's share of its account's SSM quota, as a rate an operator can read.
+struct CallRate {
+    /// Seconds since the metrics were created, of the newest bucket.
+    newest: u64,
+    buckets: [u64; 60],
+}
+
+impl Default for CallRate {
+    fn default() -> Self {
+        Self {
+            newest: 0,
+            buckets: [0; 60],
+        }
+    }
+}
+
+impl CallRate {
+    fn advance(&mut self, second: u64) {
+        let stale = second.saturating_sub(self.newest).min(60);
+        for step in 1..=stale {
+            self.buckets[((self.newest + step) % 60) as usize] = 0;
+        }
+        self.newest = self.newest.max(second);
+    }
+
+    fn record(&mut self, second: u64) {
+        self.advance(second);
+        self.buckets[(second % 60) as usize] += 1;
+    }
+
+    fn per_second(&mut self, second: u64) -> f64 {
+        self.advance(second);
+        self.buckets.iter().sum::<u64>() as f64 / 60.0
+    }
+}
+
 pub struct Metrics {
+    started: std::time::Instant,
+    call_rate: Mutex<CallRate>,
     api_calls: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     fuse_requests: Mutex<BTreeMap<&'static str, Histogram>>,
     pub retries: AtomicU64,
@@ -32,6 +70,29 @@ pub struct Metrics {
     pub cache_evictions: AtomicU64,
     pub stale_serves: AtomicU64,
     pub invalidations: AtomicU64,
+    /// GetParameters calls that refreshed hot values, and the values they carried.
+    pub refresh_batches: AtomicU64,
+    pub refreshed_values: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            started: std::time::Instant::now(),
+            call_rate: Mutex::default(),
+            api_calls: Mutex::default(),
+            fuse_requests: Mutex::default(),
+            retries: AtomicU64::default(),
+            throttles: AtomicU64::default(),
+            cache_hits: AtomicU64::default(),
+            cache_misses: AtomicU64::default(),
+            cache_evictions: AtomicU64::default(),
+            stale_serves: AtomicU64::default(),
+            invalidations: AtomicU64::default(),
+            refresh_batches: AtomicU64::default(),
+            refreshed_values: AtomicU64::default(),
+        }
+    }
 }
 
 /// Gauges read from their owners at scrape time.
@@ -44,7 +105,17 @@ pub struct Gauges {
 }
 
 impl Metrics {
+    fn second(&self) -> u64 {
+        self.started.elapsed().as_secs()
+    }
+
+    /// SSM calls per second made by this host over the last minute.
+    pub fn calls_per_second(&self) -> f64 {
+        self.call_rate.lock().unwrap().per_second(self.second())
+    }
+
     pub fn api_call(&self, operation: &'static str, outcome: &'static str) {
+        self.call_rate.lock().unwrap().record(self.second());
         *self
             .api_calls
             .lock()
@@ -90,7 +161,7 @@ impl Metrics {
                 "ssmfs_api_calls_total{{operation=\"{operation}\",outcome=\"{outcome}\"}} {n}"
             );
         }
-        let counters: [(&str, &str, &AtomicU64); 7] = [
+        let counters: [(&str, &str, &AtomicU64); 9] = [
             (
                 "ssmfs_api_retries_total",
                 "SSM calls retried after a retryable error.",
@@ -125,6 +196,16 @@ impl Metrics {
                 "ssmfs_kernel_invalidations_total",
                 "Kernel cache invalidations sent.",
                 &self.invalidations,
+            ),
+            (
+                "ssmfs_refresh_batches_total",
+                "GetParameters calls that refreshed hot values ahead of expiry.",
+                &self.refresh_batches,
+            ),
+            (
+                "ssmfs_refreshed_values_total",
+                "Values refreshed by those batches.",
+                &self.refreshed_values,
             ),
         ];
         for (name, help, counter) in counters {
@@ -162,6 +243,11 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP ssmfs_api_calls_per_second SSM calls per second over the last minute: this host's share of the account's quota (40 TPS by default, shared by every host and tool).\n# TYPE ssmfs_api_calls_per_second gauge\nssmfs_api_calls_per_second {:.3}",
+            self.calls_per_second()
+        );
         out.push_str("# HELP ssmfs_fuse_request_seconds FUSE requests by operation.\n");
         out.push_str("# TYPE ssmfs_fuse_request_seconds histogram\n");
         for (operation, h) in self.fuse_requests.lock().unwrap().iter() {
@@ -185,5 +271,24 @@ impl Metrics {
             );
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_call_rate_is_a_sliding_minute() {
+        let mut rate = CallRate::default();
+        for second in 0..60 {
+            rate.record(second);
+            rate.record(second);
+        }
+        assert_eq!(rate.per_second(59), 2.0);
+        assert_eq!(rate.per_second(89), 1.0, "half the minute has passed");
+        assert_eq!(rate.per_second(500), 0.0);
+        rate.record(500);
+        assert!((rate.per_second(500) - 1.0 / 60.0).abs() < 1e-9);
     }
 }

@@ -884,3 +884,54 @@ fn fifty_siblings_read_one_by_one_cost_a_page_per_ten() {
         "50 cold cats cost {cost} calls"
     );
 }
+
+#[test]
+fn keeping_fifty_keys_hot_costs_a_call_per_ten_keys_per_ttl() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let rt = runtime();
+    let client = client(&rt, &moto.endpoint);
+    put(&rt, &client, "/b/a_first", "x", ParameterType::String);
+    put_many(
+        &rt,
+        &client,
+        (0..50)
+            .map(|i| (format!("/b/many/k{i:02}"), format!("value-{i}")))
+            .collect(),
+        ParameterType::SecureString,
+    );
+    let mount = Mount::start(&moto.endpoint, "/b", &["--ttl", "5s"]);
+    let read_all = || {
+        for i in 0..50 {
+            let path = mount.path().join(format!("many/k{i:02}"));
+            assert_eq!(
+                std::fs::read(path).unwrap(),
+                format!("value-{i}").as_bytes()
+            );
+        }
+    };
+    let warm_until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < warm_until {
+        read_all();
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let start = moto.requests();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        read_all();
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let cost = moto.requests() - start;
+    eprintln!("keeping 50 keys hot for 30 s at --ttl 5s: {cost} calls");
+    // Six TTLs of 5 s; ceil(50/10) + one directory per TTL at most.
+    assert!(
+        cost <= 6 * (5 + 1),
+        "keeping 50 keys hot for 30 s cost {cost} calls"
+    );
+    assert!(
+        cost >= 6 * 5 / 2,
+        "the keys were refreshed at all: {cost} calls"
+    );
+}

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::{Fs, Invalidation, ListingFlight, STALE_RECHECK};
+use super::{Fs, Invalidation, ListingFlight};
 use crate::cache::{ChildKind, DirEntry, Known, Resume};
 use crate::error::FsError;
 use crate::inode::Role;
@@ -159,7 +159,7 @@ impl<S: ParameterStore> Fs<S> {
                 match cached.filter(|d| d.validity.may_serve_stale(now)) {
                     Some(dir) => {
                         Metrics::inc(&self.metrics.stale_serves);
-                        self.cache.extend_stale_dir(path, STALE_RECHECK);
+                        self.cache.extend_stale_dir(path, self.outage_recheck());
                         tracing::warn!(path, %error, "SSM is not answering; serving the cached listing past its TTL");
                         Ok(dir)
                     }

@@ -60,6 +60,13 @@ pub(super) enum Resolved {
 #[derive(Default, Clone)]
 pub(super) struct Knowledge {
     pub parent_dir: Option<DirEntry>,
+    /// The parent's listing is past its TTL (but may still be served stale):
+    /// trusted only to say that a name whose own value is fresh is a file, or
+    /// that a name is a directory when a value below it is fresh.
+    pub parent_stale: bool,
+    /// The validity of a fresh value below the name (kept so by refreshes):
+    /// the name is still a directory, whatever the age of the listings.
+    pub fresh_value_below: Option<Validity>,
     pub own_dir: Option<DirEntry>,
     pub own_value: Option<ValueEntry>,
     /// SSM refused to list below the name within the TTL.
@@ -113,8 +120,15 @@ impl Knowledge {
             .and_then(|d| d.children.get(base).map(|k| (d, *k)));
         match listed {
             // Something below it was seen: a directory, even in a partial listing.
-            Some((parent, ChildKind::Dir)) => return Some(Resolved::Dir(parent.validity)),
+            Some((parent, ChildKind::Dir)) if !self.parent_stale => {
+                return Some(Resolved::Dir(parent.validity))
+            }
+            Some((_, ChildKind::Dir)) if self.fresh_value_below.is_some() => {
+                return self.fresh_value_below.map(Resolved::Dir)
+            }
             // Only a complete listing rules out names below it on a later page.
+            // A stale one still does for a value kept fresh by refreshes: a hot
+            // file's directory listing is not re-read every TTL for it.
             Some((parent, ChildKind::File)) if parent.complete => {
                 return self.own_value.as_ref().map(value_resolution)
             }
@@ -137,7 +151,7 @@ impl Knowledge {
     }
 
     fn parent_is_complete(&self) -> bool {
-        self.parent_dir.as_ref().is_some_and(|d| d.complete)
+        !self.parent_stale && self.parent_dir.as_ref().is_some_and(|d| d.complete)
     }
 
     fn has_value(&self) -> bool {
@@ -229,14 +243,52 @@ impl<S: ParameterStore> Fs<S> {
         usable: impl Fn(&Validity) -> bool,
     ) -> Knowledge {
         let now = Instant::now();
+        let parent_dir = self.cache.dir(parent);
+        let parent_fresh = parent_dir.as_ref().is_some_and(|d| usable(&d.validity));
+        let parent_stale = !parent_fresh
+            && parent_dir
+                .as_ref()
+                .is_some_and(|d| d.validity.may_serve_stale(now));
+        let listed_as_dir = parent_dir
+            .as_ref()
+            .is_some_and(|d| d.children.get(names::base_name(name)) == Some(&ChildKind::Dir));
         Knowledge {
-            parent_dir: self.cache.dir(parent).filter(|d| usable(&d.validity)),
+            fresh_value_below: (parent_stale && listed_as_dir)
+                .then(|| self.fresh_value_below(name, now))
+                .flatten(),
+            parent_dir: parent_dir.filter(|_| parent_fresh || parent_stale),
+            parent_stale,
             own_dir: self.cache.dir(name).filter(|d| usable(&d.validity)),
             own_value: self.cache.value(name).filter(|v| usable(&v.validity)),
             name_unlistable: self.cache.listing_refused(name, now),
             parent_unlistable: self.cache.listing_refused(parent, now),
             siblings_probed: self.cache.probes_below(parent),
         }
+    }
+
+    /// The validity of a fresh value directly below `dir`, or one level deeper,
+    /// as the last listing of `dir` (of any age) names them.
+    fn fresh_value_below(&self, dir: &str, now: Instant) -> Option<Validity> {
+        let listing = self.cache.dir(dir)?;
+        listing.children.iter().find_map(|(child, kind)| {
+            let name = names::join(dir, child);
+            match kind {
+                ChildKind::File => self
+                    .cache
+                    .value(&name)
+                    .filter(|v| v.parameter().is_some() && v.validity.is_fresh(now))
+                    .map(|v| v.validity),
+                ChildKind::Dir => self.cache.dir(&name).and_then(|sub| {
+                    sub.children.iter().find_map(|(leaf, kind)| {
+                        (*kind == ChildKind::File)
+                            .then(|| self.cache.value(&names::join(&name, leaf)))
+                            .flatten()
+                            .filter(|v| v.parameter().is_some() && v.validity.is_fresh(now))
+                            .map(|v| v.validity)
+                    })
+                }),
+            }
+        })
     }
 
     /// Executes the lookup policy for `name` in the directory `parent`.
@@ -253,6 +305,19 @@ impl<S: ParameterStore> Fs<S> {
             Metrics::inc(&self.metrics.cache_hits);
             self.refresh_if_due(&known.own_value, name);
             return Ok(known.decide(base).expect("planned from the cache"));
+        }
+        // While SSM keeps failing, what may be served stale is, and the value
+        // is retried with the next refresh batch instead of by a call now.
+        if self.in_outage() {
+            let stale = self.knowledge(parent, name, |v| v.may_serve_stale(now));
+            if let Some(resolved) = stale.decide(base) {
+                Metrics::inc(&self.metrics.stale_serves);
+                if matches!(resolved, Resolved::File(..)) {
+                    self.cache.mark_read(name);
+                    self.refresh_soon(name);
+                }
+                return Ok(resolved);
+            }
         }
         Metrics::inc(&self.metrics.cache_misses);
         if step == Plan::ExtendParent {
@@ -407,6 +472,52 @@ mod tests {
             ..file
         };
         assert_eq!(plan(&with_value, "a"), Plan::Cached);
+    }
+
+    #[test]
+    fn a_stale_listing_only_vouches_for_a_fresh_value_being_a_file() {
+        let stale = Knowledge {
+            parent_dir: Some(listing(
+                true,
+                &[("a", ChildKind::File), ("d", ChildKind::Dir)],
+            )),
+            parent_stale: true,
+            own_value: Some(present()),
+            ..Default::default()
+        };
+        assert_eq!(plan(&stale, "a"), Plan::Cached);
+        assert!(matches!(stale.decide("a"), Some(ref r) if is_file(r)));
+        let no_value = Knowledge {
+            own_value: None,
+            ..stale.clone()
+        };
+        assert_eq!(
+            plan(&no_value, "a"),
+            ASK_VALUE,
+            "the listing still says it is a file"
+        );
+        assert_eq!(
+            plan(&no_value, "d"),
+            ASK_BOTH,
+            "not trusted for directories"
+        );
+        assert_eq!(plan(&no_value, "gone"), ASK_BOTH, "nor for missing names");
+    }
+
+    #[test]
+    fn a_stale_listing_vouches_for_a_directory_with_a_fresh_value_below() {
+        let stale = Knowledge {
+            parent_dir: Some(listing(true, &[("d", ChildKind::Dir)])),
+            parent_stale: true,
+            ..Default::default()
+        };
+        assert_eq!(plan(&stale, "d"), ASK_BOTH);
+        let vouched = Knowledge {
+            fresh_value_below: Some(validity()),
+            ..stale
+        };
+        assert_eq!(plan(&vouched, "d"), Plan::Cached);
+        assert!(matches!(vouched.decide("d"), Some(Resolved::Dir(_))));
     }
 
     #[test]

@@ -22,10 +22,11 @@ mod attr;
 mod layout;
 mod listing;
 mod lookup;
+mod refresh;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,7 +47,8 @@ use crate::names::{self, NameError, SHADOWED_VALUE_NAME};
 use crate::store::{Parameter, ParameterStore, StoreError};
 
 /// While SSM is failing, a stale entry is served this long before the next
-/// attempt to refresh it, so readers are not each held up by a failing call.
+/// attempt to refresh it, so readers are not each held up by a failing call;
+/// doubled for each further failure in a row (see `refresh::outage_recheck`).
 const STALE_RECHECK: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
@@ -99,6 +101,11 @@ pub struct Fs<S> {
     dir_handles: Mutex<HashMap<u64, Arc<Vec<DirItem>>>>,
     next_handle: AtomicU64,
     invalidations: mpsc::UnboundedSender<Invalidation>,
+    /// Names a refresh is under way for (at most a few batches' worth).
+    refreshing: Mutex<HashSet<Arc<str>>>,
+    /// SSM failures (outages, throttling) in a row, for backing off.
+    failures_in_a_row: AtomicU32,
+    batches_refusal_logged: AtomicBool,
 }
 
 impl<S: ParameterStore> Fs<S> {
@@ -121,6 +128,9 @@ impl<S: ParameterStore> Fs<S> {
             dir_handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             invalidations: sender,
+            refreshing: Mutex::new(HashSet::new()),
+            failures_in_a_row: AtomicU32::new(0),
+            batches_refusal_logged: AtomicBool::new(false),
             config,
         };
         (Arc::new(fs), receiver)
@@ -444,6 +454,16 @@ impl<S: ParameterStore> Fs<S> {
             self.refresh_if_due(&cached, name);
             return Ok(entry.clone());
         }
+        // While SSM keeps failing, an expired value is served as it is and
+        // retried with the next refresh batch, not by a call of its own.
+        if let Some(entry) = cached.as_ref().filter(|e| {
+            self.in_outage() && e.parameter().is_some() && e.validity.may_serve_stale(now)
+        }) {
+            Metrics::inc(&self.metrics.stale_serves);
+            self.cache.mark_read(name);
+            self.refresh_soon(name);
+            return Ok(entry.clone());
+        }
         Metrics::inc(&self.metrics.cache_misses);
         match self.fetch_value(name).await {
             Ok(entry) => Ok(entry),
@@ -460,29 +480,17 @@ impl<S: ParameterStore> Fs<S> {
         }
     }
 
-    fn refresh_if_due(self: &Arc<Self>, entry: &Option<ValueEntry>, name: &str) {
-        let due = entry
-            .as_ref()
-            .is_some_and(|e| e.parameter().is_some() && e.validity.wants_refresh(Instant::now()));
-        if due {
-            let fs = self.clone();
-            let name = name.to_string();
-            tokio::spawn(async move {
-                if let Err(error) = fs.fetch_value(&name).await {
-                    if error.is_outage() {
-                        fs.note_stale(&name, &error);
-                    }
-                }
-            });
-        }
+    fn note_stale(&self, name: &str, error: &StoreError) {
+        self.note_stale_for(name, error, self.outage_recheck());
     }
 
-    fn note_stale(&self, name: &str, error: &StoreError) {
+    /// Serves `name`'s cached answers until `recheck` from now.
+    fn note_stale_for(&self, name: &str, error: &StoreError, recheck: Duration) {
         Metrics::inc(&self.metrics.stale_serves);
         self.cache
-            .extend_stale_dir(names::parent_name(name), STALE_RECHECK);
-        self.cache.extend_stale_dir(name, STALE_RECHECK);
-        if self.cache.extend_stale_value(name, STALE_RECHECK) {
+            .extend_stale_dir(names::parent_name(name), recheck);
+        self.cache.extend_stale_dir(name, recheck);
+        if self.cache.extend_stale_value(name, recheck) {
             tracing::warn!(parameter = name, %error, "SSM is not answering; serving the cached answer past its TTL");
         }
     }
@@ -492,7 +500,10 @@ impl<S: ParameterStore> Fs<S> {
         self.value_flights
             .run(name.to_string(), || async {
                 let known = match self.store.get(name).await {
-                    Ok(parameter) => Known::Present(Arc::new(parameter)),
+                    Ok(parameter) => {
+                        self.note_answer();
+                        Known::Present(Arc::new(parameter))
+                    }
                     Err(StoreError::NotFound) => Known::Absent,
                     Err(StoreError::AccessDenied { .. }) => Known::Denied,
                     Err(error) => return Err(error),

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use super::{Page, Parameter, ParameterKind, ParameterStore, StoreError, MAX_PAGE};
+use super::{Batch, Page, Parameter, ParameterKind, ParameterStore, StoreError, MAX_PAGE};
 use crate::names;
 use crate::secret::SecretBytes;
 
@@ -16,12 +16,13 @@ use crate::secret::SecretBytes;
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CallCounts {
     pub get: u64,
+    pub get_many: u64,
     pub list_page: u64,
 }
 
 impl CallCounts {
     pub fn total(&self) -> u64 {
-        self.get + self.list_page
+        self.get + self.get_many + self.list_page
     }
 }
 
@@ -29,6 +30,7 @@ impl CallCounts {
 struct Faults {
     every_call: Option<StoreError>,
     every_listing: Option<StoreError>,
+    every_batch: Option<StoreError>,
     next_calls: Vec<StoreError>,
     by_name: HashMap<String, StoreError>,
     latency: Duration,
@@ -39,6 +41,7 @@ pub struct MemoryStore {
     parameters: Mutex<BTreeMap<String, Parameter>>,
     faults: Mutex<Faults>,
     get: AtomicU64,
+    get_many: AtomicU64,
     list_page: AtomicU64,
 }
 
@@ -74,6 +77,7 @@ impl MemoryStore {
     pub fn counts(&self) -> CallCounts {
         CallCounts {
             get: self.get.load(Ordering::SeqCst),
+            get_many: self.get_many.load(Ordering::SeqCst),
             list_page: self.list_page.load(Ordering::SeqCst),
         }
     }
@@ -103,6 +107,12 @@ impl MemoryStore {
     /// AccessDenied does for a role granted ssm:GetParameter alone).
     pub fn fail_every_listing(&self, error: Option<StoreError>) {
         self.faults.lock().unwrap().every_listing = error;
+    }
+
+    /// Every GetParameters fails with `error` until cleared with `None` (a
+    /// role granted ssm:GetParameter but not ssm:GetParameters).
+    pub fn fail_every_batch(&self, error: Option<StoreError>) {
+        self.faults.lock().unwrap().every_batch = error;
     }
 
     pub fn set_latency(&self, latency: Duration) {
@@ -138,6 +148,26 @@ impl ParameterStore for MemoryStore {
             .get(name)
             .cloned()
             .ok_or(StoreError::NotFound)
+    }
+
+    async fn get_many(&self, names: &[&str]) -> Result<Batch, StoreError> {
+        assert!(
+            names.len() <= super::MAX_BATCH,
+            "SSM takes at most ten names"
+        );
+        self.enter(&self.get_many, names).await?;
+        if let Some(error) = self.faults.lock().unwrap().every_batch.clone() {
+            return Err(error);
+        }
+        let parameters = self.parameters.lock().unwrap();
+        let mut batch = Batch::default();
+        for name in names {
+            match parameters.get(*name) {
+                Some(parameter) => batch.found.push(parameter.clone()),
+                None => batch.missing.push(name.to_string()),
+            }
+        }
+        Ok(batch)
     }
 
     async fn list_page(

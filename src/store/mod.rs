@@ -1,8 +1,10 @@
 //! The parameter store model: what ssmfs needs from SSM, and nothing more.
 //!
-//! Two reads: one name (`get`, one GetParameter call) and one page of
-//! everything below a path (`list_page`, one GetParametersByPath call, which
-//! is also how many names are fetched at once: ten to a page, with values).
+//! Three reads: one name (`get`, one GetParameter call), up to ten known names
+//! at once (`get_many`, one GetParameters call: how hot values are refreshed),
+//! and one page of everything below a path (`list_page`, one
+//! GetParametersByPath call: how directories are listed, ten names to a page,
+//! with values).
 //! Implementations: `ssm` (aws-sdk-ssm), `memory` (counted and fault-injected,
 //! for tests and the demo) and `resilient` (pacing, retries and deadlines
 //! around any store).
@@ -18,6 +20,8 @@ use crate::secret::SecretBytes;
 
 /// SSM's largest page for GetParametersByPath.
 pub const MAX_PAGE: usize = 10;
+/// SSM's most names in one GetParameters call.
+pub const MAX_BATCH: usize = 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParameterKind {
@@ -68,6 +72,14 @@ impl From<Modified> for SystemTime {
 pub struct Page {
     pub parameters: Vec<Parameter>,
     pub next_token: Option<String>,
+}
+
+/// What GetParameters answered: the parameters found, and the names asked
+/// for that do not exist.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub found: Vec<Parameter>,
+    pub missing: Vec<String>,
 }
 
 /// Why a store call failed. Messages never carry a value.
@@ -130,6 +142,9 @@ impl StoreError {
 pub trait ParameterStore: Send + Sync + 'static {
     /// GetParameter: one name; `NotFound` if it does not exist.
     fn get(&self, name: &str) -> impl Future<Output = Result<Parameter, StoreError>> + Send;
+
+    /// GetParameters: up to `MAX_BATCH` names at once.
+    fn get_many(&self, names: &[&str]) -> impl Future<Output = Result<Batch, StoreError>> + Send;
 
     /// GetParametersByPath with `Recursive=true`: one page of every parameter
     /// strictly below `path`, at most `max_results` (<= `MAX_PAGE`) of them.

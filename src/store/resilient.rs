@@ -15,7 +15,7 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::time::Instant;
 
-use super::{Page, Parameter, ParameterStore, StoreError};
+use super::{Batch, Page, Parameter, ParameterStore, StoreError};
 use crate::config::RequestConfig;
 use crate::metrics::Metrics;
 
@@ -130,6 +130,11 @@ impl<S: ParameterStore> Resilient<S> {
 impl<S: ParameterStore> ParameterStore for Resilient<S> {
     async fn get(&self, name: &str) -> Result<Parameter, StoreError> {
         self.call("GetParameter", || self.inner.get(name)).await
+    }
+
+    async fn get_many(&self, names: &[&str]) -> Result<Batch, StoreError> {
+        self.call("GetParameters", || self.inner.get_many(names))
+            .await
     }
 
     async fn list_page(

@@ -18,7 +18,7 @@ use aws_smithy_types::timeout::TimeoutConfig;
 
 use aws_credential_types::provider::error::CredentialsError;
 
-use super::{Page, Parameter, ParameterKind, ParameterStore, StoreError};
+use super::{Batch, Page, Parameter, ParameterKind, ParameterStore, StoreError};
 use crate::secret::SecretBytes;
 
 /// Where and as whom to talk to SSM; every field falls back to aws-config's chain.
@@ -195,6 +195,26 @@ impl ParameterStore for SsmStore {
             .parameter
             .and_then(convert)
             .ok_or(StoreError::NotFound)
+    }
+
+    async fn get_many(&self, names: &[&str]) -> Result<Batch, StoreError> {
+        let output = self
+            .client
+            .get_parameters()
+            .set_names(Some(names.iter().map(|n| n.to_string()).collect()))
+            .with_decryption(self.decrypt)
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(Batch {
+            found: output
+                .parameters
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(convert)
+                .collect(),
+            missing: output.invalid_parameters.unwrap_or_default(),
+        })
     }
 
     async fn list_page(

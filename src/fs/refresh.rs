@@ -1,0 +1,153 @@
+//! Refreshing hot values ahead of expiry, in batches, and backing off while
+//! SSM fails.
+//!
+//! A value a reader used past its refresh point (75-90% of its TTL, jittered
+//! per entry, so hosts do not refresh in step) is refreshed in the background;
+//! readers keep the cached value meanwhile. The refresh takes along up to nine
+//! other values read since they were fetched whose refresh falls within the
+//! next quarter TTL, and asks for all of them in one GetParameters call: a
+//! host keeping K values hot costs about ceil(K/10) calls per TTL instead of
+//! K, whatever directories they are in. Values nobody reads are not refreshed:
+//! they expire and are fetched again only if read.
+//!
+//! Why GetParameters and not GetParametersByPath pages per directory: a page
+//! carries every name below a path, hot or not (a directory of 1,000 names
+//! with 5 hot ones would cost 100 pages instead of one call), and with higher
+//! throughput enabled GetParameters gets thousands of TPS per account while
+//! GetParametersByPath stays at 100. A role without ssm:GetParameters falls
+//! back to GetParameter per name; that is remembered for an hour (the stale
+//! TTL) and logged once.
+//!
+//! While SSM fails (throttling, outage), every further failure in a row
+//! doubles how long stale values are served before the next attempt, up to
+//! the TTL, with jitter: a throttled fleet stretches its refresh cycle instead
+//! of retrying harder.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::time::Instant;
+
+use super::{Fs, STALE_RECHECK};
+use crate::cache::{Known, ValueEntry};
+use crate::metrics::Metrics;
+use crate::store::{ParameterStore, StoreError, MAX_BATCH};
+
+impl<S: ParameterStore> Fs<S> {
+    /// Called on every reader's cache hit: notes the read, and starts a
+    /// refresh once the value is due.
+    pub(super) fn refresh_if_due(self: &Arc<Self>, entry: &Option<ValueEntry>, name: &str) {
+        let Some(entry) = entry.as_ref().filter(|e| e.parameter().is_some()) else {
+            return;
+        };
+        self.cache.mark_read(name);
+        if entry.validity.wants_refresh(Instant::now()) {
+            self.refresh_soon(name);
+        }
+    }
+
+    /// How far ahead of their own refresh point values join a batch.
+    fn refresh_horizon(&self) -> Duration {
+        self.config.cache.ttl / 4
+    }
+
+    pub(super) fn refresh_soon(self: &Arc<Self>, name: &str) {
+        let batch = {
+            let mut refreshing = self.refreshing.lock().unwrap();
+            if refreshing.contains(name) {
+                return;
+            }
+            let mut batch = vec![Arc::<str>::from(name)];
+            if !self.cache.batches_refused(Instant::now()) {
+                batch.extend(self.cache.due_for_refresh(
+                    Instant::now(),
+                    self.refresh_horizon(),
+                    MAX_BATCH - 1,
+                    |other| other == name || refreshing.contains(other),
+                ));
+            }
+            refreshing.extend(batch.iter().cloned());
+            batch
+        };
+        let fs = self.clone();
+        tokio::spawn(async move {
+            fs.refresh(&batch).await;
+            let mut refreshing = fs.refreshing.lock().unwrap();
+            for name in &batch {
+                refreshing.remove(name);
+            }
+        });
+    }
+
+    async fn refresh(self: &Arc<Self>, batch: &[Arc<str>]) {
+        if batch.len() > 1 && !self.cache.batches_refused(Instant::now()) {
+            let names: Vec<&str> = batch.iter().map(|n| &**n).collect();
+            match self.store.get_many(&names).await {
+                Ok(answer) => {
+                    self.note_answer();
+                    Metrics::inc(&self.metrics.refresh_batches);
+                    self.metrics
+                        .refreshed_values
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    for parameter in answer.found {
+                        let name = parameter.name.clone();
+                        self.record_value(&name, Known::Present(Arc::new(parameter)));
+                    }
+                    for name in answer.missing {
+                        self.record_value(&name, Known::Absent);
+                    }
+                    return;
+                }
+                Err(error) if error.is_outage() => {
+                    let recheck = self.outage_recheck();
+                    for name in batch {
+                        self.note_stale_for(name, &error, recheck);
+                    }
+                    return;
+                }
+                // IAM denies GetParameters (or one name in it): ask name by name.
+                Err(StoreError::AccessDenied { .. }) => {
+                    self.cache.refuse_batches();
+                    if !self.batches_refusal_logged.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            "SSM denied GetParameters (ssm:GetParameters not granted, or one of the names is denied); refreshing values one GetParameter each"
+                        );
+                    }
+                }
+                Err(_) => {}
+            }
+        }
+        for name in batch {
+            if let Err(error) = self.fetch_value(name).await {
+                if error.is_outage() {
+                    self.note_stale(name, &error);
+                }
+            }
+        }
+    }
+
+    /// Whether SSM's last answer was a failure (throttling or an outage).
+    pub(super) fn in_outage(&self) -> bool {
+        self.failures_in_a_row.load(Ordering::Relaxed) > 0
+    }
+
+    /// SSM answered: the next failure starts the backoff afresh.
+    pub(super) fn note_answer(&self) {
+        self.failures_in_a_row.store(0, Ordering::Relaxed);
+    }
+
+    /// How long to serve stale answers before asking SSM again, after one more
+    /// failure: 10 s, doubled per failure in a row, at most the TTL, +-25%.
+    pub(super) fn outage_recheck(&self) -> Duration {
+        let failures = self
+            .failures_in_a_row
+            .fetch_add(1, Ordering::Relaxed)
+            .min(16);
+        let backoff = STALE_RECHECK
+            .saturating_mul(1 << failures)
+            .min(self.config.cache.ttl.max(STALE_RECHECK));
+        backoff.mul_f64(rand::thread_rng().gen_range(0.75..1.25))
+    }
+}
