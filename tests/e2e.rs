@@ -851,11 +851,8 @@ fn listings_and_stat_agree_on_inode_numbers_before_and_after_the_kernel_forgets(
     assert_eq!(root_listing["dir"], dir_meta.ino());
 }
 
-#[test]
-fn fifty_siblings_read_one_by_one_cost_a_page_per_ten() {
-    if !have_fuse_and_moto() {
-        return;
-    }
+/// moto holding `/b/many/k00`..`k49` (`value-N`), and `/b/a_first` before them.
+fn moto_with_fifty_siblings() -> Moto {
     let moto = Moto::start();
     let rt = runtime();
     let client = client(&rt, &moto.endpoint);
@@ -868,6 +865,15 @@ fn fifty_siblings_read_one_by_one_cost_a_page_per_ten() {
             .collect(),
         ParameterType::SecureString,
     );
+    moto
+}
+
+#[test]
+fn fifty_siblings_read_one_by_one_cost_a_page_per_ten() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = moto_with_fifty_siblings();
     let mount = Mount::start(&moto.endpoint, "/b", &[]);
     let start = moto.requests();
     for i in 0..50 {
@@ -890,18 +896,7 @@ fn keeping_fifty_keys_hot_costs_a_call_per_ten_keys_per_ttl() {
     if !have_fuse_and_moto() {
         return;
     }
-    let moto = Moto::start();
-    let rt = runtime();
-    let client = client(&rt, &moto.endpoint);
-    put(&rt, &client, "/b/a_first", "x", ParameterType::String);
-    put_many(
-        &rt,
-        &client,
-        (0..50)
-            .map(|i| (format!("/b/many/k{i:02}"), format!("value-{i}")))
-            .collect(),
-        ParameterType::SecureString,
-    );
+    let moto = moto_with_fifty_siblings();
     let mount = Mount::start(&moto.endpoint, "/b", &["--ttl", "5s"]);
     let read_all = || {
         for i in 0..50 {
