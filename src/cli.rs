@@ -99,6 +99,10 @@ pub struct CliArgs {
     /// Deadline for one answer from SSM, retries included.
     #[arg(long, default_value = "5s", value_parser = config::parse_duration, allow_hyphen_values = true, help_heading = "AWS")]
     pub request_timeout: Duration,
+    /// How long a reader of an uncached value waits through SSM throttling
+    /// before EIO (outages fail after --request-timeout).
+    #[arg(long, default_value = "2m", value_parser = config::parse_duration, allow_hyphen_values = true, help_heading = "AWS")]
+    pub throttle_patience: Duration,
     /// Most SSM calls per second from this host; more are queued.
     #[arg(long, default_value_t = config::DEFAULT_MAX_TPS, value_parser = clap::value_parser!(u32).range(1..), help_heading = "AWS")]
     pub max_tps: u32,
@@ -342,6 +346,7 @@ impl CliArgs {
         };
         fs.request = RequestConfig {
             timeout: self.request_timeout,
+            throttle_patience: self.throttle_patience,
             max_tps: self.max_tps,
             max_retries: self.max_retries,
         };

@@ -20,6 +20,11 @@ pub const DEFAULT_STALE_TTL: Duration = Duration::from_secs(3600);
 /// Deadline for one answer from SSM, retries included: a reader of an uncached
 /// value gets EIO after this long instead of hanging.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a reader of an uncached value waits through throttling before
+/// EIO: SSM is answering, only not yet; 1,000 hosts booting together share the
+/// default 40 TPS and need about two minutes to read their first secrets.
+/// Outages still fail after the request timeout.
+pub const DEFAULT_THROTTLE_PATIENCE: Duration = Duration::from_secs(120);
 /// A quarter of SSM's default 40 TPS per account and region, so several hosts
 /// can share an account before they throttle each other.
 pub const DEFAULT_MAX_TPS: u32 = 10;
@@ -61,6 +66,7 @@ impl Default for CacheConfig {
 #[derive(Debug, Clone)]
 pub struct RequestConfig {
     pub timeout: Duration,
+    pub throttle_patience: Duration,
     pub max_tps: u32,
     pub max_retries: u32,
 }
@@ -69,6 +75,7 @@ impl Default for RequestConfig {
     fn default() -> Self {
         Self {
             timeout: DEFAULT_REQUEST_TIMEOUT,
+            throttle_patience: DEFAULT_THROTTLE_PATIENCE,
             max_tps: DEFAULT_MAX_TPS,
             max_retries: DEFAULT_MAX_RETRIES,
         }

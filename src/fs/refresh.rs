@@ -33,6 +33,7 @@ use tokio::time::Instant;
 use super::{Fs, STALE_RECHECK};
 use crate::cache::{Known, ValueEntry};
 use crate::metrics::Metrics;
+use crate::store::resilient::in_background;
 use crate::store::{ParameterStore, StoreError, MAX_BATCH};
 
 impl<S: ParameterStore> Fs<S> {
@@ -73,7 +74,7 @@ impl<S: ParameterStore> Fs<S> {
         };
         let fs = self.clone();
         tokio::spawn(async move {
-            fs.refresh(&batch).await;
+            in_background(fs.refresh(&batch)).await;
             let mut refreshing = fs.refreshing.lock().unwrap();
             for name in &batch {
                 refreshing.remove(name);

@@ -7,6 +7,13 @@
 //! jitter, at most `max_retries` times, and the whole call including retries
 //! must finish within `timeout` or fails with `Timeout`. Every attempt is
 //! counted in the metrics by operation and outcome.
+//!
+//! Throttling is different for a reader who waits: SSM answers, just not yet
+//! (a fleet booting at once shares 40 TPS), so a call made for a reader keeps
+//! backing off (up to 10 s between attempts) for up to `throttle_patience`
+//! rather than failing the read. Work done `in_background` (refreshes of
+//! values that are still cached) gets no such patience: it fails fast and the
+//! caller stretches its own cycle instead of retrying harder.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -26,6 +33,18 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Calls that may go out back to back before pacing starts, so a cold
 /// directory walk is not slowed for its first few calls.
 const BURST_SECONDS: u32 = 1;
+/// Longest wait between attempts of a throttled reader's call: long enough
+/// that a booting fleet's retries stay a small share of the quota.
+const MAX_THROTTLE_BACKOFF: Duration = Duration::from_secs(10);
+
+tokio::task_local! {
+    static BACKGROUND: bool;
+}
+
+/// Runs `work` as background work: its calls are not patient with throttling.
+pub async fn in_background<F: Future>(work: F) -> F::Output {
+    BACKGROUND.scope(true, work).await
+}
 
 /// A GCRA-style pacer: each call takes the next free slot `1/tps` apart.
 struct Pacer {
@@ -100,30 +119,50 @@ impl<S: ParameterStore> Resilient<S> {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
     {
-        let retries = async {
-            let mut tries = 0;
-            loop {
+        let patient = !BACKGROUND
+            .try_with(|background| *background)
+            .unwrap_or(false);
+        let started = Instant::now();
+        let deadline = started + self.config.timeout;
+        let throttle_deadline = match patient {
+            true => started + self.config.throttle_patience.max(self.config.timeout),
+            false => deadline,
+        };
+        let mut limit = deadline;
+        let mut tries = 0;
+        loop {
+            let remaining = limit.saturating_duration_since(Instant::now());
+            let turn = async {
                 self.pacer.wait_turn().await;
                 let result = attempt().await;
                 self.metrics.api_call(operation, outcome(&result));
-                match result {
-                    Err(error) if error.is_retryable() && tries < self.config.max_retries => {
-                        if error == StoreError::Throttled {
-                            Metrics::inc(&self.metrics.throttles);
-                        }
-                        Metrics::inc(&self.metrics.retries);
-                        let ceiling = (BASE_BACKOFF * 2u32.pow(tries)).min(MAX_BACKOFF);
-                        let jittered = rand::thread_rng().gen_range(Duration::ZERO..=ceiling);
-                        tries += 1;
-                        tokio::time::sleep(jittered).await;
-                    }
-                    other => return other,
+                result
+            };
+            let result = tokio::time::timeout(remaining, turn)
+                .await
+                .unwrap_or(Err(StoreError::Timeout));
+            let (ceiling, budget) = match &result {
+                Err(StoreError::Throttled) if patient && Instant::now() < throttle_deadline => {
+                    limit = throttle_deadline;
+                    (MAX_THROTTLE_BACKOFF, throttle_deadline)
                 }
+                Err(error) if error.is_retryable() && tries < self.config.max_retries => {
+                    (MAX_BACKOFF, limit)
+                }
+                _ => return result,
+            };
+            if matches!(result, Err(StoreError::Throttled)) {
+                Metrics::inc(&self.metrics.throttles);
             }
-        };
-        tokio::time::timeout(self.config.timeout, retries)
-            .await
-            .unwrap_or(Err(StoreError::Timeout))
+            Metrics::inc(&self.metrics.retries);
+            let step = (BASE_BACKOFF * 2u32.saturating_pow(tries.min(16))).min(ceiling);
+            let jittered = rand::thread_rng().gen_range(Duration::ZERO..=step);
+            tries += 1;
+            if Instant::now() + jittered >= budget {
+                return result;
+            }
+            tokio::time::sleep(jittered).await;
+        }
     }
 }
 
@@ -182,9 +221,42 @@ mod tests {
             max_retries: 3,
             ..Default::default()
         });
-        store.inner().fail_every_call(Some(StoreError::Throttled));
-        assert_eq!(store.get("/a").await.unwrap_err(), StoreError::Throttled);
+        store
+            .inner()
+            .fail_every_call(Some(StoreError::Unavailable("down".into())));
+        assert!(store.get("/a").await.is_err());
         assert_eq!(store.inner().counts().get, 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_waits_through_throttling_and_background_work_does_not() {
+        let store = resilient(RequestConfig::default());
+        store.inner().fail_every_call(Some(StoreError::Throttled));
+        let started = Instant::now();
+        assert_eq!(store.get("/a").await.unwrap_err(), StoreError::Throttled);
+        let waited = started.elapsed();
+        assert!(waited > RequestConfig::default().timeout, "{waited:?}");
+        assert!(
+            waited <= RequestConfig::default().throttle_patience,
+            "{waited:?}"
+        );
+        let attempts = store.inner().counts().get;
+        assert!(attempts < 40, "backed off, up to 10 s apart: {attempts}");
+
+        // Throttled for 90 s, then answered: the reader gets its value.
+        store.inner().fail_every_call(None);
+        store.inner().fail_next_calls(12, StoreError::Throttled);
+        assert!(store.get("/a").await.is_ok());
+
+        let before = store.inner().counts().get;
+        store.inner().fail_every_call(Some(StoreError::Throttled));
+        let started = Instant::now();
+        assert!(in_background(store.get("/a")).await.is_err());
+        assert!(started.elapsed() <= RequestConfig::default().timeout);
+        assert!(
+            store.inner().counts().get - before <= 4,
+            "no more than the retries"
+        );
     }
 
     #[tokio::test(start_paused = true)]
