@@ -147,7 +147,9 @@ impl<S: ParameterStore> Fs<S> {
     /// throttling still mounts; anything that would break every read does not.
     pub async fn check_access(self: &Arc<Self>) -> Result<(), FsError> {
         let path = self.layout.first_path().to_string();
-        match self.probe_dir(&path).await {
+        // Not patient with throttling: a throttled fleet mounts at once and
+        // its readers wait instead (the mount must not wait minutes).
+        match crate::store::resilient::in_background(self.probe_dir(&path)).await {
             // A refusal was remembered and logged by probe_dir.
             Ok(_) | Err(StoreError::AccessDenied { .. }) => Ok(()),
             Err(StoreError::Throttled) => {
