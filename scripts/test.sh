@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole suite: set up what the tests need (fuse3, moto and Airflow venvs),
 # check format and lints, run unit, core and end-to-end tests, the Airflow
-# backend's pytest suite against real Airflow, then the benchmark's smoke mode.
+# backend's pytest suite against real Airflow, then the benchmark's and the
+# fleet simulation's smoke modes.
 # Run as root on a machine with /dev/fuse (as the build machines are).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,3 +16,4 @@ for venv in .venv-airflow .venv-airflow2; do
     SSMFS_BIN="$PWD/target/debug/ssmfs" "$venv/bin/python" -m pytest -q -p no:cacheprovider integrations/airflow
 done
 scripts/bench.sh --smoke
+scripts/fleet.sh --smoke

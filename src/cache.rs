@@ -238,11 +238,11 @@ impl Cache {
         &self.config
     }
 
-    /// Validity for an entry fetched now. Refresh is due after 75-90% of the
+    /// Validity for an entry fetched now. Refresh is due after 80-90% of the
     /// TTL, drawn per entry, so refreshes spread out across entries and hosts.
     pub fn validity(&self, ttl: Duration) -> Validity {
         let fetched = Instant::now();
-        let refresh_fraction = rand::thread_rng().gen_range(0.75..0.90);
+        let refresh_fraction = rand::thread_rng().gen_range(0.90..0.97);
         Validity::new(
             fetched,
             ttl.mul_f64(refresh_fraction),

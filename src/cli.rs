@@ -101,7 +101,7 @@ pub struct CliArgs {
     pub request_timeout: Duration,
     /// How long a reader of an uncached value waits through SSM throttling
     /// before EIO (outages fail after --request-timeout).
-    #[arg(long, default_value = "2m", value_parser = config::parse_duration, allow_hyphen_values = true, help_heading = "AWS")]
+    #[arg(long, default_value = "10m", value_parser = config::parse_duration, allow_hyphen_values = true, help_heading = "AWS")]
     pub throttle_patience: Duration,
     /// Most SSM calls per second from this host; more are queued.
     #[arg(long, default_value_t = config::DEFAULT_MAX_TPS, value_parser = clap::value_parser!(u32).range(1..), help_heading = "AWS")]

@@ -21,10 +21,11 @@ pub const DEFAULT_STALE_TTL: Duration = Duration::from_secs(3600);
 /// value gets EIO after this long instead of hanging.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a reader of an uncached value waits through throttling before
-/// EIO: SSM is answering, only not yet; 1,000 hosts booting together share the
-/// default 40 TPS and need about two minutes to read their first secrets.
-/// Outages still fail after the request timeout.
-pub const DEFAULT_THROTTLE_PATIENCE: Duration = Duration::from_secs(120);
+/// EIO: SSM is answering, only not yet. 1,000 hosts booting within a minute
+/// share the default 40 TPS and need about four minutes to read their first
+/// 50 secrets each (scripts/fleet.sh, cold_boot). Outages still fail after the
+/// request timeout.
+pub const DEFAULT_THROTTLE_PATIENCE: Duration = Duration::from_secs(600);
 /// A quarter of SSM's default 40 TPS per account and region, so several hosts
 /// can share an account before they throttle each other.
 pub const DEFAULT_MAX_TPS: u32 = 10;

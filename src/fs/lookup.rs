@@ -60,9 +60,10 @@ pub(super) enum Resolved {
 #[derive(Default, Clone)]
 pub(super) struct Knowledge {
     pub parent_dir: Option<DirEntry>,
-    /// The parent's listing is past its TTL (but may still be served stale):
-    /// trusted only to say that a name whose own value is fresh is a file, or
-    /// that a name is a directory when a value below it is fresh.
+    /// The parent's listing is past its TTL (of any age, while cached): trusted
+    /// only to say that a name whose own value is fresh is a file. A name that
+    /// gained parameters below it is seen as a directory at the parent's next
+    /// listing (`ls`, or a lookup of a new name there).
     pub parent_stale: bool,
     /// The validity of a fresh value below the name (kept so by refreshes):
     /// the name is still a directory, whatever the age of the listings.
@@ -114,6 +115,9 @@ impl Knowledge {
         if let Some(dir) = self.own_dir.as_ref().filter(|d| d.is_dir()) {
             return Some(Resolved::Dir(dir.validity));
         }
+        if let Some(validity) = self.fresh_value_below {
+            return Some(Resolved::Dir(validity));
+        }
         let listed = self
             .parent_dir
             .as_ref()
@@ -122,9 +126,6 @@ impl Knowledge {
             // Something below it was seen: a directory, even in a partial listing.
             Some((parent, ChildKind::Dir)) if !self.parent_stale => {
                 return Some(Resolved::Dir(parent.validity))
-            }
-            Some((_, ChildKind::Dir)) if self.fresh_value_below.is_some() => {
-                return self.fresh_value_below.map(Resolved::Dir)
             }
             // Only a complete listing rules out names below it on a later page.
             // A stale one still does for a value kept fresh by refreshes: a hot
@@ -148,6 +149,14 @@ impl Knowledge {
             .as_ref()
             .is_some_and(|d| d.complete && d.children.get(base) == Some(&ChildKind::File));
         self.own_dir.is_none() && !parent_says_file
+    }
+
+    /// Whether a complete listing of the parent, fresh or stale, names `base`:
+    /// then only its value is missing, and no sibling listing is needed.
+    fn listed_in_complete_parent(&self, base: &str) -> bool {
+        self.parent_dir
+            .as_ref()
+            .is_some_and(|d| d.complete && d.children.contains_key(base))
     }
 
     fn parent_is_complete(&self) -> bool {
@@ -176,6 +185,7 @@ pub(super) fn plan(known: &Knowledge, base: &str) -> Plan {
     }
     if !known.parent_is_complete()
         && !known.parent_unlistable
+        && !known.listed_in_complete_parent(base)
         && known.siblings_probed >= PROBES_BEFORE_LISTING
     {
         return Plan::ExtendParent;
@@ -245,19 +255,12 @@ impl<S: ParameterStore> Fs<S> {
         let now = Instant::now();
         let parent_dir = self.cache.dir(parent);
         let parent_fresh = parent_dir.as_ref().is_some_and(|d| usable(&d.validity));
-        let parent_stale = !parent_fresh
-            && parent_dir
-                .as_ref()
-                .is_some_and(|d| d.validity.may_serve_stale(now));
-        let listed_as_dir = parent_dir
-            .as_ref()
-            .is_some_and(|d| d.children.get(names::base_name(name)) == Some(&ChildKind::Dir));
         Knowledge {
-            fresh_value_below: (parent_stale && listed_as_dir)
+            fresh_value_below: (!parent_fresh)
                 .then(|| self.fresh_value_below(name, now))
                 .flatten(),
-            parent_dir: parent_dir.filter(|_| parent_fresh || parent_stale),
-            parent_stale,
+            parent_stale: parent_dir.is_some() && !parent_fresh,
+            parent_dir,
             own_dir: self.cache.dir(name).filter(|d| usable(&d.validity)),
             own_value: self.cache.value(name).filter(|v| usable(&v.validity)),
             name_unlistable: self.cache.listing_refused(name, now),
@@ -267,7 +270,8 @@ impl<S: ParameterStore> Fs<S> {
     }
 
     /// The validity of a fresh value directly below `dir`, or one level deeper,
-    /// as the last listing of `dir` (of any age) names them.
+    /// as the last listing of `dir` (of any age) names them: `dir` is still a
+    /// directory, without listing anything again.
     fn fresh_value_below(&self, dir: &str, now: Instant) -> Option<Validity> {
         let listing = self.cache.dir(dir)?;
         listing.children.iter().find_map(|(child, kind)| {
@@ -331,7 +335,7 @@ impl<S: ParameterStore> Fs<S> {
                 return Ok(known.decide(base).expect("planned from the cache"));
             }
         }
-        if !known.parent_is_complete() {
+        if !known.parent_is_complete() && !known.listed_in_complete_parent(base) {
             self.cache.count_probe(parent);
         }
         let (value, dir) = match step {
@@ -505,7 +509,7 @@ mod tests {
     }
 
     #[test]
-    fn a_stale_listing_vouches_for_a_directory_with_a_fresh_value_below() {
+    fn a_fresh_value_below_vouches_for_a_directory() {
         let stale = Knowledge {
             parent_dir: Some(listing(true, &[("d", ChildKind::Dir)])),
             parent_stale: true,
@@ -514,6 +518,8 @@ mod tests {
         assert_eq!(plan(&stale, "d"), ASK_BOTH);
         let vouched = Knowledge {
             fresh_value_below: Some(validity()),
+            parent_dir: None,
+            parent_stale: false,
             ..stale
         };
         assert_eq!(plan(&vouched, "d"), Plan::Cached);

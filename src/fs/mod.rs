@@ -497,10 +497,14 @@ impl<S: ParameterStore> Fs<S> {
         }
     }
 
-    /// One GetParameter, shared by every concurrent caller for the name.
+    /// One GetParameter (or a GetParameters that also refreshes values due
+    /// soon), shared by every concurrent caller for the name.
     async fn fetch_value(self: &Arc<Self>, name: &str) -> Result<ValueEntry, StoreError> {
         self.value_flights
             .run(name.to_string(), || async {
+                if let Some(fetched) = self.fetch_with_companions(name).await {
+                    return fetched;
+                }
                 let known = match self.store.get(name).await {
                     Ok(parameter) => {
                         self.note_answer();
@@ -510,7 +514,13 @@ impl<S: ParameterStore> Fs<S> {
                     Err(StoreError::AccessDenied { .. }) => Known::Denied,
                     Err(error) => return Err(error),
                 };
-                Ok(self.record_value(name, known))
+                let entry = self.record_value(name, known);
+                if !crate::store::resilient::is_background() {
+                    // Fetched for a reader: worth one refresh, even if the next
+                    // reads are answered by the kernel and never seen here.
+                    self.cache.mark_read(name);
+                }
+                Ok(entry)
             })
             .await
     }

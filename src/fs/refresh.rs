@@ -1,13 +1,15 @@
 //! Refreshing hot values ahead of expiry, in batches, and backing off while
 //! SSM fails.
 //!
-//! A value a reader used past its refresh point (75-90% of its TTL, jittered
+//! A value a reader used past its refresh point (80-90% of its TTL, jittered
 //! per entry, so hosts do not refresh in step) is refreshed in the background;
 //! readers keep the cached value meanwhile. The refresh takes along up to nine
 //! other values read since they were fetched whose refresh falls within the
-//! next quarter TTL, and asks for all of them in one GetParameters call: a
-//! host keeping K values hot costs about ceil(K/10) calls per TTL instead of
-//! K, whatever directories they are in. Values nobody reads are not refreshed:
+//! next eighth of the TTL, and asks for all of them in one GetParameters call:
+//! a host keeping K values hot costs about ceil(K/10) calls per TTL instead of
+//! K, whatever directories they are in. A reader of a value that expired (read
+//! too rarely to be refreshed) fetches it the same way, with the values due
+//! within a quarter TTL as companions. Values nobody reads are not refreshed:
 //! they expire and are fetched again only if read.
 //!
 //! Why GetParameters and not GetParametersByPath pages per directory: a page
@@ -51,7 +53,7 @@ impl<S: ParameterStore> Fs<S> {
 
     /// How far ahead of their own refresh point values join a batch.
     fn refresh_horizon(&self) -> Duration {
-        self.config.cache.ttl / 4
+        self.config.cache.ttl / 8
     }
 
     pub(super) fn refresh_soon(self: &Arc<Self>, name: &str) {
@@ -83,24 +85,9 @@ impl<S: ParameterStore> Fs<S> {
     }
 
     async fn refresh(self: &Arc<Self>, batch: &[Arc<str>]) {
-        if batch.len() > 1 && !self.cache.batches_refused(Instant::now()) {
-            let names: Vec<&str> = batch.iter().map(|n| &**n).collect();
-            match self.store.get_many(&names).await {
-                Ok(answer) => {
-                    self.note_answer();
-                    Metrics::inc(&self.metrics.refresh_batches);
-                    self.metrics
-                        .refreshed_values
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    for parameter in answer.found {
-                        let name = parameter.name.clone();
-                        self.record_value(&name, Known::Present(Arc::new(parameter)));
-                    }
-                    for name in answer.missing {
-                        self.record_value(&name, Known::Absent);
-                    }
-                    return;
-                }
+        if batch.len() > 1 {
+            match self.get_batch(batch).await {
+                Ok(()) => return,
                 Err(error) if error.is_outage() => {
                     let recheck = self.outage_recheck();
                     for name in batch {
@@ -108,16 +95,7 @@ impl<S: ParameterStore> Fs<S> {
                     }
                     return;
                 }
-                // IAM denies GetParameters (or one name in it): ask name by name.
-                Err(StoreError::AccessDenied { .. }) => {
-                    self.cache.refuse_batches();
-                    if !self.batches_refusal_logged.swap(true, Ordering::Relaxed) {
-                        tracing::warn!(
-                            "SSM denied GetParameters (ssm:GetParameters not granted, or one of the names is denied); refreshing values one GetParameter each"
-                        );
-                    }
-                }
-                Err(_) => {}
+                Err(_) => {} // refused or rejected: name by name
             }
         }
         for name in batch {
@@ -126,6 +104,91 @@ impl<S: ParameterStore> Fs<S> {
                     self.note_stale(name, &error);
                 }
             }
+        }
+    }
+
+    /// A reader needs the expired value of a name known to exist: fetch it
+    /// together with up to nine read values due soon, in one GetParameters.
+    /// `None` when there is nothing to take along (or batches are refused):
+    /// then the caller makes its GetParameter.
+    pub(super) async fn fetch_with_companions(
+        self: &Arc<Self>,
+        name: &str,
+    ) -> Option<Result<ValueEntry, StoreError>> {
+        let now = Instant::now();
+        let known = self
+            .cache
+            .value(name)
+            .is_some_and(|e| e.parameter().is_some());
+        if !known || self.cache.batches_refused(now) {
+            return None;
+        }
+        let batch = {
+            let mut refreshing = self.refreshing.lock().unwrap();
+            // Twice the refresh horizon: the call is made anyway, and values
+            // refreshed a little early need no call of their own later.
+            let companions = self.cache.due_for_refresh(
+                now,
+                self.refresh_horizon() * 2,
+                MAX_BATCH - 1,
+                |other| other == name || refreshing.contains(other),
+            );
+            if companions.is_empty() {
+                return None;
+            }
+            refreshing.extend(companions.iter().cloned());
+            let mut batch = vec![Arc::<str>::from(name)];
+            batch.extend(companions);
+            batch
+        };
+        let fetched = self.get_batch(&batch).await;
+        {
+            let mut refreshing = self.refreshing.lock().unwrap();
+            for companion in &batch[1..] {
+                refreshing.remove(companion);
+            }
+        }
+        match fetched {
+            Ok(()) => self.cache.value(name).map(Ok),
+            Err(error) if error.is_outage() => Some(Err(error)),
+            Err(_) => None,
+        }
+    }
+
+    /// One GetParameters for `batch`, its answers recorded. A refusal is
+    /// remembered (and logged once): later refreshes go name by name.
+    async fn get_batch(&self, batch: &[Arc<str>]) -> Result<(), StoreError> {
+        if self.cache.batches_refused(Instant::now()) {
+            return Err(StoreError::access_denied("GetParameters refused earlier"));
+        }
+        let names: Vec<&str> = batch.iter().map(|n| &**n).collect();
+        match self.store.get_many(&names).await {
+            Ok(answer) => {
+                self.note_answer();
+                Metrics::inc(&self.metrics.refresh_batches);
+                self.metrics
+                    .refreshed_values
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                for parameter in answer.found {
+                    let name = parameter.name.clone();
+                    self.record_value(&name, Known::Present(Arc::new(parameter)));
+                }
+                for name in answer.missing {
+                    self.record_value(&name, Known::Absent);
+                }
+                Ok(())
+            }
+            // IAM denies GetParameters (or one name in it).
+            Err(error @ StoreError::AccessDenied { .. }) => {
+                self.cache.refuse_batches();
+                if !self.batches_refusal_logged.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "SSM denied GetParameters (ssm:GetParameters not granted, or one of the names is denied); refreshing values one GetParameter each"
+                    );
+                }
+                Err(error)
+            }
+            Err(error) => Err(error),
         }
     }
 

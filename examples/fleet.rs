@@ -1,0 +1,489 @@
+//! Fleet simulation: the real filesystem core (`Fs` over `Resilient`, as the
+//! daemon builds it) of N simulated hosts in one process, against one shared
+//! in-memory store behind an account-wide rate limiter with SSM's quotas, on
+//! tokio's paused clock, so 1,000 hosts x an hour run in seconds.
+//!
+//! Each host reads a workload of 50 keys in 5 directories, Zipf-distributed,
+//! about one read a second, through a model of the kernel's caches: a name the
+//! core answered is not asked again until the entry's TTL has passed (no-open
+//! mode, entry and attribute TTLs), exactly what reaches the daemon on a real
+//! host. Every API call costs a simulated round trip.
+//!
+//!     cargo run --release --example fleet [-- --smoke] [--out FILE]
+//!
+//! Prints a table and writes one JSON object per scenario.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use ssmfs::config::{CacheConfig, FsConfig, RequestConfig};
+use ssmfs::fs::Fs;
+use ssmfs::inode::ROOT_INO;
+use ssmfs::metrics::Metrics;
+use ssmfs::store::memory::MemoryStore;
+use ssmfs::store::resilient::Resilient;
+use ssmfs::store::{Batch, Page, Parameter, ParameterStore, StoreError};
+use tokio::time::Instant;
+
+/// One SSM round trip, as seen from an EC2 host in the same region.
+const ROUND_TRIP: Duration = Duration::from_millis(20);
+const KEYS: usize = 50;
+const DIRS: usize = 5;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Api {
+    Get,
+    GetMany,
+    ByPath,
+}
+
+/// A token bucket refilled at `rate` per second, holding at most one second's.
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(rate: f64) -> Self {
+        Self {
+            rate,
+            tokens: rate,
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let refill = now.saturating_duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// SSM's throughput quotas for one account and region.
+#[derive(Clone, Copy)]
+enum Quota {
+    /// 40 TPS shared by GetParameter, GetParameters and GetParametersByPath.
+    Default,
+    /// Higher throughput: 10,000 TPS for GetParameter/GetParameters, and
+    /// GetParametersByPath still 100.
+    Higher,
+}
+
+/// The account: the parameters, the quota, and what every host called.
+struct Account {
+    store: MemoryStore,
+    quota: Quota,
+    buckets: Mutex<(Bucket, Bucket)>,
+    down: AtomicBool,
+    started: Instant,
+    calls_per_second: Mutex<Vec<u64>>,
+    throttled_per_second: Mutex<Vec<u64>>,
+    /// GetParameter, GetParameters, GetParametersByPath: all calls, whole run.
+    calls_by_api: [AtomicU64; 3],
+    throttled: AtomicU64,
+}
+
+impl Account {
+    fn new(quota: Quota, seconds: usize) -> Self {
+        let store = MemoryStore::new();
+        for d in 0..DIRS {
+            for k in 0..KEYS / DIRS {
+                store.put_string(&format!("/fleet/d{d}/k{k}"), &format!("value-{d}-{k}"));
+            }
+        }
+        let (reads, listings) = match quota {
+            Quota::Default => (40.0, 0.0),
+            Quota::Higher => (10_000.0, 100.0),
+        };
+        Self {
+            store,
+            quota,
+            buckets: Mutex::new((Bucket::new(reads), Bucket::new(listings))),
+            down: AtomicBool::new(false),
+            started: Instant::now(),
+            calls_per_second: Mutex::new(vec![0; seconds + 1]),
+            throttled_per_second: Mutex::new(vec![0; seconds + 1]),
+            calls_by_api: Default::default(),
+            throttled: AtomicU64::new(0),
+        }
+    }
+
+    async fn admit(&self, api: Api) -> Result<(), StoreError> {
+        tokio::time::sleep(ROUND_TRIP).await;
+        let now = Instant::now();
+        let second = now.duration_since(self.started).as_secs() as usize;
+        if let Some(slot) = self.calls_per_second.lock().unwrap().get_mut(second) {
+            *slot += 1;
+        }
+        self.calls_by_api[api as usize].fetch_add(1, Ordering::Relaxed);
+        if self.down.load(Ordering::Relaxed) {
+            return Err(StoreError::Unavailable("simulated outage".into()));
+        }
+        let admitted = {
+            let mut buckets = self.buckets.lock().unwrap();
+            match (self.quota, api) {
+                (Quota::Default, _) | (Quota::Higher, Api::Get | Api::GetMany) => {
+                    buckets.0.take(now)
+                }
+                (Quota::Higher, Api::ByPath) => buckets.1.take(now),
+            }
+        };
+        if admitted {
+            Ok(())
+        } else {
+            self.throttled.fetch_add(1, Ordering::Relaxed);
+            if let Some(slot) = self.throttled_per_second.lock().unwrap().get_mut(second) {
+                *slot += 1;
+            }
+            Err(StoreError::Throttled)
+        }
+    }
+
+    /// (calls, the highest rate over any 10 s, throttled calls) between two
+    /// offsets. The peak is a 10-second average: single seconds fluctuate
+    /// like any Poisson arrivals (SSM's bucket also allows a second's burst).
+    fn calls_between(&self, from: u64, to: u64) -> (u64, f64, u64) {
+        let calls = self.calls_per_second.lock().unwrap();
+        let throttled = self.throttled_per_second.lock().unwrap();
+        let range = from as usize..(to as usize).min(calls.len());
+        let window = &calls[range.clone()];
+        let peak = window
+            .windows(10)
+            .map(|w| w.iter().sum::<u64>() as f64 / 10.0)
+            .fold(0.0, f64::max);
+        (window.iter().sum(), peak, throttled[range].iter().sum())
+    }
+}
+
+/// One host's connection to the account.
+#[derive(Clone)]
+struct Link(Arc<Account>);
+
+impl ParameterStore for Link {
+    async fn get(&self, name: &str) -> Result<Parameter, StoreError> {
+        self.0.admit(Api::Get).await?;
+        self.0.store.get(name).await
+    }
+
+    async fn get_many(&self, names: &[&str]) -> Result<Batch, StoreError> {
+        self.0.admit(Api::GetMany).await?;
+        self.0.store.get_many(names).await
+    }
+
+    async fn list_page(
+        &self,
+        path: &str,
+        max_results: usize,
+        next_token: Option<String>,
+    ) -> Result<Page, StoreError> {
+        self.0.admit(Api::ByPath).await?;
+        self.0.store.list_page(path, max_results, next_token).await
+    }
+}
+
+struct Scenario {
+    name: &'static str,
+    hosts: usize,
+    quota: Quota,
+    ttl: Duration,
+    /// Hosts start spread over this long.
+    start_within: Duration,
+    measure_from: Duration,
+    end: Duration,
+    /// SSM answers nothing between these offsets.
+    outage: Option<(Duration, Duration)>,
+    reads_per_second: f64,
+}
+
+#[derive(Default)]
+struct Tally {
+    reads: AtomicU64,
+    failed_reads: AtomicU64,
+    stale_reads: AtomicU64,
+}
+
+/// Zipf(1) over the keys: key i is read in proportion to 1/(i+1).
+fn zipf_cdf() -> Vec<f64> {
+    let weights: Vec<f64> = (0..KEYS).map(|i| 1.0 / (i + 1) as f64).collect();
+    let total: f64 = weights.iter().sum();
+    weights
+        .iter()
+        .scan(0.0, |acc, w| {
+            *acc += w / total;
+            Some(*acc)
+        })
+        .collect()
+}
+
+async fn host(
+    id: usize,
+    account: Arc<Account>,
+    scenario: Arc<Scenario>,
+    tally: Arc<Tally>,
+    origin: Instant,
+) {
+    let mut rng = StdRng::seed_from_u64(id as u64);
+    let start_in = scenario.start_within.mul_f64(rng.gen::<f64>());
+    tokio::time::sleep(start_in).await;
+    let mut config = FsConfig::new("/fleet");
+    config.cache = CacheConfig {
+        ttl: scenario.ttl,
+        ..Default::default()
+    };
+    config.request = RequestConfig::default();
+    let metrics = Arc::new(Metrics::default());
+    let store = Resilient::new(Link(account), config.request.clone(), metrics.clone());
+    let (fs, _invalidations) = Fs::new(store, config, metrics.clone());
+    let _ = fs.check_access().await;
+    let cdf = zipf_cdf();
+    // The kernel's caches: inode and expiry of each directory and key it holds.
+    let mut kernel_dirs: HashMap<usize, (u64, Instant)> = HashMap::new();
+    let mut kernel_keys: HashMap<usize, Instant> = HashMap::new();
+    let measure_from = origin + scenario.measure_from;
+    let end = origin + scenario.end;
+    let mut stale_baseline = None;
+    loop {
+        let gap = -rng.gen::<f64>().max(1e-12).ln() / scenario.reads_per_second;
+        tokio::time::sleep(Duration::from_secs_f64(gap)).await;
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        let measuring = now >= measure_from;
+        if measuring && stale_baseline.is_none() {
+            stale_baseline = Some(metrics.stale_serves.load(Ordering::Relaxed));
+        }
+        let key = cdf.partition_point(|p| *p < rng.gen::<f64>()).min(KEYS - 1);
+        if measuring {
+            tally.reads.fetch_add(1, Ordering::Relaxed);
+        }
+        if kernel_keys.get(&key).is_some_and(|until| *until > now) {
+            continue;
+        }
+        let (dir, leaf) = (key / (KEYS / DIRS), key % (KEYS / DIRS));
+        let dir_ino = match kernel_dirs.get(&dir).filter(|(_, until)| *until > now) {
+            Some((ino, _)) => Ok(*ino),
+            None => fs
+                .lookup(ROOT_INO, OsStr::new(&format!("d{dir}")))
+                .await
+                .map(|entry| {
+                    kernel_dirs.insert(dir, (entry.attr.ino, Instant::now() + entry.ttl));
+                    entry.attr.ino
+                }),
+        };
+        let answered = match dir_ino {
+            Ok(dir_ino) => match fs.lookup(dir_ino, OsStr::new(&format!("k{leaf}"))).await {
+                Ok(entry) => match fs.read(entry.attr.ino, 0, 4096).await {
+                    Ok(data) if data.bytes() == format!("value-{dir}-{leaf}").as_bytes() => {
+                        kernel_keys.insert(key, Instant::now() + entry.ttl);
+                        true
+                    }
+                    _ => false,
+                },
+                Err(_) => false,
+            },
+            Err(_) => false,
+        };
+        if !answered && measuring {
+            tally.failed_reads.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    if let Some(baseline) = stale_baseline {
+        let stale = metrics.stale_serves.load(Ordering::Relaxed) - baseline;
+        tally.stale_reads.fetch_add(stale, Ordering::Relaxed);
+    }
+}
+
+struct Outcome {
+    json: String,
+    row: String,
+    met: bool,
+}
+
+fn simulate(scenario: Scenario) -> Outcome {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a runtime");
+    let scenario = Arc::new(scenario);
+    let wall = std::time::Instant::now();
+    let (account, tally) = runtime.block_on(async {
+        let account = Arc::new(Account::new(
+            scenario.quota,
+            scenario.end.as_secs() as usize,
+        ));
+        let tally = Arc::new(Tally::default());
+        let origin = Instant::now();
+        let hosts: Vec<_> = (0..scenario.hosts)
+            .map(|id| {
+                tokio::spawn(host(
+                    id,
+                    account.clone(),
+                    scenario.clone(),
+                    tally.clone(),
+                    origin,
+                ))
+            })
+            .collect();
+        if let Some((down_at, up_at)) = scenario.outage {
+            tokio::time::sleep(down_at).await;
+            account.down.store(true, Ordering::Relaxed);
+            tokio::time::sleep(up_at - down_at).await;
+            account.down.store(false, Ordering::Relaxed);
+        }
+        for host in hosts {
+            host.await.expect("a host task");
+        }
+        (account, tally)
+    });
+    let (from, to) = (scenario.measure_from.as_secs(), scenario.end.as_secs());
+    let (calls, peak, throttled) = account.calls_between(from, to);
+    let seconds = (to - from) as f64;
+    let mean_tps = calls as f64 / seconds;
+    let per_host_per_ttl =
+        calls as f64 / scenario.hosts as f64 / (seconds / scenario.ttl.as_secs_f64());
+    let recovery_peak = scenario
+        .outage
+        .map(|(_, up)| account.calls_between(up.as_secs(), to).1);
+    let boot_throttled = account.throttled.load(Ordering::Relaxed) - throttled;
+    let failed = tally.failed_reads.load(Ordering::Relaxed);
+    let quota_tps = match scenario.quota {
+        Quota::Default => 40.0,
+        Quota::Higher => 10_000.0,
+    };
+    let bound = (KEYS as f64 / 10.0).ceil() + DIRS as f64;
+    let met = failed == 0
+        && match scenario.name {
+            "steady_state" => mean_tps < quota_tps / 2.0 && per_host_per_ttl <= bound,
+            "ssm_outage" => recovery_peak.is_some_and(|p| p < quota_tps),
+            _ => true,
+        };
+    let json = format!(
+        "{{\"scenario\": \"{}\", \"hosts\": {}, \"keys_per_host\": {KEYS}, \"dirs_per_host\": {DIRS}, \"ttl_s\": {}, \"quota\": \"{}\", \"simulated_s\": {}, \"measured_s\": {seconds}, \"reads\": {}, \"mean_tps\": {mean_tps:.2}, \"peak_tps\": {peak:.1}, \"recovery_peak_tps\": {}, \"throttled_calls\": {throttled}, \"throttled_calls_before_measuring\": {boot_throttled}, \"failed_reads\": {failed}, \"stale_reads\": {}, \"calls_per_host_per_ttl\": {per_host_per_ttl:.2}, \"calls_by_api\": {{\"GetParameter\": {}, \"GetParameters\": {}, \"GetParametersByPath\": {}}}, \"target_met\": {met}, \"wall_s\": {:.1}}}",
+        scenario.name,
+        scenario.hosts,
+        scenario.ttl.as_secs(),
+        match scenario.quota {
+            Quota::Default => "default 40 TPS shared",
+            Quota::Higher => "higher throughput",
+        },
+        scenario.end.as_secs(),
+        tally.reads.load(Ordering::Relaxed),
+        recovery_peak.map_or("null".into(), |p| format!("{p:.1}")),
+        tally.stale_reads.load(Ordering::Relaxed),
+        account.calls_by_api[0].load(Ordering::Relaxed),
+        account.calls_by_api[1].load(Ordering::Relaxed),
+        account.calls_by_api[2].load(Ordering::Relaxed),
+        wall.elapsed().as_secs_f64(),
+    );
+    let row = format!(
+        "| {} | {} | {}s | {:.1} | {:.1} | {} | {} | {} | {:.2} | {} |",
+        scenario.name,
+        scenario.hosts,
+        scenario.ttl.as_secs(),
+        mean_tps,
+        peak,
+        recovery_peak.map_or("-".into(), |p| format!("{p:.1}")),
+        throttled,
+        failed,
+        per_host_per_ttl,
+        if met { "yes" } else { "NO" },
+    );
+    Outcome { json, row, met }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let smoke = args.iter().any(|a| a == "--smoke");
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| ".ssmfs-run/fleet.json".into());
+    // Smoke: a tenth of the hosts, and a fifth of the TTL and of every
+    // duration, only to show it runs.
+    let (scale, ttl) = if smoke {
+        (10, Duration::from_secs(60))
+    } else {
+        (1, Duration::from_secs(300))
+    };
+    let time_scale = ttl.as_secs_f64() / 300.0;
+    let min = |m: f64| Duration::from_secs_f64(m * 60.0 * time_scale);
+    let scenarios = vec![
+        // Hosts of a running fleet came up over half an hour, not at once.
+        Scenario {
+            name: "steady_state",
+            hosts: 1_000 / scale,
+            quota: Quota::Default,
+            ttl,
+            start_within: min(30.0),
+            measure_from: min(40.0),
+            end: min(100.0),
+            outage: None,
+            reads_per_second: 2.0,
+        },
+        Scenario {
+            name: "cold_boot",
+            hosts: 1_000 / scale,
+            quota: Quota::Default,
+            ttl,
+            start_within: min(1.0),
+            measure_from: Duration::ZERO,
+            end: min(15.0),
+            outage: None,
+            reads_per_second: 2.0,
+        },
+        Scenario {
+            name: "ssm_outage",
+            hosts: 1_000 / scale,
+            quota: Quota::Default,
+            ttl,
+            start_within: min(30.0),
+            measure_from: min(40.0),
+            end: min(80.0),
+            outage: Some((min(45.0), min(55.0))),
+            reads_per_second: 2.0,
+        },
+        Scenario {
+            name: "higher_throughput_10k",
+            hosts: 10_000 / scale,
+            quota: Quota::Higher,
+            ttl,
+            start_within: min(30.0),
+            measure_from: min(40.0),
+            end: min(70.0),
+            outage: None,
+            reads_per_second: 0.5,
+        },
+    ];
+    println!("| scenario | hosts | TTL | mean TPS | peak TPS (10 s) | recovery peak (10 s) | throttled calls | failed reads | calls/host/TTL | target met |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mut objects = Vec::new();
+    let mut all_met = true;
+    for scenario in scenarios {
+        let outcome = simulate(scenario);
+        println!("{}", outcome.row);
+        objects.push(outcome.json);
+        all_met &= outcome.met;
+    }
+    let json = format!("[\n{}\n]\n", objects.join(",\n"));
+    if let Some(dir) = std::path::Path::new(&out).parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    std::fs::write(&out, json).expect("writing the fleet report");
+    println!("wrote {out}; every target met: {all_met}");
+}
