@@ -10,8 +10,11 @@
 //! host. Every API call costs a simulated round trip.
 //!
 //!     cargo run --release --example fleet [-- --smoke] [--out FILE]
+//!     cargo run --release --example fleet -- --check HOSTS TTL_S SECONDS
 //!
-//! Prints a table and writes one JSON object per scenario.
+//! Prints a table and writes one JSON object per scenario. `--check` runs one
+//! small scenario shaped like `scripts/fleet.sh --check`'s real daemons
+//! (hosts up within 10 s, measured from the second TTL on) to compare with.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -210,6 +213,9 @@ struct Scenario {
 #[derive(Default)]
 struct Tally {
     reads: AtomicU64,
+    /// Core lookups answered from the cache, and those that needed SSM.
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
     failed_reads: AtomicU64,
     stale_reads: AtomicU64,
 }
@@ -263,7 +269,11 @@ async fn host(
         }
         let measuring = now >= measure_from;
         if measuring && stale_baseline.is_none() {
-            stale_baseline = Some(metrics.stale_serves.load(Ordering::Relaxed));
+            stale_baseline = Some((
+                metrics.stale_serves.load(Ordering::Relaxed),
+                metrics.cache_hits.load(Ordering::Relaxed),
+                metrics.cache_misses.load(Ordering::Relaxed),
+            ));
         }
         let key = cdf.partition_point(|p| *p < rng.gen::<f64>()).min(KEYS - 1);
         if measuring {
@@ -300,9 +310,17 @@ async fn host(
             tally.failed_reads.fetch_add(1, Ordering::Relaxed);
         }
     }
-    if let Some(baseline) = stale_baseline {
-        let stale = metrics.stale_serves.load(Ordering::Relaxed) - baseline;
-        tally.stale_reads.fetch_add(stale, Ordering::Relaxed);
+    if let Some((stale, hits, misses)) = stale_baseline {
+        let since = |counter: &AtomicU64, baseline: u64| counter.load(Ordering::Relaxed) - baseline;
+        tally
+            .stale_reads
+            .fetch_add(since(&metrics.stale_serves, stale), Ordering::Relaxed);
+        tally
+            .cache_hits
+            .fetch_add(since(&metrics.cache_hits, hits), Ordering::Relaxed);
+        tally
+            .cache_misses
+            .fetch_add(since(&metrics.cache_misses, misses), Ordering::Relaxed);
     }
 }
 
@@ -372,7 +390,7 @@ fn simulate(scenario: Scenario) -> Outcome {
             _ => true,
         };
     let json = format!(
-        "{{\"scenario\": \"{}\", \"hosts\": {}, \"keys_per_host\": {KEYS}, \"dirs_per_host\": {DIRS}, \"ttl_s\": {}, \"quota\": \"{}\", \"simulated_s\": {}, \"measured_s\": {seconds}, \"reads\": {}, \"mean_tps\": {mean_tps:.2}, \"peak_tps\": {peak:.1}, \"recovery_peak_tps\": {}, \"throttled_calls\": {throttled}, \"throttled_calls_before_measuring\": {boot_throttled}, \"failed_reads\": {failed}, \"stale_reads\": {}, \"calls_per_host_per_ttl\": {per_host_per_ttl:.2}, \"calls_by_api\": {{\"GetParameter\": {}, \"GetParameters\": {}, \"GetParametersByPath\": {}}}, \"target_met\": {met}, \"wall_s\": {:.1}}}",
+        "{{\"scenario\": \"{}\", \"hosts\": {}, \"keys_per_host\": {KEYS}, \"dirs_per_host\": {DIRS}, \"ttl_s\": {}, \"quota\": \"{}\", \"simulated_s\": {}, \"measured_s\": {seconds}, \"reads\": {}, \"mean_tps\": {mean_tps:.2}, \"peak_tps\": {peak:.1}, \"recovery_peak_tps\": {}, \"throttled_calls\": {throttled}, \"throttled_calls_before_measuring\": {boot_throttled}, \"failed_reads\": {failed}, \"stale_reads\": {}, \"cache_hits\": {}, \"cache_misses\": {}, \"calls_per_host_per_ttl\": {per_host_per_ttl:.2}, \"calls_by_api\": {{\"GetParameter\": {}, \"GetParameters\": {}, \"GetParametersByPath\": {}}}, \"target_met\": {met}, \"wall_s\": {:.1}}}",
         scenario.name,
         scenario.hosts,
         scenario.ttl.as_secs(),
@@ -384,6 +402,8 @@ fn simulate(scenario: Scenario) -> Outcome {
         tally.reads.load(Ordering::Relaxed),
         recovery_peak.map_or("null".into(), |p| format!("{p:.1}")),
         tally.stale_reads.load(Ordering::Relaxed),
+        tally.cache_hits.load(Ordering::Relaxed),
+        tally.cache_misses.load(Ordering::Relaxed),
         account.calls_by_api[0].load(Ordering::Relaxed),
         account.calls_by_api[1].load(Ordering::Relaxed),
         account.calls_by_api[2].load(Ordering::Relaxed),
@@ -423,7 +443,7 @@ fn main() {
     };
     let time_scale = ttl.as_secs_f64() / 300.0;
     let min = |m: f64| Duration::from_secs_f64(m * 60.0 * time_scale);
-    let scenarios = vec![
+    let mut scenarios = vec![
         // Hosts of a running fleet came up over half an hour, not at once.
         Scenario {
             name: "steady_state",
@@ -470,6 +490,25 @@ fn main() {
             reads_per_second: 0.5,
         },
     ];
+    if let Some(i) = args.iter().position(|a| a == "--check") {
+        let number = |k: usize| -> u64 {
+            args.get(i + k)
+                .and_then(|a| a.parse().ok())
+                .expect("--check HOSTS TTL_S SECONDS")
+        };
+        let (hosts, ttl_s, seconds) = (number(1), number(2), number(3));
+        scenarios = vec![Scenario {
+            name: "reality_check",
+            hosts: hosts as usize,
+            quota: Quota::Default,
+            ttl: Duration::from_secs(ttl_s),
+            start_within: Duration::from_secs(10),
+            measure_from: Duration::from_secs(2 * ttl_s),
+            end: Duration::from_secs(seconds),
+            outage: None,
+            reads_per_second: 2.0,
+        }];
+    }
     println!("| scenario | hosts | TTL | mean TPS | peak TPS (10 s) | recovery peak (10 s) | throttled calls | failed reads | calls/host/TTL | target met |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut objects = Vec::new();
