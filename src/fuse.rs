@@ -150,7 +150,10 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
         let name = name.to_os_string();
         self.spawn("lookup", parent, |fs| async move {
             match fs.lookup(parent.0, &name).await {
-                Ok(entry) => reply.entry(&entry.ttl, &to_file_attr(&entry.attr), Generation(0)),
+                Ok(entry) => {
+                    tracing::trace!(name = %name.to_string_lossy(), ttl_ms = entry.ttl.as_millis() as u64, "entry");
+                    reply.entry(&entry.ttl, &to_file_attr(&entry.attr), Generation(0))
+                }
                 Err(error) => reply.error(fail("lookup", &error)),
             }
         });
