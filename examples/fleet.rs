@@ -275,7 +275,8 @@ async fn host(
                 metrics.cache_misses.load(Ordering::Relaxed),
             ));
         }
-        let key = cdf.partition_point(|p| *p < rng.gen::<f64>()).min(KEYS - 1);
+        let draw: f64 = rng.gen();
+        let key = cdf.partition_point(|p| *p < draw).min(KEYS - 1);
         if measuring {
             tally.reads.fetch_add(1, Ordering::Relaxed);
         }

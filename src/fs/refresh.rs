@@ -5,11 +5,10 @@
 //! per entry, so hosts do not refresh in step) is refreshed in the background;
 //! readers keep the cached value meanwhile. The refresh takes along up to nine
 //! other values read since they were fetched whose refresh falls within the
-//! next eighth of the TTL, and asks for all of them in one GetParameters call:
+//! next quarter of the TTL, and asks for all of them in one GetParameters call:
 //! a host keeping K values hot costs about ceil(K/10) calls per TTL instead of
 //! K, whatever directories they are in. A reader of a value that expired (read
-//! too rarely to be refreshed) fetches it the same way, with the values due
-//! within a quarter TTL as companions. Values nobody reads are not refreshed:
+//! too rarely to be refreshed) fetches it the same way, with the same companions. Values nobody reads are not refreshed:
 //! they expire and are fetched again only if read.
 //!
 //! Why GetParameters and not GetParametersByPath pages per directory: a page
@@ -53,7 +52,7 @@ impl<S: ParameterStore> Fs<S> {
 
     /// How far ahead of their own refresh point values join a batch.
     fn refresh_horizon(&self) -> Duration {
-        self.config.cache.ttl / 8
+        self.config.cache.ttl / 4
     }
 
     pub(super) fn refresh_soon(self: &Arc<Self>, name: &str) {
@@ -125,14 +124,11 @@ impl<S: ParameterStore> Fs<S> {
         }
         let batch = {
             let mut refreshing = self.refreshing.lock().unwrap();
-            // Twice the refresh horizon: the call is made anyway, and values
-            // refreshed a little early need no call of their own later.
-            let companions = self.cache.due_for_refresh(
-                now,
-                self.refresh_horizon() * 2,
-                MAX_BATCH - 1,
-                |other| other == name || refreshing.contains(other),
-            );
+            let companions =
+                self.cache
+                    .due_for_refresh(now, self.refresh_horizon(), MAX_BATCH - 1, |other| {
+                        other == name || refreshing.contains(other)
+                    });
             if companions.is_empty() {
                 return None;
             }
