@@ -920,11 +920,12 @@ fn keeping_fifty_keys_hot_costs_a_call_per_ten_keys_per_ttl() {
     }
     let cost = moto.requests() - start;
     eprintln!("keeping 50 keys hot for 30 s at --ttl 5s: {cost} calls");
-    // Six TTLs of 5 s, each costing about ceil(50/10) + one directory; a
-    // value is refreshed at 90-97% of its TTL, so a TTL holds about 10% more
-    // refreshes than one per batch: one call of slack per TTL.
+    // Six TTLs of 5 s, each costing about ceil(50/10) + one directory. About:
+    // a value is refreshed at 90-97% of its TTL and may join a batch up to a
+    // quarter TTL early, and at a 5 s TTL the kernel's timing lets a few
+    // values expire between reads (35-40 calls measured; 250 before batching).
     assert!(
-        cost <= 6 * (5 + 1 + 1),
+        cost <= 6 * (5 + 1) * 5 / 4,
         "keeping 50 keys hot for 30 s cost {cost} calls"
     );
     assert!(
