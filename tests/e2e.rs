@@ -885,8 +885,12 @@ fn fifty_siblings_read_one_by_one_cost_a_page_per_ten() {
         assert_eq!(out, format!("value-{i}"));
     }
     let cost = moto.requests() - start;
+    // ceil(N/10) + 3 is exact against the in-memory store (tests/core.rs);
+    // against moto the count varies by one between runs (8 or 9: moto ends a
+    // listing with an empty page, and which names the mount-time page shows
+    // depends on the order of the concurrent seeding).
     assert!(
-        cost <= 50usize.div_ceil(10) + 3,
+        cost <= 50usize.div_ceil(10) + 4,
         "50 cold cats cost {cost} calls"
     );
 }
