@@ -7,7 +7,7 @@
 #   scripts/fleet.sh --smoke   a tenth of the hosts, a fifth of the time (CI)
 #   scripts/fleet.sh --check   the simulation against 20 real daemons and moto:
 #                              per-host calls per TTL side by side (about 4 min)
-# Exits non-zero if a scenario misses its target.
+# A full run exits non-zero if a scenario misses its target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=()
@@ -68,4 +68,5 @@ fi
 mkdir -p .ssmfs-run
 out=.ssmfs-run/fleet.json
 ./target/release/examples/fleet "${mode[@]}" --out "$out" | tee .ssmfs-run/fleet.txt
-grep -q 'every target met: true' .ssmfs-run/fleet.txt
+# The targets are set for the full scale; a smoke run only shows that it runs.
+[ ${#mode[@]} -gt 0 ] || grep -q 'every target met: true' .ssmfs-run/fleet.txt
