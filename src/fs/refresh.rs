@@ -24,6 +24,7 @@
 //! the TTL, with jitter: a throttled fleet stretches its refresh cycle instead
 //! of retrying harder.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,12 +64,7 @@ impl<S: ParameterStore> Fs<S> {
             }
             let mut batch = vec![Arc::<str>::from(name)];
             if !self.cache.batches_refused(Instant::now()) {
-                batch.extend(self.cache.due_for_refresh(
-                    Instant::now(),
-                    self.refresh_horizon(),
-                    MAX_BATCH - 1,
-                    |other| other == name || refreshing.contains(other),
-                ));
+                batch.extend(self.companions(&refreshing, name, Instant::now()));
             }
             refreshing.extend(batch.iter().cloned());
             batch
@@ -76,11 +72,30 @@ impl<S: ParameterStore> Fs<S> {
         let fs = self.clone();
         tokio::spawn(async move {
             in_background(fs.refresh(&batch)).await;
-            let mut refreshing = fs.refreshing.lock().unwrap();
-            for name in &batch {
-                refreshing.remove(name);
-            }
+            fs.release(&batch);
         });
+    }
+
+    /// Up to nine read values due within the refresh horizon to take along
+    /// with `name`, none of them already being refreshed.
+    fn companions(
+        &self,
+        refreshing: &HashSet<Arc<str>>,
+        name: &str,
+        now: Instant,
+    ) -> Vec<Arc<str>> {
+        self.cache
+            .due_for_refresh(now, self.refresh_horizon(), MAX_BATCH - 1, |other| {
+                other == name || refreshing.contains(other)
+            })
+    }
+
+    /// Names whose refresh is over.
+    fn release(&self, names: &[Arc<str>]) {
+        let mut refreshing = self.refreshing.lock().unwrap();
+        for name in names {
+            refreshing.remove(name);
+        }
     }
 
     async fn refresh(self: &Arc<Self>, batch: &[Arc<str>]) {
@@ -124,11 +139,7 @@ impl<S: ParameterStore> Fs<S> {
         }
         let batch = {
             let mut refreshing = self.refreshing.lock().unwrap();
-            let companions =
-                self.cache
-                    .due_for_refresh(now, self.refresh_horizon(), MAX_BATCH - 1, |other| {
-                        other == name || refreshing.contains(other)
-                    });
+            let companions = self.companions(&refreshing, name, now);
             if companions.is_empty() {
                 return None;
             }
@@ -138,12 +149,7 @@ impl<S: ParameterStore> Fs<S> {
             batch
         };
         let fetched = self.get_batch(&batch).await;
-        {
-            let mut refreshing = self.refreshing.lock().unwrap();
-            for companion in &batch[1..] {
-                refreshing.remove(companion);
-            }
-        }
+        self.release(&batch[1..]);
         match fetched {
             Ok(()) => self.cache.value(name).map(Ok),
             Err(error) if error.is_outage() => Some(Err(error)),
