@@ -315,10 +315,9 @@ impl<S: ParameterStore> Fs<S> {
         if self.in_outage() {
             let stale = self.knowledge(parent, name, |v| v.may_serve_stale(now));
             if let Some(resolved) = stale.decide(base) {
-                Metrics::inc(&self.metrics.stale_serves);
-                if matches!(resolved, Resolved::File(..)) {
-                    self.cache.mark_read(name);
-                    self.refresh_soon(name);
+                match resolved {
+                    Resolved::File(..) => self.retry_later(name),
+                    _ => Metrics::inc(&self.metrics.stale_serves),
                 }
                 return Ok(resolved);
             }

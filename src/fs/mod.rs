@@ -461,9 +461,7 @@ impl<S: ParameterStore> Fs<S> {
         if let Some(entry) = cached.as_ref().filter(|e| {
             self.in_outage() && e.parameter().is_some() && e.validity.may_serve_stale(now)
         }) {
-            Metrics::inc(&self.metrics.stale_serves);
-            self.cache.mark_read(name);
-            self.refresh_soon(name);
+            self.retry_later(name);
             return Ok(entry.clone());
         }
         Metrics::inc(&self.metrics.cache_misses);

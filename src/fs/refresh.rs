@@ -76,6 +76,14 @@ impl<S: ParameterStore> Fs<S> {
         });
     }
 
+    /// While SSM keeps failing: `name`'s cached value is being served past its
+    /// TTL, and is retried with the next refresh batch, not by a call now.
+    pub(super) fn retry_later(self: &Arc<Self>, name: &str) {
+        Metrics::inc(&self.metrics.stale_serves);
+        self.cache.mark_read(name);
+        self.refresh_soon(name);
+    }
+
     /// Up to nine read values due within the refresh horizon to take along
     /// with `name`, none of them already being refreshed.
     fn companions(
