@@ -97,6 +97,11 @@ impl Validity {
         self.at(self.stale_after_ms)
     }
 
+    /// The wall-clock time of the fetch (to compare with events' times).
+    pub fn fetched_at(&self) -> std::time::SystemTime {
+        std::time::SystemTime::now() - self.fetched.elapsed()
+    }
+
     pub fn is_fresh(&self, now: Instant) -> bool {
         now < self.expires()
     }
@@ -381,6 +386,24 @@ impl Cache {
         inner.dirs.put(path.to_string(), entry.clone());
         self.enforce_bounds(&mut inner);
         entry
+    }
+
+    /// Edits the children of `path`'s cached listing in place (a change event
+    /// adds or removes one name). `None` when no listing of `path` is cached,
+    /// else whether `edit` changed it.
+    pub fn edit_listing(
+        &self,
+        path: &str,
+        edit: impl FnOnce(&mut BTreeMap<Box<str>, ChildKind>) -> bool,
+    ) -> Option<bool> {
+        let mut inner = self.inner.lock().unwrap();
+        let listing = inner.dirs.peek_mut(path)?;
+        let mut children = listing.children.as_ref().clone();
+        let changed = edit(&mut children);
+        if changed {
+            listing.children = Arc::new(children);
+        }
+        Some(changed)
     }
 
     /// Records that SSM refused to list `path`, for one TTL. Returns true when

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::airflow::{self, KwargsError};
-use crate::config::{self, CacheConfig, FsConfig, RequestConfig};
+use crate::config::{self, CacheConfig, EventsSource, FsConfig, RequestConfig};
 use crate::names;
 use crate::store::ssm::AwsOptions;
 
@@ -110,6 +110,22 @@ pub struct CliArgs {
     #[arg(long, default_value_t = config::DEFAULT_MAX_RETRIES, help_heading = "AWS")]
     pub max_retries: u32,
 
+    // ----- change events -----
+    /// SQS queue (URL) that receives SSM's "Parameter Store Change" events from
+    /// EventBridge, read by this host alone: changed values are fetched within
+    /// seconds, so the TTL can be long.
+    #[arg(long, value_name = "URL", help_heading = "Change events")]
+    pub events_queue: Option<String>,
+    /// SNS topic (ARN) that carries those events, for fleets: this host makes
+    /// and subscribes a queue of its own, removed at unmount.
+    #[arg(
+        long,
+        value_name = "ARN",
+        help_heading = "Change events",
+        conflicts_with = "events_queue"
+    )]
+    pub events_topic: Option<String>,
+
     // ----- airflow -----
     /// Mount Airflow's secrets layout (variables/, connections/, config/) from the
     /// JSON kwargs of SystemsManagerParameterStoreBackend, as Airflow reads them.
@@ -151,6 +167,7 @@ pub struct Settings {
     pub mlock: bool,
     pub log_file: Option<PathBuf>,
     pub metrics_addr: Option<std::net::SocketAddr>,
+    pub events: Option<EventsSource>,
 }
 
 /// Mount options that belong to mount(8) itself or that ssmfs always applies.
@@ -211,6 +228,12 @@ pub enum CliError {
     NoThreads,
     #[error("--cache-entries and --cache-bytes must be at least 1")]
     EmptyCache,
+    #[error(
+        "--events-queue '{0}' is not a queue URL (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME)"
+    )]
+    BadQueueUrl(String),
+    #[error("--events-topic '{0}' is not an SNS topic ARN (arn:aws:sns:REGION:ACCOUNT:NAME)")]
+    BadTopicArn(String),
 }
 
 /// Rewrites `-o a,b=c` into `--a --b c`, dropping generic mount options.
@@ -332,6 +355,17 @@ impl CliArgs {
         if self.cache_entries == 0 || self.cache_bytes == 0 {
             return Err(CliError::EmptyCache);
         }
+        let events = match (self.events_queue, self.events_topic) {
+            (Some(url), _) if !(url.starts_with("https://") || url.starts_with("http://")) => {
+                return Err(CliError::BadQueueUrl(url))
+            }
+            (Some(url), _) => Some(EventsSource::Queue(url)),
+            (None, Some(arn)) if !(arn.starts_with("arn:") && arn.contains(":sns:")) => {
+                return Err(CliError::BadTopicArn(arn))
+            }
+            (None, Some(arn)) => Some(EventsSource::Topic(arn)),
+            (None, None) => None,
+        };
         let mut fs = FsConfig::new(prefix);
         fs.uid = self.uid.unwrap_or(fs.uid);
         fs.gid = self.gid.unwrap_or(fs.gid);
@@ -385,6 +419,7 @@ impl CliArgs {
             mlock: self.mlock,
             log_file: self.log_file,
             metrics_addr: self.metrics_addr,
+            events,
         })
     }
 }
@@ -429,6 +464,38 @@ mod tests {
         assert_eq!(s.fs.uid, 7);
         assert_eq!(s.fs.file_mode, 0o440);
         assert_eq!(s.fs.cache.ttl, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn events_sources_from_flags_and_mount_options() {
+        let url = "https://sqs.us-east-1.amazonaws.com/123456789012/ssm-changes";
+        let s = parse(&[
+            "ssmfs",
+            "/a",
+            "/mnt/x",
+            "-o",
+            &format!("ttl=1h,events_queue={url}"),
+        ])
+        .unwrap();
+        assert_eq!(s.events, Some(EventsSource::Queue(url.into())));
+        let arn = "arn:aws:sns:us-east-1:123456789012:ssm-changes";
+        let s = parse(&["ssmfs", "--events-topic", arn, "/a", "/mnt/x"]).unwrap();
+        assert_eq!(s.events, Some(EventsSource::Topic(arn.into())));
+        assert!(parse(&["ssmfs", "/a", "/mnt/x"]).unwrap().events.is_none());
+        let both = parse(&[
+            "ssmfs",
+            "--events-topic",
+            arn,
+            "--events-queue",
+            url,
+            "/a",
+            "/mnt/x",
+        ]);
+        assert!(both.unwrap_err().contains("cannot be used with"));
+        let bad = parse(&["ssmfs", "--events-queue", "ssm-changes", "/a", "/mnt/x"]);
+        assert!(bad.unwrap_err().contains("is not a queue URL"));
+        let bad = parse(&["ssmfs", "--events-topic", "ssm-changes", "/a", "/mnt/x"]);
+        assert!(bad.unwrap_err().contains("is not an SNS topic ARN"));
     }
 
     #[test]

@@ -116,6 +116,26 @@ impl FsConfig {
     }
 }
 
+/// Where change events come from (see `crate::events`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventsSource {
+    /// An SQS queue this host reads alone.
+    Queue(String),
+    /// An SNS topic: this host subscribes a queue of its own.
+    Topic(String),
+}
+
+impl FsConfig {
+    /// The SSM paths whose names the mount serves: the prefix, or each area's.
+    pub fn served_prefixes(&self) -> Vec<String> {
+        if self.areas.is_empty() {
+            vec![self.prefix.clone()]
+        } else {
+            self.areas.iter().map(|a| a.prefix.clone()).collect()
+        }
+    }
+}
+
 /// A setting's text that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ValueError {

@@ -54,16 +54,20 @@ impl Role {
 /// Kept below 2^63 (some tools read `st_ino` as signed) and above the root's.
 /// Fixed here, not `std`'s hasher, so numbers survive a rebuild or upgrade.
 fn candidates(name: &str, role: Role) -> impl Iterator<Item = u64> {
-    const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-    let seed = std::iter::once(role.tag())
-        .chain(name.bytes())
-        .fold(FNV_OFFSET, |hash, byte| {
-            (hash ^ u64::from(byte)).wrapping_mul(FNV_PRIME)
-        });
-    std::iter::successors(Some(mix(seed)), |previous| Some(mix(*previous)))
+    let seed = stable_hash(std::iter::once(role.tag()).chain(name.bytes()));
+    std::iter::successors(Some(seed), |previous| Some(mix(*previous)))
         .map(|hash| hash >> 1)
         .filter(|ino| *ino > ROOT_INO)
+}
+
+/// FNV-1a over `bytes`, mixed: the same on every build and every host.
+pub fn stable_hash(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+    let fnv = bytes.into_iter().fold(FNV_OFFSET, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(FNV_PRIME)
+    });
+    mix(fnv)
 }
 
 fn mix(mut x: u64) -> u64 {

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use ssmfs::cli::{CliArgs, CliError, Settings};
 use ssmfs::daemon::{self, Forked, MountSettings, Readiness};
+use ssmfs::events;
 use ssmfs::fs::Fs;
 use ssmfs::store::resilient::Resilient;
-use ssmfs::store::ssm::SsmStore;
+use ssmfs::store::ssm::{load_aws_config, SsmStore};
 use tracing_subscriber::EnvFilter;
 
 /// Exit status for a command line that cannot be used (as clap and mount(8) use).
@@ -88,11 +89,31 @@ fn run(settings: Settings, readiness: &mut Readiness) -> anyhow::Result<()> {
         daemon::StopSignals::install()?
     };
     let metrics = daemon::new_metrics();
-    let store = runtime.block_on(SsmStore::connect(&settings.aws))?;
+    let sdk_config = runtime.block_on(load_aws_config(&settings.aws))?;
+    let store = SsmStore::new(&sdk_config, &settings.aws);
     let store = Resilient::new(store, settings.fs.request.clone(), metrics.clone());
     let prefix = settings.fs.prefix.clone();
+    let served_prefixes = settings.fs.served_prefixes();
     let (fs, invalidations) = Fs::new(store, settings.fs, metrics);
     runtime.block_on(fs.check_access())?;
+    let events = match &settings.events {
+        Some(source) => {
+            let mount_key = format!("{} {}", settings.fsname, mountpoint.display());
+            Some(runtime.block_on(events::sqs::connect(
+                &sdk_config,
+                source,
+                &mount_key,
+                &served_prefixes,
+            ))?)
+        }
+        None => None,
+    };
+    let own_queue = events.as_ref().and_then(|(_, own)| own.as_ref());
+    let remove_own_queue = || {
+        if let Some(own) = own_queue {
+            runtime.block_on(own.remove());
+        }
+    };
     if let Some(addr) = settings.metrics_addr {
         runtime.block_on(daemon::serve_metrics(fs.clone(), addr))?;
     }
@@ -103,19 +124,36 @@ fn run(settings: Settings, readiness: &mut Readiness) -> anyhow::Result<()> {
         allow_root: settings.allow_root,
         threads: settings.threads,
     };
-    let mounted = daemon::mount(
+    let mounted = match daemon::mount(
         Arc::clone(&fs),
         invalidations,
         runtime.handle().clone(),
         &mount_settings,
-    )?;
+    ) {
+        Ok(mounted) => mounted,
+        Err(error) => {
+            remove_own_queue();
+            return Err(error.into());
+        }
+    };
     tracing::info!(prefix = %prefix, mountpoint = %mount_settings.mountpoint.display(), "mounted");
+    let listener = events.as_ref().map(|(queue, _)| {
+        tracing::info!(
+            queue = queue.url(),
+            "applying parameter change events from the queue"
+        );
+        runtime.spawn(events::listen(fs.clone(), queue.clone()))
+    });
     readiness.ready();
     readiness.detach_stdio();
     let reason = runtime.block_on(daemon::serve_until_stopped(fs, &mounted, signals));
     daemon::sd_notify("STOPPING=1");
     tracing::info!(reason, "unmounting");
     mounted.unmount();
+    if let Some(listener) = listener {
+        listener.abort();
+    }
+    remove_own_queue();
     runtime.shutdown_timeout(std::time::Duration::from_millis(200));
     Ok(())
 }

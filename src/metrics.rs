@@ -14,11 +14,48 @@ use std::time::Duration;
 /// answer (tens of microseconds) to an SSM call that hits the request timeout.
 const LATENCY_BUCKETS: [f64; 10] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
 
-#[derive(Default)]
-struct Histogram {
-    buckets: [u64; LATENCY_BUCKETS.len()],
+/// Upper bounds (seconds) of the change-event lag histogram: from an event
+/// applied within its second to one that waited out an outage.
+const LAG_BUCKETS: [f64; 9] = [1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0];
+
+/// Cumulative buckets over `N` fixed upper bounds, as Prometheus wants them.
+struct Histogram<const N: usize> {
+    buckets: [u64; N],
     count: u64,
     sum: f64,
+}
+
+impl<const N: usize> Default for Histogram<N> {
+    fn default() -> Self {
+        Self {
+            buckets: [0; N],
+            count: 0,
+            sum: 0.0,
+        }
+    }
+}
+
+impl<const N: usize> Histogram<N> {
+    fn observe(&mut self, seconds: f64, bounds: &[f64; N]) {
+        self.count += 1;
+        self.sum += seconds;
+        for (bucket, bound) in self.buckets.iter_mut().zip(bounds) {
+            if seconds <= *bound {
+                *bucket += 1;
+            }
+        }
+    }
+
+    /// The sample lines of `name`, `labels` being `key="value",` or empty.
+    fn render(&self, out: &mut String, name: &str, labels: &str, bounds: &[f64; N]) {
+        for (bound, n) in bounds.iter().zip(self.buckets) {
+            let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{bound}\"}} {n}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {}", self.count);
+        let labels = labels.trim_end_matches(',');
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count);
+    }
 }
 
 /// API calls per second over the last minute, in one-second buckets: the
@@ -62,7 +99,7 @@ pub struct Metrics {
     started: std::time::Instant,
     call_rate: Mutex<CallRate>,
     api_calls: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
-    fuse_requests: Mutex<BTreeMap<&'static str, Histogram>>,
+    fuse_requests: Mutex<BTreeMap<&'static str, Histogram<{ LATENCY_BUCKETS.len() }>>>,
     pub retries: AtomicU64,
     pub throttles: AtomicU64,
     pub cache_hits: AtomicU64,
@@ -73,6 +110,15 @@ pub struct Metrics {
     /// GetParameters calls that refreshed hot values, and the values they carried.
     pub refresh_batches: AtomicU64,
     pub refreshed_values: AtomicU64,
+    /// Change events: queue messages received, events that made this host
+    /// fetch, ignored ones (other prefixes, names not cached here, already
+    /// applied), malformed messages, failed receives.
+    pub events_received: AtomicU64,
+    pub events_applied: AtomicU64,
+    pub events_ignored: AtomicU64,
+    pub events_malformed: AtomicU64,
+    pub event_queue_errors: AtomicU64,
+    event_lag: Mutex<Histogram<{ LAG_BUCKETS.len() }>>,
 }
 
 impl Default for Metrics {
@@ -91,6 +137,12 @@ impl Default for Metrics {
             invalidations: AtomicU64::default(),
             refresh_batches: AtomicU64::default(),
             refreshed_values: AtomicU64::default(),
+            events_received: AtomicU64::default(),
+            events_applied: AtomicU64::default(),
+            events_ignored: AtomicU64::default(),
+            events_malformed: AtomicU64::default(),
+            event_queue_errors: AtomicU64::default(),
+            event_lag: Mutex::default(),
         }
     }
 }
@@ -135,16 +187,15 @@ impl Metrics {
     }
 
     pub fn fuse_request(&self, operation: &'static str, elapsed: Duration) {
-        let seconds = elapsed.as_secs_f64();
         let mut requests = self.fuse_requests.lock().unwrap();
         let histogram = requests.entry(operation).or_default();
-        histogram.count += 1;
-        histogram.sum += seconds;
-        for (bucket, bound) in histogram.buckets.iter_mut().zip(LATENCY_BUCKETS) {
-            if seconds <= bound {
-                *bucket += 1;
-            }
-        }
+        histogram.observe(elapsed.as_secs_f64(), &LATENCY_BUCKETS);
+    }
+
+    /// How long after a change its event was applied here.
+    pub fn event_lag(&self, lag: Duration) {
+        let mut histogram = self.event_lag.lock().unwrap();
+        histogram.observe(lag.as_secs_f64(), &LAG_BUCKETS);
     }
 
     pub fn inc(counter: &AtomicU64) {
@@ -161,7 +212,7 @@ impl Metrics {
                 "ssmfs_api_calls_total{{operation=\"{operation}\",outcome=\"{outcome}\"}} {n}"
             );
         }
-        let counters: [(&str, &str, &AtomicU64); 9] = [
+        let counters: [(&str, &str, &AtomicU64); 14] = [
             (
                 "ssmfs_api_retries_total",
                 "SSM calls retried after a retryable error.",
@@ -207,6 +258,31 @@ impl Metrics {
                 "Values refreshed by those batches.",
                 &self.refreshed_values,
             ),
+            (
+                "ssmfs_events_received_total",
+                "Messages received from the change event queue.",
+                &self.events_received,
+            ),
+            (
+                "ssmfs_events_applied_total",
+                "Change events about names cached here, fetched again.",
+                &self.events_applied,
+            ),
+            (
+                "ssmfs_events_ignored_total",
+                "Change events that cost nothing: other prefixes, names not cached here, already applied, moved labels, other event types.",
+                &self.events_ignored,
+            ),
+            (
+                "ssmfs_events_malformed_total",
+                "Queue messages that were not change events (deleted).",
+                &self.events_malformed,
+            ),
+            (
+                "ssmfs_event_queue_errors_total",
+                "Receives from the change event queue that failed.",
+                &self.event_queue_errors,
+            ),
         ];
         for (name, help, counter) in counters {
             let _ = writeln!(
@@ -251,25 +327,18 @@ impl Metrics {
         out.push_str("# HELP ssmfs_fuse_request_seconds FUSE requests by operation.\n");
         out.push_str("# TYPE ssmfs_fuse_request_seconds histogram\n");
         for (operation, h) in self.fuse_requests.lock().unwrap().iter() {
-            for (bound, n) in LATENCY_BUCKETS.iter().zip(h.buckets) {
-                let _ = writeln!(out, "ssmfs_fuse_request_seconds_bucket{{operation=\"{operation}\",le=\"{bound}\"}} {n}");
-            }
-            let _ = writeln!(
-                out,
-                "ssmfs_fuse_request_seconds_bucket{{operation=\"{operation}\",le=\"+Inf\"}} {}",
-                h.count
-            );
-            let _ = writeln!(
-                out,
-                "ssmfs_fuse_request_seconds_sum{{operation=\"{operation}\"}} {}",
-                h.sum
-            );
-            let _ = writeln!(
-                out,
-                "ssmfs_fuse_request_seconds_count{{operation=\"{operation}\"}} {}",
-                h.count
+            let labels = format!("operation=\"{operation}\",");
+            h.render(
+                &mut out,
+                "ssmfs_fuse_request_seconds",
+                &labels,
+                &LATENCY_BUCKETS,
             );
         }
+        out.push_str("# HELP ssmfs_event_lag_seconds From a parameter change (its event's time, whole seconds) to its fetch here.\n");
+        out.push_str("# TYPE ssmfs_event_lag_seconds histogram\n");
+        let lag = self.event_lag.lock().unwrap();
+        lag.render(&mut out, "ssmfs_event_lag_seconds", "", &LAG_BUCKETS);
         out
     }
 }

@@ -1031,3 +1031,262 @@ async fn throttled_refreshes_stretch_the_cycle_and_serve_the_cached_values() {
         assert!(cat(&fs, key).await.is_ok());
     }
 }
+
+// ----- change events (issue 12) -----
+
+mod events {
+    use super::*;
+    use ssmfs::events::{event_json, listen, parse, MemoryQueue, Message, ParameterEvent};
+    use std::time::SystemTime;
+
+    fn hour_config(prefix: &str) -> FsConfig {
+        let mut config = config(prefix);
+        config.cache.ttl = Duration::from_secs(3600);
+        config
+    }
+
+    fn event(name: &str, operation: &str, time: SystemTime) -> ParameterEvent {
+        match parse(&event_json(name, operation, time)) {
+            Ok(Message::Event(event)) => event,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn drain(invalidations: &mut UnboundedReceiver<Invalidation>) -> Vec<Invalidation> {
+        std::iter::from_fn(|| invalidations.try_recv().ok()).collect()
+    }
+
+    fn names(listing: Vec<(String, FileKind)>) -> Vec<String> {
+        listing.into_iter().map(|(n, _)| n).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_update_costs_one_call_and_tells_the_kernel_and_repeats_cost_nothing() {
+        let (fs, mut invalidations) = mount(airflow_store(), hour_config("/airflow"));
+        assert_eq!(
+            cat(&fs, "variables/my_secret").await.unwrap(),
+            b"s3cr3t-value"
+        );
+        let ino = walk(&fs, "variables/my_secret").await.unwrap().attr.ino;
+        drain(&mut invalidations);
+        let before = calls(&fs);
+        fs.store()
+            .inner()
+            .put_string("/airflow/variables/my_secret", "rotated");
+        let update = event("/airflow/variables/my_secret", "Update", SystemTime::now());
+        fs.apply_events(vec![update.clone()]).await;
+        assert_eq!(calls(&fs).total() - before.total(), 1, "one fetch");
+        assert!(drain(&mut invalidations).contains(&Invalidation::Inode(ino)));
+        assert_eq!(cat(&fs, "variables/my_secret").await.unwrap(), b"rotated");
+        // A redelivery, and an older event arriving late: nothing to do.
+        fs.apply_events(vec![update]).await;
+        let late = event(
+            "/airflow/variables/my_secret",
+            "Update",
+            SystemTime::now() - Duration::from_secs(60),
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        fs.apply_events(vec![late]).await;
+        assert_eq!(calls(&fs).total() - before.total(), 1, "{:?}", calls(&fs));
+        assert_eq!(
+            fs.metrics()
+                .events_applied
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_about_names_not_cached_here_or_outside_the_mount_cost_nothing() {
+        let (fs, _inval) = mount(airflow_store(), hour_config("/airflow"));
+        assert_eq!(
+            cat(&fs, "variables/my_secret").await.unwrap(),
+            b"s3cr3t-value"
+        );
+        let before = calls(&fs);
+        let now = SystemTime::now();
+        fs.apply_events(vec![
+            event("/airflow/connections/my_postgres", "Update", now),
+            event("/other/thing", "Update", now),
+            event("/airflowx/variables/my_secret", "Delete", now),
+            event("/airflow/variables/my_secret", "LabelParameterVersion", now),
+        ])
+        .await;
+        assert_eq!(calls(&fs), before);
+        assert_eq!(
+            fs.metrics()
+                .events_ignored
+                .load(std::sync::atomic::Ordering::Relaxed),
+            4
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn creates_join_cached_listings_and_deletes_leave_them() {
+        let (fs, mut invalidations) = mount(airflow_store(), hour_config("/airflow"));
+        assert_eq!(ls(&fs, "").await.unwrap().len(), 3);
+        assert_eq!(ls(&fs, "variables").await.unwrap().len(), 3);
+        let before = calls(&fs);
+        let store = fs.store().inner();
+        store.put_string("/airflow/variables/added", "new");
+        store.put_string("/airflow/team/deep/key", "v");
+        store.delete("/airflow/variables/region");
+        let now = SystemTime::now();
+        fs.apply_events(vec![
+            event("/airflow/variables/added", "Create", now),
+            event("/airflow/team/deep/key", "Create", now),
+            event("/airflow/variables/region", "Delete", now),
+        ])
+        .await;
+        assert_eq!(
+            calls(&fs).total() - before.total(),
+            1,
+            "one GetParameters for three names"
+        );
+        let variables = names(ls(&fs, "variables").await.unwrap());
+        assert!(variables.contains(&"added".into()), "{variables:?}");
+        assert!(!variables.contains(&"region".into()), "{variables:?}");
+        assert!(names(ls(&fs, "").await.unwrap()).contains(&"team".into()));
+        assert_eq!(
+            cat(&fs, "variables/region").await.unwrap_err(),
+            libc::ENOENT
+        );
+        assert_eq!(cat(&fs, "variables/added").await.unwrap(), b"new");
+        assert_eq!(
+            calls(&fs).total() - before.total(),
+            1,
+            "all of it from the cache"
+        );
+        let told = drain(&mut invalidations);
+        let dropped: Vec<&str> = told
+            .iter()
+            .filter_map(|i| match i {
+                Invalidation::Entry { name, .. } => Some(name.as_str()),
+                _ => None,
+            })
+            .collect();
+        for name in ["added", "region", "team"] {
+            assert!(dropped.contains(&name), "{told:?}");
+        }
+        // The last name of a directory goes: the directory goes with it.
+        store.delete("/airflow/team/deep/key");
+        fs.apply_events(vec![event("/airflow/team/deep/key", "Delete", now)])
+            .await;
+        assert!(!names(ls(&fs, "").await.unwrap()).contains(&"team".into()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ten_changed_names_cost_one_call() {
+        let store = MemoryStore::new();
+        for i in 0..10 {
+            store.put_string(&format!("/app/k{i}"), "old");
+        }
+        let (fs, _inval) = mount(store, hour_config("/app"));
+        for i in 0..10 {
+            cat(&fs, &format!("k{i}")).await.unwrap();
+        }
+        let before = calls(&fs);
+        let now = SystemTime::now();
+        let events = (0..10)
+            .map(|i| {
+                fs.store().inner().put_string(&format!("/app/k{i}"), "new");
+                event(&format!("/app/k{i}"), "Update", now)
+            })
+            .collect();
+        fs.apply_events(events).await;
+        assert_eq!(calls(&fs).get_many - before.get_many, 1);
+        assert_eq!(calls(&fs).total() - before.total(), 1);
+        for i in 0..10 {
+            assert_eq!(cat(&fs, &format!("k{i}")).await.unwrap(), b"new");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_received_during_an_outage_are_applied_when_ssm_answers() {
+        let (fs, _inval) = mount(airflow_store(), hour_config("/airflow"));
+        assert_eq!(
+            cat(&fs, "variables/my_secret").await.unwrap(),
+            b"s3cr3t-value"
+        );
+        let store = fs.store().inner();
+        store.put_string("/airflow/variables/my_secret", "rotated");
+        store.fail_every_call(Some(StoreError::Unavailable("injected".into())));
+        fs.apply_events(vec![event(
+            "/airflow/variables/my_secret",
+            "Update",
+            SystemTime::now(),
+        )])
+        .await;
+        assert_eq!(fs.pending_event_names(), 1);
+        assert_eq!(
+            cat(&fs, "variables/my_secret").await.unwrap(),
+            b"s3cr3t-value",
+            "still served"
+        );
+        store.fail_every_call(None);
+        fs.retry_pending_events().await;
+        assert_eq!(fs.pending_event_names(), 1, "not before the outage backoff");
+        tokio::time::advance(Duration::from_secs(20)).await;
+        fs.retry_pending_events().await;
+        assert_eq!(fs.pending_event_names(), 0);
+        assert_eq!(cat(&fs, "variables/my_secret").await.unwrap(), b"rotated");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_listener_applies_deletes_and_survives_a_queue_outage() {
+        let (fs, _inval) = mount(airflow_store(), hour_config("/airflow"));
+        assert_eq!(
+            cat(&fs, "variables/my_secret").await.unwrap(),
+            b"s3cr3t-value"
+        );
+        let queue = MemoryQueue::default();
+        let listener = tokio::spawn(listen(fs.clone(), queue.clone()));
+        let store = fs.store().inner();
+        store.put_string("/airflow/variables/my_secret", "one");
+        queue.push(event_json(
+            "/airflow/variables/my_secret",
+            "Update",
+            SystemTime::now(),
+        ));
+        queue.push("not json at all");
+        queue.push(r#"{"source":"aws.s3","detail-type":"Object Created","detail":{}}"#);
+        let wait_for = |deleted: u64| {
+            let queue = queue.clone();
+            async move {
+                for _ in 0..100 {
+                    if queue.deleted() >= deleted {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                panic!(
+                    "the listener deleted {} of {deleted} messages",
+                    queue.deleted()
+                );
+            }
+        };
+        wait_for(3).await;
+        assert_eq!(cat(&fs, "variables/my_secret").await.unwrap(), b"one");
+        let metrics = fs.metrics();
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(load(&metrics.events_received), 3);
+        assert_eq!(load(&metrics.events_malformed), 1);
+        assert_eq!(load(&metrics.events_ignored), 1);
+        // The queue goes away: reads go on; events resume when it is back.
+        queue.set_down(true);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(load(&metrics.event_queue_errors) >= 1);
+        assert_eq!(cat(&fs, "variables/my_secret").await.unwrap(), b"one");
+        store.put_string("/airflow/variables/my_secret", "two");
+        queue.push(event_json(
+            "/airflow/variables/my_secret",
+            "Update",
+            SystemTime::now(),
+        ));
+        queue.set_down(false);
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        wait_for(4).await;
+        assert_eq!(cat(&fs, "variables/my_secret").await.unwrap(), b"two");
+        listener.abort();
+    }
+}

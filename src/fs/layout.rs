@@ -9,7 +9,7 @@
 use crate::airflow::Area;
 use crate::config::FsConfig;
 use crate::inode::{Node, Role, ROOT_INO};
-use crate::names::SHADOWED_VALUE_NAME;
+use crate::names::{self, SHADOWED_VALUE_NAME};
 
 pub(super) enum Layout {
     Tree { prefix: String },
@@ -77,6 +77,17 @@ impl Layout {
     /// does not (mount one level up to see it) and neither do area folders.
     pub(super) fn shows_own_value(&self, dir: &Node) -> bool {
         dir.ino != ROOT_INO && dir.role == Role::Dir
+    }
+
+    /// Whether the SSM name `name` is served somewhere below the mount root.
+    pub(super) fn covers(&self, name: &str) -> bool {
+        match self {
+            Layout::Tree { prefix } => names::relative_to(prefix, name).is_some(),
+            Layout::Areas(areas) => areas.iter().any(|area| {
+                names::relative_to(&area.prefix, name)
+                    .is_some_and(|key| area.admits(key.split('/').next().unwrap_or(key)))
+            }),
+        }
     }
 
     /// Whether a listing of `dir` shows `child`.

@@ -19,6 +19,7 @@
 //! within the request deadline.
 
 mod attr;
+mod events;
 mod layout;
 mod listing;
 mod lookup;
@@ -106,6 +107,10 @@ pub struct Fs<S> {
     /// SSM failures (outages, throttling) in a row, for backing off.
     failures_in_a_row: AtomicU32,
     batches_refusal_logged: AtomicBool,
+    /// Names change events asked to fetch again (see `events`).
+    pending_events: Mutex<events::PendingEvents>,
+    /// Ids of events applied lately, so a redelivered one costs nothing.
+    seen_event_ids: Mutex<lru::LruCache<String, ()>>,
 }
 
 impl<S: ParameterStore> Fs<S> {
@@ -131,6 +136,10 @@ impl<S: ParameterStore> Fs<S> {
             refreshing: Mutex::new(HashSet::new()),
             failures_in_a_row: AtomicU32::new(0),
             batches_refusal_logged: AtomicBool::new(false),
+            pending_events: Mutex::default(),
+            seen_event_ids: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(events::REMEMBERED_EVENT_IDS).unwrap(),
+            )),
             config,
         };
         (Arc::new(fs), receiver)

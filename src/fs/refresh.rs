@@ -167,7 +167,7 @@ impl<S: ParameterStore> Fs<S> {
 
     /// One GetParameters for `batch`, its answers recorded. A refusal is
     /// remembered (and logged once): later refreshes go name by name.
-    async fn get_batch(&self, batch: &[Arc<str>]) -> Result<(), StoreError> {
+    pub(super) async fn get_batch(&self, batch: &[Arc<str>]) -> Result<(), StoreError> {
         if self.cache.batches_refused(Instant::now()) {
             return Err(StoreError::access_denied("GetParameters refused earlier"));
         }

@@ -9,7 +9,8 @@
 use std::time::{Duration, SystemTime};
 
 use aws_config::sts::AssumeRoleProvider;
-use aws_config::{BehaviorVersion, Region};
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_credential_types::provider::SharedCredentialsProvider;
 use aws_sdk_ssm::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ssm::types::{Parameter as SdkParameter, ParameterType};
 use aws_sdk_ssm::Client;
@@ -46,45 +47,61 @@ pub struct SsmStore {
     decrypt: bool,
 }
 
+/// The AWS configuration every client of the daemon shares (SSM, and SQS and
+/// SNS for change events): region, profile and credentials, an assumed role's
+/// included. Endpoints stay per service: `--endpoint-url` is SSM's alone, and
+/// `AWS_ENDPOINT_URL_<SERVICE>` / `AWS_ENDPOINT_URL` apply through the SDK.
+pub async fn load_aws_config(options: &AwsOptions) -> Result<SdkConfig, ConnectError> {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .retry_config(RetryConfig::disabled())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(options.attempt_timeout)
+                .operation_attempt_timeout(options.attempt_timeout)
+                .build(),
+        );
+    if let Some(region) = &options.region {
+        loader = loader.region(Region::new(region.clone()));
+    }
+    if let Some(profile) = &options.profile {
+        loader = loader.profile_name(profile);
+    }
+    let sdk_config = loader.load().await;
+    if sdk_config.region().is_none() {
+        return Err(ConnectError::NoRegion);
+    }
+    let Some(role_arn) = &options.role_arn else {
+        return Ok(sdk_config);
+    };
+    // AssumeRoleProvider caches the session and refreshes it before expiry.
+    let provider = AssumeRoleProvider::builder(role_arn)
+        .session_name("ssmfs")
+        .configure(&sdk_config)
+        .build()
+        .await;
+    Ok(sdk_config
+        .into_builder()
+        .credentials_provider(SharedCredentialsProvider::new(provider))
+        .build())
+}
+
 impl SsmStore {
+    /// An SSM client on the shared configuration (see `load_aws_config`).
+    pub fn new(sdk_config: &SdkConfig, options: &AwsOptions) -> Self {
+        let mut ssm_config = aws_sdk_ssm::config::Builder::from(sdk_config);
+        if let Some(url) = &options.endpoint_url {
+            ssm_config = ssm_config.endpoint_url(url);
+        }
+        Self {
+            client: Client::from_conf(ssm_config.build()),
+            decrypt: !options.no_decrypt,
+        }
+    }
+
     /// Loads credentials and region; fails (before anything is mounted) when no
     /// region can be found, since every read would fail otherwise.
     pub async fn connect(options: &AwsOptions) -> Result<Self, ConnectError> {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .retry_config(RetryConfig::disabled())
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(options.attempt_timeout)
-                    .operation_attempt_timeout(options.attempt_timeout)
-                    .build(),
-            );
-        if let Some(region) = &options.region {
-            loader = loader.region(Region::new(region.clone()));
-        }
-        if let Some(profile) = &options.profile {
-            loader = loader.profile_name(profile);
-        }
-        if let Some(url) = &options.endpoint_url {
-            loader = loader.endpoint_url(url);
-        }
-        let sdk_config = loader.load().await;
-        if sdk_config.region().is_none() {
-            return Err(ConnectError::NoRegion);
-        }
-        let mut ssm_config = aws_sdk_ssm::config::Builder::from(&sdk_config);
-        if let Some(role_arn) = &options.role_arn {
-            // AssumeRoleProvider caches the session and refreshes it before expiry.
-            let provider = AssumeRoleProvider::builder(role_arn)
-                .session_name("ssmfs")
-                .configure(&sdk_config)
-                .build()
-                .await;
-            ssm_config = ssm_config.credentials_provider(provider);
-        }
-        Ok(Self {
-            client: Client::from_conf(ssm_config.build()),
-            decrypt: !options.no_decrypt,
-        })
+        Ok(Self::new(&load_aws_config(options).await?, options))
     }
 }
 

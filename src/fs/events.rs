@@ -1,0 +1,285 @@
+//! Applying change events (see `crate::events`): which names to ask SSM about
+//! again, and what the listings and the kernel must learn from the answers.
+//!
+//! An event about a name this host knows nothing of (no cached value, no
+//! cached listing on its way up, no inode) costs nothing: the next read fetches
+//! it anyway. Otherwise the name is fetched again, ten names to a
+//! GetParameters, and the answer is recorded like any fetch: a new version
+//! drops the kernel's pages and attributes (readers mid-read keep the version
+//! they started with), a name that appeared joins the cached listings up to
+//! the mount root, and one that vanished leaves them. Events cannot move a
+//! name backwards: the answer always comes from SSM, never from the event.
+//! An event whose change the cached answer already reflects (fetched after
+//! it, allowing for whole-second event times and clock skew), or that was
+//! already applied (same EventBridge id), costs nothing. Names whose fetch
+//! fails because SSM is out stay pending and are fetched when it answers.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use super::{Fs, Invalidation};
+use crate::cache::{ChildKind, Known};
+use crate::events::{Operation, ParameterEvent};
+use crate::inode::Role;
+use crate::metrics::Metrics;
+use crate::names;
+use crate::store::resilient::in_background;
+use crate::store::{ParameterStore, StoreError, MAX_BATCH};
+
+/// An event's `time` is in whole seconds, and hosts' clocks differ from
+/// AWS's by a little: a cached answer fetched later than this after the
+/// event's time already reflects the change.
+const EVENT_TIME_SLACK: Duration = Duration::from_secs(3);
+/// How many recent event ids are remembered to drop redeliveries.
+pub(super) const REMEMBERED_EVENT_IDS: usize = 4096;
+
+/// Names waiting to be fetched again, each with its earliest event's time
+/// (for the lag metric), and when to try again after an outage.
+#[derive(Default)]
+pub(super) struct PendingEvents {
+    names: HashMap<Arc<str>, Option<SystemTime>>,
+    retry_at: Option<Instant>,
+}
+
+impl<S: ParameterStore> Fs<S> {
+    /// Notes what the events say changed and fetches what this host knows of.
+    pub async fn apply_events(self: &Arc<Self>, events: Vec<ParameterEvent>) {
+        for event in events {
+            if !self.wants_event(&event) {
+                Metrics::inc(&self.metrics.events_ignored);
+                continue;
+            }
+            Metrics::inc(&self.metrics.events_applied);
+            let mut pending = self.pending_events.lock().unwrap();
+            let time = pending
+                .names
+                .entry(Arc::from(event.name.as_str()))
+                .or_insert(event.time);
+            *time = (*time).min(event.time).or(event.time);
+        }
+        self.retry_pending_events().await;
+    }
+
+    /// Whether `event` calls for a fetch here.
+    fn wants_event(&self, event: &ParameterEvent) -> bool {
+        if let Some(id) = &event.id {
+            let mut seen = self.seen_event_ids.lock().unwrap();
+            if seen.put(id.clone(), ()).is_some() {
+                return false; // a redelivery
+            }
+        }
+        let name = event.name.as_str();
+        if !self.layout.covers(name) || event.operation == Operation::Label {
+            // A moved label leaves the current value as it is.
+            return false;
+        }
+        if !self.knows(name) {
+            if event.operation == Operation::Create {
+                // The kernel may remember that the name did not exist.
+                self.drop_kernel_entry(name);
+            }
+            return false;
+        }
+        let already_current = self.cache.value(name).is_some_and(|entry| {
+            event
+                .time
+                .is_some_and(|time| entry.validity.fetched_at() > time + EVENT_TIME_SLACK)
+        });
+        !already_current
+    }
+
+    /// Whether anything about `name` is cached here or held by the kernel.
+    fn knows(&self, name: &str) -> bool {
+        if self.cache.value(name).is_some()
+            || [Role::File, Role::ShadowedValue, Role::Dir]
+                .iter()
+                .any(|role| self.inodes.find(name, *role).is_some())
+        {
+            return true;
+        }
+        let mut path = name;
+        while self.layout.covers(path) {
+            path = names::parent_name(path);
+            if self.cache.dir(path).is_some() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Fetches the names events asked for, ten to a call; while SSM is out,
+    /// keeps them for later (after the outage backoff).
+    pub async fn retry_pending_events(self: &Arc<Self>) {
+        let batch: Vec<(Arc<str>, Option<SystemTime>)> = {
+            let mut pending = self.pending_events.lock().unwrap();
+            if pending.retry_at.is_some_and(|at| Instant::now() < at) {
+                return;
+            }
+            pending.names.drain().collect()
+        };
+        let mut chunks = batch.chunks(MAX_BATCH);
+        while let Some(chunk) = chunks.next() {
+            let names: Vec<Arc<str>> = chunk.iter().map(|(name, _)| name.clone()).collect();
+            match in_background(self.fetch_again(&names)).await {
+                Ok(()) => {
+                    for (name, time) in chunk {
+                        self.update_listings(name);
+                        if let Some(time) = time {
+                            let lag = SystemTime::now().duration_since(*time).unwrap_or_default();
+                            self.metrics.event_lag(lag);
+                        }
+                    }
+                }
+                Err(error) => {
+                    let recheck = self.outage_recheck();
+                    tracing::debug!(%error, "SSM is not answering; change events wait");
+                    let mut pending = self.pending_events.lock().unwrap();
+                    pending.retry_at = Some(Instant::now() + recheck);
+                    for (name, time) in chunk.iter().chain(chunks.flatten()) {
+                        pending.names.entry(name.clone()).or_insert(*time);
+                    }
+                    return;
+                }
+            }
+        }
+        self.pending_events.lock().unwrap().retry_at = None;
+    }
+
+    /// Names whose events wait for SSM.
+    pub fn pending_event_names(&self) -> usize {
+        self.pending_events.lock().unwrap().names.len()
+    }
+
+    /// One GetParameters for `names` (one GetParameter each where batches are
+    /// refused). Only an outage is an error: the names wait for the next try.
+    async fn fetch_again(&self, names: &[Arc<str>]) -> Result<(), StoreError> {
+        match self.get_batch(names).await {
+            Ok(()) => return Ok(()),
+            Err(error) if error.is_outage() => return Err(error),
+            Err(_) => {} // refused or rejected: name by name
+        }
+        for name in names {
+            let known = match self.store.get(name).await {
+                Ok(parameter) => {
+                    self.note_answer();
+                    Known::Present(Arc::new(parameter))
+                }
+                Err(StoreError::NotFound) => Known::Absent,
+                Err(StoreError::AccessDenied { .. }) => Known::Denied,
+                Err(error) if error.is_outage() => return Err(error),
+                Err(error) => {
+                    tracing::warn!(parameter = &**name, %error, "SSM rejected a fetch for a change event");
+                    continue;
+                }
+            };
+            self.record_value(name, known);
+        }
+        Ok(())
+    }
+
+    /// After a fetch for an event: the cached listings on the way up to the
+    /// mount root gain or lose the name, and the kernel forgets what changed.
+    fn update_listings(&self, name: &str) {
+        let present = self
+            .cache
+            .value(name)
+            .is_some_and(|entry| entry.parameter().is_some());
+        self.drop_kernel_entry(name);
+        if present {
+            self.add_to_listings(name);
+        } else {
+            self.remove_from_listings(name);
+        }
+    }
+
+    fn add_to_listings(&self, name: &str) {
+        let mut child = name;
+        let mut kind = ChildKind::File;
+        // Directories on the way up with no cached listing, each with the
+        // name one level down.
+        let mut unlisted: Vec<(&str, &str, ChildKind)> = Vec::new();
+        while self.layout.covers(child) {
+            let dir = names::parent_name(child);
+            let base = names::base_name(child);
+            let mut was_absent = false;
+            let changed = self
+                .cache
+                .edit_listing(dir, |children| match children.get(base) {
+                    Some(ChildKind::Dir) => false,
+                    Some(ChildKind::File) if kind == ChildKind::File => false,
+                    known => {
+                        was_absent = known.is_none();
+                        children.insert(Box::from(base), kind);
+                        true
+                    }
+                });
+            match changed {
+                Some(false) => return, // the rest of the way up already knows
+                Some(true) => {
+                    self.drop_kernel_entry(child);
+                    if was_absent {
+                        // The directories below are new: each holds just the
+                        // next one down, cached so a delete can empty them.
+                        for (path, below, below_kind) in unlisted.drain(..) {
+                            let children = [(Box::from(below), below_kind)].into_iter().collect();
+                            self.cache.put_dir(path, true, children, None, Some(false));
+                        }
+                    }
+                    unlisted.clear();
+                }
+                None => unlisted.push((dir, base, kind)),
+            }
+            child = dir;
+            kind = ChildKind::Dir;
+        }
+    }
+
+    fn remove_from_listings(&self, name: &str) {
+        let mut child = name;
+        let mut kind = ChildKind::File;
+        while self.layout.covers(child) {
+            let dir = names::parent_name(child);
+            let base = names::base_name(child);
+            let changed = self.cache.edit_listing(dir, |children| {
+                if children.get(base) == Some(&kind) {
+                    children.remove(base);
+                    true
+                } else {
+                    false
+                }
+            });
+            if changed != Some(true) {
+                return;
+            }
+            self.drop_kernel_entry(child);
+            // A directory whose last name went is gone too.
+            let emptied = self
+                .cache
+                .dir(dir)
+                .is_some_and(|listing| listing.complete && listing.children.is_empty());
+            if !emptied {
+                return;
+            }
+            child = dir;
+            kind = ChildKind::Dir;
+        }
+    }
+
+    /// Makes the kernel look `name` up again at its next use.
+    fn drop_kernel_entry(&self, name: &str) {
+        for parent in self.dir_inodes(names::parent_name(name)) {
+            self.send(Invalidation::Entry {
+                parent,
+                name: names::base_name(name).to_string(),
+            });
+        }
+    }
+
+    /// Event ids remembered (bounded by `REMEMBERED_EVENT_IDS`).
+    pub fn remembered_event_ids(&self) -> usize {
+        self.seen_event_ids.lock().unwrap().len()
+    }
+}
