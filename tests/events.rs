@@ -1,0 +1,460 @@
+//! Change events end to end: the real `ssmfs` binary with `--ttl 1h`, a real
+//! FUSE mount, moto's SSM on one loopback server and moto's SQS, SNS and
+//! EventBridge on another (so SSM calls are counted alone, and the queue can
+//! go down while SSM stays up). moto's SSM emits no events, so the tests put
+//! them the way EventBridge would: `PutEvents` with source `aws.ssm` through a
+//! rule that targets the queue, or a publish to the SNS topic.
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use aws_sdk_ssm::types::ParameterType;
+use support::*;
+
+const QUEUE: &str = "ssm-changes";
+
+/// moto's SQS, SNS and EventBridge, with a queue that an EventBridge rule
+/// for SSM's change events targets.
+struct EventBus {
+    moto: Moto,
+    rt: tokio::runtime::Runtime,
+    sqs: aws_sdk_sqs::Client,
+    sns: aws_sdk_sns::Client,
+    bridge: aws_sdk_eventbridge::Client,
+    queue_url: String,
+}
+
+fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
+    aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(
+            aws_credential_types::provider::SharedCredentialsProvider::new(
+                aws_credential_types::Credentials::new("testing", "testing", None, None, "test"),
+            ),
+        )
+        .endpoint_url(endpoint)
+        .build()
+}
+
+impl EventBus {
+    fn start() -> EventBus {
+        let moto = Moto::start();
+        let rt = runtime();
+        let config = sdk_config(&moto.endpoint);
+        let bus = {
+            let _guard = rt.enter();
+            EventBus {
+                sqs: aws_sdk_sqs::Client::new(&config),
+                sns: aws_sdk_sns::Client::new(&config),
+                bridge: aws_sdk_eventbridge::Client::new(&config),
+                queue_url: String::new(),
+                moto,
+                rt,
+            }
+        };
+        bus.with_queue()
+    }
+
+    /// Creates the queue and the rule (again, after a restart of moto).
+    fn with_queue(mut self) -> EventBus {
+        let (sqs, bridge) = (self.sqs.clone(), self.bridge.clone());
+        self.queue_url = self.rt.block_on(async move {
+            let url = sqs
+                .create_queue()
+                .queue_name(QUEUE)
+                .send()
+                .await
+                .unwrap()
+                .queue_url
+                .unwrap();
+            bridge
+                .put_rule()
+                .name("ssm-parameter-changes")
+                .event_pattern(r#"{"source":["aws.ssm"],"detail-type":["Parameter Store Change"]}"#)
+                .send()
+                .await
+                .unwrap();
+            let target = aws_sdk_eventbridge::types::Target::builder()
+                .id("queue")
+                .arn(format!("arn:aws:sqs:us-east-1:123456789012:{QUEUE}"))
+                .build()
+                .unwrap();
+            bridge
+                .put_targets()
+                .rule("ssm-parameter-changes")
+                .targets(target)
+                .send()
+                .await
+                .unwrap();
+            url
+        });
+        self
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL_SQS", self.moto.endpoint.clone()),
+            ("AWS_ENDPOINT_URL_SNS", self.moto.endpoint.clone()),
+        ]
+    }
+
+    /// What EventBridge puts on the bus when SSM changes `name`.
+    fn put_event(&self, name: &str, operation: &str, time: SystemTime) {
+        let entry = aws_sdk_eventbridge::types::PutEventsRequestEntry::builder()
+            .source("aws.ssm")
+            .detail_type("Parameter Store Change")
+            .detail(
+                serde_json::json!({"name": name, "type": "String", "operation": operation})
+                    .to_string(),
+            )
+            .resources(format!(
+                "arn:aws:ssm:us-east-1:123456789012:parameter{name}"
+            ))
+            .time(aws_smithy_types::DateTime::from(time))
+            .build();
+        let out = self
+            .rt
+            .block_on(self.bridge.put_events().entries(entry).send())
+            .unwrap();
+        assert_eq!(out.failed_entry_count, 0);
+    }
+
+    /// A message straight onto the queue (a redelivery, or garbage).
+    fn send_raw(&self, body: &str) {
+        self.rt
+            .block_on(
+                self.sqs
+                    .send_message()
+                    .queue_url(&self.queue_url)
+                    .message_body(body)
+                    .send(),
+            )
+            .unwrap();
+    }
+
+    fn queue_urls(&self) -> Vec<String> {
+        self.rt
+            .block_on(self.sqs.list_queues().queue_name_prefix("ssmfs-").send())
+            .unwrap()
+            .queue_urls
+            .unwrap_or_default()
+    }
+
+    fn subscriptions(&self, topic: &str) -> Vec<aws_sdk_sns::types::Subscription> {
+        self.rt
+            .block_on(
+                self.sns
+                    .list_subscriptions_by_topic()
+                    .topic_arn(topic)
+                    .send(),
+            )
+            .unwrap()
+            .subscriptions
+            .unwrap_or_default()
+    }
+}
+
+/// Waits up to `limit` for `check` and returns how long it took.
+fn within(limit: Duration, what: &str, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    start.elapsed()
+}
+
+fn read(path: &Path) -> Option<String> {
+    std::fs::read_to_string(path).ok()
+}
+
+fn metric(addr: &str, name: &str) -> f64 {
+    let (code, body, _) = run("curl", &["-sf", &format!("http://{addr}/metrics")]);
+    assert_eq!(code, 0);
+    body.lines()
+        .filter(|l| l.starts_with(name))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+fn ls(dir: &Path) -> Vec<String> {
+    let (code, out, err) = run("ls", &[dir.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    out.lines().map(str::to_string).collect()
+}
+
+#[test]
+fn updates_creates_and_deletes_show_within_two_seconds_at_one_call_each() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let ssm = Moto::start();
+    let bus = EventBus::start();
+    let rt = runtime();
+    let client = client(&rt, &ssm.endpoint);
+    put(
+        &rt,
+        &client,
+        "/ev/app/db",
+        "v1",
+        ParameterType::SecureString,
+    );
+    put(&rt, &client, "/ev/app/old", "going", ParameterType::String);
+    let env = bus.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mount = Mount::start_with(
+        &ssm.endpoint,
+        &["--ttl", "1h", "--events-queue", &bus.queue_url, "/ev"],
+        &env,
+    );
+    let app = mount.path().join("app");
+    assert_eq!(read(&app.join("db")).as_deref(), Some("v1"));
+    assert_eq!(ls(&app), ["db", "old"]);
+    let mut file = std::fs::File::open(app.join("db")).unwrap();
+
+    // Update: the next read is the new value; the open file sees it whole.
+    put(
+        &rt,
+        &client,
+        "/ev/app/db",
+        "v2-rotated",
+        ParameterType::SecureString,
+    );
+    let base_after_put = ssm.requests();
+    bus.put_event("/ev/app/db", "Update", SystemTime::now());
+    let took = within(Duration::from_secs(2), "the update", || {
+        read(&app.join("db")).as_deref() == Some("v2-rotated")
+    });
+    eprintln!("update visible after {took:?}");
+    let mut through_open = String::new();
+    std::io::Read::read_to_string(&mut file, &mut through_open).unwrap();
+    assert!(
+        through_open == "v1" || through_open == "v2-rotated",
+        "{through_open:?}"
+    );
+    assert_eq!(ssm.requests() - base_after_put, 1, "one SSM call");
+
+    // Create: `ls` shows it without waiting for the hour-long TTL.
+    put(&rt, &client, "/ev/app/new", "fresh", ParameterType::String);
+    let base = ssm.requests();
+    bus.put_event("/ev/app/new", "Create", SystemTime::now());
+    let took = within(Duration::from_secs(2), "the create", || {
+        ls(&app).contains(&"new".to_string())
+    });
+    eprintln!("create visible after {took:?}");
+    assert_eq!(read(&app.join("new")).as_deref(), Some("fresh"));
+    assert_eq!(ssm.requests() - base, 1, "one SSM call");
+
+    // Delete: ENOENT at once, gone from `ls`.
+    rt.block_on(client.delete_parameter().name("/ev/app/old").send())
+        .unwrap();
+    let base = ssm.requests();
+    bus.put_event("/ev/app/old", "Delete", SystemTime::now());
+    let took = within(Duration::from_secs(2), "the delete", || {
+        std::fs::metadata(app.join("old")).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+    });
+    eprintln!("delete visible after {took:?}");
+    assert_eq!(ls(&app), ["db", "new"]);
+    assert_eq!(ssm.requests() - base, 1, "one SSM call");
+}
+
+#[test]
+fn redelivered_late_foreign_and_malformed_events_cost_no_ssm_call() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let ssm = Moto::start();
+    let bus = EventBus::start();
+    let rt = runtime();
+    let client = client(&rt, &ssm.endpoint);
+    put(&rt, &client, "/dup/key", "one", ParameterType::String);
+    put(&rt, &client, "/elsewhere/key", "x", ParameterType::String);
+    let env = bus.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let addr = format!("127.0.0.1:{}", free_loopback_port());
+    let mount = Mount::start_with(
+        &ssm.endpoint,
+        &[
+            "--ttl",
+            "1h",
+            "--events-queue",
+            &bus.queue_url,
+            "--metrics-addr",
+            &addr,
+            "/dup",
+        ],
+        &env,
+    );
+    let key = mount.path().join("key");
+    assert_eq!(read(&key).as_deref(), Some("one"));
+    put(&rt, &client, "/dup/key", "two", ParameterType::String);
+    let update = ssmfs::events::event_json("/dup/key", "Update", SystemTime::now());
+    bus.send_raw(&update);
+    within(Duration::from_secs(2), "the update", || {
+        read(&key).as_deref() == Some("two")
+    });
+    let base = ssm.requests();
+    // SQS redelivers the same message; an old change arrives late; another
+    // prefix; a moved label; garbage.
+    bus.send_raw(&update);
+    bus.put_event(
+        "/dup/key",
+        "Update",
+        SystemTime::now() - Duration::from_secs(120),
+    );
+    bus.put_event("/elsewhere/key", "Update", SystemTime::now());
+    bus.put_event("/dup/key", "LabelParameterVersion", SystemTime::now());
+    bus.send_raw("this is not an event");
+    within(Duration::from_secs(5), "six messages received", || {
+        metric(&addr, "ssmfs_events_received_total") >= 6.0
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(ssm.requests(), base, "no SSM call for any of them");
+    assert_eq!(read(&key).as_deref(), Some("two"));
+    assert_eq!(metric(&addr, "ssmfs_events_applied_total"), 1.0);
+    assert_eq!(metric(&addr, "ssmfs_events_ignored_total"), 4.0);
+    assert_eq!(metric(&addr, "ssmfs_events_malformed_total"), 1.0);
+    assert_eq!(metric(&addr, "ssmfs_event_lag_seconds_count"), 1.0);
+    let log = mount.log_text();
+    assert_eq!(
+        log.matches("not a parameter change event").count(),
+        1,
+        "{log}"
+    );
+    let queued = rt
+        .block_on(
+            bus.sqs
+                .get_queue_attributes()
+                .queue_url(&bus.queue_url)
+                .attribute_names(
+                    aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages,
+                )
+                .send(),
+        )
+        .unwrap();
+    let left = queued
+        .attributes
+        .unwrap()
+        .remove(&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages);
+    assert_eq!(left.as_deref(), Some("0"), "every message deleted");
+}
+
+#[test]
+fn a_queue_outage_keeps_reads_working_and_events_resume_after_it() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let ssm = Moto::start();
+    let mut bus = EventBus::start();
+    let rt = runtime();
+    let client = client(&rt, &ssm.endpoint);
+    put(&rt, &client, "/qd/key", "one", ParameterType::String);
+    let env = bus.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mount = Mount::start_with(
+        &ssm.endpoint,
+        &["--ttl", "1h", "--events-queue", &bus.queue_url, "/qd"],
+        &env,
+    );
+    let key = mount.path().join("key");
+    assert_eq!(read(&key).as_deref(), Some("one"));
+    bus.moto.stop();
+    within(Duration::from_secs(30), "the outage logged", || {
+        mount.log_text().contains("the event queue does not answer")
+    });
+    for _ in 0..20 {
+        assert_eq!(read(&key).as_deref(), Some("one"), "reads go on");
+    }
+    // Back (moto restarts empty: the queue and rule are made again).
+    bus.moto.restart();
+    let bus = bus.with_queue();
+    put(&rt, &client, "/qd/key", "two", ParameterType::String);
+    bus.put_event("/qd/key", "Update", SystemTime::now());
+    within(Duration::from_secs(40), "events resumed", || {
+        read(&key).as_deref() == Some("two")
+    });
+    assert!(mount.log_text().contains("change events resumed"));
+}
+
+#[test]
+fn topic_mode_makes_uses_and_removes_its_queue_and_reaps_one_left_by_a_kill() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let ssm = Moto::start();
+    let bus = EventBus::start();
+    let rt = runtime();
+    let client = client(&rt, &ssm.endpoint);
+    put(&rt, &client, "/tp/key", "one", ParameterType::String);
+    let topic = rt
+        .block_on(bus.sns.create_topic().name("ssm-changes").send())
+        .unwrap()
+        .topic_arn
+        .unwrap();
+    let publish = |name: &str| {
+        let message = ssmfs::events::event_json(name, "Update", SystemTime::now());
+        rt.block_on(bus.sns.publish().topic_arn(&topic).message(message).send())
+            .unwrap();
+    };
+    let env = bus.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let args = ["--ttl", "1h", "--events-topic", topic.as_str(), "/tp"];
+    let mut mount = Mount::start_with(&ssm.endpoint, &args, &env);
+    let first_queue = bus.queue_urls();
+    assert_eq!(first_queue.len(), 1, "{first_queue:?}");
+    let subscriptions = bus.subscriptions(&topic);
+    assert_eq!(subscriptions.len(), 1);
+    let key = mount.path().join("key");
+    assert_eq!(read(&key).as_deref(), Some("one"));
+    put(&rt, &client, "/tp/key", "two", ParameterType::String);
+    let base = ssm.requests();
+    publish("/elsewhere/key"); // not below /tp/: the subscription's filter drops it
+    publish("/tp/key");
+    within(
+        Duration::from_secs(2),
+        "the update through the topic",
+        || read(&key).as_deref() == Some("two"),
+    );
+    assert_eq!(ssm.requests() - base, 1);
+
+    // kill -9 leaves the queue and subscription behind; the next start of the
+    // same mount removes them.
+    mount.signal(libc::SIGKILL);
+    let _ = ssmfs::daemon::lazy_unmount(&mount.path());
+    assert_eq!(bus.queue_urls(), first_queue, "left behind");
+    let mnt = mount.path();
+    let restarted = std::process::Command::new(env!("CARGO_BIN_EXE_ssmfs"))
+        .arg("--foreground")
+        .args(["--endpoint-url", &ssm.endpoint])
+        .args(args)
+        .arg(&mnt)
+        .envs(aws_env())
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&mount.log).unwrap())
+        .spawn()
+        .unwrap();
+    mount.child = Some(restarted);
+    mount.wait_mounted(true);
+    let second_queue = bus.queue_urls();
+    assert_eq!(second_queue.len(), 1, "{second_queue:?}");
+    assert_ne!(second_queue, first_queue, "the orphan was reaped");
+    assert_eq!(bus.subscriptions(&topic).len(), 1);
+    assert!(mount.log_text().contains("left behind"));
+    put(&rt, &client, "/tp/key", "three", ParameterType::String);
+    publish("/tp/key");
+    within(
+        Duration::from_secs(2),
+        "the update after the restart",
+        || read(&key).as_deref() == Some("three"),
+    );
+
+    // A clean stop removes both.
+    assert!(mount.signal(libc::SIGTERM).success());
+    mount.wait_mounted(false);
+    assert!(bus.queue_urls().is_empty(), "{:?}", bus.queue_urls());
+    assert!(bus.subscriptions(&topic).is_empty());
+}
