@@ -9,7 +9,7 @@
 //! mode, entry and attribute TTLs), exactly what reaches the daemon on a real
 //! host. Every API call costs a simulated round trip.
 //!
-//!     cargo run --release --example fleet [-- --smoke] [--out FILE]
+//!     cargo run --release --example fleet [-- --smoke] [--out FILE] [--only NAME]
 //!     cargo run --release --example fleet -- --check HOSTS TTL_S SECONDS
 //!
 //! Prints a table and writes one JSON object per scenario. `--check` runs one
@@ -25,7 +25,8 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use ssmfs::config::{CacheConfig, FsConfig, RequestConfig};
-use ssmfs::fs::Fs;
+use ssmfs::events::{Operation, ParameterEvent};
+use ssmfs::fs::{Fs, Invalidation};
 use ssmfs::inode::ROOT_INO;
 use ssmfs::metrics::Metrics;
 use ssmfs::store::memory::MemoryStore;
@@ -88,6 +89,7 @@ enum Quota {
 struct Account {
     store: MemoryStore,
     quota: Quota,
+    rotations: tokio::sync::broadcast::Sender<Rotation>,
     buckets: Mutex<(Bucket, Bucket)>,
     down: AtomicBool,
     started: Instant,
@@ -113,6 +115,7 @@ impl Account {
         Self {
             store,
             quota,
+            rotations: tokio::sync::broadcast::channel(1024).0,
             buckets: Mutex::new((Bucket::new(reads), Bucket::new(listings))),
             down: AtomicBool::new(false),
             started: Instant::now(),
@@ -208,6 +211,17 @@ struct Scenario {
     /// SSM answers nothing between these offsets.
     outage: Option<(Duration, Duration)>,
     reads_per_second: f64,
+    /// Change events: a key is rotated this often (from `measure_from` on)
+    /// and every host gets the event after EventBridge-to-SQS delivery.
+    rotate_every: Option<Duration>,
+}
+
+/// One rotation, as its event reaches the hosts.
+#[derive(Clone)]
+struct Rotation {
+    key: usize,
+    value: String,
+    at: Instant,
 }
 
 #[derive(Default)]
@@ -218,6 +232,10 @@ struct Tally {
     cache_misses: AtomicU64,
     failed_reads: AtomicU64,
     stale_reads: AtomicU64,
+    /// Seconds from a rotation until a host that held the key serves the new
+    /// value (never: counted in `rotations_unseen`).
+    rotation_lags: Mutex<Vec<f64>>,
+    rotations_unseen: AtomicU64,
 }
 
 /// Zipf(1) over the keys: key i is read in proportion to 1/(i+1).
@@ -242,6 +260,7 @@ async fn host(
 ) {
     let mut rng = StdRng::seed_from_u64(id as u64);
     let start_in = scenario.start_within.mul_f64(rng.gen::<f64>());
+    let mut rotations = account.rotations.subscribe();
     tokio::time::sleep(start_in).await;
     let mut config = FsConfig::new("/fleet");
     config.cache = CacheConfig {
@@ -251,22 +270,82 @@ async fn host(
     config.request = RequestConfig::default();
     let metrics = Arc::new(Metrics::default());
     let store = Resilient::new(Link(account), config.request.clone(), metrics.clone());
-    let (fs, _invalidations) = Fs::new(store, config, metrics.clone());
+    let (fs, mut invalidations) = Fs::new(store, config, metrics.clone());
     let _ = fs.check_access().await;
     let cdf = zipf_cdf();
-    // The kernel's caches: inode and expiry of each directory and key it holds.
-    let mut kernel_dirs: HashMap<usize, (u64, Instant)> = HashMap::new();
-    let mut kernel_keys: HashMap<usize, Instant> = HashMap::new();
+    let mut kernel = Kernel::default();
     let measure_from = origin + scenario.measure_from;
     let end = origin + scenario.end;
     let mut stale_baseline = None;
+    // Events on their way to this host, and rotations it has not seen yet.
+    let mut deliveries: Vec<(Instant, Rotation)> = Vec::new();
+    let mut awaiting: Vec<Rotation> = Vec::new();
+    let mut next_read = Instant::now();
     loop {
-        let gap = -rng.gen::<f64>().max(1e-12).ln() / scenario.reads_per_second;
-        tokio::time::sleep(Duration::from_secs_f64(gap)).await;
+        let next_delivery = deliveries.iter().map(|(at, _)| *at).min();
+        let wake = next_delivery.map_or(next_read, |d| d.min(next_read));
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake) => {}
+            rotation = rotations.recv(), if scenario.rotate_every.is_some() => {
+                if let Ok(rotation) = rotation {
+                    // EventBridge -> SQS (-> SNS) delivery, then a long poll that
+                    // returns at once: 0.3 s plus an exponential 0.5 s mean.
+                    let delay = 0.3 - 0.5 * rng.gen::<f64>().max(1e-12).ln();
+                    let at = Instant::now() + Duration::from_secs_f64(delay);
+                    if kernel.keys.contains_key(&rotation.key) {
+                        awaiting.push(rotation.clone());
+                    }
+                    // EventBridge drops an event now and then: the TTL covers it.
+                    if rng.gen::<f64>() >= 0.001 {
+                        deliveries.push((at, rotation));
+                    }
+                }
+                continue;
+            }
+        }
         let now = Instant::now();
         if now >= end {
             break;
         }
+        let due: Vec<Rotation> = {
+            let (due, later) = deliveries.drain(..).partition(|(at, _)| *at <= now);
+            deliveries = later;
+            due.into_iter().map(|(_, rotation)| rotation).collect()
+        };
+        if !due.is_empty() {
+            let events = due
+                .iter()
+                .map(|r| ParameterEvent {
+                    id: None,
+                    name: key_name(r.key),
+                    operation: Operation::Update,
+                    time: None,
+                })
+                .collect();
+            fs.apply_events(events).await;
+        } else {
+            fs.retry_pending_events().await;
+        }
+        while let Ok(invalidation) = invalidations.try_recv() {
+            kernel.forget(&invalidation);
+        }
+        let mut still = Vec::new();
+        for rotation in awaiting.drain(..) {
+            match read(&fs, &mut kernel, rotation.key).await {
+                Some(value) if value == rotation.value => tally
+                    .rotation_lags
+                    .lock()
+                    .unwrap()
+                    .push((Instant::now() - rotation.at).as_secs_f64()),
+                _ => still.push(rotation),
+            }
+        }
+        awaiting = still;
+        if now < next_read {
+            continue;
+        }
+        let gap = -rng.gen::<f64>().max(1e-12).ln() / scenario.reads_per_second;
+        next_read = now + Duration::from_secs_f64(gap);
         let measuring = now >= measure_from;
         if measuring && stale_baseline.is_none() {
             stale_baseline = Some((
@@ -280,37 +359,17 @@ async fn host(
         if measuring {
             tally.reads.fetch_add(1, Ordering::Relaxed);
         }
-        if kernel_keys.get(&key).is_some_and(|until| *until > now) {
-            continue;
-        }
-        let (dir, leaf) = (key / (KEYS / DIRS), key % (KEYS / DIRS));
-        let dir_ino = match kernel_dirs.get(&dir).filter(|(_, until)| *until > now) {
-            Some((ino, _)) => Ok(*ino),
-            None => fs
-                .lookup(ROOT_INO, OsStr::new(&format!("d{dir}")))
-                .await
-                .map(|entry| {
-                    kernel_dirs.insert(dir, (entry.attr.ino, Instant::now() + entry.ttl));
-                    entry.attr.ino
-                }),
-        };
-        let answered = match dir_ino {
-            Ok(dir_ino) => match fs.lookup(dir_ino, OsStr::new(&format!("k{leaf}"))).await {
-                Ok(entry) => match fs.read(entry.attr.ino, 0, 4096).await {
-                    Ok(data) if data.bytes() == format!("value-{dir}-{leaf}").as_bytes() => {
-                        kernel_keys.insert(key, Instant::now() + entry.ttl);
-                        true
-                    }
-                    _ => false,
-                },
-                Err(_) => false,
-            },
-            Err(_) => false,
-        };
+        let answered = read(&fs, &mut kernel, key).await.is_some_and(|value| {
+            let base = format!("value-{}-{}", key / (KEYS / DIRS), key % (KEYS / DIRS));
+            value == base || value.starts_with(&format!("{base}-v"))
+        });
         if !answered && measuring {
             tally.failed_reads.fetch_add(1, Ordering::Relaxed);
         }
     }
+    tally
+        .rotations_unseen
+        .fetch_add(awaiting.len() as u64, Ordering::Relaxed);
     if let Some((stale, hits, misses)) = stale_baseline {
         let since = |counter: &AtomicU64, baseline: u64| counter.load(Ordering::Relaxed) - baseline;
         tally
@@ -325,9 +384,69 @@ async fn host(
     }
 }
 
+fn key_name(key: usize) -> String {
+    format!("/fleet/d{}/k{}", key / (KEYS / DIRS), key % (KEYS / DIRS))
+}
+
+/// The kernel's caches on one host: inode and expiry of each directory and
+/// key it holds, and the key's cached pages, dropped when the core says so.
+#[derive(Default)]
+struct Kernel {
+    dirs: HashMap<usize, (u64, Instant)>,
+    keys: HashMap<usize, (u64, Instant)>,
+    pages: HashMap<usize, String>,
+}
+
+impl Kernel {
+    fn forget(&mut self, invalidation: &Invalidation) {
+        if let Invalidation::Inode(ino) = invalidation {
+            self.keys.retain(|_, (held, _)| held != ino);
+        }
+    }
+}
+
+/// A read of `key` as a process on the host makes it: answered by the
+/// kernel while it holds the key, else by the core. `None`: it failed.
+async fn read<S: ParameterStore>(
+    fs: &Arc<Fs<S>>,
+    kernel: &mut Kernel,
+    key: usize,
+) -> Option<String> {
+    let now = Instant::now();
+    let (dir, leaf) = (key / (KEYS / DIRS), key % (KEYS / DIRS));
+    if kernel.keys.get(&key).is_some_and(|(_, until)| *until > now) {
+        return kernel.pages.get(&key).cloned();
+    }
+    let dir_ino = match kernel.dirs.get(&dir).filter(|(_, until)| *until > now) {
+        Some((ino, _)) => *ino,
+        None => {
+            let entry = fs
+                .lookup(ROOT_INO, OsStr::new(&format!("d{dir}")))
+                .await
+                .ok()?;
+            kernel
+                .dirs
+                .insert(dir, (entry.attr.ino, Instant::now() + entry.ttl));
+            entry.attr.ino
+        }
+    };
+    let entry = fs
+        .lookup(dir_ino, OsStr::new(&format!("k{leaf}")))
+        .await
+        .ok()?;
+    let data = fs.read(entry.attr.ino, 0, 4096).await.ok()?;
+    kernel
+        .keys
+        .insert(key, (entry.attr.ino, Instant::now() + entry.ttl));
+    let value = String::from_utf8_lossy(data.bytes()).into_owned();
+    kernel.pages.insert(key, value.clone());
+    Some(value)
+}
+
 struct Outcome {
     json: String,
     row: String,
+    rotation_row: Option<String>,
     met: bool,
 }
 
@@ -357,6 +476,33 @@ fn simulate(scenario: Scenario) -> Outcome {
                 ))
             })
             .collect();
+        if let Some(every) = scenario.rotate_every {
+            let (account, scenario) = (account.clone(), scenario.clone());
+            tokio::spawn(async move {
+                let mut rng = StdRng::seed_from_u64(7);
+                let cdf = zipf_cdf();
+                tokio::time::sleep(scenario.measure_from).await;
+                let mut generation = 0;
+                // The last rotation leaves a minute to converge before the end.
+                while Instant::now() + every + Duration::from_secs(60) < origin + scenario.end {
+                    tokio::time::sleep(every).await;
+                    generation += 1;
+                    let draw: f64 = rng.gen();
+                    let key = cdf.partition_point(|p| *p < draw).min(KEYS - 1);
+                    let value = format!(
+                        "value-{}-{}-v{generation}",
+                        key / (KEYS / DIRS),
+                        key % (KEYS / DIRS)
+                    );
+                    account.store.put_string(&key_name(key), &value);
+                    let _ = account.rotations.send(Rotation {
+                        key,
+                        value,
+                        at: Instant::now(),
+                    });
+                }
+            });
+        }
         if let Some((down_at, up_at)) = scenario.outage {
             tokio::time::sleep(down_at).await;
             account.down.store(true, Ordering::Relaxed);
@@ -384,14 +530,33 @@ fn simulate(scenario: Scenario) -> Outcome {
         Quota::Higher => 10_000.0,
     };
     let bound = (KEYS as f64 / 10.0).ceil() + DIRS as f64;
+    let mut lags = tally.rotation_lags.lock().unwrap().clone();
+    lags.sort_by(f64::total_cmp);
+    let unseen = tally.rotations_unseen.load(Ordering::Relaxed);
+    let held = lags.len() as u64 + unseen;
+    let within_5s = lags.iter().filter(|lag| **lag <= 5.0).count() as f64 / held.max(1) as f64;
+    let percentile = |q: f64| {
+        lags.get(((lags.len() as f64 * q) as usize).min(lags.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let rotations = scenario.rotate_every.map(|_| {
+        format!(
+            "{{\"host_rotations\": {held}, \"visible_within_5s\": {within_5s:.4}, \"lag_p50_s\": {:.2}, \"lag_p99_s\": {:.2}, \"never_visible\": {unseen}}}",
+            percentile(0.5),
+            percentile(0.99)
+        )
+    });
     let met = failed == 0
         && match scenario.name {
             "steady_state" => mean_tps < quota_tps / 2.0 && per_host_per_ttl <= bound,
             "ssm_outage" => recovery_peak.is_some_and(|p| p < quota_tps),
+            // Fresh within seconds at an hour's TTL, for far less than the quota.
+            "events_1h_higher_throughput" => within_5s >= 0.99 && mean_tps < quota_tps / 10.0,
             _ => true,
         };
     let json = format!(
-        "{{\"scenario\": \"{}\", \"hosts\": {}, \"keys_per_host\": {KEYS}, \"dirs_per_host\": {DIRS}, \"ttl_s\": {}, \"quota\": \"{}\", \"simulated_s\": {}, \"measured_s\": {seconds}, \"reads\": {}, \"mean_tps\": {mean_tps:.2}, \"peak_tps\": {peak:.1}, \"recovery_peak_tps\": {}, \"throttled_calls\": {throttled}, \"throttled_calls_before_measuring\": {boot_throttled}, \"failed_reads\": {failed}, \"stale_reads\": {}, \"cache_hits\": {}, \"cache_misses\": {}, \"calls_per_host_per_ttl\": {per_host_per_ttl:.2}, \"calls_by_api\": {{\"GetParameter\": {}, \"GetParameters\": {}, \"GetParametersByPath\": {}}}, \"target_met\": {met}, \"wall_s\": {:.1}}}",
+        "{{\"scenario\": \"{}\", \"hosts\": {}, \"keys_per_host\": {KEYS}, \"dirs_per_host\": {DIRS}, \"ttl_s\": {}, \"quota\": \"{}\", \"simulated_s\": {}, \"measured_s\": {seconds}, \"reads\": {}, \"mean_tps\": {mean_tps:.2}, \"peak_tps\": {peak:.1}, \"recovery_peak_tps\": {}, \"throttled_calls\": {throttled}, \"throttled_calls_before_measuring\": {boot_throttled}, \"failed_reads\": {failed}, \"stale_reads\": {}, \"cache_hits\": {}, \"cache_misses\": {}, \"calls_per_host_per_ttl\": {per_host_per_ttl:.2}, \"calls_by_api\": {{\"GetParameter\": {}, \"GetParameters\": {}, \"GetParametersByPath\": {}}}, \"rotations\": {}, \"target_met\": {met}, \"wall_s\": {:.1}}}",
         scenario.name,
         scenario.hosts,
         scenario.ttl.as_secs(),
@@ -408,6 +573,7 @@ fn simulate(scenario: Scenario) -> Outcome {
         account.calls_by_api[0].load(Ordering::Relaxed),
         account.calls_by_api[1].load(Ordering::Relaxed),
         account.calls_by_api[2].load(Ordering::Relaxed),
+        rotations.clone().unwrap_or_else(|| "null".into()),
         wall.elapsed().as_secs_f64(),
     );
     let row = format!(
@@ -423,7 +589,24 @@ fn simulate(scenario: Scenario) -> Outcome {
         per_host_per_ttl,
         if met { "yes" } else { "NO" },
     );
-    Outcome { json, row, met }
+    let rotation_row = scenario.rotate_every.map(|every| {
+        format!(
+            "| {} | {} | {}s | one per {}s | {held} | {:.1}% | {:.2} | {:.2} | {unseen} |",
+            scenario.name,
+            scenario.hosts,
+            scenario.ttl.as_secs(),
+            every.as_secs(),
+            within_5s * 100.0,
+            percentile(0.5),
+            percentile(0.99),
+        )
+    });
+    Outcome {
+        json,
+        row,
+        rotation_row,
+        met,
+    }
 }
 
 fn main() {
@@ -456,6 +639,7 @@ fn main() {
             end: min(100.0),
             outage: None,
             reads_per_second: 2.0,
+            rotate_every: None,
         },
         Scenario {
             name: "cold_boot",
@@ -467,6 +651,7 @@ fn main() {
             end: min(15.0),
             outage: None,
             reads_per_second: 2.0,
+            rotate_every: None,
         },
         Scenario {
             name: "ssm_outage",
@@ -478,6 +663,7 @@ fn main() {
             end: min(80.0),
             outage: Some((min(45.0), min(55.0))),
             reads_per_second: 2.0,
+            rotate_every: None,
         },
         Scenario {
             name: "higher_throughput_10k",
@@ -489,8 +675,29 @@ fn main() {
             end: min(70.0),
             outage: None,
             reads_per_second: 0.5,
+            rotate_every: None,
         },
     ];
+    // Change events: an hour's TTL, a hot key rotated every two minutes, each
+    // event reaching every host (one in a thousand lost). The quota decides:
+    // 1,000 hosts refetching one key need 25 s of the default 40 TPS.
+    for (name, quota) in [
+        ("events_1h_default_quota", Quota::Default),
+        ("events_1h_higher_throughput", Quota::Higher),
+    ] {
+        scenarios.push(Scenario {
+            name,
+            hosts: 1_000 / scale,
+            quota,
+            ttl: Duration::from_secs(3600),
+            start_within: min(10.0),
+            measure_from: min(20.0),
+            end: min(50.0),
+            outage: None,
+            reads_per_second: 2.0,
+            rotate_every: Some(min(2.0)),
+        });
+    }
     if let Some(i) = args.iter().position(|a| a == "--check") {
         let number = |k: usize| -> u64 {
             args.get(i + k)
@@ -508,17 +715,35 @@ fn main() {
             end: Duration::from_secs(seconds),
             outage: None,
             reads_per_second: 2.0,
+            rotate_every: None,
         }];
+    }
+    if let Some(only) = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+    {
+        scenarios.retain(|s| s.name.contains(only.as_str()));
     }
     println!("| scenario | hosts | TTL | mean TPS | peak TPS (10 s) | recovery peak (10 s) | throttled calls | failed reads | calls/host/TTL | target met |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut objects = Vec::new();
+    let mut rotation_rows = Vec::new();
     let mut all_met = true;
     for scenario in scenarios {
         let outcome = simulate(scenario);
         println!("{}", outcome.row);
         objects.push(outcome.json);
+        rotation_rows.extend(outcome.rotation_row);
         all_met &= outcome.met;
+    }
+    if !rotation_rows.is_empty() {
+        println!();
+        println!("| scenario | hosts | TTL | rotations | host x rotation (key held) | visible within 5 s | lag p50 (s) | lag p99 (s) | never visible |");
+        println!("|---|---|---|---|---|---|---|---|---|");
+        for row in rotation_rows {
+            println!("{row}");
+        }
     }
     let json = format!("[\n{}\n]\n", objects.join(",\n"));
     if let Some(dir) = std::path::Path::new(&out).parent() {

@@ -3,7 +3,7 @@
 # process, against one shared in-memory store with SSM's account-wide quotas,
 # on a virtual clock (examples/fleet.rs). Prints a table and writes
 # .ssmfs-run/fleet.json, one object per scenario.
-#   scripts/fleet.sh           the four scenarios at full scale (about a minute)
+#   scripts/fleet.sh           the six scenarios at full scale (about two minutes)
 #   scripts/fleet.sh --smoke   a tenth of the hosts, a fifth of the time (CI)
 #   scripts/fleet.sh --check   the simulation against 20 real daemons and moto:
 #                              per-host calls per TTL side by side (about 4 min)

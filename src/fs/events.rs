@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use rand::Rng;
 use tokio::time::Instant;
 
 use super::{Fs, Invalidation};
@@ -26,13 +27,19 @@ use crate::events::{Operation, ParameterEvent};
 use crate::inode::Role;
 use crate::metrics::Metrics;
 use crate::names;
-use crate::store::resilient::in_background;
+use crate::store::resilient::once_in_background;
 use crate::store::{ParameterStore, StoreError, MAX_BATCH};
 
 /// An event's `time` is in whole seconds, and hosts' clocks differ from
 /// AWS's by a little: a cached answer fetched later than this after the
 /// event's time already reflects the change.
 const EVENT_TIME_SLACK: Duration = Duration::from_secs(3);
+/// After a failed fetch for events, the next try is drawn from zero to this,
+/// doubled per failure in a row up to `EVENT_RETRY_CAP` ("full jitter"): a
+/// fleet that all got the same event and was throttled spreads its retries
+/// over the quota instead of retrying in step.
+const EVENT_RETRY_BASE: Duration = Duration::from_secs(2);
+const EVENT_RETRY_CAP: Duration = Duration::from_secs(120);
 /// How many recent event ids are remembered to drop redeliveries.
 pub(super) const REMEMBERED_EVENT_IDS: usize = 4096;
 
@@ -42,6 +49,18 @@ pub(super) const REMEMBERED_EVENT_IDS: usize = 4096;
 pub(super) struct PendingEvents {
     names: HashMap<Arc<str>, Option<SystemTime>>,
     retry_at: Option<Instant>,
+    failures_in_a_row: u32,
+}
+
+impl PendingEvents {
+    fn back_off(&mut self) {
+        let ceiling = EVENT_RETRY_BASE
+            .saturating_mul(1 << self.failures_in_a_row.min(16))
+            .min(EVENT_RETRY_CAP);
+        self.failures_in_a_row += 1;
+        let wait = rand::thread_rng().gen_range(Duration::ZERO..=ceiling);
+        self.retry_at = Some(Instant::now() + wait);
+    }
 }
 
 impl<S: ParameterStore> Fs<S> {
@@ -123,7 +142,7 @@ impl<S: ParameterStore> Fs<S> {
         let mut chunks = batch.chunks(MAX_BATCH);
         while let Some(chunk) = chunks.next() {
             let names: Vec<Arc<str>> = chunk.iter().map(|(name, _)| name.clone()).collect();
-            match in_background(self.fetch_again(&names)).await {
+            match once_in_background(self.fetch_again(&names)).await {
                 Ok(()) => {
                     for (name, time) in chunk {
                         self.update_listings(name);
@@ -134,10 +153,9 @@ impl<S: ParameterStore> Fs<S> {
                     }
                 }
                 Err(error) => {
-                    let recheck = self.outage_recheck();
                     tracing::debug!(%error, "SSM is not answering; change events wait");
                     let mut pending = self.pending_events.lock().unwrap();
-                    pending.retry_at = Some(Instant::now() + recheck);
+                    pending.back_off();
                     for (name, time) in chunk.iter().chain(chunks.flatten()) {
                         pending.names.entry(name.clone()).or_insert(*time);
                     }
@@ -145,7 +163,9 @@ impl<S: ParameterStore> Fs<S> {
                 }
             }
         }
-        self.pending_events.lock().unwrap().retry_at = None;
+        let mut pending = self.pending_events.lock().unwrap();
+        pending.retry_at = None;
+        pending.failures_in_a_row = 0;
     }
 
     /// Names whose events wait for SSM.

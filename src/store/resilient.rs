@@ -38,20 +38,34 @@ const BURST_SECONDS: u32 = 1;
 /// hosts retrying every 15 s on average is 67 TPS of refused attempts).
 const MAX_THROTTLE_BACKOFF: Duration = Duration::from_secs(30);
 
+/// Work no reader is waiting for (a reader's work is not marked).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unattended {
+    /// Refreshes: not patient with throttling, retried like any call.
+    Background,
+    /// Work with a backoff of its own (change events): one attempt per call,
+    /// so a throttled fleet does not multiply its calls by the retries.
+    OneAttempt,
+}
+
 tokio::task_local! {
-    static BACKGROUND: bool;
+    static UNATTENDED: Unattended;
 }
 
 /// Whether the current task is doing background work (see `in_background`).
 pub fn is_background() -> bool {
-    BACKGROUND
-        .try_with(|background| *background)
-        .unwrap_or(false)
+    UNATTENDED.try_with(|_| ()).is_ok()
 }
 
 /// Runs `work` as background work: its calls are not patient with throttling.
 pub async fn in_background<F: Future>(work: F) -> F::Output {
-    BACKGROUND.scope(true, work).await
+    UNATTENDED.scope(Unattended::Background, work).await
+}
+
+/// Runs `work` as background work whose caller retries on its own schedule:
+/// each call is made once.
+pub async fn once_in_background<F: Future>(work: F) -> F::Output {
+    UNATTENDED.scope(Unattended::OneAttempt, work).await
 }
 
 /// A GCRA-style pacer: each call takes the next free slot `1/tps` apart.
@@ -127,9 +141,12 @@ impl<S: ParameterStore> Resilient<S> {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
     {
-        let patient = !BACKGROUND
-            .try_with(|background| *background)
-            .unwrap_or(false);
+        let unattended = UNATTENDED.try_with(|mode| *mode).ok();
+        let patient = unattended.is_none();
+        let max_retries = match unattended {
+            Some(Unattended::OneAttempt) => 0,
+            _ => self.config.max_retries,
+        };
         let started = Instant::now();
         let deadline = started + self.config.timeout;
         let throttle_deadline = match patient {
@@ -154,9 +171,7 @@ impl<S: ParameterStore> Resilient<S> {
                     limit = throttle_deadline;
                     (MAX_THROTTLE_BACKOFF, throttle_deadline)
                 }
-                Err(error) if error.is_retryable() && tries < self.config.max_retries => {
-                    (MAX_BACKOFF, limit)
-                }
+                Err(error) if error.is_retryable() && tries < max_retries => (MAX_BACKOFF, limit),
                 _ => return result,
             };
             if matches!(result, Err(StoreError::Throttled)) {
