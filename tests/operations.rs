@@ -296,13 +296,24 @@ fn shipped_unit_command_line() -> (Vec<String>, Vec<(String, String)>) {
         .lines()
         .find_map(|l| l.strip_prefix("ExecStart="))
         .expect("the unit has an ExecStart");
+    let lookup = |key: &str| {
+        env.iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("the unit uses ${key}, which the env file does not set"))
+    };
     let mut args: Vec<String> = exec_start
         .split_whitespace()
         .skip(1)
-        .map(|word| {
-            env.iter().fold(word.to_string(), |w, (k, v)| {
+        .flat_map(|word| match word.strip_prefix('$') {
+            // `$VAR` alone: systemd splits the value into words (none if empty).
+            Some(key) if !key.starts_with('{') => lookup(key)
+                .split_whitespace()
+                .map(str::to_string)
+                .collect::<Vec<_>>(),
+            _ => vec![env.iter().fold(word.to_string(), |w, (k, v)| {
                 w.replace(&format!("${{{k}}}"), v)
-            })
+            })],
         })
         .filter(|a| a != "--foreground")
         .collect();
