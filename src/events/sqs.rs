@@ -16,7 +16,7 @@
 use std::time::{Duration, SystemTime};
 
 use aws_config::SdkConfig;
-use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_sqs::types::{
     DeleteMessageBatchRequestEntry, MessageSystemAttributeName, QueueAttributeName,
 };
@@ -42,28 +42,60 @@ pub enum EventsSetupError {
     Topic { arn: String, cause: String },
 }
 
-/// AWS's code and message, or the whole error chain when there is none.
+/// AWS's code and message, or the chain of causes when there is none.
 fn describe<E, R>(error: &SdkError<E, R>) -> String
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
 {
-    match (error.code(), error.message()) {
-        (Some(code), Some(message)) => format!("{code}: {message}"),
-        (Some(code), None) => code.to_string(),
-        _ => DisplayErrorContext(error).to_string(),
+    if let (Some(code), message) = (error.code(), error.message()) {
+        return match message {
+            Some(message) => format!("{code}: {message}"),
+            None => code.to_string(),
+        };
     }
+    let mut causes = vec![error.to_string()];
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        causes.push(cause.to_string());
+        source = cause.source();
+    }
+    causes.dedup();
+    causes.join(": ")
 }
 
-fn sqs_client(sdk_config: &SdkConfig) -> aws_sdk_sqs::Client {
+/// The endpoint and region a queue URL names (`https://sqs.REGION.amazonaws.com/...`,
+/// or a test server's origin), used unless the standard configuration sets an
+/// SQS endpoint: a queue URL says where the queue is.
+fn queue_endpoint(url: &str) -> Option<(String, Option<String>)> {
+    if std::env::var_os("AWS_ENDPOINT_URL_SQS").is_some()
+        || std::env::var_os("AWS_ENDPOINT_URL").is_some()
+    {
+        return None;
+    }
+    let (scheme, rest) = url.split_once("://")?;
+    let host = rest.split('/').next().filter(|h| !h.is_empty())?;
+    let region = host
+        .strip_prefix("sqs.")
+        .and_then(|h| h.split('.').next())
+        .filter(|r| r.contains('-'))
+        .map(str::to_string);
+    Some((format!("{scheme}://{host}"), region))
+}
+
+fn sqs_client(sdk_config: &SdkConfig, queue_url: Option<&str>) -> aws_sdk_sqs::Client {
     let timeouts = TimeoutConfig::builder()
         .connect_timeout(Duration::from_secs(5))
         .operation_attempt_timeout(RECEIVE_WAIT + RECEIVE_SLACK)
         .build();
-    let config = aws_sdk_sqs::config::Builder::from(sdk_config)
-        .timeout_config(timeouts)
-        .build();
-    aws_sdk_sqs::Client::from_conf(config)
+    let mut config = aws_sdk_sqs::config::Builder::from(sdk_config).timeout_config(timeouts);
+    if let Some((endpoint, region)) = queue_url.and_then(queue_endpoint) {
+        config = config.endpoint_url(endpoint);
+        if let Some(region) = region {
+            config = config.region(aws_config::Region::new(region));
+        }
+    }
+    aws_sdk_sqs::Client::from_conf(config.build())
 }
 
 #[derive(Clone)]
@@ -76,7 +108,7 @@ impl SqsQueue {
     /// Checks that the queue answers before the mount appears.
     pub async fn open(sdk_config: &SdkConfig, url: &str) -> Result<Self, EventsSetupError> {
         let queue = Self {
-            client: sqs_client(sdk_config),
+            client: sqs_client(sdk_config, Some(url)),
             url: url.to_string(),
         };
         queue
@@ -222,7 +254,7 @@ impl OwnQueue {
             arn: topic_arn.to_string(),
             cause,
         };
-        let sqs = sqs_client(sdk_config);
+        let sqs = sqs_client(sdk_config, None);
         let sns = aws_sdk_sns::Client::new(sdk_config);
         reap(&sqs, &sns, topic_arn, queue_prefix)
             .await
@@ -408,6 +440,23 @@ mod tests {
         // SQS: at most 80 characters, alphanumerics, hyphens and underscores.
         assert!(long.len() + 8 <= 80);
         assert!(long.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
+    }
+
+    #[test]
+    fn a_queue_url_names_its_endpoint_and_region() {
+        // The tests of this module never set AWS_ENDPOINT_URL*.
+        assert_eq!(
+            queue_endpoint("https://sqs.eu-west-1.amazonaws.com/123456789012/q"),
+            Some((
+                "https://sqs.eu-west-1.amazonaws.com".into(),
+                Some("eu-west-1".into())
+            ))
+        );
+        assert_eq!(
+            queue_endpoint("http://127.0.0.1:4566/000000000000/q"),
+            Some(("http://127.0.0.1:4566".into(), None))
+        );
+        assert_eq!(queue_endpoint("not a url"), None);
     }
 
     #[test]
