@@ -73,10 +73,16 @@ pub async fn load_aws_config(options: &AwsOptions) -> Result<SdkConfig, ConnectE
     let Some(role_arn) = &options.role_arn else {
         return Ok(sdk_config);
     };
+    // STS goes where SSM goes (`--endpoint-url`: a VPC endpoint host, or a
+    // test server), as it always has; SQS and SNS do not.
+    let sts_config = match &options.endpoint_url {
+        Some(url) => sdk_config.to_builder().endpoint_url(url).build(),
+        None => sdk_config.clone(),
+    };
     // AssumeRoleProvider caches the session and refreshes it before expiry.
     let provider = AssumeRoleProvider::builder(role_arn)
         .session_name("ssmfs")
-        .configure(&sdk_config)
+        .configure(&sts_config)
         .build()
         .await;
     Ok(sdk_config
