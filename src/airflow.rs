@@ -156,6 +156,7 @@ pub fn parse(json: &str) -> Result<AirflowSettings, KwargsError> {
         .filter(|k| !used.contains(&k.as_str()))
         .cloned()
         .collect();
+    settings.ignored_keys.sort();
     Ok(settings)
 }
 

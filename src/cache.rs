@@ -31,6 +31,10 @@ use crate::config::CacheConfig;
 use crate::metrics::Metrics;
 use crate::store::Parameter;
 
+/// How long a pinned version (`NAME:3`) is trusted: as long as an entry's
+/// offsets can say (about 49 days); the LRU bounds still evict it.
+const PINNED_TTL: Duration = Duration::from_millis(u32::MAX as u64 / 2);
+
 /// What is known about one name as a parameter.
 #[derive(Debug, Clone)]
 pub enum Known {
@@ -273,7 +277,12 @@ impl Cache {
 
     /// Stores what SSM just said about `name`; returns what changed and the entry.
     pub fn put_value(&self, name: &str, known: Known) -> (Change, ValueEntry) {
-        let validity = self.validity(self.ttl_for(&known));
+        let ttl = match &known {
+            // A version's value never changes: kept while memory allows.
+            Known::Present(_) if crate::names::pins_version(name) => PINNED_TTL,
+            _ => self.ttl_for(&known),
+        };
+        let validity = self.validity(ttl);
         let mut inner = self.inner.lock().unwrap();
         let old = inner.values.pop(name);
         let old_parameter = old.as_ref().and_then(|e| e.parameter().cloned());
@@ -331,7 +340,7 @@ impl Cache {
                     && e.validity.refresh_at() <= now + horizon
                     && e.validity.may_serve_stale(now)
             })
-            .filter(|(name, _)| !busy(name))
+            .filter(|(name, _)| !busy(name) && !crate::names::has_selector(name))
             .map(|(name, e)| (e.validity.refresh_at(), name))
             .collect();
         due.sort_unstable_by_key(|(at, _)| *at);
@@ -571,6 +580,7 @@ mod tests {
             version,
             last_modified: SystemTime::now().into(),
             kind: ParameterKind::String,
+            data_type: Default::default(),
         }))
     }
 

@@ -26,6 +26,9 @@ pub enum FsError {
     UnknownInode(u64),
     #[error("unknown directory handle {0}")]
     BadHandle(u64),
+    /// No such extended attribute (or none on directories).
+    #[error("no such attribute")]
+    NoAttribute,
     /// IAM or KMS denies reading this parameter.
     #[error("SSM denied access to {name} (IAM or KMS)")]
     AccessDenied { name: String },
@@ -49,13 +52,15 @@ impl FsError {
                 | NameError::BadCharacter
                 | NameError::BadSegment
                 | NameError::Reserved
-                | NameError::NotAbsolute,
+                | NameError::NotAbsolute
+                | NameError::BadSelector,
             ) => libc::ENOENT,
             FsError::ReadOnly => libc::EROFS,
             FsError::NotDirectory => libc::ENOTDIR,
             FsError::IsDirectory => libc::EISDIR,
             FsError::UnknownInode(_) => libc::ESTALE,
             FsError::BadHandle(_) => libc::EBADF,
+            FsError::NoAttribute => libc::ENODATA,
             FsError::AccessDenied { .. } | FsError::ListingRefused { .. } => libc::EACCES,
             FsError::Unreachable { source, .. } => Self::store_errno(source),
             FsError::Store(error) => Self::store_errno(error),
@@ -86,6 +91,7 @@ impl FsError {
             | FsError::IsDirectory
             | FsError::AccessDenied { .. }
             | FsError::ListingRefused { .. }
+            | FsError::NoAttribute
             | FsError::Store(StoreError::NotFound) => Level::DEBUG,
             FsError::Store(_) | FsError::Unreachable { .. } => Level::WARN,
             FsError::UnknownInode(_) | FsError::BadHandle(_) => Level::ERROR,

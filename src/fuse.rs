@@ -95,6 +95,17 @@ macro_rules! refuse {
     };
 }
 
+/// The xattr protocol: size 0 asks how big, else the bytes if they fit.
+fn reply_xattr(reply: ReplyXattr, value: &[u8], size: u32) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if value.len() <= size as usize {
+        reply.data(value);
+    } else {
+        reply.error(Errno::from_i32(libc::ERANGE));
+    }
+}
+
 struct RequestTimer {
     metrics: Arc<crate::metrics::Metrics>,
     operation: &'static str,
@@ -250,15 +261,35 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
 
     // Nothing is ever dirty. ENOSYS (rather than fuser's default, which also
     // logs a warning per call) makes the kernel stop sending these at all.
-    // No extended attributes either: `ls -l` asks for two per file (SELinux
-    // label, ACL), which would otherwise be two daemon round trips per file on
-    // every listing; after ENOSYS the kernel answers EOPNOTSUPP itself.
     refuse! {
         flush(INodeNo, FileHandle, LockOwner) -> ReplyEmpty = ENOSYS;
         fsync(INodeNo, FileHandle, bool) -> ReplyEmpty = ENOSYS;
         fsyncdir(INodeNo, FileHandle, bool) -> ReplyEmpty = ENOSYS;
-        getxattr(INodeNo, &OsStr, u32) -> ReplyXattr = ENOSYS;
-        listxattr(INodeNo, u32) -> ReplyXattr = ENOSYS;
+    }
+
+    /// `user.ssm.*` and `user.ssmfs.*` (docs/SEMANTICS.md), from the cache.
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let name = name.to_owned();
+        self.spawn("getxattr", ino, move |fs| async move {
+            match fs.xattr(ino.0, &name).await {
+                Ok(value) => reply_xattr(reply, &value, size),
+                Err(error) => reply.error(fail("getxattr", &error)),
+            }
+        });
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _timer = self.timer("listxattr");
+        match self.fs.xattr_names(ino.0) {
+            Ok(names) => {
+                let list: Vec<u8> = names
+                    .iter()
+                    .flat_map(|n| n.bytes().chain(std::iter::once(0)))
+                    .collect();
+                reply_xattr(reply, &list, size);
+            }
+            Err(error) => reply.error(fail("listxattr", &error)),
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -31,11 +31,16 @@ pub enum Role {
     /// keys are filtered by its lookup pattern. A role of its own, so the same
     /// SSM path reached as a plain subdirectory is another node.
     Area,
+    /// `NAME@json` or `NAME@conn`: a directory of fields of a value, looked
+    /// up on demand, never listed in its parent.
+    View,
+    /// One field of a view (`NAME@json/key`).
+    Field,
 }
 
 impl Role {
     pub fn is_dir(self) -> bool {
-        matches!(self, Role::Dir | Role::Area)
+        matches!(self, Role::Dir | Role::Area | Role::View)
     }
 
     fn tag(self) -> u8 {
@@ -44,6 +49,8 @@ impl Role {
             Role::File => b'f',
             Role::ShadowedValue => b'v',
             Role::Area => b'a',
+            Role::View => b'w',
+            Role::Field => b'k',
         }
     }
 }
@@ -98,6 +105,8 @@ struct RoleInos {
     file: Option<NonZeroU64>,
     shadowed_value: Option<NonZeroU64>,
     area: Option<NonZeroU64>,
+    view: Option<NonZeroU64>,
+    field: Option<NonZeroU64>,
 }
 
 impl RoleInos {
@@ -107,6 +116,8 @@ impl RoleInos {
             Role::File => &mut self.file,
             Role::ShadowedValue => &mut self.shadowed_value,
             Role::Area => &mut self.area,
+            Role::View => &mut self.view,
+            Role::Field => &mut self.field,
         }
     }
 
@@ -119,6 +130,8 @@ impl RoleInos {
             && self.file.is_none()
             && self.shadowed_value.is_none()
             && self.area.is_none()
+            && self.view.is_none()
+            && self.field.is_none()
     }
 }
 

@@ -20,3 +20,4 @@ pub mod metrics;
 pub mod names;
 pub mod secret;
 pub mod store;
+pub mod views;

@@ -33,20 +33,158 @@ pub enum NameError {
     Reserved,
     #[error("must be an absolute SSM path such as /airflow")]
     NotAbsolute,
+    #[error("not a version (1, 2, ...) or a label (a-zA-Z0-9_.-, not starting with a digit, aws or ssm)")]
+    BadSelector,
 }
+
+/// SSM's pass-through to Secrets Manager: GetParameter on
+/// `/aws/reference/secretsmanager/<secret-id>` returns the secret.
+pub const SECRETS_MANAGER_REFERENCE: &str = "/aws/reference/secretsmanager";
 
 fn allowed_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')
 }
 
+/// Secret ids may also hold `+ = @` (and `/`, which makes levels here).
+fn allowed_secret_char(c: char) -> bool {
+    allowed_char(c) || matches!(c, '+' | '=' | '@')
+}
+
+/// Whether `path` is Secrets Manager's tree as SSM passes it through.
+pub fn is_secrets_manager(path: &str) -> bool {
+    relative_to(SECRETS_MANAGER_REFERENCE, path).is_some() || path == SECRETS_MANAGER_REFERENCE
+}
+
 fn check_segment(segment: &str) -> Result<(), NameError> {
+    check_segment_with(segment, allowed_char)
+}
+
+fn check_segment_with(segment: &str, allowed: fn(char) -> bool) -> Result<(), NameError> {
     if segment.is_empty() || segment == "." || segment == ".." {
         return Err(NameError::BadSegment);
     }
-    if !segment.chars().all(allowed_char) {
+    if !segment.chars().all(allowed) {
         return Err(NameError::BadCharacter);
     }
     Ok(())
+}
+
+/// A version or a label after `NAME:` (SSM's own selector syntax).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    Version(i64),
+    Label(String),
+}
+
+/// A directory of fields derived from a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    /// `NAME@json/`: one file per top-level key of a JSON object.
+    Json,
+    /// `NAME@conn/`: the fields of an Airflow connection (URI or JSON).
+    Conn,
+}
+
+impl View {
+    pub fn suffix(self) -> &'static str {
+        match self {
+            View::Json => "@json",
+            View::Conn => "@conn",
+        }
+    }
+}
+
+/// A name a user can type that is not a plain parameter: `NAME:3`,
+/// `NAME:prod`, `NAME@json`, `NAME:prod@conn`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Special<'a> {
+    pub base: &'a str,
+    pub selector: Option<Selector>,
+    pub view: Option<View>,
+}
+
+impl Special<'_> {
+    /// The name GetParameter takes for the value (`/p/x`, `/p/x:3`, `/p/x:prod`).
+    pub fn value_name(&self, dir: &str) -> String {
+        let name = join(dir, self.base);
+        match &self.selector {
+            None => name,
+            Some(Selector::Version(version)) => format!("{name}:{version}"),
+            Some(Selector::Label(label)) => format!("{name}:{label}"),
+        }
+    }
+}
+
+/// Reads a segment as a selector and/or a view. `None`: a plain name (no
+/// view suffix, no `:`); `Err`: special but impossible (a bad version or
+/// label, a bad base name), answered ENOENT without a call.
+pub fn parse_special(segment: &str) -> Option<Result<Special<'_>, NameError>> {
+    let (rest, view) = [View::Json, View::Conn]
+        .into_iter()
+        .find_map(|view| {
+            segment
+                .strip_suffix(view.suffix())
+                .map(|rest| (rest, Some(view)))
+        })
+        .unwrap_or((segment, None));
+    let (base, selector) = match rest.split_once(':') {
+        Some((base, selector)) => (base, Some(selector)),
+        None => (rest, None),
+    };
+    if view.is_none() && selector.is_none() {
+        return None;
+    }
+    Some(parse_special_parts(base, selector, view))
+}
+
+fn parse_special_parts<'a>(
+    base: &'a str,
+    selector: Option<&str>,
+    view: Option<View>,
+) -> Result<Special<'a>, NameError> {
+    check_segment_with(base, allowed_secret_char)?;
+    let selector = match selector {
+        None => None,
+        Some(digits) if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => {
+            match digits.parse::<i64>() {
+                Ok(version) if version >= 1 => Some(Selector::Version(version)),
+                _ => return Err(NameError::BadSelector),
+            }
+        }
+        Some(label) => {
+            // SSM: 1-100 of a-zA-Z0-9_.-, not starting with a digit or aws/ssm.
+            let lower = label.to_ascii_lowercase();
+            let valid = (1..=100).contains(&label.len())
+                && label.chars().all(allowed_char)
+                && !label.starts_with(|c: char| c.is_ascii_digit())
+                && !lower.starts_with("aws")
+                && !lower.starts_with("ssm");
+            if !valid {
+                return Err(NameError::BadSelector);
+            }
+            Some(Selector::Label(label.to_string()))
+        }
+    };
+    Ok(Special {
+        base,
+        selector,
+        view,
+    })
+}
+
+/// Whether `name` carries a selector (`/p/x:3`, `/p/x:prod`). Such names are
+/// fetched one GetParameter each, never in a GetParameters batch: SSM
+/// answers a batch with the base names, which would hide which selector an
+/// answer belongs to.
+pub fn has_selector(name: &str) -> bool {
+    name.contains(':')
+}
+
+/// Whether `name` pins a version (`/p/x:3`): its value never changes.
+pub fn pins_version(name: &str) -> bool {
+    name.rsplit_once(':').is_some_and(|(_, version)| {
+        !version.is_empty() && version.bytes().all(|b| b.is_ascii_digit())
+    })
 }
 
 /// Names beginning with `aws` or `ssm` are reserved by SSM; only AWS's own public
@@ -86,7 +224,11 @@ pub fn parse_prefix(raw: &str) -> Result<String, NameError> {
 /// The SSM name of `segment` inside the directory whose SSM path is `parent`,
 /// checked against every SSM rule.
 pub fn child_name(parent: &str, segment: &str) -> Result<String, NameError> {
-    check_segment(segment)?;
+    if is_secrets_manager(parent) {
+        check_segment_with(segment, allowed_secret_char)?;
+    } else {
+        check_segment(segment)?;
+    }
     let name = if parent == "/" {
         check_reserved(segment)?;
         format!("/{segment}")

@@ -81,11 +81,22 @@ impl Attrs {
     }
 
     pub(super) fn file(&self, ino: u64, parameter: &Parameter, validity: &Validity) -> Entry {
+        self.sized_file(ino, parameter.value.len(), parameter, validity)
+    }
+
+    /// A file of `size` bytes derived from `parameter` (a field of a view).
+    pub(super) fn sized_file(
+        &self,
+        ino: u64,
+        size: usize,
+        parameter: &Parameter,
+        validity: &Validity,
+    ) -> Entry {
         Entry {
             attr: Attr {
                 ino,
                 kind: FileKind::File,
-                size: parameter.value.len() as u64,
+                size: size as u64,
                 mtime: parameter.last_modified.into(),
                 perm: self.file_mode,
                 uid: self.uid,

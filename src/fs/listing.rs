@@ -30,7 +30,7 @@ impl<S: ParameterStore> Fs<S> {
             .run((path.to_string(), ListingFlight::Probe), || async {
                 let mut token = None;
                 loop {
-                    let page = self.store.list_page(path, MAX_PAGE, token).await?;
+                    let page = self.page(path, token).await?;
                     // SSM may return an empty page that still has a next token.
                     if !page.parameters.is_empty() || page.next_token.is_none() {
                         let names = page.parameters.iter().map(|p| p.name.clone()).collect();
@@ -82,7 +82,7 @@ impl<S: ParameterStore> Fs<S> {
                 let mut parameters = Vec::new();
                 let mut pages = 0;
                 while pages < max_pages {
-                    let page = match self.store.list_page(path, MAX_PAGE, token.clone()).await {
+                    let page = match self.page(path, token.clone()).await {
                         Err(StoreError::InvalidNextToken) if token.is_some() => {
                             (names, token) = (Vec::new(), None); // expired: start over
                             continue;
@@ -120,7 +120,7 @@ impl<S: ParameterStore> Fs<S> {
     ) -> Result<DirEntry, StoreError> {
         let mut parameters = Vec::new();
         loop {
-            let page = self.store.list_page(path, MAX_PAGE, token).await?;
+            let page = self.page(path, token).await?;
             names.extend(page.parameters.iter().map(|p| p.name.clone()));
             parameters.extend(page.parameters);
             token = page.next_token;
@@ -144,7 +144,7 @@ impl<S: ParameterStore> Fs<S> {
             Metrics::inc(&self.metrics.cache_hits);
             return Ok(dir.clone());
         }
-        if self.cache.listing_refused(path, now) {
+        if self.listing_refused(path, now) {
             return Err(FsError::ListingRefused {
                 path: path.to_string(),
             });
@@ -173,12 +173,42 @@ impl<S: ParameterStore> Fs<S> {
     /// Remembers a refused listing of `path` for a TTL, wherever a listing is
     /// asked for; a refusal not already on record is logged.
     fn remember_refusal(&self, path: &str, error: &StoreError) {
-        if matches!(error, StoreError::AccessDenied { .. }) && self.cache.refuse_listing(path) {
+        if !matches!(error, StoreError::AccessDenied { .. }) || !self.cache.refuse_listing(path) {
+            return;
+        }
+        if names::is_secrets_manager(path) {
+            tracing::info!(
+                path,
+                "Secrets Manager secrets are read one by one through SSM, which cannot list them: listing this directory answers EACCES"
+            );
+        } else {
             tracing::warn!(
                 path,
                 "SSM denied listing below this path: serving it as a directory of names resolved one by one (listing it answers EACCES)"
             );
         }
+    }
+
+    /// Whether listing `path` is known to be refused: by SSM (remembered for
+    /// a TTL), or always (SSM lists nothing under Secrets Manager's tree).
+    pub(super) fn listing_refused(&self, path: &str, now: Instant) -> bool {
+        names::is_secrets_manager(path) || self.cache.listing_refused(path, now)
+    }
+
+    /// One page below `path`, or SSM's refusal where it never lists (only
+    /// GetParameter and GetParameters reach Secrets Manager's secrets), as a
+    /// refusal without a call.
+    async fn page(
+        &self,
+        path: &str,
+        token: Option<String>,
+    ) -> Result<crate::store::Page, StoreError> {
+        if names::is_secrets_manager(path) {
+            return Err(StoreError::access_denied(
+                "GetParametersByPath is not supported for Secrets Manager references",
+            ));
+        }
+        self.store.list_page(path, MAX_PAGE, token).await
     }
 
     /// Caches the values just fetched, the listing of `path` (every name seen

@@ -263,8 +263,8 @@ impl<S: ParameterStore> Fs<S> {
             parent_dir,
             own_dir: self.cache.dir(name).filter(|d| usable(&d.validity)),
             own_value: self.cache.value(name).filter(|v| usable(&v.validity)),
-            name_unlistable: self.cache.listing_refused(name, now),
-            parent_unlistable: self.cache.listing_refused(parent, now),
+            name_unlistable: self.listing_refused(name, now),
+            parent_unlistable: self.listing_refused(parent, now),
             siblings_probed: self.cache.probes_below(parent),
         }
     }
@@ -447,6 +447,7 @@ mod tests {
             version: 1,
             last_modified: SystemTime::now().into(),
             kind: ParameterKind::String,
+            data_type: Default::default(),
         })))
     }
 

@@ -24,6 +24,9 @@ mod layout;
 mod listing;
 mod lookup;
 mod refresh;
+mod special;
+
+pub use special::XATTR_NAMES;
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -59,16 +62,37 @@ pub struct DirItem {
     pub name: String,
 }
 
-/// The bytes a read returns: a range of one value, shared, never copied.
+/// The bytes a read returns: a range of one value, shared, never copied (or
+/// of a field derived from one).
 pub struct ReadData {
-    parameter: Arc<Parameter>,
+    source: ReadSource,
     start: usize,
     end: usize,
 }
 
+enum ReadSource {
+    Value(Arc<Parameter>),
+    Field(crate::secret::SecretBytes),
+}
+
 impl ReadData {
     pub fn bytes(&self) -> &[u8] {
-        &self.parameter.value.expose()[self.start..self.end]
+        let all = match &self.source {
+            ReadSource::Value(parameter) => parameter.value.expose(),
+            ReadSource::Field(bytes) => bytes.expose(),
+        };
+        &all[self.start..self.end]
+    }
+
+    fn new(source: ReadSource, len: usize, offset: u64, size: u32) -> Self {
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(len);
+        let end = start.saturating_add(size as usize).min(len);
+        Self { source, start, end }
+    }
+
+    fn derived(bytes: crate::secret::SecretBytes, offset: u64, size: u32) -> Self {
+        let len = bytes.len();
+        Self::new(ReadSource::Field(bytes), len, offset, size)
     }
 }
 
@@ -197,6 +221,9 @@ impl<S: ParameterStore> Fs<S> {
         segment: &OsStr,
     ) -> Result<Entry, FsError> {
         let parent = self.dir_node(parent_ino)?;
+        if parent.role == Role::View {
+            return self.lookup_field(&parent, segment).await;
+        }
         let segment = segment.to_str().ok_or(NameError::BadCharacter)?;
         match self.layout.classify(&parent, segment) {
             Child::Excluded => Err(FsError::NotFound),
@@ -213,8 +240,21 @@ impl<S: ParameterStore> Fs<S> {
                 Ok(self.file_entry(ino, &parameter, &entry))
             }
             Child::Name => {
-                let name = names::child_name(&parent.name, segment)?;
-                self.lookup_name(parent_ino, &parent.name, &name).await
+                let Some(special) = special::special(segment) else {
+                    let name = names::child_name(&parent.name, segment)?;
+                    return self.lookup_name(parent_ino, &parent.name, &name).await;
+                };
+                // A real parameter wins over a view (Secrets Manager's names
+                // may hold `@`); SSM's names cannot, so no call is made for them.
+                if let Ok(name) = names::child_name(&parent.name, segment) {
+                    let entry = self.value(&name).await?;
+                    if let Some(parameter) = entry.parameter().cloned() {
+                        let ino = self.inodes.remember(parent_ino, &name, Role::File);
+                        return Ok(self.file_entry(ino, &parameter, &entry));
+                    }
+                }
+                self.lookup_special(parent_ino, &parent.name, special?)
+                    .await
             }
         }
     }
@@ -258,6 +298,9 @@ impl<S: ParameterStore> Fs<S> {
             // A directory's existence is revalidated by lookup; its attributes never change.
             return Ok(self.attrs.dir(ino, self.config.cache.ttl));
         }
+        if node.role == Role::Field {
+            return self.getattr_field(&node).await;
+        }
         let entry = self.value(&node.name).await?;
         let parameter = self.present(&entry, &node.name)?;
         Ok(self.file_entry(ino, &parameter, &entry))
@@ -273,32 +316,44 @@ impl<S: ParameterStore> Fs<S> {
         if node.role.is_dir() {
             return Err(FsError::IsDirectory);
         }
+        if node.role == Role::Field {
+            return self.read_field(&node, offset, size).await;
+        }
         let entry = self.value(&node.name).await?;
         let current = self.present(&entry, &node.name)?;
-        // Serve the version whose size the kernel holds, so a read never mixes or
-        // truncates two versions; if that one is gone, serve the new one whole and
-        // make the kernel fetch its size again.
-        let parameter = match node.reported_version {
+        let parameter = self.version_for_read(&node, &entry, current);
+        let len = parameter.value.len();
+        Ok(ReadData::new(
+            ReadSource::Value(parameter),
+            len,
+            offset,
+            size,
+        ))
+    }
+
+    /// Serve the version whose size the kernel holds, so a read never mixes or
+    /// truncates two versions; if that one is gone, serve the new one whole and
+    /// make the kernel fetch its size again.
+    fn version_for_read(
+        &self,
+        node: &Node,
+        entry: &ValueEntry,
+        current: Arc<Parameter>,
+    ) -> Arc<Parameter> {
+        match node.reported_version {
             Some(version) if version != current.version => {
-                match entry.previous.filter(|p| p.version == version) {
+                match entry.previous.clone().filter(|p| p.version == version) {
                     Some(previous) => previous,
                     None => {
-                        self.send(Invalidation::Inode(ino));
-                        self.inodes.set_reported_version(ino, Some(current.version));
+                        self.send(Invalidation::Inode(node.ino));
+                        self.inodes
+                            .set_reported_version(node.ino, Some(current.version));
                         current
                     }
                 }
             }
             _ => current,
-        };
-        let len = parameter.value.len();
-        let start = (offset as usize).min(len);
-        let end = start.saturating_add(size as usize).min(len);
-        Ok(ReadData {
-            parameter,
-            start,
-            end,
-        })
+        }
     }
 
     /// Lists the directory once and keeps that listing for the handle's life,
@@ -318,6 +373,19 @@ impl<S: ParameterStore> Fs<S> {
                 name: "..".into(),
             },
         ];
+        if node.role == Role::View {
+            items.extend(
+                self.view_items(&node)
+                    .await?
+                    .into_iter()
+                    .map(|(name, ino)| DirItem {
+                        ino,
+                        kind: FileKind::File,
+                        name,
+                    }),
+            );
+            return Ok(self.new_dir_handle(items));
+        }
         if let Some(areas) = self.layout.root_items(&node) {
             items.extend(areas.iter().map(|area| DirItem {
                 ino: self.inodes.number(&area.prefix, Role::Area),
@@ -553,6 +621,9 @@ impl<S: ParameterStore> Fs<S> {
                     if let Some(ino) = self.inodes.find(name, role) {
                         self.send(Invalidation::Inode(ino));
                     }
+                }
+                if let Some(old) = &entry.previous {
+                    self.invalidate_views(name, old);
                 }
             }
             Change::Appeared | Change::Disappeared => {

@@ -35,6 +35,7 @@ use tokio::time::Instant;
 use super::{Fs, STALE_RECHECK};
 use crate::cache::{Known, ValueEntry};
 use crate::metrics::Metrics;
+use crate::names;
 use crate::store::resilient::in_background;
 use crate::store::{ParameterStore, StoreError, MAX_BATCH};
 
@@ -63,7 +64,7 @@ impl<S: ParameterStore> Fs<S> {
                 return;
             }
             let mut batch = vec![Arc::<str>::from(name)];
-            if !self.cache.batches_refused(Instant::now()) {
+            if !self.cache.batches_refused(Instant::now()) && !names::has_selector(name) {
                 batch.extend(self.companions(&refreshing, name, Instant::now()));
             }
             refreshing.extend(batch.iter().cloned());
@@ -142,7 +143,7 @@ impl<S: ParameterStore> Fs<S> {
             .cache
             .value(name)
             .is_some_and(|e| e.parameter().is_some());
-        if !known || self.cache.batches_refused(now) {
+        if !known || self.cache.batches_refused(now) || names::has_selector(name) {
             return None;
         }
         let batch = {

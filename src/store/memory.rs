@@ -39,6 +39,10 @@ struct Faults {
 #[derive(Default)]
 pub struct MemoryStore {
     parameters: Mutex<BTreeMap<String, Parameter>>,
+    /// Every version ever put, and labels (name, label) -> version, for
+    /// `NAME:VERSION` and `NAME:LABEL` selectors.
+    versions: Mutex<HashMap<String, Vec<Parameter>>>,
+    labels: Mutex<HashMap<(String, String), i64>>,
     faults: Mutex<Faults>,
     get: AtomicU64,
     get_many: AtomicU64,
@@ -53,17 +57,52 @@ impl MemoryStore {
     /// Creates or overwrites a parameter, bumping its version like PutParameter.
     pub fn put(&self, name: &str, value: impl Into<Vec<u8>>, kind: ParameterKind) {
         let mut parameters = self.parameters.lock().unwrap();
-        let version = parameters.get(name).map_or(1, |p| p.version + 1);
-        parameters.insert(
-            name.to_string(),
-            Parameter {
-                name: name.into(),
-                value: SecretBytes::new(value.into()),
-                version,
-                last_modified: SystemTime::now().into(),
-                kind,
-            },
-        );
+        let mut versions = self.versions.lock().unwrap();
+        let history = versions.entry(name.to_string()).or_default();
+        let version = history.last().map_or(1, |p| p.version + 1);
+        let parameter = Parameter {
+            name: name.into(),
+            value: SecretBytes::new(value.into()),
+            version,
+            last_modified: SystemTime::now().into(),
+            kind,
+            data_type: Default::default(),
+        };
+        history.push(parameter.clone());
+        parameters.insert(name.to_string(), parameter);
+    }
+
+    /// Moves `label` to `version` of `name` (LabelParameterVersion).
+    pub fn label(&self, name: &str, label: &str, version: i64) {
+        self.labels
+            .lock()
+            .unwrap()
+            .insert((name.to_string(), label.to_string()), version);
+    }
+
+    /// `name` as GetParameter reads it: the current version, or the version
+    /// a `:VERSION` or `:LABEL` selector names, under the name as asked.
+    fn read(&self, name: &str) -> Option<Parameter> {
+        let Some((base, selector)) = name.split_once(':') else {
+            return self.parameters.lock().unwrap().get(name).cloned();
+        };
+        self.parameters.lock().unwrap().get(base)?;
+        let version = match selector.parse::<i64>() {
+            Ok(version) => version,
+            Err(_) => *self
+                .labels
+                .lock()
+                .unwrap()
+                .get(&(base.to_string(), selector.to_string()))?,
+        };
+        let versions = self.versions.lock().unwrap();
+        let mut found = versions
+            .get(base)?
+            .iter()
+            .find(|p| p.version == version)?
+            .clone();
+        found.name = name.into();
+        Some(found)
     }
 
     pub fn put_string(&self, name: &str, value: &str) {
@@ -72,6 +111,7 @@ impl MemoryStore {
 
     pub fn delete(&self, name: &str) {
         self.parameters.lock().unwrap().remove(name);
+        self.versions.lock().unwrap().remove(name);
     }
 
     pub fn counts(&self) -> CallCounts {
@@ -142,12 +182,7 @@ impl MemoryStore {
 impl ParameterStore for MemoryStore {
     async fn get(&self, name: &str) -> Result<Parameter, StoreError> {
         self.enter(&self.get, &[name]).await?;
-        self.parameters
-            .lock()
-            .unwrap()
-            .get(name)
-            .cloned()
-            .ok_or(StoreError::NotFound)
+        self.read(name).ok_or(StoreError::NotFound)
     }
 
     async fn get_many(&self, names: &[&str]) -> Result<Batch, StoreError> {
@@ -159,11 +194,10 @@ impl ParameterStore for MemoryStore {
         if let Some(error) = self.faults.lock().unwrap().every_batch.clone() {
             return Err(error);
         }
-        let parameters = self.parameters.lock().unwrap();
         let mut batch = Batch::default();
         for name in names {
-            match parameters.get(*name) {
-                Some(parameter) => batch.found.push(parameter.clone()),
+            match self.read(name) {
+                Some(parameter) => batch.found.push(parameter),
                 None => batch.missing.push(name.to_string()),
             }
         }
@@ -204,6 +238,14 @@ impl ParameterStore for MemoryStore {
             parameters,
             next_token,
         })
+    }
+
+    fn arn(&self, name: &str) -> Option<String> {
+        let base = name.split(':').next().unwrap_or(name);
+        Some(super::arn_for(
+            "arn:aws:ssm:us-east-1:123456789012:parameter",
+            base,
+        ))
     }
 }
 

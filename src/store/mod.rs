@@ -30,6 +30,43 @@ pub enum ParameterKind {
     SecureString,
 }
 
+/// What a parameter's value is validated as (SSM's DataType).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DataType {
+    #[default]
+    Text,
+    Ec2Image,
+    SsmIntegration,
+}
+
+impl DataType {
+    pub fn parse(text: &str) -> Self {
+        match text {
+            "aws:ec2:image" => DataType::Ec2Image,
+            "aws:ssm:integration" => DataType::SsmIntegration,
+            _ => DataType::Text,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataType::Text => "text",
+            DataType::Ec2Image => "aws:ec2:image",
+            DataType::SsmIntegration => "aws:ssm:integration",
+        }
+    }
+}
+
+impl ParameterKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ParameterKind::String => "String",
+            ParameterKind::StringList => "StringList",
+            ParameterKind::SecureString => "SecureString",
+        }
+    }
+}
+
 /// One parameter as SSM returned it. `Debug` is safe: the value redacts itself.
 #[derive(Debug, Clone)]
 pub struct Parameter {
@@ -39,6 +76,7 @@ pub struct Parameter {
     pub version: i64,
     pub last_modified: Modified,
     pub kind: ParameterKind,
+    pub data_type: DataType,
 }
 
 /// LastModifiedDate in milliseconds since the epoch (SSM's own precision): 8
@@ -154,4 +192,20 @@ pub trait ParameterStore: Send + Sync + 'static {
         max_results: usize,
         next_token: Option<String>,
     ) -> impl Future<Output = Result<Page, StoreError>> + Send;
+
+    /// The ARN of the parameter `name`, once the store knows the account and
+    /// region (from any answer); for `user.ssm.arn`, without a call.
+    fn arn(&self, _name: &str) -> Option<String> {
+        None
+    }
+}
+
+/// `arn:...:parameter` + a name, with the `/` an ARN has before a name
+/// that does not begin with one.
+pub fn arn_for(prefix: &str, name: &str) -> String {
+    if name.starts_with('/') {
+        format!("{prefix}{name}")
+    } else {
+        format!("{prefix}/{name}")
+    }
 }

@@ -210,6 +210,10 @@ impl<S: ParameterStore> ParameterStore for Resilient<S> {
         })
         .await
     }
+
+    fn arn(&self, name: &str) -> Option<String> {
+        self.inner.arn(name)
+    }
 }
 
 #[cfg(test)]

@@ -19,7 +19,11 @@ use aws_smithy_types::timeout::TimeoutConfig;
 
 use aws_credential_types::provider::error::CredentialsError;
 
-use super::{Batch, Page, Parameter, ParameterKind, ParameterStore, StoreError};
+use std::sync::OnceLock;
+
+use crate::names;
+
+use super::{arn_for, Batch, DataType, Page, Parameter, ParameterKind, ParameterStore, StoreError};
 use crate::secret::SecretBytes;
 
 /// Where and as whom to talk to SSM; every field falls back to aws-config's chain.
@@ -45,6 +49,8 @@ pub enum ConnectError {
 pub struct SsmStore {
     client: Client,
     decrypt: bool,
+    /// `arn:aws:ssm:REGION:ACCOUNT:parameter`, learnt from the first answer.
+    arn_prefix: OnceLock<String>,
 }
 
 /// The AWS configuration every client of the daemon shares (SSM, and SQS and
@@ -101,6 +107,7 @@ impl SsmStore {
         Self {
             client: Client::from_conf(ssm_config.build()),
             decrypt: !options.no_decrypt,
+            arn_prefix: OnceLock::new(),
         }
     }
 
@@ -111,7 +118,7 @@ impl SsmStore {
     }
 }
 
-fn convert(parameter: SdkParameter) -> Option<Parameter> {
+fn convert(parameter: SdkParameter, arn_prefix: &OnceLock<String>) -> Option<Parameter> {
     let kind = match parameter.r#type {
         Some(ParameterType::SecureString) => ParameterKind::SecureString,
         Some(ParameterType::StringList) => ParameterKind::StringList,
@@ -121,12 +128,31 @@ fn convert(parameter: SdkParameter) -> Option<Parameter> {
         .last_modified_date
         .and_then(|d| SystemTime::try_from(d).ok())
         .unwrap_or(SystemTime::UNIX_EPOCH);
+    let base = parameter.name?;
+    if arn_prefix.get().is_none() {
+        // `arn:aws:ssm:REGION:ACCOUNT:parameter/a/b` for `/a/b`, `.../parameter/x` for `x`.
+        let suffix = arn_for("", &base);
+        if let Some(prefix) = parameter
+            .arn
+            .as_deref()
+            .and_then(|a| a.strip_suffix(&suffix))
+        {
+            let _ = arn_prefix.set(prefix.to_string());
+        }
+    }
+    // Asked as `NAME:3` or `NAME:prod`, SSM answers NAME and the selector
+    // apart: the store's parameters carry the name as it was asked.
+    let name = match parameter.selector.as_deref() {
+        Some(selector) if selector.starts_with(':') => format!("{base}{selector}"),
+        _ => base,
+    };
     Some(Parameter {
-        name: parameter.name?.into(),
+        name: name.into(),
         value: SecretBytes::from_string(parameter.value.unwrap_or_default()),
         version: parameter.version,
         last_modified: last_modified.into(),
         kind,
+        data_type: DataType::parse(parameter.data_type.as_deref().unwrap_or("text")),
     })
 }
 
@@ -151,7 +177,9 @@ where
             let service_error = context.err();
             let message = one_line(service_error.message().unwrap_or(""));
             match service_error.code().unwrap_or("") {
-                "ParameterNotFound" => StoreError::NotFound,
+                "ParameterNotFound"
+                | "ParameterVersionNotFound"
+                | "ParameterVersionLabelNotFound" => StoreError::NotFound,
                 "AccessDeniedException"
                 | "AccessDenied"
                 | "InvalidKeyId"
@@ -214,10 +242,15 @@ impl ParameterStore for SsmStore {
             .send()
             .await
             .map_err(classify)?;
-        output
+        let mut parameter = output
             .parameter
-            .and_then(convert)
-            .ok_or(StoreError::NotFound)
+            .and_then(|p| convert(p, &self.arn_prefix))
+            .ok_or(StoreError::NotFound)?;
+        if names::has_selector(name) {
+            // Some SSM implementations answer a selector without `Selector`.
+            parameter.name = name.into();
+        }
+        Ok(parameter)
     }
 
     async fn get_many(&self, names: &[&str]) -> Result<Batch, StoreError> {
@@ -234,7 +267,7 @@ impl ParameterStore for SsmStore {
                 .parameters
                 .unwrap_or_default()
                 .into_iter()
-                .filter_map(convert)
+                .filter_map(|p| convert(p, &self.arn_prefix))
                 .collect(),
             missing: output.invalid_parameters.unwrap_or_default(),
         })
@@ -262,10 +295,15 @@ impl ParameterStore for SsmStore {
                 .parameters
                 .unwrap_or_default()
                 .into_iter()
-                .filter_map(convert)
+                .filter_map(|p| convert(p, &self.arn_prefix))
                 .collect(),
             next_token: output.next_token.filter(|t| !t.is_empty()),
         })
+    }
+
+    fn arn(&self, name: &str) -> Option<String> {
+        let base = name.split(':').next().unwrap_or(name);
+        Some(arn_for(self.arn_prefix.get()?, base))
     }
 }
 
