@@ -172,6 +172,30 @@ fn parse_special_parts<'a>(
     })
 }
 
+/// Whether SSM could hold `name` as a GetParameter name: a valid name below
+/// `/`, optionally with a valid `:VERSION` or `:LABEL`. What every name the
+/// filesystem asks for must satisfy (checked by the property tests).
+pub fn is_valid_request_name(name: &str) -> bool {
+    let (base, selector) = match name.split_once(':') {
+        Some((base, selector)) => (base, Some(selector)),
+        None => (name, None),
+    };
+    let Some(relative) = relative_to("/", base) else {
+        return false;
+    };
+    let allowed = if is_secrets_manager(base) {
+        allowed_secret_char
+    } else {
+        allowed_char
+    };
+    base.len() <= MAX_NAME_LEN
+        && depth(base) <= MAX_DEPTH
+        && relative
+            .split('/')
+            .all(|segment| check_segment_with(segment, allowed).is_ok())
+        && selector.is_none_or(|s| parse_special_parts("x", Some(s), None).is_ok())
+}
+
 /// Whether `name` carries a selector (`/p/x:3`, `/p/x:prod`). Such names are
 /// fetched one GetParameter each, never in a GetParameters batch: SSM
 /// answers a batch with the base names, which would hide which selector an

@@ -8,7 +8,8 @@
 //! `Connection` parses them: Python's `urlsplit` and `unquote`, `postgresql`
 //! read as `postgres`, `__extra__` or the query parameters (JSON-decoded
 //! where they parse) as extra, dumped as Python's `json.dumps` would. A field
-//! Airflow leaves empty or unset is absent. Every field's bytes are a
+//! Airflow leaves empty or unset is absent; a URI without a scheme (which
+//! Airflow would accept as a connection of no type) has no view. Every field's bytes are a
 //! `SecretBytes`, zeroed when dropped.
 
 use serde_json::value::RawValue;
@@ -159,6 +160,12 @@ fn conn_fields(text: &str) -> Option<Vec<(&'static str, SecretBytes)>> {
     } else {
         from_uri(text)?
     };
+    // Airflow 3 refuses a connection whose extra is not a JSON object.
+    if let Some(extra) = connection.extra.as_deref().filter(|e| !e.is_empty()) {
+        if !matches!(serde_json::from_str::<Value>(extra), Ok(Value::Object(_))) {
+            return None;
+        }
+    }
     Some(connection.into_fields())
 }
 
@@ -496,6 +503,11 @@ fn from_uri(uri: &str) -> Option<Connection> {
     let host_with_protocol = schemes == 2;
     let first = urlsplit(uri)?;
     let conn_type = first.scheme.clone();
+    if conn_type.is_empty() {
+        // Airflow would take any text as a connection of no type; without a
+        // `scheme://` it is not one worth showing fields of.
+        return None;
+    }
     let rest = uri.replace(
         &format!("{conn_type}://"),
         if host_with_protocol { "" } else { "//" },
@@ -624,6 +636,7 @@ mod tests {
             ])
         );
         assert!(fields(View::Conn, b"a://b://c://d").is_none());
+        assert!(fields(View::Conn, b"s://h?__extra__=not+json").is_none());
         assert!(fields(View::Conn, b"mysql://h:notaport/db").is_none());
     }
 

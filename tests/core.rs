@@ -1290,3 +1290,87 @@ mod events {
         listener.abort();
     }
 }
+
+// ----- selectors, views and names a user can type (issue 13) -----
+
+mod typed_names {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Segments a user can type: plain, with selectors and views, and junk.
+    fn segment() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-zA-Z0-9:@+=._%-]{1,40}",
+            "(db|k0|x)(:[0-9]{1,25})?(@json|@conn)?",
+            "(db|k0)(:[a-zA-Z0-9_.-]{0,120})(@json|@conn)?",
+            "(db|k0)@(json|conn|value|x)",
+            ".{1,300}",
+        ]
+    }
+
+    fn store() -> MemoryStore {
+        let store = MemoryStore::new();
+        store.put_string("/t/db", r#"{"password": "p", "port": 1}"#);
+        store.put_string("/t/db", r#"{"password": "q"}"#);
+        store.label("/t/db", "prod", 1);
+        store.put_string("/t/k0", "postgresql://u:p@h:1/s");
+        store.put_string("/aws/reference/secretsmanager/s+1=a@b", "v");
+        store
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn no_typed_name_panics_or_reaches_ssm_unless_ssm_could_hold_it(
+            first in segment(),
+            second in segment(),
+            secrets_manager in any::<bool>(),
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let prefix = if secrets_manager { "/aws/reference/secretsmanager" } else { "/t" };
+                let (fs, _inval) = mount(store(), config(prefix));
+                if let Ok(entry) = fs.lookup(ROOT_INO, OsStr::new(&first)).await {
+                    let ino = entry.attr.ino;
+                    let _ = fs.getattr(ino).await;
+                    let _ = fs.read(ino, 0, 4096).await;
+                    let _ = fs.xattr(ino, OsStr::new("user.ssm.version")).await;
+                    if let Ok(handle) = fs.opendir(ino).await {
+                        let _ = fs.readdir(handle, 0, 100);
+                    }
+                    let _ = fs.lookup(ino, OsStr::new(&second)).await;
+                }
+                let invalid = fs.store().inner().invalid_names_asked();
+                assert!(invalid.is_empty(), "asked SSM for {invalid:?}");
+            });
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn selectors_and_views_through_the_core() {
+        let (fs, _inval) = mount(store(), config("/t"));
+        assert_eq!(cat(&fs, "db:1@json/password").await.unwrap(), b"p");
+        assert_eq!(cat(&fs, "db:prod@json/port").await.unwrap(), b"1");
+        assert_eq!(cat(&fs, "db@json/password").await.unwrap(), b"q");
+        assert_eq!(cat(&fs, "db:2").await.unwrap(), br#"{"password": "q"}"#);
+        assert_eq!(cat(&fs, "k0@conn/host").await.unwrap(), b"h");
+        let before = calls(&fs);
+        assert_eq!(cat(&fs, "db:1@json/password").await.unwrap(), b"p");
+        assert_eq!(calls(&fs), before, "cached");
+        for missing in ["db:3", "db:nolabel", "db:0", "k0@json", "db@json/nokey"] {
+            assert_eq!(
+                walk(&fs, missing).await.unwrap_err(),
+                libc::ENOENT,
+                "{missing}"
+            );
+        }
+        let listed: Vec<String> = ls(&fs, "")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(listed, ["db", "k0"]);
+        assert!(fs.store().inner().invalid_names_asked().is_empty());
+    }
+}

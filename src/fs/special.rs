@@ -55,6 +55,8 @@ impl<S: ParameterStore> Fs<S> {
         parent: &str,
         special: Special<'_>,
     ) -> Result<Entry, FsError> {
+        // The base obeys every rule of a name here (length, depth, characters).
+        names::child_name(parent, special.base)?;
         let value_name = special.value_name(parent);
         let entry = self.value(&value_name).await?;
         let parameter = self.present(&entry, &value_name)?;

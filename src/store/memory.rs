@@ -43,6 +43,9 @@ pub struct MemoryStore {
     /// `NAME:VERSION` and `NAME:LABEL` selectors.
     versions: Mutex<HashMap<String, Vec<Parameter>>>,
     labels: Mutex<HashMap<(String, String), i64>>,
+    /// Names asked for that SSM could not hold (`names::is_valid_request_name`):
+    /// a real SSM would answer ValidationException; tests assert none.
+    invalid_names: Mutex<Vec<String>>,
     faults: Mutex<Faults>,
     get: AtomicU64,
     get_many: AtomicU64,
@@ -159,6 +162,17 @@ impl MemoryStore {
         self.faults.lock().unwrap().latency = latency;
     }
 
+    fn check_asked(&self, name: &str) {
+        if !names::is_valid_request_name(name) {
+            self.invalid_names.lock().unwrap().push(name.to_string());
+        }
+    }
+
+    /// Names asked for that SSM could not hold; empty unless there is a bug.
+    pub fn invalid_names_asked(&self) -> Vec<String> {
+        self.invalid_names.lock().unwrap().clone()
+    }
+
     async fn enter(&self, counter: &AtomicU64, names: &[&str]) -> Result<(), StoreError> {
         counter.fetch_add(1, Ordering::SeqCst);
         let (latency, fault) = {
@@ -181,6 +195,7 @@ impl MemoryStore {
 
 impl ParameterStore for MemoryStore {
     async fn get(&self, name: &str) -> Result<Parameter, StoreError> {
+        self.check_asked(name);
         self.enter(&self.get, &[name]).await?;
         self.read(name).ok_or(StoreError::NotFound)
     }
@@ -190,6 +205,7 @@ impl ParameterStore for MemoryStore {
             names.len() <= super::MAX_BATCH,
             "SSM takes at most ten names"
         );
+        names.iter().for_each(|name| self.check_asked(name));
         self.enter(&self.get_many, names).await?;
         if let Some(error) = self.faults.lock().unwrap().every_batch.clone() {
             return Err(error);
@@ -210,6 +226,9 @@ impl ParameterStore for MemoryStore {
         max_results: usize,
         next_token: Option<String>,
     ) -> Result<Page, StoreError> {
+        if path != "/" {
+            self.check_asked(path);
+        }
         let max_results = max_results.clamp(1, MAX_PAGE);
         let below: Vec<Parameter> = {
             let parameters = self.parameters.lock().unwrap();
