@@ -40,6 +40,8 @@ pub struct AirflowSettings {
     pub endpoint_url: Option<String>,
     /// Keys ssmfs does not use, to be named in one warning.
     pub ignored_keys: Vec<String>,
+    /// What the user should know about how the kwargs map (one line each).
+    pub notes: Vec<String>,
 }
 
 const FOLDERS: [(&str, &str, &str, &str); 3] = [
@@ -81,6 +83,10 @@ pub enum KwargsError {
     },
     #[error("\"{key}\" is not a valid regex: {cause}")]
     BadPattern { key: String, cause: regex::Error },
+    #[error("\"sep\": {0:?} is not supported; secrets are reached through SSM's paths, which need \"/\"")]
+    UnsupportedSep(String),
+    #[error("\"{key}\": a secret name starting with / cannot be reached through SSM's /aws/reference/secretsmanager/")]
+    UnreachableSecretPrefix { key: String },
 }
 
 fn string_key(kwargs: &Map<String, Value>, key: &str) -> Result<Option<String>, KwargsError> {
@@ -104,16 +110,63 @@ fn airflow_prefix(raw: &str) -> String {
     }
 }
 
+/// Which of Airflow's AWS secrets backends the kwargs are for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// `SystemsManagerParameterStoreBackend`: prefixes are SSM paths.
+    #[default]
+    ParameterStore,
+    /// `SecretsManagerBackend`: prefixes are secret name prefixes, reached
+    /// through SSM's `/aws/reference/secretsmanager/` pass-through.
+    SecretsManager,
+}
+
 pub fn parse(json: &str) -> Result<AirflowSettings, KwargsError> {
+    parse_for(json, Backend::ParameterStore)
+}
+
+/// The SSM path of a SecretsManagerBackend prefix (`airflow/connections`).
+fn secrets_manager_prefix(raw: &str, key: &str) -> Result<String, KwargsError> {
+    let trimmed = raw.trim_end_matches('/');
+    if trimmed.starts_with('/') {
+        return Err(KwargsError::UnreachableSecretPrefix {
+            key: key.to_string(),
+        });
+    }
+    Ok(if trimmed.is_empty() {
+        names::SECRETS_MANAGER_REFERENCE.to_string()
+    } else {
+        format!("{}/{trimmed}", names::SECRETS_MANAGER_REFERENCE)
+    })
+}
+
+pub fn parse_for(json: &str, backend: Backend) -> Result<AirflowSettings, KwargsError> {
     let value: Value = serde_json::from_str(json).map_err(KwargsError::NotJson)?;
     let Value::Object(kwargs) = value else {
         return Err(KwargsError::NotAnObject);
     };
     let mut settings = AirflowSettings::default();
+    if backend == Backend::SecretsManager {
+        match string_key(&kwargs, "sep")?.as_deref() {
+            None | Some("/") => {}
+            Some(other) => return Err(KwargsError::UnsupportedSep(other.to_string())),
+        }
+        if kwargs.get("full_url_mode") == Some(&Value::Bool(false)) {
+            settings.notes.push(
+                "full_url_mode is false: connection secrets hold SecretsManagerBackend's own field names (user, pass, ...); their files show them as stored, and NAME@conn/ knows only Airflow's names".to_string(),
+            );
+        }
+    }
     for (folder, prefix_key, pattern_key, default) in FOLDERS {
         let prefix = match kwargs.get(prefix_key) {
+            None if backend == Backend::SecretsManager => {
+                secrets_manager_prefix(default.trim_start_matches('/'), prefix_key)?
+            }
             None => default.to_string(),
             Some(Value::Null) => continue, // Airflow: lookups of this kind are disabled
+            Some(Value::String(raw)) if backend == Backend::SecretsManager => {
+                secrets_manager_prefix(raw, prefix_key)?
+            }
             Some(Value::String(raw)) => airflow_prefix(raw),
             Some(other) => {
                 return Err(KwargsError::NotAStringOrNull {
@@ -150,6 +203,20 @@ pub fn parse(json: &str) -> Result<AirflowSettings, KwargsError> {
         .chain(["role_arn", "region_name", "profile_name", "endpoint_url"])
         // The kwargs of ssmfs's own Airflow backend, which shares this JSON.
         .chain(["mountpoint", "fallback"])
+        .chain(
+            match backend {
+                // Understood, and of no consequence for the files.
+                Backend::SecretsManager => &[
+                    "sep",
+                    "full_url_mode",
+                    "extra_conn_words",
+                    "are_secret_values_urlencoded",
+                ][..],
+                Backend::ParameterStore => &[][..],
+            }
+            .iter()
+            .copied(),
+        )
         .collect();
     settings.ignored_keys = kwargs
         .keys()
@@ -200,6 +267,35 @@ mod tests {
             s.ignored_keys,
             vec!["config_kwargs".to_string(), "use_ssl".to_string()]
         );
+    }
+
+    #[test]
+    fn secrets_manager_kwargs_map_onto_ssms_reference_paths() {
+        let s = parse_for(
+            r#"{"connections_prefix": "airflow/connections/", "variables_prefix": "team/vars", "config_prefix": null, "sep": "/", "full_url_mode": false}"#,
+            Backend::SecretsManager,
+        )
+        .unwrap();
+        let prefixes: Vec<&str> = s.areas.iter().map(|a| a.prefix.as_str()).collect();
+        assert_eq!(
+            prefixes,
+            [
+                "/aws/reference/secretsmanager/team/vars",
+                "/aws/reference/secretsmanager/airflow/connections"
+            ]
+        );
+        assert!(s.ignored_keys.is_empty(), "{:?}", s.ignored_keys);
+        assert_eq!(s.notes.len(), 1);
+        let defaults = parse_for("{}", Backend::SecretsManager).unwrap();
+        assert_eq!(
+            defaults.areas[0].prefix,
+            "/aws/reference/secretsmanager/airflow/variables"
+        );
+        let sep = parse_for(r#"{"sep": "_"}"#, Backend::SecretsManager).unwrap_err();
+        assert!(sep.to_string().contains("sep"));
+        let slash =
+            parse_for(r#"{"variables_prefix": "/v"}"#, Backend::SecretsManager).unwrap_err();
+        assert!(slash.to_string().contains("variables_prefix"));
     }
 
     #[test]

@@ -313,6 +313,23 @@ impl Cache {
         (change, entry)
     }
 
+    /// The cached `NAME:LABEL` entries of `base` (a label moved): a scan, as
+    /// label moves are rare.
+    pub fn labelled_names(&self, base: &str) -> Vec<Arc<str>> {
+        let inner = self.inner.lock().unwrap();
+        inner
+            .values
+            .iter()
+            .map(|(name, _)| name)
+            .filter(|name| {
+                name.strip_prefix(base)
+                    .and_then(|rest| rest.strip_prefix(':'))
+                    .is_some_and(|_| !crate::names::pins_version(name))
+            })
+            .cloned()
+            .collect()
+    }
+
     /// Notes that a reader used the value of `name` (see `due_for_refresh`).
     pub fn mark_read(&self, name: &str) {
         if let Some(entry) = self.inner.lock().unwrap().values.peek_mut(name) {

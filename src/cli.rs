@@ -140,6 +140,10 @@ pub struct CliArgs {
     /// Like --airflow-kwargs, reading the AIRFLOW__SECRETS__BACKEND_KWARGS variable.
     #[arg(long, help_heading = "Airflow")]
     pub airflow: bool,
+    /// The kwargs are SecretsManagerBackend's: its prefixes name secrets, read
+    /// through SSM's /aws/reference/secretsmanager/ (only sep "/").
+    #[arg(long, help_heading = "Airflow")]
+    pub airflow_secrets_manager: bool,
 
     // ----- logging -----
     /// Write logs to this file instead of stderr (background mode: instead of syslog).
@@ -325,8 +329,13 @@ impl CliArgs {
                 } else {
                     json.as_str()
                 };
-                let airflow =
-                    airflow::parse(json).map_err(|cause| CliError::Kwargs { flag, cause })?;
+                let backend = match self.airflow_secrets_manager {
+                    true => airflow::Backend::SecretsManager,
+                    false => airflow::Backend::ParameterStore,
+                };
+                let airflow = airflow::parse_for(json, backend)
+                    .map_err(|cause| CliError::Kwargs { flag, cause })?;
+                warnings.extend(airflow.notes.iter().map(|note| format!("{flag}: {note}")));
                 if !airflow.ignored_keys.is_empty() {
                     warnings.push(format!(
                         "{flag}: ssmfs does not use these keys: {}",
@@ -336,6 +345,11 @@ impl CliArgs {
                 ("/".to_string(), PathBuf::from(mountpoint), Some(airflow))
             }
             (Some((flag, _)), _) => return Err(CliError::AirflowTakesOnlyMountpoint(flag)),
+            (None, _) if self.airflow_secrets_manager => {
+                return Err(CliError::Usage(
+                    "--airflow-secrets-manager goes with --airflow or --airflow-kwargs".into(),
+                ))
+            }
             (None, [prefix, mountpoint]) => (
                 prefix.to_string_lossy().into_owned(),
                 PathBuf::from(mountpoint),

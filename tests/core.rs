@@ -1373,4 +1373,32 @@ mod typed_names {
         assert_eq!(listed, ["db", "k0"]);
         assert!(fs.store().inner().invalid_names_asked().is_empty());
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_moved_label_refetches_that_label_alone() {
+        use ssmfs::events::{event_json, parse, Message};
+        let (fs, _inval) = mount(store(), config("/t"));
+        assert_eq!(cat(&fs, "db:prod@json/password").await.unwrap(), b"p");
+        assert_eq!(
+            cat(&fs, "db:1").await.unwrap(),
+            br#"{"password": "p", "port": 1}"#
+        );
+        fs.store().inner().label("/t/db", "prod", 2);
+        let before = calls(&fs);
+        let Ok(Message::Event(moved)) = parse(&event_json(
+            "/t/db",
+            "LabelParameterVersion",
+            std::time::SystemTime::now(),
+        )) else {
+            panic!("an event")
+        };
+        fs.apply_events(vec![moved]).await;
+        assert_eq!(
+            calls(&fs).get - before.get,
+            1,
+            "db:prod only (db:1 never changes)"
+        );
+        assert_eq!(calls(&fs).total() - before.total(), 1);
+        assert_eq!(cat(&fs, "db:prod@json/password").await.unwrap(), b"q");
+    }
 }

@@ -67,32 +67,57 @@ impl<S: ParameterStore> Fs<S> {
     /// Notes what the events say changed and fetches what this host knows of.
     pub async fn apply_events(self: &Arc<Self>, events: Vec<ParameterEvent>) {
         for event in events {
-            if !self.wants_event(&event) {
+            let names = self.names_to_fetch(&event);
+            if names.is_empty() {
                 Metrics::inc(&self.metrics.events_ignored);
                 continue;
             }
             Metrics::inc(&self.metrics.events_applied);
             let mut pending = self.pending_events.lock().unwrap();
-            let time = pending
-                .names
-                .entry(Arc::from(event.name.as_str()))
-                .or_insert(event.time);
-            *time = (*time).min(event.time).or(event.time);
+            for name in names {
+                let time = pending.names.entry(name).or_insert(event.time);
+                *time = (*time).min(event.time).or(event.time);
+            }
         }
         self.retry_pending_events().await;
     }
 
+    /// What `event` makes this host fetch: the name, or for a moved label
+    /// the `NAME:LABEL` entries cached here (a label leaves the current value
+    /// as it is); nothing when the event changes nothing cached here.
+    fn names_to_fetch(&self, event: &ParameterEvent) -> Vec<Arc<str>> {
+        if event.operation == Operation::Label {
+            let fresh = self.remember_event(event) && self.layout.covers(&event.name);
+            return match fresh {
+                true => self.cache.labelled_names(&event.name),
+                false => Vec::new(),
+            };
+        }
+        match self.wants_event(event) {
+            true => vec![Arc::from(event.name.as_str())],
+            false => Vec::new(),
+        }
+    }
+
+    /// Records `event`'s id; false when it was applied already (a redelivery).
+    fn remember_event(&self, event: &ParameterEvent) -> bool {
+        let Some(id) = &event.id else {
+            return true;
+        };
+        self.seen_event_ids
+            .lock()
+            .unwrap()
+            .put(id.clone(), ())
+            .is_none()
+    }
+
     /// Whether `event` calls for a fetch here.
     fn wants_event(&self, event: &ParameterEvent) -> bool {
-        if let Some(id) = &event.id {
-            let mut seen = self.seen_event_ids.lock().unwrap();
-            if seen.put(id.clone(), ()).is_some() {
-                return false; // a redelivery
-            }
+        if !self.remember_event(event) {
+            return false;
         }
         let name = event.name.as_str();
-        if !self.layout.covers(name) || event.operation == Operation::Label {
-            // A moved label leaves the current value as it is.
+        if !self.layout.covers(name) {
             return false;
         }
         if !self.knows(name) {
@@ -145,7 +170,9 @@ impl<S: ParameterStore> Fs<S> {
             match once_in_background(self.fetch_again(&names)).await {
                 Ok(()) => {
                     for (name, time) in chunk {
-                        self.update_listings(name);
+                        if !names::has_selector(name) {
+                            self.update_listings(name);
+                        }
                         if let Some(time) = time {
                             let lag = SystemTime::now().duration_since(*time).unwrap_or_default();
                             self.metrics.event_lag(lag);
@@ -176,12 +203,19 @@ impl<S: ParameterStore> Fs<S> {
     /// One GetParameters for `names` (one GetParameter each where batches are
     /// refused). Only an outage is an error: the names wait for the next try.
     async fn fetch_again(&self, names: &[Arc<str>]) -> Result<(), StoreError> {
-        match self.get_batch(names).await {
-            Ok(()) => return Ok(()),
-            Err(error) if error.is_outage() => return Err(error),
-            Err(_) => {} // refused or rejected: name by name
+        // Selectors are never batched (see `names::has_selector`).
+        let (mut one_by_one, plain): (Vec<Arc<str>>, Vec<Arc<str>>) = names
+            .iter()
+            .cloned()
+            .partition(|name| names::has_selector(name));
+        if !plain.is_empty() {
+            match self.get_batch(&plain).await {
+                Ok(()) => {}
+                Err(error) if error.is_outage() => return Err(error),
+                Err(_) => one_by_one.extend(plain), // refused or rejected
+            }
         }
-        for name in names {
+        for name in &one_by_one {
             let known = match self.store.get(name).await {
                 Ok(parameter) => {
                     self.note_answer();
