@@ -29,6 +29,9 @@ pub enum FsError {
     /// No such extended attribute (or none on directories).
     #[error("no such attribute")]
     NoAttribute,
+    /// An attribute namespace this filesystem has none of (security.*, system.*).
+    #[error("attributes of this kind are not supported")]
+    UnsupportedAttribute,
     /// IAM or KMS denies reading this parameter.
     #[error("SSM denied access to {name} (IAM or KMS)")]
     AccessDenied { name: String },
@@ -61,6 +64,7 @@ impl FsError {
             FsError::UnknownInode(_) => libc::ESTALE,
             FsError::BadHandle(_) => libc::EBADF,
             FsError::NoAttribute => libc::ENODATA,
+            FsError::UnsupportedAttribute => libc::EOPNOTSUPP,
             FsError::AccessDenied { .. } | FsError::ListingRefused { .. } => libc::EACCES,
             FsError::Unreachable { source, .. } => Self::store_errno(source),
             FsError::Store(error) => Self::store_errno(error),
@@ -92,6 +96,7 @@ impl FsError {
             | FsError::AccessDenied { .. }
             | FsError::ListingRefused { .. }
             | FsError::NoAttribute
+            | FsError::UnsupportedAttribute
             | FsError::Store(StoreError::NotFound) => Level::DEBUG,
             FsError::Store(_) | FsError::Unreachable { .. } => Level::WARN,
             FsError::UnknownInode(_) | FsError::BadHandle(_) => Level::ERROR,

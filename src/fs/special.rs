@@ -192,9 +192,16 @@ impl<S: ParameterStore> Fs<S> {
 
     /// One extended attribute of a file, from the cached parameter.
     pub async fn xattr(self: &Arc<Self>, ino: u64, attribute: &OsStr) -> Result<Vec<u8>, FsError> {
+        let attribute = attribute.to_str().ok_or(FsError::NoAttribute)?;
+        if !attribute.starts_with("user.") {
+            // No SELinux labels, ACLs or capabilities here. EOPNOTSUPP (not
+            // ENODATA) lets `ls -l` stop asking for them on this mount after
+            // the first file (coreutils remembers an unsupporting device),
+            // where each would be a round trip per file and listing.
+            return Err(FsError::UnsupportedAttribute);
+        }
         let node = self.node(ino)?;
         let value_name = Self::value_name_of(&node).ok_or(FsError::NoAttribute)?;
-        let attribute = attribute.to_str().ok_or(FsError::NoAttribute)?;
         if !XATTR_NAMES.contains(&attribute) {
             return Err(FsError::NoAttribute);
         }
