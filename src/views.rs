@@ -677,6 +677,19 @@ mod tests {
         assert!(fields(View::Json, b"not json").is_none());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn no_value_makes_a_view_panic(value in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+                                       text in ".{0,200}") {
+            for view in [View::Json, View::Conn] {
+                let _ = fields(view, &value);
+                let _ = fields(view, text.as_bytes());
+                let _ = fields(view, format!("s://{text}").as_bytes());
+                let _ = fields(view, format!("{{\"host\": {text:?}, \"extra\": {text:?}}}").as_bytes());
+            }
+        }
+    }
+
     #[test]
     fn python_float_formatting() {
         assert_eq!(python_float(2.5), "2.5");

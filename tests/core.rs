@@ -1375,6 +1375,34 @@ mod typed_names {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_stale_attribute_says_when_an_outage_serves_a_value_past_its_ttl() {
+        let (fs, _inval) = mount(store(), config("/t"));
+        let ino = walk(&fs, "db").await.unwrap().attr.ino;
+        let stale = |fs: TestFs| async move {
+            fs.xattr(ino, OsStr::new("user.ssmfs.stale")).await.unwrap()
+        };
+        assert_eq!(stale(fs.clone()).await, b"0");
+        fs.store()
+            .inner()
+            .fail_every_call(Some(StoreError::Unavailable("injected".into())));
+        tokio::time::advance(Duration::from_secs(301)).await;
+        assert_eq!(
+            cat(&fs, "db").await.unwrap(),
+            br#"{"password": "q"}"#,
+            "served stale"
+        );
+        assert_eq!(stale(fs.clone()).await, b"1");
+        fs.store().inner().fail_every_call(None);
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        assert_eq!(cat(&fs, "db").await.unwrap(), br#"{"password": "q"}"#);
+        assert_eq!(stale(fs.clone()).await, b"0", "fetched again");
+        let unsupported = fs.xattr(ino, OsStr::new("security.selinux")).await;
+        assert_eq!(unsupported.unwrap_err().errno(), libc::EOPNOTSUPP);
+        let unknown = fs.xattr(ino, OsStr::new("user.other")).await;
+        assert_eq!(unknown.unwrap_err().errno(), libc::ENODATA);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_moved_label_refetches_that_label_alone() {
         use ssmfs::events::{event_json, parse, Message};
         let (fs, _inval) = mount(store(), config("/t"));
