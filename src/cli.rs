@@ -62,6 +62,25 @@ pub struct CliArgs {
     /// FUSE worker threads.
     #[arg(long, default_value_t = 4, help_heading = "Mount")]
     pub threads: usize,
+    /// Hold the mount in a small supervisor that restarts the serving daemon
+    /// when it dies and replaces it on SIGUSR2, with no failed read (root).
+    #[arg(long, help_heading = "Mount")]
+    pub supervise: bool,
+    /// With --supervise: write the serving daemon's pid here (after each restart).
+    #[arg(
+        long,
+        value_name = "PATH",
+        help_heading = "Mount",
+        requires = "supervise"
+    )]
+    pub pid_file: Option<PathBuf>,
+    /// With --supervise: how long readers wait for a daemon that cannot
+    /// start before the connection is aborted (they get an error).
+    #[arg(long, default_value = "30s", value_parser = config::parse_duration, allow_hyphen_values = true, help_heading = "Mount")]
+    pub restart_deadline: Duration,
+    /// Internal: serve the supervisor's socket on fd 3 (inode journal on fd 4).
+    #[arg(long, hide = true, conflicts_with = "supervise")]
+    pub serve_fd: bool,
 
     // ----- cache -----
     /// How long a value or listing is trusted.
@@ -172,6 +191,33 @@ pub struct Settings {
     pub log_file: Option<PathBuf>,
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub events: Option<EventsSource>,
+    pub supervise: bool,
+    pub pid_file: Option<PathBuf>,
+    pub restart_deadline: Duration,
+    pub serve_fd: bool,
+}
+
+/// The arguments of the serving daemon a supervisor starts: the supervisor's
+/// own (mount options expanded), without what only the supervisor uses, and
+/// with `--serve-fd`.
+pub fn daemon_args(args: Vec<OsString>) -> Result<Vec<OsString>, CliError> {
+    let mut out = vec![OsString::from("--serve-fd")];
+    let mut iter = expand_mount_options(args)?.into_iter().skip(1);
+    while let Some(arg) = iter.next() {
+        let text = arg.to_string_lossy();
+        if text == "--supervise" {
+            continue;
+        }
+        if text == "--pid-file" || text == "--restart-deadline" {
+            iter.next();
+            continue;
+        }
+        if text.starts_with("--pid-file=") || text.starts_with("--restart-deadline=") {
+            continue;
+        }
+        out.push(arg);
+    }
+    Ok(out)
 }
 
 /// Mount options that belong to mount(8) itself or that ssmfs always applies.
@@ -434,6 +480,10 @@ impl CliArgs {
             log_file: self.log_file,
             metrics_addr: self.metrics_addr,
             events,
+            supervise: self.supervise,
+            pid_file: self.pid_file,
+            restart_deadline: self.restart_deadline,
+            serve_fd: self.serve_fd,
         })
     }
 }

@@ -33,11 +33,23 @@ use crate::store::ParameterStore;
 pub struct FuseAdapter<S> {
     fs: Arc<Fs<S>>,
     runtime: Handle,
+    /// A test hook (`SSMFS_TEST_REQUEST_DELAY_MS`): every request handed to
+    /// the core waits this long first, so a test can kill a daemon while
+    /// requests are in flight (the supervisor must resend them).
+    test_delay: Option<Duration>,
 }
 
 impl<S: ParameterStore> FuseAdapter<S> {
     pub fn new(fs: Arc<Fs<S>>, runtime: Handle) -> Self {
-        Self { fs, runtime }
+        let test_delay = std::env::var("SSMFS_TEST_REQUEST_DELAY_MS")
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .map(Duration::from_millis);
+        Self {
+            fs,
+            runtime,
+            test_delay,
+        }
     }
 
     /// Times one request; the latency is recorded when the timer is dropped,
@@ -60,8 +72,12 @@ impl<S: ParameterStore> FuseAdapter<S> {
         let timer = self.timer(operation);
         let span = tracing::debug_span!("fuse", op = operation, ino = ino.0);
         let task = work(self.fs.clone());
+        let delay = self.test_delay;
         self.runtime.spawn(
             async move {
+                if let Some(delay) = delay {
+                    tokio::time::sleep(delay).await;
+                }
                 task.await;
                 drop(timer);
             }
@@ -93,6 +109,20 @@ macro_rules! refuse {
             }
         )*
     };
+}
+
+fn reply_dir(mut reply: ReplyDirectory, items: Vec<(u64, crate::fs::DirItem)>) {
+    for (next_offset, item) in items {
+        if reply.add(
+            INodeNo(item.ino),
+            next_offset,
+            file_type(item.kind),
+            &item.name,
+        ) {
+            break;
+        }
+    }
+    reply.ok();
 }
 
 /// The xattr protocol: size 0 asks how big, else the bytes if they fit.
@@ -154,6 +184,9 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Older kernels lack the flag; caching then relies on TTLs and notifications.
         let _ = config.add_capabilities(InitFlags::FUSE_AUTO_INVAL_DATA);
+        // Nothing is ever written: the smallest write size keeps the buffer a
+        // reader of /dev/fuse needs small (the supervisor's: --supervise).
+        let _ = config.set_max_write(4096);
         Ok(())
     }
 
@@ -222,26 +255,26 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
         let _timer = self.timer("readdir");
         match self.fs.readdir(fh.0, offset, READDIR_BATCH) {
-            Ok(items) => {
-                for (next_offset, item) in items {
-                    if reply.add(
-                        INodeNo(item.ino),
-                        next_offset,
-                        file_type(item.kind),
-                        &item.name,
-                    ) {
-                        break;
-                    }
+            Ok(items) => reply_dir(reply, items),
+            // A handle an earlier daemon of this mount opened (--supervise):
+            // list the directory again under the same handle.
+            Err(FsError::BadHandle(_)) => self.spawn("readdir", ino, move |fs| async move {
+                let listed = match fs.reopen_dir(ino.0, fh.0).await {
+                    Ok(()) => fs.readdir(fh.0, offset, READDIR_BATCH),
+                    Err(error) => Err(error),
+                };
+                match listed {
+                    Ok(items) => reply_dir(reply, items),
+                    Err(error) => reply.error(fail("readdir", &error)),
                 }
-                reply.ok();
-            }
+            }),
             Err(error) => reply.error(fail("readdir", &error)),
         }
     }

@@ -188,6 +188,37 @@ impl Table {
 
 pub struct InodeTable {
     table: Mutex<Table>,
+    /// Under `--supervise`: every node ever created, shared with the next
+    /// daemon of the same mount, so the numbers the kernel holds keep their
+    /// names across a restart.
+    journal: Option<std::fs::File>,
+}
+
+/// How many references a node restored from the journal holds: unknown (the
+/// kernel may hold any number), so it is never forgotten.
+const RESTORED_LOOKUPS: u64 = u64::MAX / 2;
+
+fn encode_record(ino: u64, parent: u64, role: Role, name: &str) -> Vec<u8> {
+    let mut record = Vec::with_capacity(21 + name.len());
+    record.extend_from_slice(&ino.to_le_bytes());
+    record.extend_from_slice(&parent.to_le_bytes());
+    record.push(role.tag());
+    record.extend_from_slice(&(name.len() as u32).to_le_bytes());
+    record.extend_from_slice(name.as_bytes());
+    record
+}
+
+fn role_of(tag: u8) -> Option<Role> {
+    [
+        Role::Dir,
+        Role::File,
+        Role::ShadowedValue,
+        Role::Area,
+        Role::View,
+        Role::Field,
+    ]
+    .into_iter()
+    .find(|role| role.tag() == tag)
 }
 
 impl InodeTable {
@@ -199,6 +230,7 @@ impl InodeTable {
         };
         Self::insert(&mut table, ROOT_INO, ROOT_INO, prefix, None, Role::Dir);
         Self {
+            journal: None,
             table: Mutex::new(table),
         }
     }
@@ -260,6 +292,59 @@ impl InodeTable {
 
     /// The inode for `name` in `role`, created if needed, with one more kernel
     /// reference (every successful lookup reply is one reference).
+    /// Restores the nodes an earlier daemon of this mount recorded in
+    /// `journal` (read without moving its shared offset), and records new
+    /// ones there from now on.
+    pub fn with_journal(mut self, journal: std::fs::File) -> std::io::Result<Self> {
+        use std::os::unix::fs::FileExt;
+        let length = journal.metadata()?.len();
+        let mut bytes = vec![0; usize::try_from(length).unwrap_or(0)];
+        journal.read_exact_at(&mut bytes, 0)?;
+        let mut restored = 0;
+        {
+            let mut table = self.table.lock().unwrap();
+            let mut rest = bytes.as_slice();
+            while rest.len() >= 21 {
+                let ino = u64::from_le_bytes(rest[0..8].try_into().unwrap());
+                let parent = u64::from_le_bytes(rest[8..16].try_into().unwrap());
+                let role = role_of(rest[16]);
+                let len = u32::from_le_bytes(rest[17..21].try_into().unwrap()) as usize;
+                let Some(name) = rest.get(21..21 + len) else {
+                    break; // a record cut short by a crash mid-write
+                };
+                if let (Some(role), Ok(name)) = (role, std::str::from_utf8(name)) {
+                    if !table.nodes.contains_key(&ino) {
+                        Self::insert(&mut table, ino, parent, name, None, role);
+                        restored += 1;
+                    }
+                    if let Some(node) = table.nodes.get_mut(&ino) {
+                        node.lookups = RESTORED_LOOKUPS;
+                    }
+                }
+                rest = &rest[21 + len..];
+            }
+        }
+        if restored > 0 {
+            tracing::info!(
+                restored,
+                "inode numbers restored from the previous daemon of this mount"
+            );
+        }
+        self.journal = Some(journal);
+        Ok(self)
+    }
+
+    fn record(&self, ino: u64, parent: u64, role: Role, name: &str) {
+        use std::io::Write;
+        if let Some(mut journal) = self.journal.as_ref() {
+            // One write per record: the offset is shared with every daemon
+            // of the mount, and a write moves it atomically.
+            if let Err(error) = journal.write_all(&encode_record(ino, parent, role, name)) {
+                tracing::warn!(%error, "could not record an inode for the next daemon");
+            }
+        }
+    }
+
     pub fn remember(&self, parent: u64, name: &str, role: Role) -> u64 {
         self.remember_sharing(parent, name, None, role)
     }
@@ -285,7 +370,10 @@ impl InodeTable {
             }
         }
         let ino = table.number(name, role);
-        Self::insert(&mut table, ino, parent, name, shared, role)
+        let ino = Self::insert(&mut table, ino, parent, name, shared, role);
+        drop(table);
+        self.record(ino, parent, role, name);
+        ino
     }
 
     /// The number a listing reports for (name, role): the held node's, or the

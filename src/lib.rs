@@ -20,4 +20,5 @@ pub mod metrics;
 pub mod names;
 pub mod secret;
 pub mod store;
+pub mod supervisor;
 pub mod views;

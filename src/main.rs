@@ -41,9 +41,15 @@ fn main() -> ExitCode {
     };
     // When the log is stderr, the one-line message below already says it.
     let log_is_stderr = settings.foreground && settings.log_file.is_none();
-    let result = init_logging(&settings, readiness.is_background()).and_then(|()| {
+    // A serving daemon logs where its supervisor does (it has no terminal
+    // of its own once the supervisor runs in the background).
+    let background = readiness.is_background() || (settings.serve_fd && !settings.foreground);
+    let result = init_logging(&settings, background).and_then(|()| {
         for warning in &settings.warnings {
             tracing::warn!("{warning}");
+        }
+        if settings.supervise {
+            return supervise(settings, &mut readiness);
         }
         run(settings, &mut readiness)
     });
@@ -64,6 +70,11 @@ fn main() -> ExitCode {
 /// Checks made before forking, so the user sees the reason on their terminal,
 /// then the fork. `None`: this is the parent of a daemon that mounted.
 fn prepare(settings: &Settings) -> anyhow::Result<Option<Readiness>> {
+    if settings.serve_fd {
+        // The supervisor holds the mount and stays in charge of readiness.
+        daemon::harden_process(settings.mlock)?;
+        return Ok(Some(Readiness::foreground()));
+    }
     daemon::prepare_mountpoint(&settings.mountpoint)?;
     daemon::harden_process(settings.mlock)?;
     if settings.foreground {
@@ -76,9 +87,39 @@ fn prepare(settings: &Settings) -> anyhow::Result<Option<Readiness>> {
     }
 }
 
-fn run(settings: Settings, readiness: &mut Readiness) -> anyhow::Result<()> {
+/// `--supervise`: the supervisor holds the mount; the serving daemon is this
+/// binary again, with the same options and `--serve-fd`.
+fn supervise(settings: Settings, readiness: &mut Readiness) -> anyhow::Result<()> {
     let mountpoint = std::fs::canonicalize(&settings.mountpoint)
         .with_context(|| format!("mount point {}", settings.mountpoint.display()))?;
+    let daemon_args = ssmfs::cli::daemon_args(std::env::args_os().collect())?;
+    let supervisor = ssmfs::supervisor::SupervisorSettings {
+        mount: MountSettings {
+            mountpoint,
+            fsname: settings.fsname.clone(),
+            allow_other: settings.allow_other,
+            allow_root: settings.allow_root,
+            threads: settings.threads,
+            serve_fd: None,
+        },
+        daemon_args,
+        pid_file: settings.pid_file.clone(),
+        restart_deadline: settings.restart_deadline,
+    };
+    ssmfs::supervisor::run(supervisor, readiness)?;
+    Ok(())
+}
+
+fn run(settings: Settings, readiness: &mut Readiness) -> anyhow::Result<()> {
+    let settings_serve_fd = settings.serve_fd;
+    // A supervised daemon must not look at the mount point: the mount is
+    // there and waits for this very process to answer.
+    let mountpoint = if settings.serve_fd {
+        settings.mountpoint.clone()
+    } else {
+        std::fs::canonicalize(&settings.mountpoint)
+            .with_context(|| format!("mount point {}", settings.mountpoint.display()))?
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ssmfs-worker")
@@ -94,7 +135,17 @@ fn run(settings: Settings, readiness: &mut Readiness) -> anyhow::Result<()> {
     let store = Resilient::new(store, settings.fs.request.clone(), metrics.clone());
     let prefix = settings.fs.prefix.clone();
     let served_prefixes = settings.fs.served_prefixes();
-    let (fs, invalidations) = Fs::new(store, settings.fs, metrics);
+    let (fs, invalidations) = if settings.serve_fd {
+        use std::os::fd::FromRawFd;
+        // SAFETY: the supervisor passed the journal on this fd for us to own.
+        let journal = unsafe { std::fs::File::from_raw_fd(ssmfs::supervisor::JOURNAL_FD) };
+        let inodes = Fs::<Resilient<SsmStore>>::inode_table(&settings.fs)
+            .with_journal(journal)
+            .context("the supervisor's inode journal")?;
+        Fs::with_inodes(store, settings.fs, metrics, inodes)
+    } else {
+        Fs::new(store, settings.fs, metrics)
+    };
     runtime.block_on(fs.check_access())?;
     let events = match &settings.events {
         Some(source) => {
@@ -123,6 +174,7 @@ fn run(settings: Settings, readiness: &mut Readiness) -> anyhow::Result<()> {
         allow_other: settings.allow_other,
         allow_root: settings.allow_root,
         threads: settings.threads,
+        serve_fd: settings.serve_fd.then_some(ssmfs::supervisor::SERVE_FD),
     };
     let mounted = match daemon::mount(
         Arc::clone(&fs),
@@ -147,6 +199,14 @@ fn run(settings: Settings, readiness: &mut Readiness) -> anyhow::Result<()> {
     readiness.ready();
     readiness.detach_stdio();
     let reason = runtime.block_on(daemon::serve_until_stopped(fs, &mounted, signals));
+    if settings_serve_fd {
+        // Supervised: leave without a word to the kernel. Ending the runtime
+        // would answer the requests still in flight with EIO (fuser's reply
+        // on drop), where the supervisor has already resent them to our
+        // successor. The own event queue is not ours to remove here.
+        tracing::info!(reason, "stopping; the supervisor keeps the mount");
+        std::process::exit(0);
+    }
     daemon::sd_notify("STOPPING=1");
     tracing::info!(reason, "unmounting");
     mounted.unmount();

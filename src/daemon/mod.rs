@@ -19,7 +19,9 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 
 pub use metrics_http::serve_metrics;
-pub use mount::{is_mount_point, lazy_unmount, mount, prepare_mountpoint, MountSettings, Mounted};
+pub use mount::{
+    is_mount_point, lazy_unmount, mount, mount_device, prepare_mountpoint, MountSettings, Mounted,
+};
 pub use process::{daemonize, harden_process, Forked, Readiness};
 
 use crate::fs::Fs;

@@ -3,6 +3,7 @@
 //! fusermount3), and the lazy unmount that open files cannot block.
 
 use std::ffi::CString;
+use std::os::fd::FromRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,6 +24,9 @@ pub struct MountSettings {
     pub allow_other: bool,
     pub allow_root: bool,
     pub threads: usize,
+    /// Serve FUSE frames on this fd (a supervisor's socket, `--serve-fd`)
+    /// instead of mounting: the supervisor owns the mount.
+    pub serve_fd: Option<std::os::fd::RawFd>,
 }
 
 /// Checks the mount point and detaches a stale FUSE mount left on it.
@@ -109,6 +113,8 @@ pub fn lazy_unmount(path: &Path) -> std::io::Result<()> {
 pub struct Mounted {
     session: fuser::BackgroundSession,
     mountpoint: PathBuf,
+    /// False when serving a supervisor's socket: the mount is the supervisor's.
+    owns_mount: bool,
 }
 
 /// Mounts `fs`. When this returns the kernel has completed the FUSE handshake,
@@ -146,8 +152,14 @@ pub fn mount<S: ParameterStore>(
     // As root we mount ourselves so the type reads `fuse.ssmfs` (for mount(8),
     // findmnt and fstab); other users go through fuser and fusermount3.
     // SAFETY: geteuid cannot fail.
-    let session = if unsafe { libc::geteuid() } == 0 {
-        let fd = mount_fuse_as_root(settings).map_err(cannot)?;
+    let session = if let Some(fd) = settings.serve_fd {
+        // SAFETY: the supervisor passed us this fd to own.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // One socket, read by every worker thread: no clone (an ioctl of /dev/fuse).
+        config.clone_fd = false;
+        Session::from_fd(adapter, fd, config.acl, config.clone()).map_err(cannot)?
+    } else if unsafe { libc::geteuid() } == 0 {
+        let fd = mount_device(settings).map_err(cannot)?;
         Session::from_fd(adapter, fd, config.acl, config.clone()).map_err(cannot)?
     } else {
         // fuser gives up (rather than trying fusermount3) when it cannot open
@@ -166,11 +178,12 @@ pub fn mount<S: ParameterStore>(
     Ok(Mounted {
         session,
         mountpoint: settings.mountpoint.clone(),
+        owns_mount: settings.serve_fd.is_none(),
     })
 }
 
-/// Opens /dev/fuse and mounts it read-only with type `fuse.ssmfs`.
-fn mount_fuse_as_root(settings: &MountSettings) -> std::io::Result<std::os::fd::OwnedFd> {
+/// Opens /dev/fuse and mounts it read-only with type `fuse.ssmfs` (as root).
+pub fn mount_device(settings: &MountSettings) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::{AsRawFd, OwnedFd};
     let device = std::fs::OpenOptions::new()
         .read(true)
@@ -218,6 +231,12 @@ impl Mounted {
     /// Lazily unmounts and gives the session a moment to wind down; files still
     /// open lose the connection when the process exits.
     pub fn unmount(self) {
+        if !self.owns_mount {
+            // Serving a supervisor: the mount lives on, and the requests this
+            // process leaves unanswered go to its successor. Leave at once.
+            std::mem::forget(self.session);
+            return;
+        }
         if is_mount_point(&self.mountpoint) {
             if let Err(e) = lazy_unmount(&self.mountpoint) {
                 tracing::error!(mountpoint = %self.mountpoint.display(), error = %e, "unmount failed");

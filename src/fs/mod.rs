@@ -143,19 +143,38 @@ impl<S: ParameterStore> Fs<S> {
         config: FsConfig,
         metrics: Arc<Metrics>,
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<Invalidation>) {
+        let inodes = InodeTable::new(Layout::new(&config).root_name());
+        Self::with_inodes(store, config, metrics, inodes)
+    }
+
+    /// An empty inode table for a mount of `config`.
+    pub fn inode_table(config: &FsConfig) -> InodeTable {
+        InodeTable::new(Layout::new(config).root_name())
+    }
+
+    /// Like `new`, with an inode table restored from an earlier daemon of the
+    /// same mount (`InodeTable::with_journal`).
+    pub fn with_inodes(
+        store: S,
+        config: FsConfig,
+        metrics: Arc<Metrics>,
+        inodes: InodeTable,
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<Invalidation>) {
         let (sender, receiver) = mpsc::unbounded_channel();
         let layout = Layout::new(&config);
         let fs = Fs {
             store,
             cache: Cache::new(config.cache.clone(), metrics.clone()),
-            inodes: InodeTable::new(layout.root_name()),
+            inodes,
             layout,
             attrs: Attrs::new(&config),
             metrics,
             value_flights: SingleFlight::default(),
             dir_flights: SingleFlight::default(),
             dir_handles: Mutex::new(HashMap::new()),
-            next_handle: AtomicU64::new(1),
+            // Random: a restarted daemon (--supervise) must not hand out a
+            // handle the kernel still holds from its predecessor.
+            next_handle: AtomicU64::new(u64::from(rand::random::<u32>()) << 24 | 1),
             invalidations: sender,
             refreshing: Mutex::new(HashSet::new()),
             failures_in_a_row: AtomicU32::new(0),
@@ -360,6 +379,22 @@ impl<S: ParameterStore> Fs<S> {
     /// so offsets stay stable while the directory is read. Every entry carries
     /// the inode number a lookup of it gives.
     pub async fn opendir(self: &Arc<Self>, ino: u64) -> Result<u64, FsError> {
+        let items = self.dir_items(ino).await?;
+        Ok(self.new_dir_handle(items))
+    }
+
+    /// Lists `ino` again under `handle`, a handle an earlier daemon of this
+    /// mount gave the kernel: its offsets stay valid, as listings are sorted.
+    pub async fn reopen_dir(self: &Arc<Self>, ino: u64, handle: u64) -> Result<(), FsError> {
+        let items = self.dir_items(ino).await?;
+        self.dir_handles
+            .lock()
+            .unwrap()
+            .insert(handle, Arc::new(items));
+        Ok(())
+    }
+
+    async fn dir_items(self: &Arc<Self>, ino: u64) -> Result<Vec<DirItem>, FsError> {
         let node = self.dir_node(ino)?;
         let mut items = vec![
             DirItem {
@@ -384,7 +419,7 @@ impl<S: ParameterStore> Fs<S> {
                         name,
                     }),
             );
-            return Ok(self.new_dir_handle(items));
+            return Ok(items);
         }
         if let Some(areas) = self.layout.root_items(&node) {
             items.extend(areas.iter().map(|area| DirItem {
@@ -392,7 +427,7 @@ impl<S: ParameterStore> Fs<S> {
                 kind: FileKind::Dir,
                 name: area.folder.clone(),
             }));
-            return Ok(self.new_dir_handle(items));
+            return Ok(items);
         }
         let listing = self.listing(&node.name).await?;
         if self.layout.shows_own_value(&node) && self.has_own_value(&node.name, &listing).await {
@@ -417,7 +452,7 @@ impl<S: ParameterStore> Fs<S> {
                 name: child.to_string(),
             });
         }
-        Ok(self.new_dir_handle(items))
+        Ok(items)
     }
 
     /// Whether the directory `path` is itself a parameter (shown as `@value`).

@@ -1,0 +1,561 @@
+//! `--supervise`: a small process that holds the FUSE connection while the
+//! serving daemon comes and goes, so a crash, a `kill -9` or an upgrade fails
+//! no read.
+//!
+//! Model: the kernel aborts a FUSE connection only when the last holder of
+//! its `/dev/fuse` file closes it. The supervisor mounts and holds that file,
+//! and relays FUSE frames between it and the serving daemon (this binary with
+//! `--serve-fd`) over a `SOCK_SEQPACKET` socket pair, one frame per message;
+//! the daemon runs fuser unchanged on its end. The supervisor reads nothing
+//! of a frame but its header: it keeps every request it forwarded until the
+//! reply to it passes back, and when a daemon dies it starts the next one,
+//! replays the kernel's INIT to it (whose reply it drops: the kernel
+//! negotiated once), and sends it every request still unanswered. Every
+//! operation of ssmfs is read-only, so a request answered twice is harmless
+//! (the kernel drops the second answer). Node ids keep their names across
+//! daemons through a journal (a memfd the supervisor owns, `InodeTable::
+//! with_journal`); directory handles a dead daemon gave out are listed again.
+//!
+//! No AWS, no cache, no parsing beyond frame headers: what is here must not
+//! crash. If no daemon can be started for `--restart-deadline` (or five
+//! starts in a row fail), the connection is aborted so readers get an error
+//! rather than hang, and the mount is removed.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::daemon::{self, MountSettings, Readiness};
+
+/// The fd numbers a serving daemon finds its socket and the inode journal on.
+pub const SERVE_FD: RawFd = 3;
+pub const JOURNAL_FD: RawFd = 4;
+/// Starts that fail in a row before the supervisor gives up.
+const MAX_FAILED_STARTS: u32 = 5;
+/// Pause before a restart, doubled per failed start, at most 2 s: a crash is
+/// answered at once, a daemon that cannot start is not restarted in a loop.
+const RESTART_PAUSE: Duration = Duration::from_millis(50);
+/// Big enough for any frame the kernel sends (1 MiB writes are not
+/// negotiated: ssmfs is read-only) and for every reply.
+const FRAME_BUFFER: usize = 1 << 20 | 4096;
+
+const FUSE_FORGET: u32 = 2;
+const FUSE_INIT: u32 = 26;
+const FUSE_INTERRUPT: u32 = 36;
+const FUSE_BATCH_FORGET: u32 = 42;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("--supervise needs root (it mounts /dev/fuse itself)")]
+    NotRoot,
+    #[error("cannot mount {path}: {cause}")]
+    Mount { path: String, cause: io::Error },
+    #[error("cannot set up the supervisor: {0}")]
+    Setup(io::Error),
+    #[error("{0}")]
+    GaveUp(String),
+}
+
+pub struct SupervisorSettings {
+    pub mount: MountSettings,
+    /// Arguments of the serving daemon (without the program name).
+    pub daemon_args: Vec<OsString>,
+    pub pid_file: Option<PathBuf>,
+    pub restart_deadline: Duration,
+}
+
+/// Requests forwarded and not answered yet, by `unique`, and what to send
+/// them to.
+struct Relay {
+    outstanding: BTreeMap<u64, Vec<u8>>,
+    init: Option<Vec<u8>>,
+    daemon_socket: Option<Arc<OwnedFd>>,
+}
+
+struct Shared {
+    fuse: OwnedFd,
+    relay: Mutex<Relay>,
+    /// Set when the kernel answered the first INIT reply: the mount serves.
+    initialized: AtomicBool,
+    /// The last time any daemon answered a request.
+    answers: AtomicU64,
+    resent: AtomicU64,
+}
+
+enum Event {
+    /// The kernel ended the connection (unmounted).
+    Unmounted,
+    /// A daemon's socket closed (it died or exited).
+    DaemonGone,
+}
+
+fn header(frame: &[u8]) -> Option<(u32, u64)> {
+    let opcode = u32::from_ne_bytes(frame.get(4..8)?.try_into().ok()?);
+    let unique = u64::from_ne_bytes(frame.get(8..16)?.try_into().ok()?);
+    Some((opcode, unique))
+}
+
+fn reply_unique(frame: &[u8]) -> Option<u64> {
+    Some(u64::from_ne_bytes(frame.get(8..16)?.try_into().ok()?))
+}
+
+fn write_frame(fd: &OwnedFd, frame: &[u8]) -> io::Result<()> {
+    // SAFETY: a valid fd and buffer.
+    let written = unsafe { libc::write(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+    if written < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn read_frame(fd: &OwnedFd, buffer: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: a valid fd and buffer.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len()) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let error = io::Error::last_os_error();
+        match error.raw_os_error() {
+            // ENOENT: the request was interrupted before we read it.
+            Some(libc::EINTR | libc::EAGAIN | libc::ENOENT) => continue,
+            _ => return Err(error),
+        }
+    }
+}
+
+impl Shared {
+    /// Kernel -> daemon: every request is kept until answered.
+    fn relay_requests(self: Arc<Self>, events: mpsc::Sender<Event>) {
+        let mut buffer = vec![0u8; FRAME_BUFFER];
+        loop {
+            let n = match read_frame(&self.fuse, &mut buffer) {
+                Ok(n) => n,
+                Err(error) => {
+                    if error.raw_os_error() != Some(libc::ENODEV) {
+                        tracing::error!(%error, "reading /dev/fuse failed");
+                    }
+                    let _ = events.send(Event::Unmounted);
+                    return;
+                }
+            };
+            let frame = buffer[..n].to_vec();
+            let Some((opcode, unique)) = header(&frame) else {
+                continue;
+            };
+            let socket = {
+                let mut relay = self.relay.lock().unwrap();
+                if opcode == FUSE_INIT && relay.init.is_none() {
+                    relay.init = Some(frame.clone());
+                }
+                if !matches!(opcode, FUSE_FORGET | FUSE_BATCH_FORGET | FUSE_INTERRUPT) {
+                    relay.outstanding.insert(unique, frame.clone());
+                }
+                relay.daemon_socket.clone()
+            };
+            // A send to a daemon that just died is lost; the request stays
+            // outstanding and goes to its successor.
+            if let Some(socket) = socket {
+                let _ = write_frame(&socket, &frame);
+            }
+        }
+    }
+
+    /// Daemon -> kernel: the first answer to a request passes; notifications
+    /// (unique 0) pass; answers to requests already answered are dropped.
+    fn relay_replies(self: Arc<Self>, socket: Arc<OwnedFd>, events: mpsc::Sender<Event>) {
+        let mut buffer = vec![0u8; FRAME_BUFFER];
+        loop {
+            let n = match read_frame(&socket, &mut buffer) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let frame = &buffer[..n];
+            let Some(unique) = reply_unique(frame) else {
+                continue;
+            };
+            self.answers.store(now_millis(), Ordering::Relaxed);
+            if unique != 0 {
+                let first = self.relay.lock().unwrap().outstanding.remove(&unique);
+                let Some(request) = first else {
+                    continue; // answered already, or the replayed INIT
+                };
+                if header(&request).is_some_and(|(opcode, _)| opcode == FUSE_INIT) {
+                    self.initialized.store(true, Ordering::Release);
+                }
+            }
+            // ENOENT: the kernel gave up on the request (interrupted).
+            let _ = write_frame(&self.fuse, frame);
+        }
+        let _ = events.send(Event::DaemonGone);
+    }
+}
+
+fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// An anonymous, close-on-exec memory file for the inode journal: never on
+/// disk, gone with the last process holding it.
+fn journal() -> io::Result<OwnedFd> {
+    // SAFETY: a valid NUL-terminated name.
+    let fd = unsafe { libc::memfd_create(c"ssmfs-inodes".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for two descriptors.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: two new fds we own.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// The signals the supervisor acts on, blocked in every thread and taken
+/// with `sigtimedwait` by the main loop.
+fn blocked_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in [
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGHUP,
+            libc::SIGUSR2,
+            libc::SIGCHLD,
+        ] {
+            libc::sigaddset(&mut set, signal);
+        }
+        set
+    }
+}
+
+struct Daemon {
+    child: Child,
+    generation: u64,
+}
+
+struct Supervisor {
+    settings: SupervisorSettings,
+    shared: Arc<Shared>,
+    journal: OwnedFd,
+    binary: PathBuf,
+    events_tx: mpsc::Sender<Event>,
+    generation: u64,
+    restarts: u64,
+    handovers: u64,
+}
+
+impl Supervisor {
+    /// Starts a daemon on a new socket and makes it the one requests go to:
+    /// the INIT replayed (after the first), then every unanswered request.
+    fn start_daemon(&mut self) -> io::Result<Daemon> {
+        let (ours, theirs) = socket_pair()?;
+        let (socket_fd, journal_fd) = (theirs.as_raw_fd(), self.journal.as_raw_fd());
+        let mut command = Command::new(&self.binary);
+        command
+            .args(&self.settings.daemon_args)
+            // Readiness is the supervisor's to report, not the daemon's.
+            .env_remove("NOTIFY_SOCKET")
+            .env("SSMFS_SUPERVISOR_RESTARTS", self.restarts.to_string())
+            .env("SSMFS_SUPERVISOR_HANDOVERS", self.handovers.to_string())
+            .env(
+                "SSMFS_SUPERVISOR_RESENT",
+                self.shared.resent.load(Ordering::Relaxed).to_string(),
+            );
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                // Out of the way first (either may already sit on 3 or 4), then
+                // into place: dup2 to another number clears close-on-exec.
+                let socket = libc::fcntl(socket_fd, libc::F_DUPFD_CLOEXEC, 10);
+                let journal = libc::fcntl(journal_fd, libc::F_DUPFD_CLOEXEC, 10);
+                if socket < 0
+                    || journal < 0
+                    || libc::dup2(socket, SERVE_FD) < 0
+                    || libc::dup2(journal, JOURNAL_FD) < 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                // The daemon goes with the supervisor; it never outlives it.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                let mut none: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut none);
+                libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+                Ok(())
+            });
+        }
+        let child = command.spawn()?;
+        drop(theirs);
+        self.generation += 1;
+        let socket = Arc::new(ours);
+        {
+            let mut relay = self.shared.relay.lock().unwrap();
+            // The kernel's INIT, once answered, is replayed for the handshake
+            // of each later daemon (its answer is dropped: not outstanding).
+            if let Some(init) = relay.init.as_ref().filter(|init| {
+                header(init).is_some_and(|(_, unique)| !relay.outstanding.contains_key(&unique))
+            }) {
+                let _ = write_frame(&socket, init);
+            }
+            // Then everything unanswered, oldest first (the INIT itself, if
+            // it came before any daemon could take it).
+            let pending: Vec<&Vec<u8>> = relay.outstanding.values().collect();
+            if self.generation > 1 && !pending.is_empty() {
+                tracing::info!(
+                    requests = pending.len(),
+                    "resending the requests the previous daemon left unanswered"
+                );
+                self.shared
+                    .resent
+                    .fetch_add(pending.len() as u64, Ordering::Relaxed);
+            }
+            for frame in pending {
+                let _ = write_frame(&socket, frame);
+            }
+            relay.daemon_socket = Some(socket.clone());
+        }
+        let (shared, events) = (self.shared.clone(), self.events_tx.clone());
+        std::thread::Builder::new()
+            .name("ssmfs-relay-out".into())
+            .spawn(move || shared.relay_replies(socket, events))?;
+        if let Some(path) = &self.settings.pid_file {
+            if let Err(error) = std::fs::write(path, format!("{}\n", child.id())) {
+                tracing::warn!(path = %path.display(), %error, "could not write the pid file");
+            }
+        }
+        tracing::info!(
+            pid = child.id(),
+            generation = self.generation,
+            "serving daemon started"
+        );
+        Ok(Daemon {
+            child,
+            generation: self.generation,
+        })
+    }
+}
+
+/// The FUSE connection number of the mount at `mountpoint` (its device's
+/// minor number), from /proc/self/mountinfo: no call into the mount itself.
+fn connection_of(mountpoint: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let wanted = mountpoint.to_string_lossy();
+    info.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        (fields.get(4) == Some(&wanted.as_ref()))
+            .then(|| fields.get(2)?.split(':').nth(1).map(str::to_string))
+            .flatten()
+    })
+}
+
+/// Makes every waiting and future request fail at once (ENOTCONN).
+fn abort_connection(mountpoint: &Path) {
+    match connection_of(mountpoint) {
+        Some(id) => {
+            let path = format!("/sys/fs/fuse/connections/{id}/abort");
+            if let Err(error) = std::fs::write(&path, "1") {
+                tracing::error!(path, %error, "could not abort the FUSE connection");
+            }
+        }
+        None => tracing::error!(mountpoint = %mountpoint.display(), "mount not found to abort"),
+    }
+}
+
+pub fn run(settings: SupervisorSettings, readiness: &mut Readiness) -> Result<(), SupervisorError> {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(SupervisorError::NotRoot);
+    }
+    // Block the signals before any thread exists, so every thread inherits it.
+    let signals = blocked_signals();
+    // SAFETY: a valid set.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
+    let mountpoint = settings.mount.mountpoint.clone();
+    let fuse = daemon::mount_device(&settings.mount).map_err(|cause| SupervisorError::Mount {
+        path: mountpoint.display().to_string(),
+        cause,
+    })?;
+    let shared = Arc::new(Shared {
+        fuse,
+        relay: Mutex::new(Relay {
+            outstanding: BTreeMap::new(),
+            init: None,
+            daemon_socket: None,
+        }),
+        initialized: AtomicBool::new(false),
+        answers: AtomicU64::new(0),
+        resent: AtomicU64::new(0),
+    });
+    let (events_tx, events) = mpsc::channel();
+    let mut supervisor = Supervisor {
+        binary: std::env::current_exe().map_err(SupervisorError::Setup)?,
+        journal: journal().map_err(SupervisorError::Setup)?,
+        settings,
+        shared: shared.clone(),
+        events_tx: events_tx.clone(),
+        generation: 0,
+        restarts: 0,
+        handovers: 0,
+    };
+    let reader = shared.clone();
+    std::thread::Builder::new()
+        .name("ssmfs-relay-in".into())
+        .spawn(move || reader.relay_requests(events_tx))
+        .map_err(SupervisorError::Setup)?;
+    let outcome = supervise(&mut supervisor, &events, &signals, readiness);
+    if daemon::is_mount_point(&mountpoint) {
+        let _ = daemon::lazy_unmount(&mountpoint);
+    }
+    if let Some(mut daemon) = outcome.1 {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
+        let _ = daemon.child.wait();
+    }
+    outcome.0
+}
+
+/// The restart loop. Returns how it ended and the daemon still running.
+fn supervise(
+    supervisor: &mut Supervisor,
+    events: &mpsc::Receiver<Event>,
+    signals: &libc::sigset_t,
+    readiness: &mut Readiness,
+) -> (Result<(), SupervisorError>, Option<Daemon>) {
+    let mountpoint = supervisor.settings.mount.mountpoint.clone();
+    let deadline = supervisor.settings.restart_deadline;
+    let mut current: Option<Daemon> = None;
+    let mut failed_starts = 0u32;
+    let mut without_daemon_since: Option<Instant> = Some(Instant::now());
+    let mut ready_said = false;
+    // Daemons replaced by an upgrade, reaped once they exit.
+    let mut retiring: Vec<Daemon> = Vec::new();
+    loop {
+        retiring.retain_mut(|old| !matches!(old.child.try_wait(), Ok(Some(_))));
+        // No daemon has answered since this long (one may be starting, or
+        // hanging at its start): past the deadline, readers get an error.
+        let down_for = without_daemon_since.map_or(Duration::ZERO, |t| t.elapsed());
+        if failed_starts >= MAX_FAILED_STARTS || down_for > deadline {
+            if let Some(mut daemon) = current.take() {
+                let _ = daemon.child.kill();
+                let _ = daemon.child.wait();
+            }
+            abort_connection(&mountpoint);
+            let why = format!(
+                    "no serving daemon for {:.1} s ({failed_starts} failed starts in a row); aborted the FUSE connection so readers get an error instead of waiting",
+                    down_for.as_secs_f64()
+                );
+            return (Err(SupervisorError::GaveUp(why)), None);
+        }
+        if current.is_none() {
+            if failed_starts > 0 {
+                std::thread::sleep(
+                    (RESTART_PAUSE * 2u32.pow(failed_starts.min(6))).min(Duration::from_secs(2)),
+                );
+            }
+            match supervisor.start_daemon() {
+                Ok(daemon) => current = Some(daemon),
+                Err(error) => {
+                    tracing::error!(%error, binary = %supervisor.binary.display(), "cannot start the serving daemon");
+                    failed_starts += 1;
+                    continue;
+                }
+            }
+        }
+        if !ready_said && supervisor.shared.initialized.load(Ordering::Acquire) {
+            ready_said = true;
+            readiness.ready();
+            readiness.detach_stdio();
+            tracing::info!(mountpoint = %mountpoint.display(), "mounted (supervised)");
+        }
+        if current.is_some() && supervisor.shared.answers.load(Ordering::Relaxed) > 0 {
+            without_daemon_since = None;
+        }
+        // Signals first, then events from the relay threads.
+        let timeout = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 50_000_000,
+        };
+        // SAFETY: valid set and timeout; no siginfo wanted.
+        let signal = unsafe { libc::sigtimedwait(signals, std::ptr::null_mut(), &timeout) };
+        match signal {
+            libc::SIGTERM | libc::SIGINT => {
+                tracing::info!("stopping: unmounting and ending the serving daemon");
+                return (Ok(()), current);
+            }
+            libc::SIGHUP => {
+                if let Some(daemon) = &current {
+                    // SAFETY: signalling our own child.
+                    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGHUP) };
+                }
+            }
+            libc::SIGUSR2 => match supervisor.start_daemon() {
+                Ok(next) => {
+                    supervisor.handovers += 1;
+                    if let Some(old) = current.replace(next) {
+                        // Its unanswered requests went to the new daemon too;
+                        // whichever answers first is heard.
+                        // SAFETY: signalling our own child.
+                        unsafe { libc::kill(old.child.id() as i32, libc::SIGTERM) };
+                        retiring.push(old);
+                    }
+                    tracing::info!(
+                        "upgrade: the serving daemon was replaced by the binary on disk"
+                    );
+                }
+                Err(error) => {
+                    tracing::error!(%error, "upgrade failed: cannot start the new daemon; the current one keeps serving")
+                }
+            },
+            _ => {}
+        }
+        // Reap whatever exited (SIGCHLD was blocked, so children are zombies).
+        if let Some(daemon) = current.as_mut() {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                let served = supervisor.shared.answers.load(Ordering::Relaxed) > 0;
+                tracing::warn!(%status, generation = daemon.generation, "the serving daemon exited; starting another");
+                // A daemon that never answered did not start; one that did
+                // crashed later, and its successor starts with a clean slate.
+                failed_starts = if served { 0 } else { failed_starts + 1 };
+                supervisor.restarts += 1;
+                supervisor.shared.answers.store(0, Ordering::Relaxed);
+                without_daemon_since.get_or_insert_with(Instant::now);
+                supervisor.shared.relay.lock().unwrap().daemon_socket = None;
+                current = None;
+            }
+        }
+        while let Ok(event) = events.try_recv() {
+            match event {
+                Event::Unmounted => {
+                    tracing::info!("unmounted; stopping");
+                    return (Ok(()), current);
+                }
+                Event::DaemonGone => {} // its exit is reaped above
+            }
+        }
+    }
+}

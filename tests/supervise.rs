@@ -1,0 +1,227 @@
+//! `--supervise` end to end: a real mount against moto, readers as separate
+//! processes (tests/support/readers.py: open, read, check, in a loop), and the
+//! serving daemon killed with SIGKILL, slowed down, upgraded with SIGUSR2, or
+//! unable to start again.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_ssm::types::ParameterType;
+use support::*;
+
+const SECRETS: usize = 20;
+
+fn seed(moto: &Moto) -> Vec<String> {
+    let rt = runtime();
+    let client = client(&rt, &moto.endpoint);
+    put_many(
+        &rt,
+        &client,
+        (0..SECRETS)
+            .map(|i| {
+                (
+                    format!("/sup/s{i:02}"),
+                    format!("secret-value-{i:02}-{}", "x".repeat(i)),
+                )
+            })
+            .collect(),
+        ParameterType::SecureString,
+    );
+    (0..SECRETS)
+        .map(|i| format!("s{i:02}=secret-value-{i:02}-{}", "x".repeat(i)))
+        .collect()
+}
+
+fn supervised(moto: &Moto, extra: &[&str], env: &[(&str, &str)]) -> (Mount, PathBuf) {
+    let pid_dir = tempfile::tempdir().unwrap().keep();
+    let pid_file = pid_dir.join("daemon.pid");
+    let mut args = vec![
+        "--supervise",
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+        "--ttl",
+        "1s",
+    ];
+    args.extend_from_slice(extra);
+    args.push("/sup");
+    let mount = Mount::start_with(&moto.endpoint, &args, env);
+    (mount, pid_file)
+}
+
+fn daemon_pid(pid_file: &Path) -> i32 {
+    std::fs::read_to_string(pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn start_readers(mount: &Path, seconds: u64, pairs: &[String]) -> Vec<Child> {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/readers.py");
+    (0..8)
+        .map(|_| {
+            Command::new(&python)
+                .arg(&script)
+                .arg(mount)
+                .arg(seconds.to_string())
+                .args(pairs)
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("starting a reader")
+        })
+        .collect()
+}
+
+/// Waits for every reader and returns their totals: (reads, failures,
+/// wrong, longest read in ms).
+fn finish_readers(readers: Vec<Child>) -> (u64, u64, u64, f64) {
+    let mut totals = (0, 0, 0, 0.0f64);
+    for reader in readers {
+        let out = reader.wait_with_output().unwrap();
+        let line = String::from_utf8_lossy(&out.stdout);
+        let report: serde_json::Value = serde_json::from_str(line.trim())
+            .unwrap_or_else(|e| panic!("reader output {line:?}: {e}"));
+        totals.0 += report["reads"].as_u64().unwrap();
+        totals.1 += report["failures"].as_u64().unwrap();
+        totals.2 += report["wrong"].as_u64().unwrap();
+        totals.3 = totals.3.max(report["longest_ms"].as_f64().unwrap());
+        assert_eq!(report["failures"], 0, "{report}");
+    }
+    totals
+}
+
+fn inode(path: &Path) -> String {
+    let (code, out, err) = run("stat", &["-c", "%i", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    out.trim().to_string()
+}
+
+fn drop_kernel_caches() {
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "2");
+}
+
+#[test]
+fn readers_never_fail_while_the_daemon_is_killed_every_few_seconds() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let pairs = seed(&moto);
+    let (mount, pid_file) = supervised(&moto, &[], &[]);
+    let root = mount.path();
+    let before = inode(&root.join("s03"));
+    let seconds = 60;
+    let readers = start_readers(&root, seconds, &pairs);
+    let started = Instant::now();
+    let mut kills = 0;
+    while started.elapsed() < Duration::from_secs(seconds - 3) {
+        std::thread::sleep(Duration::from_millis(2500));
+        let pid = daemon_pid(&pid_file);
+        // SAFETY: signalling a process this test started (through the supervisor).
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        kills += 1;
+        drop_kernel_caches();
+    }
+    let (reads, failures, wrong, longest) = finish_readers(readers);
+    eprintln!("{reads} reads, {kills} kills, longest read {longest} ms");
+    assert_eq!((failures, wrong), (0, 0));
+    assert!(reads > 1000, "{reads}");
+    assert!(kills >= 20);
+    // A restart takes a few hundred ms (a new process, one SSM call).
+    assert!(longest < 3000.0, "longest read {longest} ms");
+    assert_eq!(
+        inode(&root.join("s03")),
+        before,
+        "inode numbers survive restarts"
+    );
+    let log = mount.log_text();
+    assert!(
+        log.matches("serving daemon started").count() > kills / 2,
+        "{log}"
+    );
+}
+
+#[test]
+fn requests_in_flight_when_the_daemon_dies_are_resent_and_an_upgrade_fails_none() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let pairs = seed(&moto);
+    // Every request waits 300 ms in the daemon: kills always find some in flight.
+    let (mut mount, pid_file) = supervised(&moto, &[], &[("SSMFS_TEST_REQUEST_DELAY_MS", "300")]);
+    let root = mount.path();
+    let seconds = 20;
+    let readers = start_readers(&root, seconds, &pairs);
+    let started = Instant::now();
+    let supervisor = mount.child.as_ref().unwrap().id() as i32;
+    let mut round = 0;
+    while started.elapsed() < Duration::from_secs(seconds - 3) {
+        std::thread::sleep(Duration::from_millis(1500));
+        drop_kernel_caches();
+        std::thread::sleep(Duration::from_millis(100));
+        round += 1;
+        let signal = if round % 2 == 0 {
+            // SAFETY: signalling the daemon (a kill) or the supervisor (an upgrade).
+            unsafe { libc::kill(daemon_pid(&pid_file), libc::SIGKILL) };
+            "kill"
+        } else {
+            unsafe { libc::kill(supervisor, libc::SIGUSR2) };
+            "upgrade"
+        };
+        let _ = signal;
+    }
+    let (reads, failures, wrong, longest) = finish_readers(readers);
+    eprintln!("{reads} reads, longest {longest} ms");
+    assert_eq!((failures, wrong), (0, 0));
+    let log = mount.log_text();
+    assert!(log.contains("resending the requests"), "{log}");
+    assert!(
+        log.contains("upgrade: the serving daemon was replaced"),
+        "{log}"
+    );
+    assert!(mount.signal(libc::SIGTERM).success());
+    mount.wait_mounted(false);
+}
+
+#[test]
+fn a_successor_that_cannot_start_fails_readers_within_the_deadline_not_forever() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let mut moto = Moto::start();
+    let pairs = seed(&moto);
+    let (mut mount, pid_file) = supervised(
+        &moto,
+        &["--restart-deadline", "4s", "--request-timeout", "1s"],
+        &[],
+    );
+    let root = mount.path();
+    assert_eq!(
+        std::fs::read_to_string(root.join("s01")).unwrap(),
+        pairs[1].split_once('=').unwrap().1
+    );
+    // SSM goes away, then the daemon: no successor can check its access.
+    moto.stop();
+    // SAFETY: signalling the daemon.
+    unsafe { libc::kill(daemon_pid(&pid_file), libc::SIGKILL) };
+    let started = Instant::now();
+    drop_kernel_caches();
+    let (code, _, err) = run("cat", &[root.join("s02").to_str().unwrap()]);
+    let waited = started.elapsed();
+    assert_ne!(code, 0, "the read fails");
+    assert!(waited < Duration::from_secs(15), "waited {waited:?}: {err}");
+    let status = mount.child.as_mut().unwrap().wait().unwrap();
+    mount.child = None;
+    assert!(!status.success());
+    assert!(
+        !ssmfs::daemon::is_mount_point(&root),
+        "the mount is cleaned up"
+    );
+    let log = mount.log_text();
+    assert!(log.contains("aborted the FUSE connection"), "{log}");
+}
