@@ -16,9 +16,11 @@ gcc -O2 -pthread -o "$run/readloop" bench/readloop.c
 port=5077
 endpoint=$(scripts/moto.sh start $port)
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
-pid=""; af_pid=""
+pid=""; af_pid=""; sup_pid=""
 cleanup() {
     [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+    [ -n "$sup_pid" ] && kill -TERM "$sup_pid" 2>/dev/null && wait "$sup_pid" 2>/dev/null || true
+    mountpoint -q "$run/sup" && umount -l "$run/sup" || true
     [ -n "$af_pid" ] && kill -TERM "$af_pid" 2>/dev/null && wait "$af_pid" 2>/dev/null || true
     mountpoint -q "$run/mnt" && umount -l "$run/mnt" || true
     mountpoint -q "$run/af" && umount -l "$run/af" || true
@@ -113,6 +115,30 @@ variable_get() { # BACKEND -> "us_per_lookup api_calls"
 read -r vg_ssmfs_us vg_ssmfs_calls <<<"$(variable_get ssmfs)"
 read -r vg_ssm_us vg_ssm_calls <<<"$(variable_get ssm)"
 kill -TERM $af_pid; wait $af_pid 2>/dev/null || true; af_pid=""
+# Row 8: the longest read while the serving daemon restarts (--supervise): 8
+# reader processes loop over 20 secrets while the daemon is SIGKILLed every
+# 2 s and the kernel's caches dropped, so reads reach the daemon.
+stall_seconds=20; [ $smoke = 1 ] && stall_seconds=5
+mkdir -p "$run/sup"
+./target/release/ssmfs --foreground --supervise --pid-file "$run/sup.pid" --endpoint-url "$endpoint" --ttl 1s /bench/hot "$run/sup" 2>"$run/sup.log" &
+sup_pid=$!
+until mountpoint -q "$run/sup" && [ -s "$run/sup.pid" ]; do sleep 0.01; done
+pairs=(); for i in $(seq 0 19); do pairs+=("s$(printf %02d "$i")=hot-$i"); done
+readers=(); for n in 1 2 3 4 5 6 7 8; do
+    .venv/bin/python tests/support/readers.py "$run/sup" "$stall_seconds" "${pairs[@]}" >"$run/reader-$n.json" &
+    readers+=($!)
+done
+kills=0; stop_at=$((SECONDS + stall_seconds - 1))
+while [ $SECONDS -lt $stop_at ]; do
+    sleep 2; kill -KILL "$(cat "$run/sup.pid")" 2>/dev/null || true; kills=$((kills + 1))
+    echo 2 >/proc/sys/vm/drop_caches
+done
+wait "${readers[@]}"
+read -r stall_reads stall_failed stall_ms <<<"$(cat "$run"/reader-*.json | .venv/bin/python -c '
+import json, sys
+r = [json.loads(l) for l in sys.stdin]
+print(sum(x["reads"] for x in r), sum(x["failures"] + x["wrong"] for x in r), max(x["longest_ms"] for x in r))')"
+kill -TERM $sup_pid; wait $sup_pid 2>/dev/null || true; sup_pid=""
 # Row 5: cache and inode bookkeeping for $cached parameters of 100 bytes, measured
 # through the filesystem core in its own process (seeding moto with 100,000
 # parameters would take longer than the rest of the benchmark together).
@@ -125,7 +151,7 @@ targets="{\"row1_within_1.5x_tmpfs\": $(met "$r1 <= 1.5 * $t1"), \"row1_no_api_c
  \"row2_mount_one_call\": $(met "$mount_calls <= 1"), \"row2_one_round_trip_per_component\": $(met "$cold_calls <= 2 * 3"), \"row3_cold_calls\": $(met "$ls_cold <= ($listing + 9) / 10 + 1"),
  \"row3_warm_zero\": $(met "$ls_warm == 0"), \"row4_50x_fewer\": $(met "$direct_ratio >= 50"),
  \"row5_64mib\": $(met "$projected_kb <= 65536"), \"row6_under_100ms\": $(met "$startup_ms < 100"),
- \"row7_no_calls_warm\": $(met "$vg_ssmfs_calls == 0")}"
+ \"row7_no_calls_warm\": $(met "$vg_ssmfs_calls == 0"), \"row8_no_failed_read\": $(met "$stall_failed == 0")}"
 cat <<TABLE
 | row | measure | ssmfs | reference | ratio |
 |---|---|---|---|---|
@@ -144,6 +170,7 @@ cat <<TABLE
 | 5 | daemon + $cached cached parameters (KiB) | $projected_kb | <= 65536 | $(ratio $projected_kb 65536)x |
 | 6 | start to first read served (ms) | $startup_ms | < 100 | |
 | 7 | $variable_gets warm Variable.get through Airflow: us per call / API calls | ssmfs_airflow $vg_ssmfs_us / $vg_ssmfs_calls | SSM backend $vg_ssm_us / $vg_ssm_calls | $(ratio $vg_ssm_us $vg_ssmfs_us)x faster |
+| 8 | --supervise, daemon SIGKILLed $kills times in ${stall_seconds} s: longest read (ms) / failed reads of $stall_reads | $stall_ms / $stall_failed | 0 failed | |
 TABLE
 cat > "$run/../bench.json" <<JSON
 {"smoke": $smoke, "warm_read_ns": {"ssmfs_1": $r1, "tmpfs_1": $t1, "ssmfs_16": $r16, "tmpfs_16": $t16, "ssmfs_stat": $rs, "tmpfs_stat": $ts},
@@ -153,6 +180,7 @@ cat > "$run/../bench.json" <<JSON
  "rss_kib": $rss_kb, "rss_anon_kib": $rss_anon_kb, "rss_file_kib": $rss_file_kb, "memory": {"parameters": $cached, "cache_growth_kib": $cache_growth_kb, "heap_bytes_per_parameter": $heap_per_param, "projected_kib": $projected_kb, "target_kib": 65536},
  "startup_ms": $startup_ms,
  "variable_get": {"lookups": $variable_gets, "ssmfs_us": $vg_ssmfs_us, "ssmfs_calls": $vg_ssmfs_calls, "ssm_backend_us": $vg_ssm_us, "ssm_backend_calls": $vg_ssm_calls},
+ "supervised_restarts": {"seconds": $stall_seconds, "kills": $kills, "reads": $stall_reads, "failed": $stall_failed, "longest_read_ms": $stall_ms},
  "targets_met": $targets}
 JSON
 echo "targets met: $targets"

@@ -119,6 +119,9 @@ pub struct Metrics {
     pub events_malformed: AtomicU64,
     pub event_queue_errors: AtomicU64,
     event_lag: Mutex<Histogram<{ LAG_BUCKETS.len() }>>,
+    /// Under `--supervise`: the supervisor's counts when it started this
+    /// daemon (restarts, upgrades, resent requests, ms without a daemon).
+    pub supervisor: std::sync::OnceLock<[u64; 4]>,
 }
 
 impl Default for Metrics {
@@ -143,6 +146,7 @@ impl Default for Metrics {
             events_malformed: AtomicU64::default(),
             event_queue_errors: AtomicU64::default(),
             event_lag: Mutex::default(),
+            supervisor: std::sync::OnceLock::new(),
         }
     }
 }
@@ -334,6 +338,36 @@ impl Metrics {
                 &labels,
                 &LATENCY_BUCKETS,
             );
+        }
+        if let Some(counts) = self.supervisor.get() {
+            let rows = [
+                (
+                    "ssmfs_supervisor_restarts_total",
+                    "Serving daemons that died and were replaced (as of this daemon's start).",
+                    counts[0] as f64,
+                ),
+                (
+                    "ssmfs_supervisor_upgrades_total",
+                    "Serving daemons replaced on SIGUSR2.",
+                    counts[1] as f64,
+                ),
+                (
+                    "ssmfs_supervisor_resent_requests_total",
+                    "Requests a dead daemon left unanswered, sent again to its successor.",
+                    counts[2] as f64,
+                ),
+                (
+                    "ssmfs_supervisor_seconds_without_daemon_total",
+                    "Time the mount waited for a serving daemon.",
+                    counts[3] as f64 / 1000.0,
+                ),
+            ];
+            for (name, help, value) in rows {
+                let _ = writeln!(
+                    out,
+                    "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+                );
+            }
         }
         out.push_str("# HELP ssmfs_event_lag_seconds From a parameter change (its event's time, whole seconds) to its fetch here.\n");
         out.push_str("# TYPE ssmfs_event_lag_seconds histogram\n");

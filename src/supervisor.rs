@@ -268,6 +268,8 @@ struct Supervisor {
     generation: u64,
     restarts: u64,
     handovers: u64,
+    /// Time without a daemon that answered, over the mount's life.
+    downtime: Duration,
 }
 
 impl Supervisor {
@@ -286,6 +288,10 @@ impl Supervisor {
             .env(
                 "SSMFS_SUPERVISOR_RESENT",
                 self.shared.resent.load(Ordering::Relaxed).to_string(),
+            )
+            .env(
+                "SSMFS_SUPERVISOR_DOWNTIME_MS",
+                self.downtime.as_millis().to_string(),
             );
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
@@ -421,6 +427,7 @@ pub fn run(settings: SupervisorSettings, readiness: &mut Readiness) -> Result<()
         generation: 0,
         restarts: 0,
         handovers: 0,
+        downtime: Duration::ZERO,
     };
     let reader = shared.clone();
     std::thread::Builder::new()
@@ -428,6 +435,7 @@ pub fn run(settings: SupervisorSettings, readiness: &mut Readiness) -> Result<()
         .spawn(move || reader.relay_requests(events_tx))
         .map_err(SupervisorError::Setup)?;
     let outcome = supervise(&mut supervisor, &events, &signals, readiness);
+    daemon::sd_notify("STOPPING=1");
     if daemon::is_mount_point(&mountpoint) {
         let _ = daemon::lazy_unmount(&mountpoint);
     }
@@ -493,7 +501,16 @@ fn supervise(
             tracing::info!(mountpoint = %mountpoint.display(), "mounted (supervised)");
         }
         if current.is_some() && supervisor.shared.answers.load(Ordering::Relaxed) > 0 {
-            without_daemon_since = None;
+            if let Some(since) = without_daemon_since.take() {
+                let gap = since.elapsed();
+                supervisor.downtime += gap;
+                if supervisor.generation > 1 {
+                    tracing::info!(
+                        without_daemon_ms = gap.as_millis() as u64,
+                        "the new daemon answers"
+                    );
+                }
+            }
         }
         // Signals first, then events from the relay threads.
         let timeout = libc::timespec {

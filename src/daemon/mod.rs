@@ -128,5 +128,18 @@ pub fn sd_notify(state: &str) {
 
 /// Metrics handle shared by the store wrapper and the core.
 pub fn new_metrics() -> Arc<Metrics> {
-    Arc::new(Metrics::default())
+    let metrics = Metrics::default();
+    // A supervised daemon learns the supervisor's counts at its start.
+    let count = |name: &str| std::env::var(name).ok()?.parse::<u64>().ok();
+    if let (Some(restarts), Some(upgrades), Some(resent), Some(down_ms)) = (
+        count("SSMFS_SUPERVISOR_RESTARTS"),
+        count("SSMFS_SUPERVISOR_HANDOVERS"),
+        count("SSMFS_SUPERVISOR_RESENT"),
+        count("SSMFS_SUPERVISOR_DOWNTIME_MS"),
+    ) {
+        let _ = metrics
+            .supervisor
+            .set([restarts, upgrades, resent, down_ms]);
+    }
+    Arc::new(metrics)
 }
