@@ -205,16 +205,7 @@ fn from_json(text: &str) -> Option<Connection> {
         }
     };
     if let Some(uri) = map.remove("uri") {
-        let others = [
-            "conn_type",
-            "host",
-            "login",
-            "password",
-            "schema",
-            "port",
-            "extra",
-        ];
-        if others.iter().any(|k| map.get(*k).is_some_and(truthy)) {
+        if CONN_FIELDS.iter().any(|k| map.get(*k).is_some_and(truthy)) {
             return None; // Airflow refuses a URI together with fields
         }
         return from_uri(&text_of(Some(uri))?);

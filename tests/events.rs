@@ -94,11 +94,17 @@ impl EventBus {
         self
     }
 
-    fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("AWS_ENDPOINT_URL_SQS", self.moto.endpoint.clone()),
-            ("AWS_ENDPOINT_URL_SNS", self.moto.endpoint.clone()),
+    /// Where ssmfs finds SQS and SNS: this server (SSM stays on its own).
+    fn env(&self) -> [(&'static str, &str); 2] {
+        [
+            ("AWS_ENDPOINT_URL_SQS", self.moto.endpoint.as_str()),
+            ("AWS_ENDPOINT_URL_SNS", self.moto.endpoint.as_str()),
         ]
+    }
+
+    /// `ssmfs ARGS` against `ssm`, its events from this server.
+    fn mount(&self, ssm: &Moto, args: &[&str]) -> Mount {
+        Mount::start_with(&ssm.endpoint, args, &self.env())
     }
 
     /// What EventBridge puts on the bus when SSM changes `name`.
@@ -203,12 +209,9 @@ fn updates_creates_and_deletes_show_within_two_seconds_at_one_call_each() {
         ParameterType::SecureString,
     );
     put(&rt, &client, "/ev/app/old", "going", ParameterType::String);
-    let env = bus.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mount = Mount::start_with(
-        &ssm.endpoint,
+    let mount = bus.mount(
+        &ssm,
         &["--ttl", "1h", "--events-queue", &bus.queue_url, "/ev"],
-        &env,
     );
     let app = mount.path().join("app");
     assert_eq!(read(&app.join("db")).as_deref(), Some("v1"));
@@ -272,11 +275,9 @@ fn redelivered_late_foreign_and_malformed_events_cost_no_ssm_call() {
     let client = client(&rt, &ssm.endpoint);
     put(&rt, &client, "/dup/key", "one", ParameterType::String);
     put(&rt, &client, "/elsewhere/key", "x", ParameterType::String);
-    let env = bus.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let addr = format!("127.0.0.1:{}", free_loopback_port());
-    let mount = Mount::start_with(
-        &ssm.endpoint,
+    let mount = bus.mount(
+        &ssm,
         &[
             "--ttl",
             "1h",
@@ -286,7 +287,6 @@ fn redelivered_late_foreign_and_malformed_events_cost_no_ssm_call() {
             &addr,
             "/dup",
         ],
-        &env,
     );
     let key = mount.path().join("key");
     assert_eq!(read(&key).as_deref(), Some("one"));
@@ -352,12 +352,9 @@ fn a_queue_outage_keeps_reads_working_and_events_resume_after_it() {
     let rt = runtime();
     let client = client(&rt, &ssm.endpoint);
     put(&rt, &client, "/qd/key", "one", ParameterType::String);
-    let env = bus.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mount = Mount::start_with(
-        &ssm.endpoint,
+    let mount = bus.mount(
+        &ssm,
         &["--ttl", "1h", "--events-queue", &bus.queue_url, "/qd"],
-        &env,
     );
     let key = mount.path().join("key");
     assert_eq!(read(&key).as_deref(), Some("one"));
@@ -399,10 +396,8 @@ fn topic_mode_makes_uses_and_removes_its_queue_and_reaps_one_left_by_a_kill() {
         rt.block_on(bus.sns.publish().topic_arn(&topic).message(message).send())
             .unwrap();
     };
-    let env = bus.env();
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let args = ["--ttl", "1h", "--events-topic", topic.as_str(), "/tp"];
-    let mut mount = Mount::start_with(&ssm.endpoint, &args, &env);
+    let mut mount = bus.mount(&ssm, &args);
     let first_queue = bus.queue_urls();
     assert_eq!(first_queue.len(), 1, "{first_queue:?}");
     let subscriptions = bus.subscriptions(&topic);
@@ -432,7 +427,7 @@ fn topic_mode_makes_uses_and_removes_its_queue_and_reaps_one_left_by_a_kill() {
         .args(args)
         .arg(&mnt)
         .envs(aws_env())
-        .envs(env.iter().copied())
+        .envs(bus.env())
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&mount.log).unwrap())
         .spawn()

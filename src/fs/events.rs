@@ -22,7 +22,7 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use super::{Fs, Invalidation};
-use crate::cache::{ChildKind, Known};
+use crate::cache::ChildKind;
 use crate::events::{Operation, ParameterEvent};
 use crate::inode::Role;
 use crate::metrics::Metrics;
@@ -216,13 +216,8 @@ impl<S: ParameterStore> Fs<S> {
             }
         }
         for name in &one_by_one {
-            let known = match self.store.get(name).await {
-                Ok(parameter) => {
-                    self.note_answer();
-                    Known::Present(Arc::new(parameter))
-                }
-                Err(StoreError::NotFound) => Known::Absent,
-                Err(StoreError::AccessDenied { .. }) => Known::Denied,
+            let known = match self.get_known(name).await {
+                Ok(known) => known,
                 Err(error) if error.is_outage() => return Err(error),
                 Err(error) => {
                     tracing::warn!(parameter = &**name, %error, "SSM rejected a fetch for a change event");

@@ -615,16 +615,7 @@ impl<S: ParameterStore> Fs<S> {
                 if let Some(fetched) = self.fetch_with_companions(name).await {
                     return fetched;
                 }
-                let known = match self.store.get(name).await {
-                    Ok(parameter) => {
-                        self.note_answer();
-                        Known::Present(Arc::new(parameter))
-                    }
-                    Err(StoreError::NotFound) => Known::Absent,
-                    Err(StoreError::AccessDenied { .. }) => Known::Denied,
-                    Err(error) => return Err(error),
-                };
-                let entry = self.record_value(name, known);
+                let entry = self.record_value(name, self.get_known(name).await?);
                 if !crate::store::resilient::is_background() {
                     // Fetched for a reader: worth one refresh, even if the next
                     // reads are answered by the kernel and never seen here.
@@ -633,6 +624,20 @@ impl<S: ParameterStore> Fs<S> {
                 Ok(entry)
             })
             .await
+    }
+
+    /// One GetParameter, as what it says about the name; errors are the
+    /// ones that say nothing about it (an outage, a rejected request).
+    async fn get_known(&self, name: &str) -> Result<Known, StoreError> {
+        match self.store.get(name).await {
+            Ok(parameter) => {
+                self.note_answer();
+                Ok(Known::Present(Arc::new(parameter)))
+            }
+            Err(StoreError::NotFound) => Ok(Known::Absent),
+            Err(StoreError::AccessDenied { .. }) => Ok(Known::Denied),
+            Err(error) => Err(error),
+        }
     }
 
     fn record_value(&self, name: &str, known: Known) -> ValueEntry {
