@@ -143,28 +143,7 @@ fn parse_special_parts<'a>(
     view: Option<View>,
 ) -> Result<Special<'a>, NameError> {
     check_segment_with(base, allowed_secret_char)?;
-    let selector = match selector {
-        None => None,
-        Some(digits) if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => {
-            match digits.parse::<i64>() {
-                Ok(version) if version >= 1 => Some(Selector::Version(version)),
-                _ => return Err(NameError::BadSelector),
-            }
-        }
-        Some(label) => {
-            // SSM: 1-100 of a-zA-Z0-9_.-, not starting with a digit or aws/ssm.
-            let lower = label.to_ascii_lowercase();
-            let valid = (1..=100).contains(&label.len())
-                && label.chars().all(allowed_char)
-                && !label.starts_with(|c: char| c.is_ascii_digit())
-                && !lower.starts_with("aws")
-                && !lower.starts_with("ssm");
-            if !valid {
-                return Err(NameError::BadSelector);
-            }
-            Some(Selector::Label(label.to_string()))
-        }
-    };
+    let selector = selector.map(parse_selector).transpose()?;
     Ok(Special {
         base,
         selector,
@@ -193,7 +172,7 @@ pub fn is_valid_request_name(name: &str) -> bool {
         && relative
             .split('/')
             .all(|segment| check_segment_with(segment, allowed).is_ok())
-        && selector.is_none_or(|s| parse_special_parts("x", Some(s), None).is_ok())
+        && selector.is_none_or(|s| parse_selector(s).is_ok())
 }
 
 /// Whether `name` carries a selector (`/p/x:3`, `/p/x:prod`). Such names are
@@ -202,6 +181,27 @@ pub fn is_valid_request_name(name: &str) -> bool {
 /// answer belongs to.
 pub fn has_selector(name: &str) -> bool {
     name.contains(':')
+}
+
+/// A version (digits, at least 1) or a label as SSM allows it: 1-100 of
+/// a-zA-Z0-9_.-, not starting with a digit, `aws` or `ssm`.
+fn parse_selector(text: &str) -> Result<Selector, NameError> {
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return match text.parse::<i64>() {
+            Ok(version) if version >= 1 => Ok(Selector::Version(version)),
+            _ => Err(NameError::BadSelector),
+        };
+    }
+    let lower = text.to_ascii_lowercase();
+    let valid = (1..=100).contains(&text.len())
+        && text.chars().all(allowed_char)
+        && !text.starts_with(|c: char| c.is_ascii_digit())
+        && !lower.starts_with("aws")
+        && !lower.starts_with("ssm");
+    if !valid {
+        return Err(NameError::BadSelector);
+    }
+    Ok(Selector::Label(text.to_string()))
 }
 
 /// Whether `name` pins a version (`/p/x:3`): its value never changes.

@@ -182,20 +182,11 @@ fn from_json(text: &str) -> Option<Connection> {
     let Value::Object(mut map) = serde_json::from_str::<Value>(text).ok()? else {
         return None;
     };
-    const KNOWN: [&str; 10] = [
-        "conn_id",
-        "conn_type",
-        "description",
-        "host",
-        "login",
-        "password",
-        "schema",
-        "port",
-        "extra",
-        "uri",
-    ];
-    if map.keys().any(|k| !KNOWN.contains(&k.as_str())) {
-        return None; // Connection(**kwargs) refuses an unknown keyword
+    // Connection(**kwargs) takes its fields and these, and refuses the rest.
+    const OTHER_KEYWORDS: [&str; 3] = ["conn_id", "description", "uri"];
+    let known = |k: &str| CONN_FIELDS.contains(&k) || OTHER_KEYWORDS.contains(&k);
+    if map.keys().any(|k| !known(k)) {
+        return None;
     }
     let text_of = |value: Option<Value>| -> Option<String> {
         match value? {

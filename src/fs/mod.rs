@@ -143,7 +143,7 @@ impl<S: ParameterStore> Fs<S> {
         config: FsConfig,
         metrics: Arc<Metrics>,
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<Invalidation>) {
-        let inodes = InodeTable::new(Layout::new(&config).root_name());
+        let inodes = Self::inode_table(&config);
         Self::with_inodes(store, config, metrics, inodes)
     }
 
@@ -259,7 +259,7 @@ impl<S: ParameterStore> Fs<S> {
                 Ok(self.file_entry(ino, &parameter, &entry))
             }
             Child::Name => {
-                let Some(special) = special::special(segment) else {
+                let Some(special) = names::parse_special(segment) else {
                     let name = names::child_name(&parent.name, segment)?;
                     return self.lookup_name(parent_ino, &parent.name, &name).await;
                 };

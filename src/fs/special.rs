@@ -94,32 +94,37 @@ impl<S: ParameterStore> Fs<S> {
         segment: &OsStr,
     ) -> Result<Entry, FsError> {
         let key = segment.to_str().ok_or(FsError::NotFound)?;
-        let (fields, parameter, entry) = self.view_fields(&view.name).await?;
-        let (_, bytes) = fields
-            .iter()
-            .find(|(name, _)| name == key)
-            .ok_or(FsError::NotFound)?;
-        let field_name = format!("{}/{key}", view.name);
-        let ino = self.inodes.remember(view.ino, &field_name, Role::Field);
-        self.inodes
-            .set_reported_version(ino, Some(parameter.version));
-        Ok(self
-            .attrs
-            .sized_file(ino, bytes.len(), &parameter, &entry.validity))
+        self.field_entry(&view.name, key, || {
+            let field_name = format!("{}/{key}", view.name);
+            self.inodes.remember(view.ino, &field_name, Role::Field)
+        })
+        .await
     }
 
     pub(super) async fn getattr_field(self: &Arc<Self>, node: &Node) -> Result<Entry, FsError> {
         let (view_name, key) = split_field(&node.name).ok_or(FsError::NotFound)?;
+        self.field_entry(view_name, key, || node.ino).await
+    }
+
+    /// The entry of the field `key` of `view_name`, for the inode `ino` gives
+    /// once the field is known to exist (a lookup creates it only then).
+    async fn field_entry(
+        self: &Arc<Self>,
+        view_name: &str,
+        key: &str,
+        ino: impl FnOnce() -> u64,
+    ) -> Result<Entry, FsError> {
         let (fields, parameter, entry) = self.view_fields(view_name).await?;
         let (_, bytes) = fields
             .iter()
             .find(|(name, _)| name == key)
             .ok_or(FsError::NotFound)?;
+        let ino = ino();
         self.inodes
-            .set_reported_version(node.ino, Some(parameter.version));
+            .set_reported_version(ino, Some(parameter.version));
         Ok(self
             .attrs
-            .sized_file(node.ino, bytes.len(), &parameter, &entry.validity))
+            .sized_file(ino, bytes.len(), &parameter, &entry.validity))
     }
 
     /// A field's bytes from the version whose size the kernel holds.
@@ -235,10 +240,4 @@ impl<S: ParameterStore> Fs<S> {
             None => &[],
         })
     }
-}
-
-/// Why `names::parse_special` matters to a lookup: a plain name, or a special
-/// one (valid or not).
-pub(super) fn special(segment: &str) -> Option<Result<Special<'_>, FsError>> {
-    names::parse_special(segment).map(|parsed| parsed.map_err(FsError::from))
 }
