@@ -111,10 +111,10 @@ fn supervise(settings: Settings, readiness: &mut Readiness) -> anyhow::Result<()
 }
 
 fn run(settings: Settings, readiness: &mut Readiness) -> anyhow::Result<()> {
-    let settings_serve_fd = settings.serve_fd;
+    let supervised = settings.serve_fd;
     // A supervised daemon must not look at the mount point: the mount is
     // there and waits for this very process to answer.
-    let mountpoint = if settings.serve_fd {
+    let mountpoint = if supervised {
         settings.mountpoint.clone()
     } else {
         std::fs::canonicalize(&settings.mountpoint)
@@ -199,7 +199,7 @@ fn run(settings: Settings, readiness: &mut Readiness) -> anyhow::Result<()> {
     readiness.ready();
     readiness.detach_stdio();
     let reason = runtime.block_on(daemon::serve_until_stopped(fs, &mounted, signals));
-    if settings_serve_fd {
+    if supervised {
         // Supervised: leave without a word to the kernel. Ending the runtime
         // would answer the requests still in flight with EIO (fuser's reply
         // on drop), where the supervisor has already resent them to our

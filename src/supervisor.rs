@@ -29,7 +29,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::daemon::{self, MountSettings, Readiness};
@@ -87,13 +87,8 @@ struct Shared {
     /// The last time any daemon answered a request.
     answers: AtomicU64,
     resent: AtomicU64,
-}
-
-enum Event {
-    /// The kernel ended the connection (unmounted).
-    Unmounted,
-    /// A daemon's socket closed (it died or exited).
-    DaemonGone,
+    /// Set when the kernel ended the connection (unmounted).
+    unmounted: AtomicBool,
 }
 
 fn header(frame: &[u8]) -> Option<(u32, u64)> {
@@ -133,7 +128,7 @@ fn read_frame(fd: &OwnedFd, buffer: &mut [u8]) -> io::Result<usize> {
 
 impl Shared {
     /// Kernel -> daemon: every request is kept until answered.
-    fn relay_requests(self: Arc<Self>, events: mpsc::Sender<Event>) {
+    fn relay_requests(self: Arc<Self>) {
         let mut buffer = vec![0u8; FRAME_BUFFER];
         loop {
             let n = match read_frame(&self.fuse, &mut buffer) {
@@ -142,7 +137,7 @@ impl Shared {
                     if error.raw_os_error() != Some(libc::ENODEV) {
                         tracing::error!(%error, "reading /dev/fuse failed");
                     }
-                    let _ = events.send(Event::Unmounted);
+                    self.unmounted.store(true, Ordering::Release);
                     return;
                 }
             };
@@ -170,7 +165,7 @@ impl Shared {
 
     /// Daemon -> kernel: the first answer to a request passes; notifications
     /// (unique 0) pass; answers to requests already answered are dropped.
-    fn relay_replies(self: Arc<Self>, socket: Arc<OwnedFd>, events: mpsc::Sender<Event>) {
+    fn relay_replies(self: Arc<Self>, socket: Arc<OwnedFd>) {
         let mut buffer = vec![0u8; FRAME_BUFFER];
         loop {
             let n = match read_frame(&socket, &mut buffer) {
@@ -194,7 +189,6 @@ impl Shared {
             // ENOENT: the kernel gave up on the request (interrupted).
             let _ = write_frame(&self.fuse, frame);
         }
-        let _ = events.send(Event::DaemonGone);
     }
 }
 
@@ -264,7 +258,6 @@ struct Supervisor {
     shared: Arc<Shared>,
     journal: OwnedFd,
     binary: PathBuf,
-    events_tx: mpsc::Sender<Event>,
     generation: u64,
     restarts: u64,
     handovers: u64,
@@ -345,10 +338,10 @@ impl Supervisor {
             }
             relay.daemon_socket = Some(socket.clone());
         }
-        let (shared, events) = (self.shared.clone(), self.events_tx.clone());
+        let shared = self.shared.clone();
         std::thread::Builder::new()
             .name("ssmfs-relay-out".into())
-            .spawn(move || shared.relay_replies(socket, events))?;
+            .spawn(move || shared.relay_replies(socket))?;
         if let Some(path) = &self.settings.pid_file {
             if let Err(error) = std::fs::write(path, format!("{}\n", child.id())) {
                 tracing::warn!(path = %path.display(), %error, "could not write the pid file");
@@ -416,14 +409,13 @@ pub fn run(settings: SupervisorSettings, readiness: &mut Readiness) -> Result<()
         initialized: AtomicBool::new(false),
         answers: AtomicU64::new(0),
         resent: AtomicU64::new(0),
+        unmounted: AtomicBool::new(false),
     });
-    let (events_tx, events) = mpsc::channel();
     let mut supervisor = Supervisor {
         binary: std::env::current_exe().map_err(SupervisorError::Setup)?,
         journal: journal().map_err(SupervisorError::Setup)?,
         settings,
         shared: shared.clone(),
-        events_tx: events_tx.clone(),
         generation: 0,
         restarts: 0,
         handovers: 0,
@@ -432,9 +424,9 @@ pub fn run(settings: SupervisorSettings, readiness: &mut Readiness) -> Result<()
     let reader = shared.clone();
     std::thread::Builder::new()
         .name("ssmfs-relay-in".into())
-        .spawn(move || reader.relay_requests(events_tx))
+        .spawn(move || reader.relay_requests())
         .map_err(SupervisorError::Setup)?;
-    let outcome = supervise(&mut supervisor, &events, &signals, readiness);
+    let outcome = supervise(&mut supervisor, &signals, readiness);
     daemon::sd_notify("STOPPING=1");
     if daemon::is_mount_point(&mountpoint) {
         let _ = daemon::lazy_unmount(&mountpoint);
@@ -450,7 +442,6 @@ pub fn run(settings: SupervisorSettings, readiness: &mut Readiness) -> Result<()
 /// The restart loop. Returns how it ended and the daemon still running.
 fn supervise(
     supervisor: &mut Supervisor,
-    events: &mpsc::Receiver<Event>,
     signals: &libc::sigset_t,
     readiness: &mut Readiness,
 ) -> (Result<(), SupervisorError>, Option<Daemon>) {
@@ -512,7 +503,7 @@ fn supervise(
                 }
             }
         }
-        // Signals first, then events from the relay threads.
+        // Signals, then what the relay threads saw.
         let timeout = libc::timespec {
             tv_sec: 0,
             tv_nsec: 50_000_000,
@@ -565,14 +556,9 @@ fn supervise(
                 current = None;
             }
         }
-        while let Ok(event) = events.try_recv() {
-            match event {
-                Event::Unmounted => {
-                    tracing::info!("unmounted; stopping");
-                    return (Ok(()), current);
-                }
-                Event::DaemonGone => {} // its exit is reaped above
-            }
+        if supervisor.shared.unmounted.load(Ordering::Acquire) {
+            tracing::info!("unmounted; stopping");
+            return (Ok(()), current);
         }
     }
 }

@@ -113,8 +113,6 @@ pub fn lazy_unmount(path: &Path) -> std::io::Result<()> {
 pub struct Mounted {
     session: fuser::BackgroundSession,
     mountpoint: PathBuf,
-    /// False when serving a supervisor's socket: the mount is the supervisor's.
-    owns_mount: bool,
 }
 
 /// Mounts `fs`. When this returns the kernel has completed the FUSE handshake,
@@ -178,7 +176,6 @@ pub fn mount<S: ParameterStore>(
     Ok(Mounted {
         session,
         mountpoint: settings.mountpoint.clone(),
-        owns_mount: settings.serve_fd.is_none(),
     })
 }
 
@@ -230,13 +227,8 @@ impl Mounted {
 
     /// Lazily unmounts and gives the session a moment to wind down; files still
     /// open lose the connection when the process exits.
+    /// (A supervised daemon never calls this: the mount is its supervisor's.)
     pub fn unmount(self) {
-        if !self.owns_mount {
-            // Serving a supervisor: the mount lives on, and the requests this
-            // process leaves unanswered go to its successor. Leave at once.
-            std::mem::forget(self.session);
-            return;
-        }
         if is_mount_point(&self.mountpoint) {
             if let Err(e) = lazy_unmount(&self.mountpoint) {
                 tracing::error!(mountpoint = %self.mountpoint.display(), error = %e, "unmount failed");

@@ -178,7 +178,7 @@ pub trait EventQueue: Send + Sync + 'static {
 pub async fn listen<S: ParameterStore, Q: EventQueue>(fs: Arc<Fs<S>>, queue: Q) {
     let metrics = fs.metrics().clone();
     let mut failures: u32 = 0;
-    let malformed_logged = AtomicBool::new(false);
+    let mut malformed_logged = false;
     loop {
         let messages = match queue.receive().await {
             Ok(messages) => {
@@ -215,7 +215,7 @@ pub async fn listen<S: ParameterStore, Q: EventQueue>(fs: Arc<Fs<S>>, queue: Q) 
                 Ok(Message::Foreign) => Metrics::inc(&metrics.events_ignored),
                 Err(cause) => {
                     Metrics::inc(&metrics.events_malformed);
-                    if !malformed_logged.swap(true, Ordering::Relaxed) {
+                    if !std::mem::replace(&mut malformed_logged, true) {
                         tracing::warn!(%cause, "deleting a queue message that is not a parameter change event (logged once; counted in ssmfs_events_malformed_total)");
                     }
                 }

@@ -75,8 +75,12 @@ impl<S: ParameterStore> Fs<S> {
             Metrics::inc(&self.metrics.events_applied);
             let mut pending = self.pending_events.lock().unwrap();
             for name in names {
+                // The earliest known time of the changes waiting for a name.
                 let time = pending.names.entry(name).or_insert(event.time);
-                *time = (*time).min(event.time).or(event.time);
+                *time = match (*time, event.time) {
+                    (Some(earlier), Some(this)) => Some(earlier.min(this)),
+                    (known, other) => known.or(other),
+                };
             }
         }
         self.retry_pending_events().await;
@@ -84,18 +88,16 @@ impl<S: ParameterStore> Fs<S> {
 
     /// What `event` makes this host fetch: the name, or for a moved label
     /// the `NAME:LABEL` entries cached here (a label leaves the current value
-    /// as it is); nothing when the event changes nothing cached here.
+    /// as it is); nothing for a redelivery, a name outside the mount, or a
+    /// change that touches nothing cached here.
     fn names_to_fetch(&self, event: &ParameterEvent) -> Vec<Arc<str>> {
-        if event.operation == Operation::Label {
-            let fresh = self.remember_event(event) && self.layout.covers(&event.name);
-            return match fresh {
-                true => self.cache.labelled_names(&event.name),
-                false => Vec::new(),
-            };
+        if !self.remember_event(event) || !self.layout.covers(&event.name) {
+            return Vec::new();
         }
-        match self.wants_event(event) {
-            true => vec![Arc::from(event.name.as_str())],
-            false => Vec::new(),
+        match event.operation {
+            Operation::Label => self.cache.labelled_names(&event.name),
+            _ if self.wants_change(event) => vec![Arc::from(event.name.as_str())],
+            _ => Vec::new(),
         }
     }
 
@@ -111,15 +113,9 @@ impl<S: ParameterStore> Fs<S> {
             .is_none()
     }
 
-    /// Whether `event` calls for a fetch here.
-    fn wants_event(&self, event: &ParameterEvent) -> bool {
-        if !self.remember_event(event) {
-            return false;
-        }
+    /// Whether a change of a name below the mount calls for a fetch here.
+    fn wants_change(&self, event: &ParameterEvent) -> bool {
         let name = event.name.as_str();
-        if !self.layout.covers(name) {
-            return false;
-        }
         if !self.knows(name) {
             if event.operation == Operation::Create {
                 // The kernel may remember that the name did not exist.
