@@ -40,22 +40,35 @@ pub struct Moto {
     _dir: tempfile::TempDir,
 }
 
-/// A loopback port that was free a moment ago (for moto, or --metrics-addr).
+/// A loopback port that was free a moment ago (for --metrics-addr, or an
+/// address nobody answers), never the same one twice in this test process:
+/// the kernel may hand a just-closed port to a parallel test's next ask.
 pub fn free_loopback_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap();
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
 }
 
 impl Moto {
+    /// A server on a port it chose itself (`-p 0`), read back from its log:
+    /// a port picked here and handed over could be taken by a parallel test's
+    /// server first, and then this test would talk to, and count, the wrong one.
     pub fn start() -> Moto {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("moto.log");
-        let port = free_loopback_port();
+        let (child, port) = Self::spawn(0, &log);
         Moto {
-            child: Self::spawn(port, &log),
+            child,
             endpoint: format!("http://127.0.0.1:{port}"),
             port,
             log,
@@ -63,8 +76,15 @@ impl Moto {
         }
     }
 
-    fn spawn(port: u16, log: &Path) -> Child {
-        let child = Command::new(moto_bin())
+    /// Starts moto on `port` (0: any) and waits for its "Running on" line;
+    /// a server that exits first (its port taken) fails the test with its log.
+    fn spawn(port: u16, log: &Path) -> (Child, u16) {
+        const READY: &str = "Running on http://127.0.0.1:";
+        let started_before = std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .matches(READY)
+            .count();
+        let mut child = Command::new(moto_bin())
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(
@@ -77,11 +97,24 @@ impl Moto {
             .spawn()
             .expect("starting moto_server");
         let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto did not start");
+        loop {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let bound = text
+                .split(READY)
+                .nth(started_before + 1)
+                .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|digits| digits.parse::<u16>().ok());
+            if let Some(bound) = bound {
+                if std::net::TcpStream::connect(("127.0.0.1", bound)).is_ok() {
+                    return (child, bound);
+                }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("moto_server exited ({status}) before it listened:\n{text}");
+            }
+            assert!(Instant::now() < deadline, "moto did not start:\n{text}");
             std::thread::sleep(Duration::from_millis(50));
         }
-        child
     }
 
     /// A server holding one SecureString.
@@ -101,7 +134,7 @@ impl Moto {
     /// A fresh server (empty store) on the same endpoint, after `stop`.
     pub fn restart(&mut self) {
         self.stop();
-        self.child = Self::spawn(self.port, &self.log);
+        self.child = Self::spawn(self.port, &self.log).0;
     }
 
     /// SSM API requests the server has answered (one access-log line each).

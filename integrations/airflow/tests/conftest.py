@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -54,12 +55,6 @@ def ssmfs_binary() -> Path:
     return Path(os.environ.get("SSMFS_BIN", REPO / "target" / "debug" / "ssmfs"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def is_mount_point(path: Path) -> bool:
     wanted = str(path)
     with open("/proc/self/mountinfo") as info:
@@ -72,13 +67,16 @@ class Moto:
     def __init__(self) -> None:
         binary = REPO / ".venv" / "bin" / "moto_server"
         require(binary.exists(), f"moto ({binary})")
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.port = 0  # moto picks a free port; a port picked here could be taken first
         self.log = Path(tempfile.mkstemp(prefix="moto-", suffix=".log")[1])
         self.process = None
         self.start()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        """Starts moto on self.port (0: any) and waits for its "Running on" line."""
+        ready = "Running on http://127.0.0.1:"
+        before = self.log.read_text().count(ready)
         binary = REPO / ".venv" / "bin" / "moto_server"
         self.process = subprocess.Popen(
             [str(binary), "-H", "127.0.0.1", "-p", str(self.port)],
@@ -87,12 +85,18 @@ class Moto:
         )
         deadline = time.monotonic() + 20
         while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                assert time.monotonic() < deadline, "moto did not start"
-                time.sleep(0.05)
+            text = self.log.read_text()
+            match = re.match(r"\d+", "".join(text.split(ready)[before + 1 :][:1]))
+            if match:
+                try:
+                    socket.create_connection(("127.0.0.1", int(match[0])), timeout=0.2).close()
+                    self.port = int(match[0])
+                    return
+                except OSError:
+                    pass
+            assert self.process.poll() is None, f"moto exited before it listened:\n{text}"
+            assert time.monotonic() < deadline, f"moto did not start:\n{text}"
+            time.sleep(0.05)
 
     def stop(self) -> None:
         self.process.terminate()
