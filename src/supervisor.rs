@@ -343,7 +343,7 @@ impl Supervisor {
             .name("ssmfs-relay-out".into())
             .spawn(move || shared.relay_replies(socket))?;
         if let Some(path) = &self.settings.pid_file {
-            if let Err(error) = std::fs::write(path, format!("{}\n", child.id())) {
+            if let Err(error) = write_pid_file(path, child.id()) {
                 tracing::warn!(path = %path.display(), %error, "could not write the pid file");
             }
         }
@@ -357,6 +357,15 @@ impl Supervisor {
             generation: self.generation,
         })
     }
+}
+
+/// Replaces the pid file by a rename, so that a reader (systemd, a script
+/// about to signal the daemon) never sees it empty or half written.
+fn write_pid_file(path: &Path, pid: u32) -> std::io::Result<()> {
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(".new");
+    std::fs::write(&staging, format!("{pid}\n"))?;
+    std::fs::rename(&staging, path)
 }
 
 /// The FUSE connection number of the mount at `mountpoint` (its device's

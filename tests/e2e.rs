@@ -267,8 +267,8 @@ fn rotation_is_seen_within_the_ttl_and_open_readers_see_whole_values() {
             break;
         }
         assert!(
-            changed_at.elapsed() < Duration::from_secs(3),
-            "not seen within TTL + 1 s"
+            changed_at.elapsed() < Duration::from_secs(4),
+            "not seen within TTL + 2 s (one refresh, on a loaded machine)"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
