@@ -278,6 +278,8 @@ pub enum CliError {
     NoThreads,
     #[error("--cache-entries and --cache-bytes must be at least 1")]
     EmptyCache,
+    #[error("--restart-deadline must be at least {MIN_RESTART_DEADLINE:?}: starting a daemon takes a few hundred milliseconds")]
+    RestartDeadlineTooShort,
     #[error(
         "--events-queue '{0}' is not a queue URL (https://sqs.REGION.amazonaws.com/ACCOUNT/NAME)"
     )]
@@ -285,6 +287,9 @@ pub enum CliError {
     #[error("--events-topic '{0}' is not an SNS topic ARN (arn:aws:sns:REGION:ACCOUNT:NAME)")]
     BadTopicArn(String),
 }
+
+/// A deadline shorter than one daemon start would abort every restart.
+const MIN_RESTART_DEADLINE: Duration = Duration::from_secs(1);
 
 /// Rewrites `-o a,b=c` into `--a --b c`, dropping generic mount options.
 pub fn expand_mount_options(args: Vec<OsString>) -> Result<Vec<OsString>, CliError> {
@@ -414,6 +419,9 @@ impl CliArgs {
         }
         if self.cache_entries == 0 || self.cache_bytes == 0 {
             return Err(CliError::EmptyCache);
+        }
+        if self.restart_deadline < MIN_RESTART_DEADLINE {
+            return Err(CliError::RestartDeadlineTooShort);
         }
         let events = match (self.events_queue, self.events_topic) {
             (Some(url), _) if !(url.starts_with("https://") || url.starts_with("http://")) => {
@@ -621,5 +629,15 @@ mod tests {
         ])
         .is_ok());
         assert!(parse(&["ssmfs", "/a"]).unwrap_err().contains("MOUNTPOINT"));
+        assert!(parse(&[
+            "ssmfs",
+            "--supervise",
+            "--restart-deadline",
+            "0s",
+            "/a",
+            "/mnt"
+        ])
+        .unwrap_err()
+        .contains("--restart-deadline must be at least 1s"));
     }
 }

@@ -14,8 +14,9 @@ use crate::store::StoreError;
 pub enum FsError {
     #[error("no such file or directory")]
     NotFound,
+    /// (In the message, so not a `source()`; see `Unreachable`.)
     #[error("invalid name: {0}")]
-    BadName(#[from] NameError),
+    BadName(NameError),
     #[error("read-only file system")]
     ReadOnly,
     #[error("not a directory")]
@@ -39,10 +40,18 @@ pub enum FsError {
     #[error("SSM denied listing below {path}")]
     ListingRefused { path: String },
     /// The mount-time check could not read the mounted path at all.
-    #[error("cannot read {path} from SSM: {source}")]
-    Unreachable { path: String, source: StoreError },
+    /// (`cause` is in the message and deliberately not a `source()`: a
+    /// chain printer such as anyhow's `{:#}` would repeat it.)
+    #[error("cannot read {path} from SSM: {cause}")]
+    Unreachable { path: String, cause: StoreError },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl From<NameError> for FsError {
+    fn from(cause: NameError) -> Self {
+        FsError::BadName(cause)
+    }
 }
 
 impl FsError {
@@ -66,7 +75,7 @@ impl FsError {
             FsError::NoAttribute => libc::ENODATA,
             FsError::UnsupportedAttribute => libc::EOPNOTSUPP,
             FsError::AccessDenied { .. } | FsError::ListingRefused { .. } => libc::EACCES,
-            FsError::Unreachable { source, .. } => Self::store_errno(source),
+            FsError::Unreachable { cause, .. } => Self::store_errno(cause),
             FsError::Store(error) => Self::store_errno(error),
         }
     }

@@ -60,8 +60,9 @@ fn main() -> ExitCode {
             if !log_is_stderr {
                 tracing::error!("{message}");
             }
-            readiness.failed(&message);
-            eprintln!("ssmfs: {message}");
+            if !readiness.failed(&message) {
+                eprintln!("ssmfs: {message}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -71,9 +72,10 @@ fn main() -> ExitCode {
 /// then the fork. `None`: this is the parent of a daemon that mounted.
 fn prepare(settings: &Settings) -> anyhow::Result<Option<Readiness>> {
     if settings.serve_fd {
-        // The supervisor holds the mount and stays in charge of readiness.
+        // The supervisor holds the mount and stays in charge of readiness;
+        // it hears this daemon's verdict, and says why it could not start.
         daemon::harden_process(settings.mlock)?;
-        return Ok(Some(Readiness::foreground()));
+        return Ok(Some(Readiness::reporting_to(ssmfs::supervisor::VERDICT_FD)));
     }
     daemon::prepare_mountpoint(&settings.mountpoint)?;
     daemon::harden_process(settings.mlock)?;

@@ -19,7 +19,9 @@
 //! No AWS, no cache, no parsing beyond frame headers: what is here must not
 //! crash. If no daemon can be started for `--restart-deadline` (or five
 //! starts in a row fail), the connection is aborted so readers get an error
-//! rather than hang, and the mount is removed.
+//! rather than hang, and the mount is removed. Each daemon says on a pipe
+//! whether it serves or why it cannot; a mount whose first daemon cannot
+//! start is refused with that reason, as an unsupervised mount would be.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -37,6 +39,9 @@ use crate::daemon::{self, MountSettings, Readiness};
 /// The fd numbers a serving daemon finds its socket and the inode journal on.
 pub const SERVE_FD: RawFd = 3;
 pub const JOURNAL_FD: RawFd = 4;
+/// The pipe a serving daemon writes its verdict on: "ok" once it serves, or
+/// why it cannot start (the same words an unsupervised mount would print).
+pub const VERDICT_FD: RawFd = 5;
 /// Starts that fail in a row before the supervisor gives up.
 const MAX_FAILED_STARTS: u32 = 5;
 /// Pause before a restart, doubled per failed start, at most 2 s: a crash is
@@ -251,6 +256,16 @@ fn blocked_signals() -> libc::sigset_t {
 struct Daemon {
     child: Child,
     generation: u64,
+    /// The read end of its verdict pipe, read once it has exited.
+    verdict: std::fs::File,
+}
+
+impl Daemon {
+    /// Why the daemon said it could not start, once it has exited (None: it
+    /// served, or ended without a word, as a crash or a kill does).
+    fn failure(&self) -> Option<String> {
+        daemon::read_verdict(&self.verdict).err().flatten()
+    }
 }
 
 struct Supervisor {
@@ -270,7 +285,12 @@ impl Supervisor {
     /// the INIT replayed (after the first), then every unanswered request.
     fn start_daemon(&mut self) -> io::Result<Daemon> {
         let (ours, theirs) = socket_pair()?;
-        let (socket_fd, journal_fd) = (theirs.as_raw_fd(), self.journal.as_raw_fd());
+        let (verdict, verdict_writer) = verdict_pipe()?;
+        let (socket_fd, journal_fd, verdict_fd) = (
+            theirs.as_raw_fd(),
+            self.journal.as_raw_fd(),
+            verdict_writer.as_raw_fd(),
+        );
         let mut command = Command::new(&self.binary);
         command
             .args(&self.settings.daemon_args)
@@ -289,14 +309,17 @@ impl Supervisor {
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             command.pre_exec(move || {
-                // Out of the way first (either may already sit on 3 or 4), then
+                // Out of the way first (any may already sit on 3, 4 or 5), then
                 // into place: dup2 to another number clears close-on-exec.
                 let socket = libc::fcntl(socket_fd, libc::F_DUPFD_CLOEXEC, 10);
                 let journal = libc::fcntl(journal_fd, libc::F_DUPFD_CLOEXEC, 10);
+                let verdict = libc::fcntl(verdict_fd, libc::F_DUPFD_CLOEXEC, 10);
                 if socket < 0
                     || journal < 0
+                    || verdict < 0
                     || libc::dup2(socket, SERVE_FD) < 0
                     || libc::dup2(journal, JOURNAL_FD) < 0
+                    || libc::dup2(verdict, VERDICT_FD) < 0
                 {
                     return Err(io::Error::last_os_error());
                 }
@@ -309,7 +332,8 @@ impl Supervisor {
             });
         }
         let child = command.spawn()?;
-        drop(theirs);
+        // Only the daemon holds the write end now: its exit is the pipe's end.
+        drop((theirs, verdict_writer));
         self.generation += 1;
         let socket = Arc::new(ours);
         {
@@ -355,7 +379,23 @@ impl Supervisor {
         Ok(Daemon {
             child,
             generation: self.generation,
+            verdict,
         })
+    }
+}
+
+/// A close-on-exec pipe: (read end, write end).
+fn verdict_pipe() -> io::Result<(std::fs::File, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: a fresh fd pair, each owned exactly once below.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((
+            std::fs::File::from_raw_fd(fds[0]),
+            OwnedFd::from_raw_fd(fds[1]),
+        ))
     }
 }
 
@@ -458,6 +498,8 @@ fn supervise(
     let deadline = supervisor.settings.restart_deadline;
     let mut current: Option<Daemon> = None;
     let mut failed_starts = 0u32;
+    // Why the last daemon that could not start said so, for the final word.
+    let mut last_failure: Option<String> = None;
     let mut without_daemon_since: Option<Instant> = Some(Instant::now());
     let mut ready_said = false;
     // Daemons replaced by an upgrade, reaped once they exit.
@@ -473,8 +515,9 @@ fn supervise(
                 let _ = daemon.child.wait();
             }
             abort_connection(&mountpoint);
+            let last = last_failure.map_or(String::new(), |why| format!("; the last said: {why}"));
             let why = format!(
-                    "no serving daemon for {:.1} s ({failed_starts} failed starts in a row); aborted the FUSE connection so readers get an error instead of waiting",
+                    "no serving daemon for {:.1} s ({failed_starts} failed starts in a row{last}); aborted the FUSE connection so readers get an error instead of waiting",
                     down_for.as_secs_f64()
                 );
             return (Err(SupervisorError::GaveUp(why)), None);
@@ -554,7 +597,23 @@ fn supervise(
         if let Some(daemon) = current.as_mut() {
             if let Ok(Some(status)) = daemon.child.try_wait() {
                 let served = supervisor.shared.answers.load(Ordering::Relaxed) > 0;
-                tracing::warn!(%status, generation = daemon.generation, "the serving daemon exited; starting another");
+                let failure = daemon.failure();
+                if let (false, Some(why)) = (ready_said, &failure) {
+                    // The first daemon could not start (no access, a queue
+                    // that does not exist): a mount that never served is
+                    // refused with its reason, as an unsupervised one is
+                    // (the unmount and the supervisor's exit end the connection).
+                    return (Err(SupervisorError::GaveUp(why.clone())), None);
+                }
+                let reason = failure
+                    .as_deref()
+                    .unwrap_or("no reason given (killed or crashed)");
+                tracing::warn!(%status, generation = daemon.generation, reason, "the serving daemon exited; starting another");
+                last_failure = if served {
+                    None
+                } else {
+                    failure.or(last_failure)
+                };
                 // A daemon that never answered did not start; one that did
                 // crashed later, and its successor starts with a clean slate.
                 failed_starts = if served { 0 } else { failed_starts + 1 };

@@ -586,30 +586,37 @@ fn bad_command_lines_exit_non_zero_with_one_line_and_mount_nothing() {
     );
     assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
     assert!(!ssmfs::daemon::is_mount_point(&empty));
-    // Nothing answers at the endpoint: refused by the mount's one call, in time.
+    // Nothing answers at the endpoint: refused by the mount's one call, in
+    // time, with one line that says it once, in the foreground, from a
+    // background daemon, and from a supervised one.
     let nowhere = format!("http://127.0.0.1:{}", free_loopback_port());
-    let started = Instant::now();
-    let out = std::process::Command::new(bin)
-        .args([
-            "-f",
-            "--request-timeout",
-            "2s",
-            "--endpoint-url",
-            &nowhere,
-            "/a",
-        ])
-        .arg(&empty)
-        .envs(aws_env())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("cannot read /a from SSM"),
-        "{err}"
-    );
-    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
-    assert!(started.elapsed() < Duration::from_secs(6));
-    assert!(!ssmfs::daemon::is_mount_point(&empty));
+    for mode in [&["-f"][..], &[], &["--supervise"]] {
+        let started = Instant::now();
+        let out = std::process::Command::new(bin)
+            .args(mode)
+            .args(["--request-timeout", "2s", "--endpoint-url", &nowhere, "/a"])
+            .arg(&empty)
+            .envs(aws_env())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("cannot read /a from SSM"),
+            "{mode:?}: {err}"
+        );
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{mode:?}: one line: {err}"
+        );
+        assert_eq!(
+            err.matches("SSM is unavailable").count(),
+            1,
+            "{mode:?}: said once: {err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(6), "{mode:?}");
+        assert!(!ssmfs::daemon::is_mount_point(&empty), "{mode:?}");
+    }
     std::fs::remove_dir(&empty).unwrap();
     std::fs::remove_file(&file).unwrap();
     std::fs::write(dir.path().join("keep"), "x").unwrap();

@@ -39,20 +39,27 @@ pub fn daemonize() -> Result<Forked, DaemonError> {
             }
             _ => {
                 libc::close(fds[1]);
-                let mut reader = std::fs::File::from_raw_fd_checked(fds[0]);
-                let mut verdict = String::new();
-                use std::io::Read;
-                let _ = reader.read_to_string(&mut verdict);
-                Ok(Forked::Parent(match verdict.strip_prefix("ok") {
-                    Some(_) => Ok(()),
-                    None if verdict.is_empty() => {
-                        Err("the daemon exited before the mount was ready (see its log)"
-                            .to_string())
-                    }
-                    None => Err(verdict.trim_end().to_string()),
-                }))
+                let verdict = read_verdict(std::fs::File::from_raw_fd_checked(fds[0]));
+                Ok(Forked::Parent(verdict.map_err(|why| {
+                    why.unwrap_or_else(|| {
+                        "the daemon exited before the mount was ready (see its log)".to_string()
+                    })
+                })))
             }
         }
+    }
+}
+
+/// What a process wrote on its verdict pipe until every write end closed:
+/// `Ok` once it served, `Err(Some(why))` if it said why it could not start,
+/// `Err(None)` if it ended without a word (killed, crashed).
+pub fn read_verdict(mut pipe: impl std::io::Read) -> Result<(), Option<String>> {
+    let mut verdict = String::new();
+    let _ = pipe.read_to_string(&mut verdict);
+    match verdict.strip_prefix("ok") {
+        Some(_) => Ok(()),
+        None if verdict.is_empty() => Err(None),
+        None => Err(Some(verdict.trim_end().to_string())),
     }
 }
 
@@ -82,6 +89,17 @@ impl Readiness {
         }
     }
 
+    /// A supervised daemon: its verdict goes to the supervisor on `fd`, if
+    /// that was passed (the supervisor reports the mount's readiness itself).
+    pub fn reporting_to(fd: i32) -> Self {
+        // SAFETY: F_GETFD only asks whether the descriptor is open.
+        let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
+        Self {
+            fd: open.then_some(fd),
+            background: false,
+        }
+    }
+
     fn send(&mut self, message: &str) {
         if let Some(fd) = self.fd.take() {
             let mut pipe = std::fs::File::from_raw_fd_checked(fd);
@@ -94,8 +112,12 @@ impl Readiness {
         sd_notify("READY=1");
     }
 
-    pub fn failed(&mut self, message: &str) {
+    /// Reports a failure to a parent still waiting for the mount; true if
+    /// there was one (it prints the message, so the caller need not).
+    pub fn failed(&mut self, message: &str) -> bool {
+        let parent_waits = self.fd.is_some();
         self.send(message);
+        parent_waits
     }
 
     /// Points stdin/stdout/stderr at /dev/null once the parent has gone.

@@ -209,7 +209,7 @@ impl<S: ParameterStore> Fs<S> {
                 Ok(())
             }
             Err(error @ StoreError::Credentials(_)) => Err(error.into()),
-            Err(source) => Err(FsError::Unreachable { path, source }),
+            Err(cause) => Err(FsError::Unreachable { path, cause }),
         }
     }
 
