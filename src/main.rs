@@ -115,9 +115,11 @@ fn supervise(settings: Settings, readiness: &mut Readiness) -> anyhow::Result<()
 fn run(settings: Settings, readiness: &mut Readiness) -> anyhow::Result<()> {
     let supervised = settings.serve_fd;
     // A supervised daemon must not look at the mount point: the mount is
-    // there and waits for this very process to answer.
+    // there and waits for this very process to answer. Its supervisor
+    // resolved it.
     let mountpoint = if supervised {
-        settings.mountpoint.clone()
+        std::env::var_os(ssmfs::supervisor::MOUNTPOINT_ENV)
+            .map_or_else(|| settings.mountpoint.clone(), Into::into)
     } else {
         std::fs::canonicalize(&settings.mountpoint)
             .with_context(|| format!("mount point {}", settings.mountpoint.display()))?

@@ -42,6 +42,10 @@ pub const JOURNAL_FD: RawFd = 4;
 /// The pipe a serving daemon writes its verdict on: "ok" once it serves, or
 /// why it cannot start (the same words an unsupervised mount would print).
 pub const VERDICT_FD: RawFd = 5;
+/// The mount point as the supervisor resolved it (absolute, no symlinks),
+/// for a daemon that must not look at the mount point itself: its name for
+/// the mount (the events queue's) is then the same as an unsupervised one's.
+pub const MOUNTPOINT_ENV: &str = "SSMFS_SUPERVISED_MOUNTPOINT";
 /// Starts that fail in a row before the supervisor gives up.
 const MAX_FAILED_STARTS: u32 = 5;
 /// Pause before a restart, doubled per failed start, at most 2 s: a crash is
@@ -296,6 +300,7 @@ impl Supervisor {
             .args(&self.settings.daemon_args)
             // Readiness is the supervisor's to report, not the daemon's.
             .env_remove("NOTIFY_SOCKET")
+            .env(MOUNTPOINT_ENV, &self.settings.mount.mountpoint)
             .env("SSMFS_SUPERVISOR_RESTARTS", self.restarts.to_string())
             .env("SSMFS_SUPERVISOR_HANDOVERS", self.handovers.to_string())
             .env(
