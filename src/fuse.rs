@@ -37,6 +37,10 @@ pub struct FuseAdapter<S> {
     /// the core waits this long first, so a test can kill a daemon while
     /// requests are in flight (the supervisor must resend them).
     test_delay: Option<Duration>,
+    /// A test hook (`SSMFS_TEST_UPGRADE_MAX_WRITE`): a daemon started by an
+    /// upgrade negotiates this max_write instead, as a binary with other FUSE
+    /// settings would (the supervisor must refuse it).
+    test_upgrade_max_write: Option<u32>,
 }
 
 impl<S: ParameterStore> FuseAdapter<S> {
@@ -45,10 +49,16 @@ impl<S: ParameterStore> FuseAdapter<S> {
             .ok()
             .and_then(|ms| ms.parse().ok())
             .map(Duration::from_millis);
+        let upgrade = std::env::var("SSMFS_SUPERVISOR_UPGRADE").is_ok_and(|v| v == "1");
+        let test_upgrade_max_write = std::env::var("SSMFS_TEST_UPGRADE_MAX_WRITE")
+            .ok()
+            .filter(|_| upgrade)
+            .and_then(|bytes| bytes.parse().ok());
         Self {
             fs,
             runtime,
             test_delay,
+            test_upgrade_max_write,
         }
     }
 
@@ -186,7 +196,7 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
         let _ = config.add_capabilities(InitFlags::FUSE_AUTO_INVAL_DATA);
         // Nothing is ever written: the smallest write size keeps the buffer a
         // reader of /dev/fuse needs small (the supervisor's: --supervise).
-        let _ = config.set_max_write(4096);
+        let _ = config.set_max_write(self.test_upgrade_max_write.unwrap_or(4096));
         Ok(())
     }
 

@@ -9,8 +9,11 @@
 //! the daemon runs fuser unchanged on its end. The supervisor reads nothing
 //! of a frame but its header: it keeps every request it forwarded until the
 //! reply to it passes back, and when a daemon dies it starts the next one,
-//! replays the kernel's INIT to it (whose reply it drops: the kernel
-//! negotiated once), and sends it every request still unanswered. Every
+//! replays the kernel's INIT to it (the kernel negotiated once: the reply is
+//! not passed on but must equal the one the kernel accepted, or the daemon
+//! is not heard), and sends it every request still unanswered. An upgrade
+//! (SIGUSR2) takes over only once the new daemon's reply agrees; until then,
+//! and if it never does, the current daemon serves. Every
 //! operation of ssmfs is read-only, so a request answered twice is harmless
 //! (the kernel drops the second answer). Node ids keep their names across
 //! daemons through a journal (a memfd the supervisor owns, `InodeTable::
@@ -30,7 +33,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,6 +49,9 @@ pub const VERDICT_FD: RawFd = 5;
 /// for a daemon that must not look at the mount point itself: its name for
 /// the mount (the events queue's) is then the same as an unsupervised one's.
 pub const MOUNTPOINT_ENV: &str = "SSMFS_SUPERVISED_MOUNTPOINT";
+/// Why a daemon with other FUSE settings (an upgrade, or a restart after the
+/// binary on disk changed) cannot take over a live connection.
+const OTHER_FUSE_SETTINGS: &str = "the new binary negotiates FUSE settings other than the ones this mount was set up with, so it cannot take over the live connection; restart the service (a remount) to run it";
 /// Starts that fail in a row before the supervisor gives up.
 const MAX_FAILED_STARTS: u32 = 5;
 /// Pause before a restart, doubled per failed start, at most 2 s: a crash is
@@ -85,8 +91,18 @@ pub struct SupervisorSettings {
 struct Relay {
     outstanding: BTreeMap<u64, Vec<u8>>,
     init: Option<Vec<u8>>,
+    /// The body of the INIT reply the kernel accepted: what every later
+    /// daemon's reply to the replayed INIT must be, byte for byte.
+    init_reply: Option<Vec<u8>>,
     daemon_socket: Option<Arc<OwnedFd>>,
 }
+
+/// A daemon's FUSE handshake as the supervisor judged it.
+const HANDSHAKE_PENDING: u8 = 0;
+const HANDSHAKE_AGREED: u8 = 1;
+/// It negotiated other settings than the kernel holds (a binary with other
+/// FUSE capabilities): it must not serve this connection.
+const HANDSHAKE_DIFFERS: u8 = 2;
 
 struct Shared {
     fuse: OwnedFd,
@@ -173,8 +189,10 @@ impl Shared {
     }
 
     /// Daemon -> kernel: the first answer to a request passes; notifications
-    /// (unique 0) pass; answers to requests already answered are dropped.
-    fn relay_replies(self: Arc<Self>, socket: Arc<OwnedFd>) {
+    /// (unique 0) pass; answers to requests already answered are dropped. A
+    /// daemon's answer to the replayed INIT is checked against the one the
+    /// kernel accepted; a daemon that disagrees is not heard any further.
+    fn relay_replies(self: Arc<Self>, socket: Arc<OwnedFd>, handshake: Arc<AtomicU8>) {
         let mut buffer = vec![0u8; FRAME_BUFFER];
         loop {
             let n = match read_frame(&socket, &mut buffer) {
@@ -185,16 +203,35 @@ impl Shared {
             let Some(unique) = reply_unique(frame) else {
                 continue;
             };
-            self.answers.store(now_millis(), Ordering::Relaxed);
             if unique != 0 {
-                let first = self.relay.lock().unwrap().outstanding.remove(&unique);
-                let Some(request) = first else {
+                let mut relay = self.relay.lock().unwrap();
+                let Some(request) = relay.outstanding.remove(&unique) else {
+                    let init_unique = relay.init.as_deref().and_then(header).map(|(_, u)| u);
+                    if init_unique == Some(unique)
+                        && handshake.load(Ordering::Acquire) == HANDSHAKE_PENDING
+                    {
+                        let agreed = relay.init_reply.as_deref() == frame.get(16..);
+                        let verdict = if agreed {
+                            HANDSHAKE_AGREED
+                        } else {
+                            HANDSHAKE_DIFFERS
+                        };
+                        handshake.store(verdict, Ordering::Release);
+                        if !agreed {
+                            return;
+                        }
+                        // A daemon that agreed is serving, requests or not.
+                        self.answers.store(now_millis(), Ordering::Relaxed);
+                    }
                     continue; // answered already, or the replayed INIT
                 };
                 if header(&request).is_some_and(|(opcode, _)| opcode == FUSE_INIT) {
+                    relay.init_reply = frame.get(16..).map(<[u8]>::to_vec);
+                    handshake.store(HANDSHAKE_AGREED, Ordering::Release);
                     self.initialized.store(true, Ordering::Release);
                 }
             }
+            self.answers.store(now_millis(), Ordering::Relaxed);
             // ENOENT: the kernel gave up on the request (interrupted).
             let _ = write_frame(&self.fuse, frame);
         }
@@ -262,9 +299,16 @@ struct Daemon {
     generation: u64,
     /// The read end of its verdict pipe, read once it has exited.
     verdict: std::fs::File,
+    socket: Arc<OwnedFd>,
+    handshake: Arc<AtomicU8>,
+    started: Instant,
 }
 
 impl Daemon {
+    fn handshake(&self) -> u8 {
+        self.handshake.load(Ordering::Acquire)
+    }
+
     /// Why the daemon said it could not start, once it has exited (None: it
     /// served, or ended without a word, as a crash or a kill does).
     fn failure(&self) -> Option<String> {
@@ -285,9 +329,10 @@ struct Supervisor {
 }
 
 impl Supervisor {
-    /// Starts a daemon on a new socket and makes it the one requests go to:
-    /// the INIT replayed (after the first), then every unanswered request.
-    fn start_daemon(&mut self) -> io::Result<Daemon> {
+    /// Starts a daemon on a new socket and replays the kernel's INIT to it
+    /// (once the first daemon answered it; its answer is checked, not
+    /// passed). Requests go to it only once it is adopted.
+    fn spawn_daemon(&mut self, upgrade: bool) -> io::Result<Daemon> {
         let (ours, theirs) = socket_pair()?;
         let (verdict, verdict_writer) = verdict_pipe()?;
         let (socket_fd, journal_fd, verdict_fd) = (
@@ -303,6 +348,7 @@ impl Supervisor {
             .env(MOUNTPOINT_ENV, &self.settings.mount.mountpoint)
             .env("SSMFS_SUPERVISOR_RESTARTS", self.restarts.to_string())
             .env("SSMFS_SUPERVISOR_HANDOVERS", self.handovers.to_string())
+            .env("SSMFS_SUPERVISOR_UPGRADE", if upgrade { "1" } else { "0" })
             .env(
                 "SSMFS_SUPERVISOR_RESENT",
                 self.shared.resent.load(Ordering::Relaxed).to_string(),
@@ -342,50 +388,66 @@ impl Supervisor {
         self.generation += 1;
         let socket = Arc::new(ours);
         {
-            let mut relay = self.shared.relay.lock().unwrap();
-            // The kernel's INIT, once answered, is replayed for the handshake
-            // of each later daemon (its answer is dropped: not outstanding).
+            let relay = self.shared.relay.lock().unwrap();
             if let Some(init) = relay.init.as_ref().filter(|init| {
                 header(init).is_some_and(|(_, unique)| !relay.outstanding.contains_key(&unique))
             }) {
                 let _ = write_frame(&socket, init);
             }
-            // Then everything unanswered, oldest first (the INIT itself, if
-            // it came before any daemon could take it).
-            let pending: Vec<&Vec<u8>> = relay.outstanding.values().collect();
-            if self.generation > 1 && !pending.is_empty() {
-                tracing::info!(
-                    requests = pending.len(),
-                    "resending the requests the previous daemon left unanswered"
-                );
-                self.shared
-                    .resent
-                    .fetch_add(pending.len() as u64, Ordering::Relaxed);
-            }
-            for frame in pending {
-                let _ = write_frame(&socket, frame);
-            }
-            relay.daemon_socket = Some(socket.clone());
         }
-        let shared = self.shared.clone();
+        let handshake = Arc::new(AtomicU8::new(HANDSHAKE_PENDING));
+        let (shared, replies, judged) = (self.shared.clone(), socket.clone(), handshake.clone());
         std::thread::Builder::new()
             .name("ssmfs-relay-out".into())
-            .spawn(move || shared.relay_replies(socket))?;
-        if let Some(path) = &self.settings.pid_file {
-            if let Err(error) = write_pid_file(path, child.id()) {
-                tracing::warn!(path = %path.display(), %error, "could not write the pid file");
-            }
-        }
+            .spawn(move || shared.relay_replies(replies, judged))?;
         tracing::info!(
             pid = child.id(),
             generation = self.generation,
+            upgrade,
             "serving daemon started"
         );
         Ok(Daemon {
             child,
             generation: self.generation,
             verdict,
+            socket,
+            handshake,
+            started: Instant::now(),
         })
+    }
+
+    /// Makes `daemon` the one requests go to: every unanswered request,
+    /// oldest first (the INIT itself, if no daemon answered it yet), then
+    /// every new one.
+    fn adopt(&mut self, daemon: &Daemon) {
+        let mut relay = self.shared.relay.lock().unwrap();
+        let pending: Vec<&Vec<u8>> = relay.outstanding.values().collect();
+        if daemon.generation > 1 && !pending.is_empty() {
+            tracing::info!(
+                requests = pending.len(),
+                "resending the requests the previous daemon left unanswered"
+            );
+            self.shared
+                .resent
+                .fetch_add(pending.len() as u64, Ordering::Relaxed);
+        }
+        for frame in pending {
+            let _ = write_frame(&daemon.socket, frame);
+        }
+        relay.daemon_socket = Some(daemon.socket.clone());
+        drop(relay);
+        if let Some(path) = &self.settings.pid_file {
+            if let Err(error) = write_pid_file(path, daemon.child.id()) {
+                tracing::warn!(path = %path.display(), %error, "could not write the pid file");
+            }
+        }
+    }
+
+    /// A daemon after a death (or the first): started and adopted at once.
+    fn start_daemon(&mut self) -> io::Result<Daemon> {
+        let daemon = self.spawn_daemon(false)?;
+        self.adopt(&daemon);
+        Ok(daemon)
     }
 }
 
@@ -458,6 +520,7 @@ pub fn run(settings: SupervisorSettings, readiness: &mut Readiness) -> Result<()
         relay: Mutex::new(Relay {
             outstanding: BTreeMap::new(),
             init: None,
+            init_reply: None,
             daemon_socket: None,
         }),
         initialized: AtomicBool::new(false),
@@ -509,6 +572,8 @@ fn supervise(
     let mut ready_said = false;
     // Daemons replaced by an upgrade, reaped once they exit.
     let mut retiring: Vec<Daemon> = Vec::new();
+    // The daemon an upgrade started, until its handshake is judged.
+    let mut upgrading: Option<Daemon> = None;
     loop {
         retiring.retain_mut(|old| !matches!(old.child.try_wait(), Ok(Some(_))));
         // No daemon has answered since this long (one may be starting, or
@@ -578,8 +643,26 @@ fn supervise(
                     unsafe { libc::kill(daemon.child.id() as i32, libc::SIGHUP) };
                 }
             }
-            libc::SIGUSR2 => match supervisor.start_daemon() {
-                Ok(next) => {
+            libc::SIGUSR2 if upgrading.is_some() => {
+                tracing::warn!("upgrade already under way; SIGUSR2 ignored");
+            }
+            libc::SIGUSR2 if !ready_said => {
+                tracing::warn!("the mount is not serving yet; SIGUSR2 ignored");
+            }
+            // The new daemon serves only once its handshake agrees with
+            // the kernel's; until then the current one does.
+            libc::SIGUSR2 => match supervisor.spawn_daemon(true) {
+                Ok(next) => upgrading = Some(next),
+                Err(error) => {
+                    tracing::error!(%error, "upgrade failed: cannot start the new daemon; the current one keeps serving")
+                }
+            },
+            _ => {}
+        }
+        if let Some(mut next) = upgrading.take() {
+            match (next.handshake(), next.child.try_wait()) {
+                (HANDSHAKE_AGREED, _) => {
+                    supervisor.adopt(&next);
                     supervisor.handovers += 1;
                     if let Some(old) = current.replace(next) {
                         // Its unanswered requests went to the new daemon too;
@@ -592,11 +675,30 @@ fn supervise(
                         "upgrade: the serving daemon was replaced by the binary on disk"
                     );
                 }
-                Err(error) => {
-                    tracing::error!(%error, "upgrade failed: cannot start the new daemon; the current one keeps serving")
+                (HANDSHAKE_DIFFERS, _) => {
+                    let _ = next.child.kill();
+                    retiring.push(next);
+                    tracing::error!("{OTHER_FUSE_SETTINGS}; the current daemon keeps serving");
                 }
-            },
-            _ => {}
+                (_, Ok(Some(status))) => {
+                    let reason = next.failure().unwrap_or_else(|| "no reason given".into());
+                    tracing::error!(%status, reason, "upgrade failed: the new daemon exited before it could serve; the current one keeps serving");
+                }
+                _ if next.started.elapsed() > deadline => {
+                    let _ = next.child.kill();
+                    retiring.push(next);
+                    tracing::error!("upgrade abandoned: the new daemon did not answer within --restart-deadline; the current one keeps serving");
+                }
+                _ => upgrading = Some(next),
+            }
+        }
+        if let Some(daemon) = current.as_mut() {
+            if daemon.handshake() == HANDSHAKE_DIFFERS {
+                tracing::error!("{OTHER_FUSE_SETTINGS}");
+                last_failure = Some(OTHER_FUSE_SETTINGS.to_string());
+                let _ = daemon.child.kill();
+                let _ = daemon.child.wait();
+            }
         }
         // Reap whatever exited (SIGCHLD was blocked, so children are zombies).
         if let Some(daemon) = current.as_mut() {

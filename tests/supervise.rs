@@ -225,3 +225,55 @@ fn a_successor_that_cannot_start_fails_readers_within_the_deadline_not_forever()
     let log = mount.log_text();
     assert!(log.contains("aborted the FUSE connection"), "{log}");
 }
+
+#[test]
+fn an_upgrade_that_negotiates_other_fuse_settings_is_refused_and_fails_no_read() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let pairs = seed(&moto);
+    // Daemons started by an upgrade answer INIT with another max_write, as a
+    // binary with other FUSE settings would.
+    let (mut mount, pid_file) = supervised(&moto, &[], &[("SSMFS_TEST_UPGRADE_MAX_WRITE", "8192")]);
+    let root = mount.path();
+    let serving = daemon_pid(&pid_file);
+    let readers = start_readers(&root, 8, &pairs);
+    std::thread::sleep(Duration::from_secs(2));
+    let supervisor = mount.child.as_ref().unwrap().id() as i32;
+    // SAFETY: signalling the supervisor this test started.
+    unsafe { libc::kill(supervisor, libc::SIGUSR2) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !mount
+        .log_text()
+        .contains("cannot take over the live connection")
+    {
+        assert!(Instant::now() < deadline, "{}", mount.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop_kernel_caches();
+    let (reads, failures, wrong, _) = finish_readers(readers);
+    assert_eq!((failures, wrong), (0, 0));
+    assert!(reads > 100, "{reads}");
+    assert_eq!(
+        daemon_pid(&pid_file),
+        serving,
+        "the current daemon serves on"
+    );
+    let log = mount.log_text();
+    assert!(
+        !log.contains("upgrade: the serving daemon was replaced"),
+        "{log}"
+    );
+    // A restart after a crash runs the same settings and takes over.
+    // SAFETY: signalling the daemon.
+    unsafe { libc::kill(serving, libc::SIGKILL) };
+    drop_kernel_caches();
+    assert_eq!(
+        std::fs::read_to_string(root.join("s05")).unwrap(),
+        pairs[5].split_once('=').unwrap().1
+    );
+    assert_ne!(daemon_pid(&pid_file), serving);
+    assert!(mount.signal(libc::SIGTERM).success());
+    mount.wait_mounted(false);
+}
