@@ -453,3 +453,60 @@ fn topic_mode_makes_uses_and_removes_its_queue_and_reaps_one_left_by_a_kill() {
     assert!(bus.queue_urls().is_empty(), "{:?}", bus.queue_urls());
     assert!(bus.subscriptions(&topic).is_empty());
 }
+
+#[test]
+fn the_documented_cloudformation_for_one_queue_deploys_and_delivers_an_update() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let ssm = Moto::start();
+    let bus = EventBus::start();
+    let rt = runtime();
+    let client = client(&rt, &ssm.endpoint);
+    put(
+        &rt,
+        &client,
+        "/airflow/variables/rotated",
+        "one",
+        ParameterType::SecureString,
+    );
+    // docs/EVENTS.md's template, as a user applies it, on moto's CloudFormation.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("tests/support/deploy_stack.py"))
+        .args([&bus.moto.endpoint, "ssmfs-host-queue"])
+        .arg(root.join("docs/EVENTS.md"))
+        .arg("### CloudFormation: EventBridge rule -> one SQS queue (`--events-queue`)")
+        .envs(aws_env())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "deploying the documented stack: {stderr}"
+    );
+    let outputs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let queue_url = outputs["QueueUrl"].as_str().unwrap().to_string();
+    let mount = bus.mount(
+        &ssm,
+        &["--ttl", "1h", "--events-queue", &queue_url, "/airflow"],
+    );
+    let secret = mount.path().join("variables/rotated");
+    assert_eq!(read(&secret).as_deref(), Some("one"));
+    put(
+        &rt,
+        &client,
+        "/airflow/variables/rotated",
+        "two",
+        ParameterType::SecureString,
+    );
+    let base = ssm.requests();
+    bus.put_event("/airflow/variables/rotated", "Update", SystemTime::now());
+    let took = within(
+        Duration::from_secs(2),
+        "the update through the stack's queue",
+        || read(&secret).as_deref() == Some("two"),
+    );
+    eprintln!("update through the documented stack visible after {took:?}");
+    assert_eq!(ssm.requests() - base, 1, "one SSM call");
+}
