@@ -470,22 +470,34 @@ fn the_documented_cloudformation_for_one_queue_deploys_and_delivers_an_update() 
         "one",
         ParameterType::SecureString,
     );
-    // docs/EVENTS.md's template, as a user applies it, on moto's CloudFormation.
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = std::process::Command::new(root.join(".venv/bin/python"))
-        .arg(root.join("tests/support/deploy_stack.py"))
-        .args([&bus.moto.endpoint, "ssmfs-host-queue"])
-        .arg(root.join("docs/EVENTS.md"))
-        .arg("### CloudFormation: EventBridge rule -> one SQS queue (`--events-queue`)")
-        .envs(aws_env())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "deploying the documented stack: {stderr}"
+    // docs/EVENTS.md's templates, as a user applies them, on moto's
+    // CloudFormation (its EventBridge cannot target SNS: the topic's stack
+    // is only deployed, then removed).
+    let deploy = |stack: &str, heading: &str, then: &[&str]| -> serde_json::Value {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = std::process::Command::new(root.join(".venv/bin/python"))
+            .arg(root.join("tests/support/deploy_stack.py"))
+            .args([&bus.moto.endpoint, stack])
+            .arg(root.join("docs/EVENTS.md"))
+            .arg(heading)
+            .args(then)
+            .envs(aws_env())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "deploying {heading}: {stderr}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    deploy(
+        "ssmfs-topic",
+        "### CloudFormation: EventBridge rule -> SNS topic (fleets, `--events-topic`)",
+        &["--then-delete"],
     );
-    let outputs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let outputs = deploy(
+        "ssmfs-host-queue",
+        "### CloudFormation: EventBridge rule -> one SQS queue (`--events-queue`)",
+        &[],
+    );
     let queue_url = outputs["QueueUrl"].as_str().unwrap().to_string();
     let mount = bus.mount(
         &ssm,
