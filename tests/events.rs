@@ -8,7 +8,7 @@
 mod support;
 
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use aws_sdk_ssm::types::ParameterType;
 use support::*;
@@ -163,14 +163,14 @@ impl EventBus {
     }
 }
 
-/// Waits up to `limit` for `check` and returns how long it took.
-fn within(limit: Duration, what: &str, mut check: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    start.elapsed()
+/// SSM on a server of its own (so its calls are counted alone), a client
+/// to seed it, and the event bus on another server.
+fn ssm_and_bus() -> (Moto, EventBus, tokio::runtime::Runtime, aws_sdk_ssm::Client) {
+    let ssm = Moto::start();
+    let bus = EventBus::start();
+    let rt = runtime();
+    let client = client(&rt, &ssm.endpoint);
+    (ssm, bus, rt, client)
 }
 
 fn read(path: &Path) -> Option<String> {
@@ -197,10 +197,7 @@ fn updates_creates_and_deletes_show_within_two_seconds_at_one_call_each() {
     if !have_fuse_and_moto() {
         return;
     }
-    let ssm = Moto::start();
-    let bus = EventBus::start();
-    let rt = runtime();
-    let client = client(&rt, &ssm.endpoint);
+    let (ssm, bus, rt, client) = ssm_and_bus();
     put(
         &rt,
         &client,
@@ -269,10 +266,7 @@ fn redelivered_late_foreign_and_malformed_events_cost_no_ssm_call() {
     if !have_fuse_and_moto() {
         return;
     }
-    let ssm = Moto::start();
-    let bus = EventBus::start();
-    let rt = runtime();
-    let client = client(&rt, &ssm.endpoint);
+    let (ssm, bus, rt, client) = ssm_and_bus();
     put(&rt, &client, "/dup/key", "one", ParameterType::String);
     put(&rt, &client, "/elsewhere/key", "x", ParameterType::String);
     let addr = format!("127.0.0.1:{}", free_loopback_port());
@@ -347,10 +341,7 @@ fn a_queue_outage_keeps_reads_working_and_events_resume_after_it() {
     if !have_fuse_and_moto() {
         return;
     }
-    let ssm = Moto::start();
-    let mut bus = EventBus::start();
-    let rt = runtime();
-    let client = client(&rt, &ssm.endpoint);
+    let (ssm, mut bus, rt, client) = ssm_and_bus();
     put(&rt, &client, "/qd/key", "one", ParameterType::String);
     let mount = bus.mount(
         &ssm,
@@ -381,10 +372,7 @@ fn topic_mode_makes_uses_and_removes_its_queue_and_reaps_one_left_by_a_kill() {
     if !have_fuse_and_moto() {
         return;
     }
-    let ssm = Moto::start();
-    let bus = EventBus::start();
-    let rt = runtime();
-    let client = client(&rt, &ssm.endpoint);
+    let (ssm, bus, rt, client) = ssm_and_bus();
     put(&rt, &client, "/tp/key", "one", ParameterType::String);
     let topic = rt
         .block_on(bus.sns.create_topic().name("ssm-changes").send())
@@ -459,10 +447,7 @@ fn the_documented_cloudformation_for_one_queue_deploys_and_delivers_an_update() 
     if !have_fuse_and_moto() {
         return;
     }
-    let ssm = Moto::start();
-    let bus = EventBus::start();
-    let rt = runtime();
-    let client = client(&rt, &ssm.endpoint);
+    let (ssm, bus, rt, client) = ssm_and_bus();
     put(
         &rt,
         &client,

@@ -7,7 +7,7 @@ mod support;
 
 use std::os::unix::net::UnixDatagram;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_sdk_ssm::types::ParameterType;
 use support::*;
@@ -172,11 +172,11 @@ fn background_mode_returns_once_mounted_and_umount_ends_the_daemon() {
     );
     assert_eq!(std::fs::read(mnt.join("value")).unwrap(), b"ready");
     assert_eq!(run("umount", &[mnt.to_str().unwrap()]).0, 0);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while daemon_running_for(&mnt) {
-        assert!(Instant::now() < deadline, "the daemon outlived its mount");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    within(
+        Duration::from_secs(5),
+        "the daemon ends with its mount",
+        || !daemon_running_for(&mnt),
+    );
 
     // A failure in background mode is reported by the command itself.
     let out = Command::new(env!("CARGO_BIN_EXE_ssmfs"))
@@ -238,7 +238,11 @@ fn mount_t_fuse_ssmfs_works_through_mount_fuse3() {
     });
     let _ = run("umount", &[mnt.to_str().unwrap()]);
     result.unwrap();
-    wait_until(|| !daemon_running_for(&mnt), "the daemon ends with umount");
+    within(
+        Duration::from_secs(10),
+        "the daemon ends with umount",
+        || !daemon_running_for(&mnt),
+    );
 
     // The same as an /etc/fstab line (`mount -T` reads an fstab of our own, so
     // the host's is left alone): `mount <mountpoint>` finds the rest there.
@@ -266,15 +270,6 @@ fn mount_8(args: &[&str]) {
         "mount {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// Polls `condition` for up to ten seconds.
-fn wait_until(condition: impl Fn() -> bool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out: {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The shipped unit's ExecStart and example environment file, as systemd would
@@ -377,11 +372,9 @@ fn sighup_drops_cached_values() {
         "cached for an hour"
     );
     unsafe { libc::kill(mount.child.as_ref().unwrap().id() as i32, libc::SIGHUP) };
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while std::fs::read(mount.path().join("key")).unwrap() != b"after-the-hangup" {
-        assert!(Instant::now() < deadline, "SIGHUP did not drop the cache");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    within(Duration::from_secs(3), "SIGHUP drops the cache", || {
+        std::fs::read(mount.path().join("key")).unwrap() == b"after-the-hangup"
+    });
 }
 
 #[test]

@@ -335,6 +335,16 @@ impl Drop for Mount {
 }
 
 /// Runs a program and returns (status code, stdout, stderr).
+/// Waits up to `limit` for `check` and returns how long it took.
+pub fn within(limit: Duration, what: &str, mut check: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    start.elapsed()
+}
+
 pub fn run(program: &str, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(program)
         .args(args)
