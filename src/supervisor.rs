@@ -122,8 +122,10 @@ fn header(frame: &[u8]) -> Option<(u32, u64)> {
     Some((opcode, unique))
 }
 
+/// A reply's header has its error where a request's has the opcode; the
+/// request id is in the same place.
 fn reply_unique(frame: &[u8]) -> Option<u64> {
-    Some(u64::from_ne_bytes(frame.get(8..16)?.try_into().ok()?))
+    header(frame).map(|(_, unique)| unique)
 }
 
 fn write_frame(fd: &OwnedFd, frame: &[u8]) -> io::Result<()> {
@@ -309,9 +311,13 @@ impl Daemon {
         self.handshake.load(Ordering::Acquire)
     }
 
-    /// Why the daemon said it could not start, once it has exited (None: it
-    /// served, or ended without a word, as a crash or a kill does).
+    /// Why the daemon could not serve, once it has exited: its handshake
+    /// differed, or it said why (None: it served, or ended without a word,
+    /// as a crash or a kill does).
     fn failure(&self) -> Option<String> {
+        if self.handshake() == HANDSHAKE_DIFFERS {
+            return Some(OTHER_FUSE_SETTINGS.to_string());
+        }
         daemon::read_verdict(&self.verdict).err().flatten()
     }
 }
@@ -388,10 +394,10 @@ impl Supervisor {
         self.generation += 1;
         let socket = Arc::new(ours);
         {
+            // Not before a daemon answered it: until then the INIT is
+            // outstanding and goes with the other requests at adoption.
             let relay = self.shared.relay.lock().unwrap();
-            if let Some(init) = relay.init.as_ref().filter(|init| {
-                header(init).is_some_and(|(_, unique)| !relay.outstanding.contains_key(&unique))
-            }) {
+            if let (Some(init), Some(_)) = (&relay.init, &relay.init_reply) {
                 let _ = write_frame(&socket, init);
             }
         }
@@ -692,16 +698,13 @@ fn supervise(
                 _ => upgrading = Some(next),
             }
         }
+        // Reap whatever exited (SIGCHLD was blocked, so children are zombies),
+        // after ending a daemon whose handshake the kernel's settings refuse.
         if let Some(daemon) = current.as_mut() {
             if daemon.handshake() == HANDSHAKE_DIFFERS {
-                tracing::error!("{OTHER_FUSE_SETTINGS}");
-                last_failure = Some(OTHER_FUSE_SETTINGS.to_string());
                 let _ = daemon.child.kill();
                 let _ = daemon.child.wait();
             }
-        }
-        // Reap whatever exited (SIGCHLD was blocked, so children are zombies).
-        if let Some(daemon) = current.as_mut() {
             if let Ok(Some(status)) = daemon.child.try_wait() {
                 let served = supervisor.shared.answers.load(Ordering::Relaxed) > 0;
                 let failure = daemon.failure();
