@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs everything ssmfs's tests, demo and benchmark need on a fresh Debian
 # machine: the FUSE 3 userspace tools (fuse3: mount.fuse3, fusermount3), curl,
-# getfattr (attr),
-# gcc, a project-local Python venv (.venv) with moto's SSM server, and two
-# (.venv-airflow: Airflow 3; .venv-airflow2: Airflow 2.10) with Apache Airflow,
-# its Amazon provider and the project's Airflow backend (integrations/airflow). Idempotent: each venv is
-# built once and rebuilt only when its pinned requirements change.
+# getfattr (attr), gcc, a project-local Python venv (.venv) with moto's server
+# (SSM, SQS, SNS, EventBridge, Secrets Manager and CloudFormation, as the tests
+# use them) and boto3, and two more (.venv-airflow: Airflow 3; .venv-airflow2:
+# Airflow 2.10) with Apache Airflow, its Amazon provider and the project's
+# Airflow backend (integrations/airflow). Idempotent: each venv is built once
+# and rebuilt only when its pinned requirements change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
