@@ -164,6 +164,8 @@ struct Table {
     by_name: HashMap<Arc<str>, u64>,
     /// ...and the few names with a second role are indexed here.
     other_roles: HashMap<Arc<str>, RoleInos>,
+    /// How far the journal has been read (whole records only).
+    journal_read: u64,
 }
 
 impl Table {
@@ -227,6 +229,7 @@ impl InodeTable {
             nodes: HashMap::new(),
             by_name: HashMap::new(),
             other_roles: HashMap::new(),
+            journal_read: 0,
         };
         Self::insert(&mut table, ROOT_INO, ROOT_INO, prefix, None, Role::Dir);
         Self {
@@ -281,49 +284,11 @@ impl InodeTable {
         ino
     }
 
-    pub fn get(&self, ino: u64) -> Option<Node> {
-        self.table
-            .lock()
-            .unwrap()
-            .nodes
-            .get(&ino)
-            .map(|r| r.node(ino))
-    }
-
-    /// The inode for `name` in `role`, created if needed, with one more kernel
-    /// reference (every successful lookup reply is one reference).
     /// Restores the nodes an earlier daemon of this mount recorded in
     /// `journal` (read without moving its shared offset), and records new
     /// ones there from now on.
     pub fn with_journal(mut self, journal: std::fs::File) -> std::io::Result<Self> {
-        use std::os::unix::fs::FileExt;
-        let length = journal.metadata()?.len();
-        let mut bytes = vec![0; usize::try_from(length).unwrap_or(0)];
-        journal.read_exact_at(&mut bytes, 0)?;
-        let mut restored = 0;
-        {
-            let mut table = self.table.lock().unwrap();
-            let mut rest = bytes.as_slice();
-            while rest.len() >= 21 {
-                let ino = u64::from_le_bytes(rest[0..8].try_into().unwrap());
-                let parent = u64::from_le_bytes(rest[8..16].try_into().unwrap());
-                let role = role_of(rest[16]);
-                let len = u32::from_le_bytes(rest[17..21].try_into().unwrap()) as usize;
-                let Some(name) = rest.get(21..21 + len) else {
-                    break; // a record cut short by a crash mid-write
-                };
-                if let (Some(role), Ok(name)) = (role, std::str::from_utf8(name)) {
-                    if !table.nodes.contains_key(&ino) {
-                        Self::insert(&mut table, ino, parent, name, None, role);
-                        restored += 1;
-                    }
-                    if let Some(node) = table.nodes.get_mut(&ino) {
-                        node.lookups = RESTORED_LOOKUPS;
-                    }
-                }
-                rest = &rest[21 + len..];
-            }
-        }
+        let restored = Self::read_journal(&mut self.table.lock().unwrap(), &journal)?;
         if restored > 0 {
             tracing::info!(
                 restored,
@@ -332,6 +297,67 @@ impl InodeTable {
         }
         self.journal = Some(journal);
         Ok(self)
+    }
+
+    /// Adds the nodes recorded in `journal` since the table last read it,
+    /// and returns how many were new here. Only whole records are consumed:
+    /// one cut short (a daemon killed mid-write, or still writing) is read
+    /// again next time.
+    fn read_journal(table: &mut Table, journal: &std::fs::File) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let length = journal.metadata()?.len();
+        let Some(unread) = length.checked_sub(table.journal_read).filter(|n| *n > 0) else {
+            return Ok(0);
+        };
+        let mut bytes = vec![0; usize::try_from(unread).unwrap_or(0)];
+        journal.read_exact_at(&mut bytes, table.journal_read)?;
+        let mut restored = 0;
+        let mut rest = bytes.as_slice();
+        while rest.len() >= 21 {
+            let ino = u64::from_le_bytes(rest[0..8].try_into().unwrap());
+            let parent = u64::from_le_bytes(rest[8..16].try_into().unwrap());
+            let role = role_of(rest[16]);
+            let len = u32::from_le_bytes(rest[17..21].try_into().unwrap()) as usize;
+            let Some(name) = rest.get(21..21 + len) else {
+                break;
+            };
+            if let (Some(role), Ok(name)) = (role, std::str::from_utf8(name)) {
+                if !table.nodes.contains_key(&ino) {
+                    Self::insert(table, ino, parent, name, None, role);
+                    // Another daemon replied with it: the kernel may hold any
+                    // number of references, so it is never forgotten.
+                    if let Some(node) = table.nodes.get_mut(&ino) {
+                        node.lookups = RESTORED_LOOKUPS;
+                    }
+                    restored += 1;
+                }
+            }
+            rest = &rest[21 + len..];
+            table.journal_read += (21 + len) as u64;
+        }
+        Ok(restored)
+    }
+
+    /// The node numbered `ino`. A number this daemon never gave out may come
+    /// from the daemon it replaced, which went on serving (an upgrade is
+    /// adopted only once its handshake agrees) or was killed after it had
+    /// recorded a node this daemon started too early to read: the journal's
+    /// newer records are read before the number is called unknown.
+    pub fn get(&self, ino: u64) -> Option<Node> {
+        let mut table = self.table.lock().unwrap();
+        if !table.nodes.contains_key(&ino) {
+            if let Some(journal) = &self.journal {
+                match Self::read_journal(&mut table, journal) {
+                    Ok(0) => {}
+                    Ok(restored) => tracing::info!(
+                        restored,
+                        "inode numbers the previous daemon gave out after this one started, read from the journal"
+                    ),
+                    Err(error) => tracing::warn!(%error, "could not read the inode journal"),
+                }
+            }
+        }
+        table.nodes.get(&ino).map(|r| r.node(ino))
     }
 
     fn record(&self, ino: u64, parent: u64, role: Role, name: &str) {
@@ -345,6 +371,8 @@ impl InodeTable {
         }
     }
 
+    /// The inode for `name` in `role`, created if needed, with one more kernel
+    /// reference (every successful lookup reply is one reference).
     pub fn remember(&self, parent: u64, name: &str, role: Role) -> u64 {
         self.remember_sharing(parent, name, None, role)
     }
@@ -533,5 +561,33 @@ mod tests {
         assert_ne!(b, wanted);
         assert_eq!(b, candidates("/p/b", Role::File).nth(1).unwrap());
         assert_eq!(table.number("/p/b", Role::File), b);
+    }
+
+    #[test]
+    fn a_daemon_finds_the_nodes_its_predecessor_recorded_after_it_started() {
+        use std::io::Write;
+        let journal = tempfile::tempfile().unwrap();
+        let current = InodeTable::new("/p")
+            .with_journal(journal.try_clone().unwrap())
+            .unwrap();
+        let early = current.remember(ROOT_INO, "/p/early", Role::File);
+        // An upgrade's daemon starts while the current one goes on serving.
+        let next = InodeTable::new("/p")
+            .with_journal(journal.try_clone().unwrap())
+            .unwrap();
+        assert_eq!(&*next.get(early).unwrap().name, "/p/early");
+        let late = current.remember(ROOT_INO, "/p/late", Role::Dir);
+        let node = next.get(late).expect("a node recorded after the start");
+        assert_eq!((&*node.name, node.role), ("/p/late", Role::Dir));
+        // The kernel may hold it any number of times: never forgotten.
+        next.forget(late, 1_000);
+        assert!(next.get(late).is_some());
+        // A record cut short is left for the next read, not misread.
+        let whole = encode_record(77, ROOT_INO, Role::File, "/p/cut");
+        (&journal).write_all(&whole[..10]).unwrap();
+        assert!(next.get(77).is_none());
+        (&journal).write_all(&whole[10..]).unwrap();
+        assert_eq!(&*next.get(77).unwrap().name, "/p/cut");
+        assert!(next.get(12345).is_none());
     }
 }
