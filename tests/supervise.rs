@@ -48,6 +48,11 @@ fn supervised(moto: &Moto, extra: &[&str], env: &[(&str, &str)]) -> (Mount, Path
     args.extend_from_slice(extra);
     args.push("/sup");
     let mount = Mount::start_with(&moto.endpoint, &args, env);
+    // The mount appears when the supervisor mounts; the pid file once its
+    // first daemon runs (before the mount is said to be ready).
+    within(Duration::from_secs(20), "the pid file", || {
+        pid_file.exists()
+    });
     (mount, pid_file)
 }
 

@@ -334,7 +334,6 @@ impl Drop for Mount {
     }
 }
 
-/// Runs a program and returns (status code, stdout, stderr).
 /// Waits up to `limit` for `check` and returns how long it took.
 pub fn within(limit: Duration, what: &str, mut check: impl FnMut() -> bool) -> Duration {
     let start = Instant::now();
@@ -345,6 +344,7 @@ pub fn within(limit: Duration, what: &str, mut check: impl FnMut() -> bool) -> D
     start.elapsed()
 }
 
+/// Runs a program and returns (status code, stdout, stderr).
 pub fn run(program: &str, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(program)
         .args(args)
