@@ -15,7 +15,7 @@
 //! sequence. Listings then agree with lookups for every name but, at worst,
 //! such a pair while both are held.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::num::{NonZeroI64, NonZeroU64};
 use std::sync::{Arc, Mutex};
 
@@ -166,6 +166,10 @@ struct Table {
     other_roles: HashMap<Arc<str>, RoleInos>,
     /// How far the journal has been read (whole records only).
     journal_read: u64,
+    /// The numbers the journal already names (under `--supervise` only): a
+    /// node the kernel forgot and looks up again is not recorded twice, so
+    /// the journal grows with the names looked up, not with the lookups.
+    journaled: HashSet<u64>,
 }
 
 impl Table {
@@ -230,6 +234,7 @@ impl InodeTable {
             by_name: HashMap::new(),
             other_roles: HashMap::new(),
             journal_read: 0,
+            journaled: HashSet::new(),
         };
         Self::insert(&mut table, ROOT_INO, ROOT_INO, prefix, None, Role::Dir);
         Self {
@@ -322,7 +327,9 @@ impl InodeTable {
                 break;
             };
             if let (Some(role), Ok(name)) = (role, std::str::from_utf8(name)) {
-                if !table.nodes.contains_key(&ino) {
+                // A number already journaled is one this daemon recorded
+                // (or read) itself: held or forgotten, it knows its count.
+                if table.journaled.insert(ino) && !table.nodes.contains_key(&ino) {
                     Self::insert(table, ino, parent, name, None, role);
                     // Another daemon replied with it: the kernel may hold any
                     // number of references, so it is never forgotten.
@@ -338,24 +345,31 @@ impl InodeTable {
         Ok(restored)
     }
 
-    /// The node numbered `ino`. A number this daemon never gave out may come
-    /// from the daemon it replaced, which went on serving (an upgrade is
-    /// adopted only once its handshake agrees) or was killed after it had
-    /// recorded a node this daemon started too early to read: the journal's
-    /// newer records are read before the number is called unknown.
+    /// Reads the nodes the daemon this one replaced recorded after this one
+    /// started: an upgrade's daemon starts while the current one serves on
+    /// (it is adopted only once its handshake agrees), and a daemon can be
+    /// killed just after recording a node its successor started too early to
+    /// read. Called when a number or name is missing, before it is called
+    /// unknown: the kernel may hold it.
+    fn catch_up(&self, table: &mut Table) {
+        let Some(journal) = &self.journal else {
+            return;
+        };
+        match Self::read_journal(table, journal) {
+            Ok(0) => {}
+            Ok(restored) => tracing::info!(
+                restored,
+                "inode numbers the previous daemon gave out after this one started, read from the journal"
+            ),
+            Err(error) => tracing::warn!(%error, "could not read the inode journal"),
+        }
+    }
+
+    /// The node numbered `ino`.
     pub fn get(&self, ino: u64) -> Option<Node> {
         let mut table = self.table.lock().unwrap();
         if !table.nodes.contains_key(&ino) {
-            if let Some(journal) = &self.journal {
-                match Self::read_journal(&mut table, journal) {
-                    Ok(0) => {}
-                    Ok(restored) => tracing::info!(
-                        restored,
-                        "inode numbers the previous daemon gave out after this one started, read from the journal"
-                    ),
-                    Err(error) => tracing::warn!(%error, "could not read the inode journal"),
-                }
-            }
+            self.catch_up(&mut table);
         }
         table.nodes.get(&ino).map(|r| r.node(ino))
     }
@@ -391,6 +405,9 @@ impl InodeTable {
         role: Role,
     ) -> u64 {
         let mut table = self.table.lock().unwrap();
+        if table.find(name, role).is_none() {
+            self.catch_up(&mut table);
+        }
         if let Some(ino) = table.find(name, role) {
             if let Some(node) = table.nodes.get_mut(&ino) {
                 node.lookups += 1;
@@ -399,8 +416,15 @@ impl InodeTable {
         }
         let ino = table.number(name, role);
         let ino = Self::insert(&mut table, ino, parent, name, shared, role);
+        // A number names the same node every time unless a collision made
+        // it probe on: only a probed number is recorded again.
+        let recorded = self.journal.is_some()
+            && !table.journaled.insert(ino)
+            && candidates(name, role).next() == Some(ino);
         drop(table);
-        self.record(ino, parent, role, name);
+        if !recorded {
+            self.record(ino, parent, role, name);
+        }
         ino
     }
 
@@ -412,7 +436,11 @@ impl InodeTable {
 
     /// The inode of `name` in `role` if the kernel holds one.
     pub fn find(&self, name: &str, role: Role) -> Option<u64> {
-        self.table.lock().unwrap().find(name, role)
+        let mut table = self.table.lock().unwrap();
+        if table.find(name, role).is_none() {
+            self.catch_up(&mut table);
+        }
+        table.find(name, role)
     }
 
     pub fn set_reported_version(&self, ino: u64, version: Option<i64>) {
@@ -577,6 +605,8 @@ mod tests {
             .unwrap();
         assert_eq!(&*next.get(early).unwrap().name, "/p/early");
         let late = current.remember(ROOT_INO, "/p/late", Role::Dir);
+        let later = current.remember(ROOT_INO, "/p/later", Role::File);
+        assert_eq!(next.find("/p/later", Role::File), Some(later));
         let node = next.get(late).expect("a node recorded after the start");
         assert_eq!((&*node.name, node.role), ("/p/late", Role::Dir));
         // The kernel may hold it any number of times: never forgotten.
@@ -589,5 +619,14 @@ mod tests {
         (&journal).write_all(&whole[10..]).unwrap();
         assert_eq!(&*next.get(77).unwrap().name, "/p/cut");
         assert!(next.get(12345).is_none());
+        // A node forgotten and looked up again is recorded once.
+        let length = journal.metadata().unwrap().len();
+        let again = current.remember(ROOT_INO, "/p/again", Role::File);
+        let once = journal.metadata().unwrap().len();
+        assert!(once > length);
+        current.forget(again, 1);
+        assert!(current.get(again).is_none());
+        assert_eq!(current.remember(ROOT_INO, "/p/again", Role::File), again);
+        assert_eq!(journal.metadata().unwrap().len(), once);
     }
 }
