@@ -291,9 +291,28 @@ impl InodeTable {
 
     /// Restores the nodes an earlier daemon of this mount recorded in
     /// `journal` (read without moving its shared offset), and records new
-    /// ones there from now on.
-    pub fn with_journal(mut self, journal: std::fs::File) -> std::io::Result<Self> {
-        let restored = Self::read_journal(&mut self.table.lock().unwrap(), &journal)?;
+    /// ones there from now on. `sole_writer`: no other daemon of the mount
+    /// is alive (a restart, not an upgrade), so a record cut short at the end
+    /// (its writer killed mid-write) is cut off, or the records appended after
+    /// it would be misread.
+    pub fn with_journal(
+        mut self,
+        mut journal: std::fs::File,
+        sole_writer: bool,
+    ) -> std::io::Result<Self> {
+        use std::io::Seek;
+        let mut table = self.table.lock().unwrap();
+        let restored = Self::read_journal(&mut table, &journal)?;
+        if sole_writer && journal.metadata()?.len() > table.journal_read {
+            tracing::warn!(
+                "the previous daemon died while recording an inode; that record is dropped"
+            );
+            journal.set_len(table.journal_read)?;
+            // The offset is shared by every daemon of the mount: the next
+            // record must follow the last whole one, not leave a gap.
+            journal.seek(std::io::SeekFrom::Start(table.journal_read))?;
+        }
+        drop(table);
         if restored > 0 {
             tracing::info!(
                 restored,
@@ -596,12 +615,12 @@ mod tests {
         use std::io::Write;
         let journal = tempfile::tempfile().unwrap();
         let current = InodeTable::new("/p")
-            .with_journal(journal.try_clone().unwrap())
+            .with_journal(journal.try_clone().unwrap(), true)
             .unwrap();
         let early = current.remember(ROOT_INO, "/p/early", Role::File);
         // An upgrade's daemon starts while the current one goes on serving.
         let next = InodeTable::new("/p")
-            .with_journal(journal.try_clone().unwrap())
+            .with_journal(journal.try_clone().unwrap(), false)
             .unwrap();
         assert_eq!(&*next.get(early).unwrap().name, "/p/early");
         let late = current.remember(ROOT_INO, "/p/late", Role::Dir);
@@ -628,5 +647,28 @@ mod tests {
         assert!(current.get(again).is_none());
         assert_eq!(current.remember(ROOT_INO, "/p/again", Role::File), again);
         assert_eq!(journal.metadata().unwrap().len(), once);
+    }
+
+    #[test]
+    fn a_restart_cuts_off_a_record_its_dead_predecessor_left_cut_short() {
+        use std::io::Write;
+        let journal = tempfile::tempfile().unwrap();
+        let dead = InodeTable::new("/p")
+            .with_journal(journal.try_clone().unwrap(), true)
+            .unwrap();
+        let kept = dead.remember(ROOT_INO, "/p/kept", Role::File);
+        let cut = encode_record(77, ROOT_INO, Role::File, "/p/cut");
+        (&journal).write_all(&cut[..25]).unwrap();
+        let restarted = InodeTable::new("/p")
+            .with_journal(journal.try_clone().unwrap(), true)
+            .unwrap();
+        let after = restarted.remember(ROOT_INO, "/p/after", Role::Dir);
+        let next = InodeTable::new("/p")
+            .with_journal(journal.try_clone().unwrap(), true)
+            .unwrap();
+        assert_eq!(&*next.get(kept).unwrap().name, "/p/kept");
+        assert_eq!(&*next.get(after).unwrap().name, "/p/after");
+        assert!(next.get(77).is_none());
+        assert_eq!(next.len(), 3);
     }
 }
