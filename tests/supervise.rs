@@ -83,7 +83,23 @@ fn start_readers(mount: &Path, seconds: u64, pairs: &[String]) -> Vec<Child> {
 
 /// Waits for every reader and returns their totals: (reads, failures,
 /// wrong, longest read in ms).
-fn finish_readers(readers: Vec<Child>) -> (u64, u64, u64, f64) {
+fn finish_readers(mut readers: Vec<Child>) -> (u64, u64, u64, f64) {
+    // Each reader stops at its deadline, after at most one more read: one
+    // still running well after that hangs on the mount (in D state if the
+    // kernel waits for an answer that never comes).
+    let limit = Instant::now() + Duration::from_secs(20);
+    for reader in &mut readers {
+        while reader.try_wait().unwrap().is_none() {
+            if Instant::now() > limit {
+                let stat = std::fs::read_to_string(format!("/proc/{}/stat", reader.id()))
+                    .unwrap_or_default();
+                let state = stat.rsplit_once(") ").map_or("?", |(_, rest)| &rest[..1]);
+                let _ = reader.kill();
+                panic!("reader {} still running, state {state}", reader.id());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     let mut totals = (0, 0, 0, 0.0f64);
     for reader in readers {
         let out = reader.wait_with_output().unwrap();
