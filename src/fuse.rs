@@ -49,10 +49,9 @@ impl<S: ParameterStore> FuseAdapter<S> {
             .ok()
             .and_then(|ms| ms.parse().ok())
             .map(Duration::from_millis);
-        let upgrade = std::env::var("SSMFS_SUPERVISOR_UPGRADE").is_ok_and(|v| v == "1");
         let test_upgrade_max_write = std::env::var("SSMFS_TEST_UPGRADE_MAX_WRITE")
             .ok()
-            .filter(|_| upgrade)
+            .filter(|_| crate::supervisor::started_by_upgrade())
             .and_then(|bytes| bytes.parse().ok());
         Self {
             fs,

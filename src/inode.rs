@@ -17,7 +17,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::num::{NonZeroI64, NonZeroU64};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 pub const ROOT_INO: u64 = 1;
 
@@ -384,13 +384,22 @@ impl InodeTable {
         }
     }
 
-    /// The node numbered `ino`.
-    pub fn get(&self, ino: u64) -> Option<Node> {
+    /// The table, with the journal's new records read first if `missing`
+    /// says what the caller looks for is not there.
+    fn table_with(&self, missing: impl FnOnce(&Table) -> bool) -> MutexGuard<'_, Table> {
         let mut table = self.table.lock().unwrap();
-        if !table.nodes.contains_key(&ino) {
+        if missing(&table) {
             self.catch_up(&mut table);
         }
-        table.nodes.get(&ino).map(|r| r.node(ino))
+        table
+    }
+
+    /// The node numbered `ino`.
+    pub fn get(&self, ino: u64) -> Option<Node> {
+        self.table_with(|table| !table.nodes.contains_key(&ino))
+            .nodes
+            .get(&ino)
+            .map(|r| r.node(ino))
     }
 
     fn record(&self, ino: u64, parent: u64, role: Role, name: &str) {
@@ -423,10 +432,7 @@ impl InodeTable {
         shared: Option<&Arc<str>>,
         role: Role,
     ) -> u64 {
-        let mut table = self.table.lock().unwrap();
-        if table.find(name, role).is_none() {
-            self.catch_up(&mut table);
-        }
+        let mut table = self.table_with(|table| table.find(name, role).is_none());
         if let Some(ino) = table.find(name, role) {
             if let Some(node) = table.nodes.get_mut(&ino) {
                 node.lookups += 1;
@@ -437,11 +443,11 @@ impl InodeTable {
         let ino = Self::insert(&mut table, ino, parent, name, shared, role);
         // A number names the same node every time unless a collision made
         // it probe on: only a probed number is recorded again.
-        let recorded = self.journal.is_some()
+        let already_recorded = self.journal.is_some()
             && !table.journaled.insert(ino)
             && candidates(name, role).next() == Some(ino);
         drop(table);
-        if !recorded {
+        if !already_recorded {
             self.record(ino, parent, role, name);
         }
         ino
@@ -455,11 +461,8 @@ impl InodeTable {
 
     /// The inode of `name` in `role` if the kernel holds one.
     pub fn find(&self, name: &str, role: Role) -> Option<u64> {
-        let mut table = self.table.lock().unwrap();
-        if table.find(name, role).is_none() {
-            self.catch_up(&mut table);
-        }
-        table.find(name, role)
+        self.table_with(|table| table.find(name, role).is_none())
+            .find(name, role)
     }
 
     pub fn set_reported_version(&self, ino: u64, version: Option<i64>) {

@@ -143,8 +143,7 @@ fn run(settings: Settings, readiness: &mut Readiness) -> anyhow::Result<()> {
         use std::os::fd::FromRawFd;
         // SAFETY: the supervisor passed the journal on this fd for us to own.
         let journal = unsafe { std::fs::File::from_raw_fd(ssmfs::supervisor::JOURNAL_FD) };
-        // An upgrade starts while the current daemon serves and writes.
-        let sole_writer = std::env::var("SSMFS_SUPERVISOR_UPGRADE").is_ok_and(|v| v != "1");
+        let sole_writer = !ssmfs::supervisor::started_by_upgrade();
         let inodes = Fs::<Resilient<SsmStore>>::inode_table(&settings.fs)
             .with_journal(journal, sole_writer)
             .context("the supervisor's inode journal")?;

@@ -49,6 +49,15 @@ pub const VERDICT_FD: RawFd = 5;
 /// for a daemon that must not look at the mount point itself: its name for
 /// the mount (the events queue's) is then the same as an unsupervised one's.
 pub const MOUNTPOINT_ENV: &str = "SSMFS_SUPERVISED_MOUNTPOINT";
+/// Set to "1" for a daemon an upgrade starts (while the current one serves),
+/// "0" for one started after a death or at mount.
+const UPGRADE_ENV: &str = "SSMFS_SUPERVISOR_UPGRADE";
+
+/// Whether this serving daemon was started by an upgrade: the daemon it
+/// replaces still serves (and records inodes) until the handover.
+pub fn started_by_upgrade() -> bool {
+    std::env::var(UPGRADE_ENV).is_ok_and(|v| v == "1")
+}
 /// Why a daemon with other FUSE settings (an upgrade, or a restart after the
 /// binary on disk changed) cannot take over a live connection.
 const OTHER_FUSE_SETTINGS: &str = "the new binary negotiates FUSE settings other than the ones this mount was set up with, so it cannot take over the live connection; restart the service (a remount) to run it";
@@ -354,7 +363,7 @@ impl Supervisor {
             .env(MOUNTPOINT_ENV, &self.settings.mount.mountpoint)
             .env("SSMFS_SUPERVISOR_RESTARTS", self.restarts.to_string())
             .env("SSMFS_SUPERVISOR_HANDOVERS", self.handovers.to_string())
-            .env("SSMFS_SUPERVISOR_UPGRADE", if upgrade { "1" } else { "0" })
+            .env(UPGRADE_ENV, if upgrade { "1" } else { "0" })
             .env(
                 "SSMFS_SUPERVISOR_RESENT",
                 self.shared.resent.load(Ordering::Relaxed).to_string(),
