@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything ssmfs's tests, demo and benchmark need on a fresh Debian
 # machine: the FUSE 3 userspace tools (fuse3: mount.fuse3, fusermount3), curl,
-# getfattr (attr), gcc, a project-local Python venv (.venv) with moto's server
+# getfattr (attr), rsync, file, lsof and less (real clients the tests run), gcc, a project-local Python venv (.venv) with moto's server
 # (SSM, SQS, SNS, EventBridge, Secrets Manager and CloudFormation, as the tests
 # use them) and boto3, and two more (.venv-airflow: Airflow 3; .venv-airflow2:
 # Airflow 2.10) with Apache Airflow, its Amazon provider and the project's
@@ -14,6 +14,10 @@ need_apt=()
 command -v mount.fuse3 >/dev/null 2>&1 || need_apt+=(fuse3)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v getfattr >/dev/null 2>&1 || need_apt+=(attr)  # getfattr: the tests read user.ssm.* with it
+# The programs people point at secret files, which the tests run on a mount.
+for tool in rsync file lsof less; do
+    command -v "$tool" >/dev/null 2>&1 || need_apt+=("$tool")
+done
 command -v gcc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)  # the benchmark's C reader loop
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then

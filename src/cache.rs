@@ -210,6 +210,10 @@ struct Note {
     refused_until: Option<Instant>,
     /// Names below the path resolved one by one since it was last listed.
     probes: u32,
+    /// A lookup read the path's listing on without completing it (a large
+    /// directory): until then, lookups there probe their own names instead
+    /// of waiting for more pages.
+    extended_until: Option<Instant>,
 }
 
 struct Inner {
@@ -471,6 +475,23 @@ impl Cache {
     pub fn probes_below(&self, dir: &str) -> u32 {
         let mut inner = self.inner.lock().unwrap();
         inner.notes.get(dir).map_or(0, |n| n.probes)
+    }
+
+    /// Records that a lookup read `dir`'s listing on and it is still not
+    /// complete: for one TTL, lookups there do not wait for more pages.
+    pub fn note_extended(&self, dir: &str) {
+        let until = Instant::now() + self.config.ttl;
+        self.update_note(dir, |note| note.extended_until = Some(until));
+    }
+
+    /// Whether a lookup read `dir`'s listing on within the last TTL.
+    pub fn extended_lately(&self, dir: &str, now: Instant) -> bool {
+        let mut inner = self.inner.lock().unwrap();
+        inner
+            .notes
+            .get(dir)
+            .and_then(|n| n.extended_until)
+            .is_some_and(|until| now < until)
     }
 
     /// Counts one more probe of a name below `dir`.

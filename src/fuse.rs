@@ -51,7 +51,7 @@ impl<S: ParameterStore> FuseAdapter<S> {
             .map(Duration::from_millis);
         let test_upgrade_max_write = std::env::var("SSMFS_TEST_UPGRADE_MAX_WRITE")
             .ok()
-            .filter(|_| crate::supervisor::started_by_upgrade())
+            .filter(|_| crate::handoff::started_by_upgrade())
             .and_then(|bytes| bytes.parse().ok());
         Self {
             fs,
@@ -301,12 +301,31 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
         reply.ok();
     }
 
-    // Nothing is ever dirty. ENOSYS (rather than fuser's default, which also
-    // logs a warning per call) makes the kernel stop sending these at all.
+    // Every other default of fuser's `Filesystem` logs a WARN line per call
+    // (with the request's dump) before it answers ENOSYS: each is answered
+    // here, at once and silently, as a read-only file system of regular files
+    // answers it (docs/SEMANTICS.md, "Operations"). ENOSYS where the kernel
+    // then stops asking, or handles the call itself (it remembers ENOSYS for
+    // flush, fsync, poll, lseek, bmap and locks); a definite errno elsewhere.
     refuse! {
+        // Nothing is ever dirty.
         flush(INodeNo, FileHandle, LockOwner) -> ReplyEmpty = ENOSYS;
         fsync(INodeNo, FileHandle, bool) -> ReplyEmpty = ENOSYS;
         fsyncdir(INodeNo, FileHandle, bool) -> ReplyEmpty = ENOSYS;
+        // isatty() from every buffered Python open() (TCGETS), and any other
+        // ioctl: what a regular file on ext4 answers. The kernel does not
+        // remember it, so each open still costs one round trip here.
+        ioctl(INodeNo, FileHandle, fuser::IoctlFlags, u32, &[u8], u32) -> fuser::ReplyIoctl = ENOTTY;
+        // No symlinks are ever served: what readlink(2) of anything else gives.
+        readlink(INodeNo) -> ReplyData = EINVAL;
+        // The kernel falls back to its own poll mask, seek, and local locks.
+        poll(INodeNo, FileHandle, fuser::PollNotifier, fuser::PollEvents, fuser::PollFlags) -> fuser::ReplyPoll = ENOSYS;
+        lseek(INodeNo, FileHandle, i64, i32) -> fuser::ReplyLseek = ENOSYS;
+        getlk(INodeNo, FileHandle, LockOwner, u64, u64, i32, u32) -> fuser::ReplyLock = ENOSYS;
+        setlk(INodeNo, FileHandle, LockOwner, u64, u64, i32, u32, bool) -> ReplyEmpty = ENOSYS;
+        bmap(INodeNo, u32, u64) -> fuser::ReplyBmap = ENOSYS;
+        // Never negotiated (no FUSE_DO_READDIRPLUS): READDIR serves listings.
+        readdirplus(INodeNo, FileHandle, u64) -> fuser::ReplyDirectoryPlus = ENOSYS;
     }
 
     /// `user.ssm.*` and `user.ssmfs.*` (docs/SEMANTICS.md), from the cache.
@@ -378,6 +397,9 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
         setxattr(INodeNo, &OsStr, &[u8], i32, u32) -> ReplyEmpty = EROFS;
         removexattr(INodeNo, &OsStr) -> ReplyEmpty = EROFS;
         fallocate(INodeNo, FileHandle, u64, u64, i32) -> ReplyEmpty = EROFS;
+        copy_file_range(
+            INodeNo, FileHandle, u64, INodeNo, FileHandle, u64, u64, fuser::CopyFileRangeFlags
+        ) -> ReplyWrite = EROFS;
     }
 }
 

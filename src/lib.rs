@@ -2,11 +2,14 @@
 //!
 //! Layers, top to bottom: `cli` (flags) -> `daemon` (mount, signals, readiness)
 //! -> `fuse` (thin fuser adapter) -> `fs` (the async core) -> `cache` and
-//! `inode` -> `store` (the SSM API, or an in-memory double). Beside them,
-//! `events` turns SSM's change events (through SQS) into refetches.
+//! `inode` -> `store` (the SSM API, or an in-memory double). `events` (the
+//! SQS/SNS transport) sits above `fs` and hands it `change`s, the model of a
+//! change both share; `supervisor` holds FUSE connections above `daemon`, and
+//! both read the fds and environment of a handover from `handoff`.
 
 pub mod airflow;
 pub mod cache;
+pub mod change;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -14,6 +17,7 @@ pub mod error;
 pub mod events;
 pub mod fs;
 pub mod fuse;
+pub mod handoff;
 pub mod heap;
 pub mod inode;
 pub mod metrics;

@@ -75,7 +75,7 @@ fn prepare(settings: &Settings) -> anyhow::Result<Option<Readiness>> {
         // The supervisor holds the mount and stays in charge of readiness;
         // it hears this daemon's verdict, and says why it could not start.
         daemon::harden_process(settings.mlock)?;
-        return Ok(Some(Readiness::reporting_to(ssmfs::supervisor::VERDICT_FD)));
+        return Ok(Some(Readiness::reporting_to(ssmfs::handoff::VERDICT_FD)));
     }
     daemon::prepare_mountpoint(&settings.mountpoint)?;
     daemon::harden_process(settings.mlock)?;
@@ -118,7 +118,7 @@ fn run(settings: Settings, readiness: &mut Readiness) -> anyhow::Result<()> {
     // there and waits for this very process to answer. Its supervisor
     // resolved it.
     let mountpoint = if supervised {
-        std::env::var_os(ssmfs::supervisor::MOUNTPOINT_ENV)
+        std::env::var_os(ssmfs::handoff::MOUNTPOINT_ENV)
             .map_or_else(|| settings.mountpoint.clone(), Into::into)
     } else {
         std::fs::canonicalize(&settings.mountpoint)
@@ -142,8 +142,8 @@ fn run(settings: Settings, readiness: &mut Readiness) -> anyhow::Result<()> {
     let (fs, invalidations) = if settings.serve_fd {
         use std::os::fd::FromRawFd;
         // SAFETY: the supervisor passed the journal on this fd for us to own.
-        let journal = unsafe { std::fs::File::from_raw_fd(ssmfs::supervisor::JOURNAL_FD) };
-        let sole_writer = !ssmfs::supervisor::started_by_upgrade();
+        let journal = unsafe { std::fs::File::from_raw_fd(ssmfs::handoff::JOURNAL_FD) };
+        let sole_writer = !ssmfs::handoff::started_by_upgrade();
         let inodes = Fs::<Resilient<SsmStore>>::inode_table(&settings.fs)
             .with_journal(journal, sole_writer)
             .context("the supervisor's inode journal")?;
@@ -179,7 +179,7 @@ fn run(settings: Settings, readiness: &mut Readiness) -> anyhow::Result<()> {
         allow_other: settings.allow_other,
         allow_root: settings.allow_root,
         threads: settings.threads,
-        serve_fd: settings.serve_fd.then_some(ssmfs::supervisor::SERVE_FD),
+        serve_fd: settings.serve_fd.then_some(ssmfs::handoff::SERVE_FD),
     };
     let mounted = match daemon::mount(
         Arc::clone(&fs),

@@ -29,7 +29,7 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -39,25 +39,8 @@ use std::time::{Duration, Instant};
 
 use crate::daemon::{self, MountSettings, Readiness};
 
-/// The fd numbers a serving daemon finds its socket and the inode journal on.
-pub const SERVE_FD: RawFd = 3;
-pub const JOURNAL_FD: RawFd = 4;
-/// The pipe a serving daemon writes its verdict on: "ok" once it serves, or
-/// why it cannot start (the same words an unsupervised mount would print).
-pub const VERDICT_FD: RawFd = 5;
-/// The mount point as the supervisor resolved it (absolute, no symlinks),
-/// for a daemon that must not look at the mount point itself: its name for
-/// the mount (the events queue's) is then the same as an unsupervised one's.
-pub const MOUNTPOINT_ENV: &str = "SSMFS_SUPERVISED_MOUNTPOINT";
-/// Set to "1" for a daemon an upgrade starts (while the current one serves),
-/// "0" for one started after a death or at mount.
-const UPGRADE_ENV: &str = "SSMFS_SUPERVISOR_UPGRADE";
+use crate::handoff::{COUNT_ENVS, JOURNAL_FD, MOUNTPOINT_ENV, SERVE_FD, UPGRADE_ENV, VERDICT_FD};
 
-/// Whether this serving daemon was started by an upgrade: the daemon it
-/// replaces still serves (and records inodes) until the handover.
-pub fn started_by_upgrade() -> bool {
-    std::env::var(UPGRADE_ENV).is_ok_and(|v| v == "1")
-}
 /// Why a daemon with other FUSE settings (an upgrade, or a restart after the
 /// binary on disk changed) cannot take over a live connection.
 const OTHER_FUSE_SETTINGS: &str = "the new binary negotiates FUSE settings other than the ones this mount was set up with, so it cannot take over the live connection; restart the service (a remount) to run it";
@@ -361,17 +344,14 @@ impl Supervisor {
             // Readiness is the supervisor's to report, not the daemon's.
             .env_remove("NOTIFY_SOCKET")
             .env(MOUNTPOINT_ENV, &self.settings.mount.mountpoint)
-            .env("SSMFS_SUPERVISOR_RESTARTS", self.restarts.to_string())
-            .env("SSMFS_SUPERVISOR_HANDOVERS", self.handovers.to_string())
+            .env(COUNT_ENVS[0], self.restarts.to_string())
+            .env(COUNT_ENVS[1], self.handovers.to_string())
             .env(UPGRADE_ENV, if upgrade { "1" } else { "0" })
             .env(
-                "SSMFS_SUPERVISOR_RESENT",
+                COUNT_ENVS[2],
                 self.shared.resent.load(Ordering::Relaxed).to_string(),
             )
-            .env(
-                "SSMFS_SUPERVISOR_DOWNTIME_MS",
-                self.downtime.as_millis().to_string(),
-            );
+            .env(COUNT_ENVS[3], self.downtime.as_millis().to_string());
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             command.pre_exec(move || {

@@ -1430,3 +1430,160 @@ mod typed_names {
         assert_eq!(cat(&fs, "db:prod@json/password").await.unwrap(), b"q");
     }
 }
+
+// ----- what real clients found (issue 18) -----
+
+mod new_names_and_large_directories {
+    use super::*;
+    use ssmfs::events::{listen, MemoryQueue};
+
+    const NEGATIVE_TTL: Duration = Duration::from_secs(30);
+
+    /// `/p/vars` listed whole (by `ls`), then `/p/vars/new_var` created.
+    async fn listed_then_created(config: FsConfig) -> (TestFs, UnboundedReceiver<Invalidation>) {
+        let store = MemoryStore::new();
+        store.put_string("/p/vars/one", "1");
+        store.put_string("/p/vars/two", "2");
+        let (fs, inval) = mount(store, config);
+        assert_eq!(ls(&fs, "vars").await.unwrap().len(), 2);
+        fs.store().inner().put_string("/p/vars/new_var", "fresh");
+        (fs, inval)
+    }
+
+    fn names(listing: Vec<(String, FileKind)>) -> Vec<String> {
+        listing.into_iter().map(|(n, _)| n).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_name_a_whole_listing_lacks_appears_after_the_negative_ttl_and_joins_the_listing() {
+        let (fs, _inval) = listed_then_created(config("/p")).await;
+        let before = calls(&fs);
+        assert_eq!(cat(&fs, "vars/new_var").await, Err(libc::ENOENT));
+        assert_eq!(calls(&fs), before, "a young listing answers for absence");
+        tokio::time::advance(NEGATIVE_TTL).await;
+        assert_eq!(cat(&fs, "vars/new_var").await.unwrap(), b"fresh");
+        let c = calls(&fs);
+        assert_eq!(c.total() - before.total(), 1, "one GetParameter: {c:?}");
+        assert_eq!(c.get - before.get, 1, "{c:?}");
+        assert_eq!(
+            names(ls(&fs, "vars").await.unwrap()),
+            ["new_var", "one", "two"],
+            "ls shows it from the listing, within its TTL"
+        );
+        assert_eq!(calls(&fs), c, "and ls cost nothing");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_loop_probing_a_missing_name_costs_at_most_two_calls_per_negative_ttl() {
+        for listed in [false, true] {
+            let store = MemoryStore::new();
+            for i in 0..30 {
+                store.put_string(&format!("/airflow/variables/v{i:02}"), "v");
+            }
+            let (fs, _inval) = mount(store, config("/airflow"));
+            if listed {
+                ls(&fs, "variables").await.unwrap();
+            }
+            let before = calls(&fs).total();
+            let windows = 20; // two TTLs' worth at the default ratio
+            for _ in 0..windows {
+                for _ in 0..50 {
+                    assert_eq!(cat(&fs, "variables/not_here").await, Err(libc::ENOENT));
+                    tokio::time::advance(NEGATIVE_TTL / 50).await;
+                }
+            }
+            let cost = calls(&fs).total() - before;
+            assert!(
+                cost <= 2 * windows,
+                "listed {listed}: {cost} calls in {windows} negative TTLs"
+            );
+            // Airflow asks its secrets backend first for every Variable: one
+            // GetParameter per missing name and negative TTL, plus, once per
+            // TTL, the directory's listing (three pages here, shared by every
+            // name in it) or the name's own probe.
+            let ttls = windows * 30 / 300;
+            assert!(
+                cost <= windows + (ttls + 1) * 4,
+                "listed {listed}: {cost} calls in {windows} negative TTLs"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_live_events_a_miss_is_trusted_for_the_ttl_until_the_queue_fails() {
+        let queue = MemoryQueue::default();
+        let store = MemoryStore::new();
+        store.put_string("/p/vars/one", "1");
+        let (fs, _inval) = mount(store, config("/p"));
+        let listener = tokio::spawn(listen(fs.clone(), queue.clone()));
+        // Live once a receive came back (an idle long poll takes 20 s).
+        tokio::time::sleep(Duration::from_secs(21)).await;
+        assert!(queue.receives() >= 2, "the listener polls");
+        assert_eq!(ls(&fs, "vars").await.unwrap().len(), 1);
+        let before = calls(&fs);
+        for _ in 0..8 {
+            // sleep, not advance: the listener's receives come back on time.
+            tokio::time::sleep(NEGATIVE_TTL).await;
+            assert_eq!(cat(&fs, "vars/missing").await, Err(libc::ENOENT));
+        }
+        assert_eq!(calls(&fs), before, "events live: the listing answers");
+        // The queue stops answering: back to the negative TTL.
+        queue.set_down(true);
+        tokio::time::sleep(Duration::from_secs(25)).await;
+        fs.store()
+            .inner()
+            .put_string("/p/vars/missing", "made while events were down");
+        assert_eq!(
+            cat(&fs, "vars/missing").await.unwrap(),
+            b"made while events were down"
+        );
+        listener.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn through_an_outage_an_old_miss_is_eio_and_a_listed_value_is_served_stale() {
+        let (fs, _inval) = listed_then_created(config("/p")).await;
+        fs.store()
+            .inner()
+            .fail_every_call(Some(StoreError::Unavailable("connection refused".into())));
+        tokio::time::advance(NEGATIVE_TTL).await;
+        assert_eq!(cat(&fs, "vars/new_var").await, Err(libc::EIO));
+        tokio::time::advance(Duration::from_secs(300)).await;
+        assert_eq!(
+            cat(&fs, "vars/one").await.unwrap(),
+            b"1",
+            "seen only in a listing"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn random_cold_reads_in_a_large_directory_cost_one_round_trip_each() {
+        let round_trip = Duration::from_millis(20);
+        let store = MemoryStore::new();
+        for i in 0..2500 {
+            store.put_string(&format!("/big/variables/k{i:04}"), &format!("value-{i}"));
+        }
+        store.set_latency(round_trip);
+        let (fs, _inval) = mount(store, config("/big"));
+        fs.check_access().await.unwrap();
+        let before = calls(&fs).total();
+        let mut latencies = Vec::new();
+        for n in 0..20 {
+            let i = (n * 1237 + 411) % 2500; // scattered, no two in one page
+            let started = tokio::time::Instant::now();
+            let value = cat(&fs, &format!("variables/k{i:04}")).await.unwrap();
+            latencies.push(started.elapsed());
+            assert_eq!(value, format!("value-{i}").as_bytes());
+        }
+        let cost = calls(&fs).total() - before;
+        latencies.sort();
+        let p90 = latencies[17];
+        assert!(
+            p90 <= 3 * round_trip,
+            "p90 {p90:?} against {round_trip:?} a call"
+        );
+        // Two questions per name ("a value?", "anything below?"), one round
+        // trip; the first sibling read on pays the directory's first ten pages.
+        assert!(cost <= 20 * 2 + 10 + 1, "{cost} calls");
+    }
+}

@@ -130,16 +130,8 @@ pub fn sd_notify(state: &str) {
 pub fn new_metrics() -> Arc<Metrics> {
     let metrics = Metrics::default();
     // A supervised daemon learns the supervisor's counts at its start.
-    let count = |name: &str| std::env::var(name).ok()?.parse::<u64>().ok();
-    if let (Some(restarts), Some(upgrades), Some(resent), Some(down_ms)) = (
-        count("SSMFS_SUPERVISOR_RESTARTS"),
-        count("SSMFS_SUPERVISOR_HANDOVERS"),
-        count("SSMFS_SUPERVISOR_RESENT"),
-        count("SSMFS_SUPERVISOR_DOWNTIME_MS"),
-    ) {
-        let _ = metrics
-            .supervisor
-            .set([restarts, upgrades, resent, down_ms]);
+    if let Some(counts) = crate::handoff::holder_counts() {
+        let _ = metrics.supervisor.set(counts);
     }
     Arc::new(metrics)
 }

@@ -26,6 +26,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
+pub use crate::change::{Operation, ParameterEvent};
 use crate::fs::Fs;
 use crate::metrics::Metrics;
 use crate::store::ParameterStore;
@@ -40,29 +41,6 @@ const QUEUE_RETRY: Duration = Duration::from_secs(1);
 /// Longest pause between receives while the queue fails: how soon events
 /// resume after the queue answers again.
 const QUEUE_RETRY_MAX: Duration = Duration::from_secs(60);
-
-/// What happened to a parameter, as SSM names it in the event's detail.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operation {
-    Create,
-    Update,
-    Delete,
-    /// A label moved (`LabelParameterVersion`): the current value is unchanged.
-    Label,
-    /// An operation this version does not know; treated as a possible change.
-    Other,
-}
-
-/// One "Parameter Store Change" event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParameterEvent {
-    /// EventBridge's id of the event: the same on every redelivery.
-    pub id: Option<String>,
-    pub name: String,
-    pub operation: Operation,
-    /// When the change happened (EventBridge's `time`, whole seconds).
-    pub time: Option<SystemTime>,
-}
 
 /// What one queue message turned out to be.
 #[derive(Debug, PartialEq, Eq)]
@@ -182,6 +160,7 @@ pub async fn listen<S: ParameterStore, Q: EventQueue>(fs: Arc<Fs<S>>, queue: Q) 
     loop {
         let messages = match queue.receive().await {
             Ok(messages) => {
+                fs.note_queue_answered(true);
                 if failures > 0 {
                     tracing::info!("the event queue answers again; change events resumed");
                 }
@@ -189,9 +168,10 @@ pub async fn listen<S: ParameterStore, Q: EventQueue>(fs: Arc<Fs<S>>, queue: Q) 
                 messages
             }
             Err(error) => {
+                fs.note_queue_answered(false);
                 Metrics::inc(&metrics.event_queue_errors);
                 if failures == 0 {
-                    tracing::warn!(%error, "the event queue does not answer; values stay fresh by their TTL until it does");
+                    tracing::warn!(%error, "the event queue does not answer; values stay fresh by their TTL, and missing names by the negative TTL, until it does");
                 }
                 let pause = QUEUE_RETRY
                     .saturating_mul(1 << failures.min(6))

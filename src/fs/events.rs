@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use super::{Fs, Invalidation};
 use crate::cache::ChildKind;
-use crate::events::{Operation, ParameterEvent};
+use crate::change::{Operation, ParameterEvent};
 use crate::inode::Role;
 use crate::metrics::Metrics;
 use crate::names;
@@ -40,6 +40,9 @@ const EVENT_TIME_SLACK: Duration = Duration::from_secs(3);
 /// over the quota instead of retrying in step.
 const EVENT_RETRY_BASE: Duration = Duration::from_secs(2);
 const EVENT_RETRY_CAP: Duration = Duration::from_secs(120);
+/// A queue that answered within this long is live: one receive waits at
+/// most 20 s, so a live listener answers at least three times in it.
+const EVENTS_LIVE_WINDOW: Duration = Duration::from_secs(60);
 /// How many recent event ids are remembered to drop redeliveries.
 pub(super) const REMEMBERED_EVENT_IDS: usize = 4096;
 
@@ -191,6 +194,34 @@ impl<S: ParameterStore> Fs<S> {
         pending.failures_in_a_row = 0;
     }
 
+    /// The event queue answered a receive (`true`) or failed one. While it
+    /// answers, a name a listing lacks is trusted absent for the listing's
+    /// TTL, not the negative TTL: its creation would arrive as an event.
+    pub fn note_queue_answered(&self, answered: bool) {
+        let now = Instant::now();
+        let mut live = self.events_live.lock().unwrap();
+        *live = match *live {
+            _ if !answered => None,
+            Some((since, last)) if now < last + EVENTS_LIVE_WINDOW => Some((since, now)),
+            _ => Some((now, now)),
+        };
+    }
+
+    /// How long an answer fetched at `fetched` may say that a name does not
+    /// exist: the negative TTL, or the TTL when change events have been live
+    /// since before the fetch (a create after it arrives as an event; a
+    /// queue that stops answering brings the negative TTL back at once).
+    pub(super) fn absence_window(&self, fetched: Instant) -> Duration {
+        let now = Instant::now();
+        let cache = &self.config.cache;
+        match *self.events_live.lock().unwrap() {
+            Some((since, last)) if since <= fetched && now < last + EVENTS_LIVE_WINDOW => {
+                cache.ttl.max(cache.negative_ttl)
+            }
+            _ => cache.negative_ttl,
+        }
+    }
+
     /// Names whose events wait for SSM.
     pub fn pending_event_names(&self) -> usize {
         self.pending_events.lock().unwrap().names.len()
@@ -240,7 +271,7 @@ impl<S: ParameterStore> Fs<S> {
         }
     }
 
-    fn add_to_listings(&self, name: &str) {
+    pub(super) fn add_to_listings(&self, name: &str) {
         let mut child = name;
         let mut kind = ChildKind::File;
         // Directories on the way up with no cached listing, each with the

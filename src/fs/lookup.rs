@@ -6,11 +6,19 @@
 //! `plan` decides what to fetch, `conclude` decides what the answers mean.
 //! `Fs::resolve` only executes the plan. In order of preference:
 //!
-//! - the cache answers (a fresh listing of the parent, or of the name);
+//! - the cache answers (a fresh listing of the parent, or of the name). A
+//!   listing that lacks the name says "no such parameter" only while it is
+//!   younger than the negative TTL (the TTL while change events are live):
+//!   after that the name's value is asked for, one GetParameter, and a name
+//!   found so joins the listing. The listing still says nothing is below
+//!   the name for its TTL;
 //! - in a directory not listed whole where a sibling was already probed, the
-//!   parent's listing is read on (at most `PAGES_PER_LOOKUP` pages of names):
-//!   siblings read one after another then cost a page per ten names instead
-//!   of two calls per name, in any order;
+//!   parent's listing is read on (at most `PAGES_PER_LOOKUP` pages of names),
+//!   once per directory and TTL: siblings read one after another then cost a
+//!   page per ten names instead of two calls per name, in any order. A
+//!   directory those pages do not complete is large: later lookups there
+//!   probe their own names (one round trip) and never wait for pages that
+//!   may not hold them;
 //! - the value and the first page below the name are asked for together, one
 //!   round trip ("is it a parameter?" and "is anything below it?");
 //! - below a path SSM refuses to list, the value is asked for first: a found
@@ -37,11 +45,13 @@ use crate::store::{Parameter, ParameterStore, StoreError};
 /// one-off read at one round trip, and from the second sibling on a page of
 /// ten names costs half a probe of one.
 pub(super) const PROBES_BEFORE_LISTING: u32 = 1;
-/// Pages of names of the parent's listing one lookup reads at most: a
-/// directory of up to a hundred names is listed whole at once, and a lookup in
-/// a huge directory costs a bounded number of calls (the listing goes on at
-/// the next lookup there). A name a partial listing shows as a file still
-/// needs a probe of what lies below it ("directory wins").
+/// Pages of names of the parent's listing one lookup reads at most, once per
+/// directory and TTL: a directory of up to a hundred names is listed whole at
+/// once, and in a larger one a single lookup pays these pages once (random
+/// reads there then cost one round trip each; reading on would cost a page
+/// per ten names that random readers mostly never ask for). A name a partial
+/// listing shows as a file still needs a probe of what lies below it
+/// ("directory wins").
 pub(super) const PAGES_PER_LOOKUP: usize = 10;
 
 /// What a name turned out to be.
@@ -76,6 +86,11 @@ pub(super) struct Knowledge {
     pub parent_unlistable: bool,
     /// Names below the parent probed one by one since its last listing.
     pub siblings_probed: u32,
+    /// The parent's listing was read on lately and is still not complete.
+    pub parent_large: bool,
+    /// The parent's complete listing is young enough to say that a name it
+    /// lacks is not a parameter (see `Fs::absence_window`).
+    pub absence_trusted: bool,
 }
 
 /// What to do next for one lookup.
@@ -133,7 +148,13 @@ impl Knowledge {
             Some((parent, ChildKind::File)) if parent.complete => {
                 return self.own_value.as_ref().map(value_resolution)
             }
-            None if self.parent_is_complete() => return Some(Resolved::Missing),
+            None if self.parent_is_complete() && self.absence_trusted => {
+                return Some(Resolved::Missing)
+            }
+            // Nothing is below the name; only its value is in question.
+            None if self.parent_is_complete() => {
+                return self.own_value.as_ref().map(value_resolution)
+            }
             _ => {}
         }
         match (&self.own_dir, &self.own_value) {
@@ -148,7 +169,12 @@ impl Knowledge {
             .parent_dir
             .as_ref()
             .is_some_and(|d| d.complete && d.children.get(base) == Some(&ChildKind::File));
-        self.own_dir.is_none() && !parent_says_file
+        let parent_says_nothing_below = self.parent_is_complete()
+            && self
+                .parent_dir
+                .as_ref()
+                .is_some_and(|d| !d.children.contains_key(base));
+        self.own_dir.is_none() && !parent_says_file && !parent_says_nothing_below
     }
 
     /// Whether a complete listing of the parent, fresh or stale, names `base`:
@@ -170,6 +196,13 @@ impl Knowledge {
     }
 }
 
+/// Whether an answer past its TTL may be served while SSM is out: anything
+/// but "no such name", which is never trusted past the negative TTL (a
+/// reader gets EIO, as for any name never fetched).
+fn serves_stale(resolved: &Resolved) -> bool {
+    !matches!(resolved, Resolved::Missing)
+}
+
 pub(super) fn value_resolution(entry: &ValueEntry) -> Resolved {
     match &entry.known {
         Known::Present(p) => Resolved::File(p.clone(), entry.validity),
@@ -185,6 +218,7 @@ pub(super) fn plan(known: &Knowledge, base: &str) -> Plan {
     }
     if !known.parent_is_complete()
         && !known.parent_unlistable
+        && !known.parent_large
         && !known.listed_in_complete_parent(base)
         && known.siblings_probed >= PROBES_BEFORE_LISTING
     {
@@ -255,7 +289,12 @@ impl<S: ParameterStore> Fs<S> {
         let now = Instant::now();
         let parent_dir = self.cache.dir(parent);
         let parent_fresh = parent_dir.as_ref().is_some_and(|d| usable(&d.validity));
+        let absence_trusted = parent_dir
+            .as_ref()
+            .is_some_and(|d| now < d.validity.fetched + self.absence_window(d.validity.fetched));
         Knowledge {
+            absence_trusted,
+            parent_large: self.cache.extended_lately(parent, now),
             fresh_value_below: (!parent_fresh)
                 .then(|| self.fresh_value_below(name, now))
                 .flatten(),
@@ -314,7 +353,7 @@ impl<S: ParameterStore> Fs<S> {
         // is retried with the next refresh batch instead of by a call now.
         if self.in_outage() {
             let stale = self.knowledge(parent, name, |v| v.may_serve_stale(now));
-            if let Some(resolved) = stale.decide(base) {
+            if let Some(resolved) = stale.decide(base).filter(serves_stale) {
                 match resolved {
                     Resolved::File(..) => self.retry_later(name),
                     _ => Metrics::inc(&self.metrics.stale_serves),
@@ -325,6 +364,10 @@ impl<S: ParameterStore> Fs<S> {
         Metrics::inc(&self.metrics.cache_misses);
         if step == Plan::ExtendParent {
             if let Ok(listing) = self.extend_listing(parent, PAGES_PER_LOOKUP).await {
+                if !listing.complete {
+                    self.cache.note_extended(parent);
+                }
+                known.absence_trusted = listing.complete;
                 known.parent_dir = Some(listing);
             }
             // Still unknown (or SSM failed): this lookup probes the name itself.
@@ -370,10 +413,16 @@ impl<S: ParameterStore> Fs<S> {
             );
         }
         match conclusion {
-            Conclusion::Resolved(resolved) => Ok(resolved),
+            Conclusion::Resolved(resolved) => {
+                if matches!(resolved, Resolved::File(..)) && known.parent_is_complete() {
+                    // Created after the listing: `ls` shows it from now on.
+                    self.add_to_listings(name);
+                }
+                Ok(resolved)
+            }
             Conclusion::Outage(error) => {
                 let stale = self.knowledge(parent, name, |v| v.may_serve_stale(now));
-                match stale.decide(base) {
+                match stale.decide(base).filter(serves_stale) {
                     Some(resolved) => {
                         self.note_stale(name, &error);
                         Ok(resolved)
@@ -459,6 +508,7 @@ mod tests {
     fn the_cache_answers_when_it_can() {
         let complete = Knowledge {
             parent_dir: Some(listing(true, &[("d", ChildKind::Dir)])),
+            absence_trusted: true,
             ..Default::default()
         };
         assert_eq!(plan(&complete, "d"), Plan::Cached);
@@ -476,6 +526,48 @@ mod tests {
             ..file
         };
         assert_eq!(plan(&with_value, "a"), Plan::Cached);
+    }
+
+    #[test]
+    fn a_listing_past_the_absence_window_asks_for_the_value_alone() {
+        let older = Knowledge {
+            parent_dir: Some(listing(true, &[("d", ChildKind::Dir)])),
+            absence_trusted: false,
+            ..Default::default()
+        };
+        assert_eq!(plan(&older, "d"), Plan::Cached, "directories are kept");
+        assert_eq!(plan(&older, "new"), ASK_VALUE, "one GetParameter");
+        let mut found = older.clone();
+        let c = conclude(
+            &mut found,
+            "new",
+            ASK_VALUE,
+            answers(Some(Ok(present())), None),
+        );
+        assert!(
+            matches!(c, Conclusion::Resolved(ref r) if is_file(r)),
+            "{c:?}"
+        );
+        let mut gone = older.clone();
+        let got = answers(Some(Ok(value(Known::Absent))), None);
+        let c = conclude(&mut gone, "new", ASK_VALUE, got);
+        assert!(
+            matches!(c, Conclusion::Resolved(Resolved::Missing)),
+            "{c:?}"
+        );
+        // That answer is then cached for the negative TTL.
+        assert_eq!(plan(&gone, "new"), Plan::Cached);
+    }
+
+    #[test]
+    fn a_large_directory_is_not_read_on_again() {
+        let large = Knowledge {
+            parent_dir: Some(listing(false, &[("b", ChildKind::File)])),
+            siblings_probed: PROBES_BEFORE_LISTING + 5,
+            parent_large: true,
+            ..Default::default()
+        };
+        assert_eq!(plan(&large, "a"), ASK_BOTH, "one round trip of its own");
     }
 
     #[test]

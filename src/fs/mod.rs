@@ -135,6 +135,8 @@ pub struct Fs<S> {
     pending_events: Mutex<events::PendingEvents>,
     /// Ids of events applied lately, so a redelivered one costs nothing.
     seen_event_ids: Mutex<lru::LruCache<String, ()>>,
+    /// Since when, and when last, the event queue answered (see `events`).
+    events_live: Mutex<Option<(Instant, Instant)>>,
 }
 
 impl<S: ParameterStore> Fs<S> {
@@ -183,6 +185,7 @@ impl<S: ParameterStore> Fs<S> {
             seen_event_ids: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(events::REMEMBERED_EVENT_IDS).unwrap(),
             )),
+            events_live: Mutex::new(None),
             config,
         };
         (Arc::new(fs), receiver)

@@ -145,9 +145,19 @@ class SsmfsSecretsBackend(BaseSecretsBackend, LoggingMixin):
 
     @staticmethod
     def _read_file(path: str) -> str:
-        with open(path, "rb") as file:
-            data = file.read()
-        return data.decode("utf-8")
+        # os.open/os.read, not open(): a buffered open() calls isatty(), an
+        # ioctl that reaches the ssmfs daemon on every lookup (Python < 3.14).
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            chunks = []
+            while True:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+        return b"".join(chunks).decode("utf-8")
 
     def _check_mounted(self, folder: str, key: str) -> None:
         try:

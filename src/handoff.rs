@@ -1,0 +1,43 @@
+//! What a holder of a FUSE connection hands the daemon that serves it: the
+//! fd numbers the daemon finds its frames, the inode journal and its verdict
+//! pipe on, and the environment that says how it was started. `--supervise`
+//! is one such holder; a serving daemon reads the same few facts whoever
+//! started it, so it depends on this module and on no holder.
+
+use std::os::fd::RawFd;
+
+/// The socket a serving daemon reads FUSE frames from (`--serve-fd`).
+pub const SERVE_FD: RawFd = 3;
+/// The inode journal shared by every daemon of one mount.
+pub const JOURNAL_FD: RawFd = 4;
+/// The pipe a serving daemon writes its verdict on: "ok" once it serves, or
+/// why it cannot start (the same words an unsupervised mount would print).
+pub const VERDICT_FD: RawFd = 5;
+/// The mount point as the holder resolved it (absolute, no symlinks), for a
+/// daemon that must not look at the mount point itself: its name for the
+/// mount (the events queue's) is then the same as an unsupervised one's.
+pub const MOUNTPOINT_ENV: &str = "SSMFS_SUPERVISED_MOUNTPOINT";
+/// Set to "1" for a daemon an upgrade starts (while the current one serves),
+/// "0" for one started after a death or at mount.
+pub const UPGRADE_ENV: &str = "SSMFS_SUPERVISOR_UPGRADE";
+/// The holder's counts a daemon reports as its own metrics, in the order of
+/// `Metrics::supervisor`: restarts, handovers, resent requests, downtime (ms).
+pub const COUNT_ENVS: [&str; 4] = [
+    "SSMFS_SUPERVISOR_RESTARTS",
+    "SSMFS_SUPERVISOR_HANDOVERS",
+    "SSMFS_SUPERVISOR_RESENT",
+    "SSMFS_SUPERVISOR_DOWNTIME_MS",
+];
+
+/// Whether this serving daemon was started by an upgrade: the daemon it
+/// replaces still serves (and records inodes) until the handover.
+pub fn started_by_upgrade() -> bool {
+    std::env::var(UPGRADE_ENV).is_ok_and(|v| v == "1")
+}
+
+/// The holder's counts handed to this daemon, if it was started by one.
+pub fn holder_counts() -> Option<[u64; 4]> {
+    let count = |name: &str| std::env::var(name).ok()?.parse::<u64>().ok();
+    let [a, b, c, d] = COUNT_ENVS.map(count);
+    Some([a?, b?, c?, d?])
+}
