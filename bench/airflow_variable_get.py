@@ -3,7 +3,10 @@ to ssmfs_airflow.SsmfsSecretsBackend or to Airflow's own
 SystemsManagerParameterStoreBackend (configured only by environment variables,
 as on a worker). Prints "<mean microseconds per Variable.get> <lookups>".
 
-    python bench/airflow_variable_get.py ssmfs|ssm ENDPOINT MOUNTPOINT LOOKUPS
+    python bench/airflow_variable_get.py ssmfs|tmpfs|ssm ENDPOINT MOUNTPOINT LOOKUPS
+
+`tmpfs` is ssmfs_airflow over a tmpfs copy of the mount's layout (MOUNTPOINT),
+the floor for what the backend itself costs per lookup.
 
 Each of the 50 keys /bench/hot/sNN is read once first (the cold reads), then
 LOOKUPS reads cycle through them; the caller counts API calls around it.
@@ -20,7 +23,7 @@ kwargs = {"variables_prefix": "/bench/hot", "connections_prefix": None, "config_
           "endpoint_url": endpoint, "region_name": "us-east-1"}
 os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="ssmfs-bench-airflow-")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
-if backend == "ssmfs":
+if backend in ("ssmfs", "tmpfs"):
     os.environ["AIRFLOW__SECRETS__BACKEND"] = "ssmfs_airflow.SsmfsSecretsBackend"
     kwargs["mountpoint"] = mountpoint
 else:

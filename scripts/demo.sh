@@ -4,8 +4,14 @@
 # until Ctrl-C, when it unmounts and stops the server. Run as root (FUSE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
-cargo build --release --quiet
+say() { echo "demo: $*" >&2; }
+say "installing what the demo uses (fuse3, a venv with moto's SSM server), if missing"
+scripts/setup.sh --demo
+if [ ! -x target/release/ssmfs ] || [ -n "$(find src Cargo.toml Cargo.lock -newer target/release/ssmfs -print -quit)" ]; then
+    say "building ssmfs (release; a few minutes the first time, seconds after)"
+fi
+cargo build --release --quiet --bin ssmfs
+say "starting a local SSM server and seeding example Airflow secrets"
 port=${SSMFS_DEMO_PORT:-5055}
 endpoint=$(scripts/moto.sh start "$port")
 export AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
