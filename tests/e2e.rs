@@ -668,17 +668,7 @@ fn warm_reads_and_listings_stay_in_the_kernel() {
     if !have_fuse_and_moto() {
         return;
     }
-    let moto = Moto::start();
-    let rt = runtime();
-    let client = client(&rt, &moto.endpoint);
-    put_many(
-        &rt,
-        &client,
-        (0..30)
-            .map(|i| (format!("/warm/dir/p{i:02}"), format!("value-{i}")))
-            .collect(),
-        ParameterType::SecureString,
-    );
+    let moto = moto_with_values("/warm/dir", 30);
     let addr = format!("127.0.0.1:{}", free_loopback_port());
     let mount = Mount::start(&moto.endpoint, "/warm", &["--metrics-addr", &addr]);
     let dir = mount.path().join("dir");
@@ -739,11 +729,31 @@ fn warm_reads_and_listings_stay_in_the_kernel() {
             made(op)
         );
     }
-    let warm_log = &mount.log_text()[log_before..];
-    assert!(
-        !warm_log.contains(" WARN ") && !warm_log.contains(" ERROR "),
-        "warm reads logged above DEBUG:\n{warm_log}"
+    let log = mount.log_text();
+    let loud = lines_above_debug(&log[log_before..]);
+    assert!(loud.is_empty(), "warm reads logged above DEBUG: {loud:#?}");
+}
+
+/// moto holding `DIR/p00`.. (`value-N`), SecureStrings.
+fn moto_with_values(dir: &str, count: usize) -> Moto {
+    let moto = Moto::start();
+    let rt = runtime();
+    let client = client(&rt, &moto.endpoint);
+    put_many(
+        &rt,
+        &client,
+        (0..count)
+            .map(|i| (format!("{dir}/p{i:02}"), format!("value-{i}")))
+            .collect(),
+        ParameterType::SecureString,
     );
+    moto
+}
+
+fn lines_above_debug(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect()
 }
 
 #[test]
@@ -751,17 +761,7 @@ fn the_programs_people_point_at_secrets_log_nothing_above_debug() {
     if !have_fuse_and_moto() {
         return;
     }
-    let moto = Moto::start();
-    let rt = runtime();
-    let client = client(&rt, &moto.endpoint);
-    put_many(
-        &rt,
-        &client,
-        (0..12)
-            .map(|i| (format!("/day/dir/p{i:02}"), format!("value-{i}")))
-            .collect(),
-        ParameterType::SecureString,
-    );
+    let moto = moto_with_values("/day/dir", 12);
     let mount = Mount::start(&moto.endpoint, "/day", &[]);
     let root = mount.path();
     let root_arg = root.to_str().unwrap();
@@ -814,10 +814,7 @@ fn the_programs_people_point_at_secrets_log_nothing_above_debug() {
         );
     }
     let log = mount.log_text();
-    let loud: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
-        .collect();
+    let loud = lines_above_debug(&log);
     assert!(loud.is_empty(), "logged above DEBUG: {loud:#?}");
 }
 
