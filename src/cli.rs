@@ -144,6 +144,15 @@ pub struct CliArgs {
         conflicts_with = "events_queue"
     )]
     pub events_topic: Option<String>,
+    /// How many hosts receive each change event (one queue each): their
+    /// refetches are spread so the fleet takes half of --ssm-quota-tps. In
+    /// topic mode the topic's subscriptions are counted too (the larger wins).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Change events")]
+    pub events_hosts: u32,
+    /// The account's SSM quota for GetParameters, calls a second: 40 by
+    /// default; with higher throughput enabled, the quota it gives.
+    #[arg(long, value_name = "TPS", default_value_t = config::DEFAULT_SSM_QUOTA_TPS, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Change events")]
+    pub ssm_quota_tps: u32,
 
     // ----- airflow -----
     /// Mount Airflow's secrets layout (variables/, connections/, config/) from the
@@ -451,6 +460,10 @@ impl CliArgs {
             throttle_patience: self.throttle_patience,
             max_tps: self.max_tps,
             max_retries: self.max_retries,
+        };
+        fs.events = config::EventsPacing {
+            hosts: self.events_hosts,
+            quota_tps: self.ssm_quota_tps,
         };
         let fsname = match &airflow {
             Some(_) => "ssmfs:airflow".to_string(),

@@ -38,6 +38,14 @@ pub const DEFAULT_CACHE_BYTES: usize = 64 * 1024 * 1024;
 pub const DEFAULT_FILE_MODE: u16 = 0o400;
 /// Owner-only traverse and list, matching the file mode.
 pub const DEFAULT_DIR_MODE: u16 = 0o500;
+/// SSM's default throughput quota per account and region (GetParameter,
+/// GetParameters and GetParametersByPath together): what the pacing of
+/// change events divides among the hosts unless told of a higher one.
+pub const DEFAULT_SSM_QUOTA_TPS: u32 = 40;
+/// The share of that quota the refetches one change causes may take across
+/// the fleet: half, leaving the other half to Airflow's schedulers, CI and
+/// deploy tools that share the account.
+pub const EVENTS_QUOTA_SHARE: f64 = 0.5;
 /// Retries of throttled or failed calls. Three retries with backoff ride out a
 /// throttling burst while keeping a cold read well inside the request timeout.
 pub const DEFAULT_MAX_RETRIES: u32 = 3;
@@ -83,6 +91,26 @@ impl Default for RequestConfig {
     }
 }
 
+/// How the refetches change events cause are spread (see `fs::events`).
+#[derive(Debug, Clone)]
+pub struct EventsPacing {
+    /// How many hosts receive each event: `--events-hosts`, or in topic mode
+    /// the topic's confirmed subscriptions (learned at run time).
+    pub hosts: u32,
+    /// The account's quota for GetParameters (`--ssm-quota-tps`).
+    pub quota_tps: u32,
+}
+
+impl Default for EventsPacing {
+    fn default() -> Self {
+        Self {
+            // Unknown: throttling feedback widens the spread (see `fs::events`).
+            hosts: 1,
+            quota_tps: DEFAULT_SSM_QUOTA_TPS,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct FsConfig {
     /// The SSM path shown at the mount root, normalised (`/` or `/a/b`).
@@ -96,6 +124,7 @@ pub struct FsConfig {
     pub dir_mode: u16,
     pub cache: CacheConfig,
     pub request: RequestConfig,
+    pub events: EventsPacing,
 }
 
 impl FsConfig {
@@ -112,6 +141,7 @@ impl FsConfig {
             dir_mode: DEFAULT_DIR_MODE,
             cache: CacheConfig::default(),
             request: RequestConfig::default(),
+            events: EventsPacing::default(),
         }
     }
 }

@@ -28,6 +28,8 @@ fn config(prefix: &str) -> FsConfig {
         max_tps: 10_000,
         ..Default::default()
     };
+    // Change events refetch at once unless a test sets a fleet to pace for.
+    config.events.quota_tps = u32::MAX;
     config
 }
 
@@ -1230,6 +1232,97 @@ mod events {
         fs.retry_pending_events().await;
         assert_eq!(fs.pending_event_names(), 0);
         assert_eq!(cat(&fs, "variables/my_secret").await.unwrap(), b"rotated");
+    }
+
+    /// A host of a fleet of 1,000 at the default quota: refetches spread
+    /// over 1,000 / 20 = 50 s.
+    fn fleet_config(prefix: &str) -> FsConfig {
+        let mut config = hour_config(prefix);
+        config.events = ssmfs::config::EventsPacing {
+            hosts: 1000,
+            quota_tps: 40,
+        };
+        config
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fleet_host_spreads_its_refetch_over_the_window_and_serves_the_old_value_meanwhile() {
+        let (fs, _inval) = mount(airflow_store(), fleet_config("/airflow"));
+        assert_eq!(fs.event_spread_now(), Duration::from_secs(50));
+        assert_eq!(
+            cat(&fs, "variables/my_secret").await.unwrap(),
+            b"s3cr3t-value"
+        );
+        let before = calls(&fs);
+        fs.store()
+            .inner()
+            .put_string("/airflow/variables/my_secret", "rotated");
+        let update = event("/airflow/variables/my_secret", "Update", SystemTime::now());
+        fs.apply_events(vec![update]).await;
+        let mut seen_at = None;
+        for tick in 0..=210 {
+            let value = cat(&fs, "variables/my_secret").await.unwrap();
+            match seen_at {
+                None if value == b"rotated" => seen_at = Some(tick),
+                None => assert_eq!(value, b"s3cr3t-value"),
+                Some(_) => assert_eq!(value, b"rotated", "never back to an older version"),
+            }
+            tokio::time::advance(Duration::from_millis(250)).await;
+            fs.retry_pending_events().await;
+        }
+        let seen_at = seen_at.expect("the rotation is seen within the window");
+        assert!(seen_at <= 201, "seen after {} ms", seen_at * 250);
+        assert_eq!(calls(&fs).total() - before.total(), 1, "one refetch");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waits_across_a_fleet_are_spread_evenly_over_the_window() {
+        // Forty hosts of a fleet of 1,000 get the same event: their refetches
+        // land across the 50 s window, not in its first second.
+        let mut at = Vec::new();
+        for _ in 0..40 {
+            let (fs, _inval) = mount(airflow_store(), fleet_config("/airflow"));
+            cat(&fs, "variables/my_secret").await.unwrap();
+            let started = tokio::time::Instant::now();
+            let before = calls(&fs).total();
+            let update = event("/airflow/variables/my_secret", "Update", SystemTime::now());
+            fs.apply_events(vec![update]).await;
+            while calls(&fs).total() == before {
+                tokio::time::advance(Duration::from_millis(250)).await;
+                fs.retry_pending_events().await;
+            }
+            at.push(started.elapsed().as_secs_f64());
+        }
+        at.sort_by(f64::total_cmp);
+        assert!(at[39] <= 50.5, "{at:?}");
+        assert!(at[4] < 15.0 && at[35] > 35.0, "spread out: {at:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttled_refetch_widens_the_window_and_an_answered_one_narrows_it() {
+        let mut config = fleet_config("/airflow");
+        config.events.hosts = 1;
+        let (fs, _inval) = mount(airflow_store(), config);
+        // A single host: 1 / 20 s, under the second SSM's bucket absorbs.
+        assert_eq!(fs.event_spread_now(), Duration::ZERO, "at once");
+        let narrow = Duration::from_millis(50);
+        cat(&fs, "variables/my_secret").await.unwrap();
+        fs.store()
+            .inner()
+            .put_string("/airflow/variables/my_secret", "rotated");
+        fs.store().inner().fail_next_calls(3, StoreError::Throttled);
+        let update = event("/airflow/variables/my_secret", "Update", SystemTime::now());
+        fs.apply_events(vec![update]).await;
+        let mut widest = Duration::ZERO;
+        for _ in 0..40 {
+            tokio::time::advance(Duration::from_millis(250)).await;
+            fs.retry_pending_events().await;
+            widest = widest.max(fs.event_spread_now());
+        }
+        assert_eq!(widest, narrow * 8, "doubled per throttled refetch");
+        assert_eq!(fs.pending_event_names(), 0, "fetched once answered");
+        assert_eq!(cat(&fs, "variables/my_secret").await.unwrap(), b"rotated");
+        assert!(fs.event_spread_now() < widest, "narrowed again");
     }
 
     #[tokio::test(start_paused = true)]

@@ -142,6 +142,11 @@ pub struct QueueError(pub String);
 
 /// Where events come from: SQS (`sqs::SqsQueue`) or, in tests, `MemoryQueue`.
 pub trait EventQueue: Send + Sync + 'static {
+    /// How many hosts receive each event, where the queue can tell (a topic's
+    /// subscriptions); `None`: the daemon's `--events-hosts` stands.
+    fn hosts(&self) -> impl std::future::Future<Output = Option<u32>> + Send {
+        async { None }
+    }
     /// Up to ten messages, waiting up to `RECEIVE_WAIT` for the first.
     fn receive(
         &self,
@@ -152,8 +157,49 @@ pub trait EventQueue: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = Result<(), QueueError>> + Send;
 }
 
-/// Receives, applies and deletes until the task is dropped.
+/// The longest sleep between looks for paced refetches that came due (see
+/// `fs::events`); a refetch due sooner is made when it is due.
+const PACING_TICK: Duration = Duration::from_millis(250);
+/// How often the fleet's size is counted again (one GetTopicAttributes).
+const HOSTS_RECOUNT: Duration = Duration::from_secs(3600);
+
+/// Receives, applies and deletes until the task is dropped; meanwhile makes
+/// the paced refetches as they come due, and keeps the fleet's size current.
 pub async fn listen<S: ParameterStore, Q: EventQueue>(fs: Arc<Fs<S>>, queue: Q) {
+    let queue = Arc::new(queue);
+    tokio::join!(
+        receive_and_apply(fs.clone(), queue.clone()),
+        make_paced_refetches(fs.clone()),
+        count_hosts(fs, queue),
+    );
+}
+
+async fn make_paced_refetches<S: ParameterStore>(fs: Arc<Fs<S>>) {
+    loop {
+        let now = tokio::time::Instant::now();
+        let wake = fs
+            .next_event_due()
+            .map_or(now + PACING_TICK, |due| due.clamp(now, now + PACING_TICK));
+        tokio::time::sleep_until(wake).await;
+        fs.retry_pending_events().await;
+    }
+}
+
+async fn count_hosts<S: ParameterStore, Q: EventQueue>(fs: Arc<Fs<S>>, queue: Arc<Q>) {
+    loop {
+        if let Some(hosts) = queue.hosts().await {
+            fs.set_event_hosts(hosts);
+            tracing::debug!(
+                hosts,
+                spread_ms = fs.event_spread_now().as_millis() as u64,
+                "hosts receiving change events counted"
+            );
+        }
+        tokio::time::sleep(HOSTS_RECOUNT).await;
+    }
+}
+
+async fn receive_and_apply<S: ParameterStore, Q: EventQueue>(fs: Arc<Fs<S>>, queue: Arc<Q>) {
     let metrics = fs.metrics().clone();
     let mut failures: u32 = 0;
     let mut malformed_logged = false;

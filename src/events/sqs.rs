@@ -102,6 +102,8 @@ fn sqs_client(sdk_config: &SdkConfig, queue_url: Option<&str>) -> aws_sdk_sqs::C
 pub struct SqsQueue {
     client: aws_sdk_sqs::Client,
     url: String,
+    /// Topic mode: the topic, whose subscriptions count the hosts.
+    topic: Option<(aws_sdk_sns::Client, String)>,
 }
 
 impl SqsQueue {
@@ -110,6 +112,7 @@ impl SqsQueue {
         let queue = Self {
             client: sqs_client(sdk_config, Some(url)),
             url: url.to_string(),
+            topic: None,
         };
         queue
             .client
@@ -131,6 +134,21 @@ impl SqsQueue {
 }
 
 impl EventQueue for SqsQueue {
+    /// The topic's confirmed subscriptions: one queue per host in topic mode.
+    async fn hosts(&self) -> Option<u32> {
+        let (sns, arn) = self.topic.as_ref()?;
+        match sns.get_topic_attributes().topic_arn(arn).send().await {
+            Ok(output) => output
+                .attributes()
+                .and_then(|a| a.get("SubscriptionsConfirmed"))
+                .and_then(|count| count.parse().ok()),
+            Err(error) => {
+                tracing::debug!(error = %describe(&error), "could not count the topic's subscriptions");
+                None
+            }
+        }
+    }
+
     async fn receive(&self) -> Result<Vec<QueueMessage>, QueueError> {
         let output = self
             .client
@@ -272,7 +290,7 @@ impl OwnQueue {
             .map_err(|e| fail(format!("creating queue {name}: {}", describe(&e))))?;
         let queue_url = created.queue_url.unwrap_or_default();
         let mut own = OwnQueue {
-            sns,
+            sns: sns.clone(),
             sqs: sqs.clone(),
             topic_arn: topic_arn.to_string(),
             queue_url: queue_url.clone(),
@@ -288,6 +306,7 @@ impl OwnQueue {
             SqsQueue {
                 client: sqs,
                 url: queue_url,
+                topic: Some((sns, topic_arn.to_string())),
             },
         ))
     }

@@ -13,6 +13,20 @@
 //! it, allowing for whole-second event times and clock skew), or that was
 //! already applied (same EventBridge id), costs nothing. Names whose fetch
 //! fails because SSM is out stay pending and are fetched when it answers.
+//!
+//! Pacing: every host holding a rotated key gets the same event within a
+//! second, so each host waits a random time, uniform over a spread window,
+//! before it refetches: the fleet's refetches then arrive at an even rate of
+//! `hosts / spread`. The window is sized so that rate is half the account's
+//! quota (`EVENTS_QUOTA_SHARE`): hosts / (quota / 2), from the fleet's size
+//! (`--events-hosts`, or the topic's subscription count in topic mode) and
+//! the quota (`--ssm-quota-tps`). What a host cannot know (other clients of
+//! the quota, a fleet size nobody gave it) it learns from throttling: a
+//! throttled refetch doubles its window and re-draws its wait within it; each
+//! refetch answered narrows it again by a step (additive increase of the rate,
+//! multiplicative decrease, as TCP does). Readers keep the version they have
+//! until the refetch, never an older one; the window never exceeds a quarter
+//! of the TTL, which still bounds staleness.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -46,16 +60,64 @@ const EVENTS_LIVE_WINDOW: Duration = Duration::from_secs(60);
 /// How many recent event ids are remembered to drop redeliveries.
 pub(super) const REMEMBERED_EVENT_IDS: usize = 4096;
 
+/// A herd of refetches SSM absorbs without spreading: its token bucket holds
+/// a second's worth of calls.
+const ABSORBED_HERD: Duration = Duration::from_secs(1);
+/// The spread window never exceeds this share of the TTL, which still bounds
+/// how stale a value may be.
+const MAX_SPREAD_OF_TTL: f64 = 0.25;
+/// How many times throttling may double the window: 64 x the fleet's own
+/// share is room for an account whose other clients take nearly all of it.
+const MAX_WIDENING: f64 = 64.0;
+/// How much each unthrottled refetch narrows the widening back: slowly, so a
+/// fleet that was throttled does not return to the rate that throttled it at
+/// the next change.
+const NARROWING_STEP: f64 = 0.25;
+
 /// Names waiting to be fetched again, each with its earliest event's time
-/// (for the lag metric), and when to try again after an outage.
-#[derive(Default)]
+/// (for the lag metric) and when its paced refetch is due, and when to try
+/// again after an outage.
 pub(super) struct PendingEvents {
-    names: HashMap<Arc<str>, Option<SystemTime>>,
+    names: HashMap<Arc<str>, (Option<SystemTime>, Instant)>,
     retry_at: Option<Instant>,
     failures_in_a_row: u32,
+    /// How many hosts receive each event, as last learned.
+    hosts: u32,
+    /// How much throttling has widened the spread window (1: not at all).
+    widening: f64,
 }
 
 impl PendingEvents {
+    pub(super) fn new(hosts: u32) -> Self {
+        Self {
+            names: HashMap::new(),
+            retry_at: None,
+            failures_in_a_row: 0,
+            hosts: hosts.max(1),
+            widening: 1.0,
+        }
+    }
+
+    /// The window this host spreads a refetch over: the fleet's refetches
+    /// at half the quota, widened by throttling, at most a quarter TTL. A
+    /// window under a second is not spread until throttling widens it: SSM's
+    /// bucket holds a second's calls, so a herd that fits half of it is
+    /// absorbed, and the refetch is made at once (a single host, or a fleet
+    /// with higher throughput, sees a rotation as fast as without pacing).
+    fn spread(&self, quota_tps: u32, ttl: Duration) -> Duration {
+        let fleet_tps = f64::from(quota_tps.max(1)) * crate::config::EVENTS_QUOTA_SHARE;
+        let unwidened = f64::from(self.hosts) / fleet_tps;
+        if unwidened < ABSORBED_HERD.as_secs_f64() && self.widening <= 1.0 {
+            return Duration::ZERO;
+        }
+        let seconds = unwidened * self.widening;
+        Duration::from_secs_f64(seconds.min(ttl.as_secs_f64() * MAX_SPREAD_OF_TTL))
+    }
+
+    fn draw_due(&self, now: Instant, spread: Duration) -> Instant {
+        now + spread.mul_f64(rand::thread_rng().gen::<f64>())
+    }
+
     fn back_off(&mut self) {
         let ceiling = EVENT_RETRY_BASE
             .saturating_mul(1 << self.failures_in_a_row.min(16))
@@ -76,14 +138,18 @@ impl<S: ParameterStore> Fs<S> {
                 continue;
             }
             Metrics::inc(&self.metrics.events_applied);
+            let now = Instant::now();
             let mut pending = self.pending_events.lock().unwrap();
+            let spread = self.event_spread(&pending);
             for name in names {
+                let due = pending.draw_due(now, spread);
+                let (time, earliest_due) = pending.names.entry(name).or_insert((event.time, due));
                 // The earliest known time of the changes waiting for a name.
-                let time = pending.names.entry(name).or_insert(event.time);
                 *time = match (*time, event.time) {
                     (Some(earlier), Some(this)) => Some(earlier.min(this)),
                     (known, other) => known.or(other),
                 };
+                *earliest_due = (*earliest_due).min(due);
             }
         }
         self.retry_pending_events().await;
@@ -153,21 +219,64 @@ impl<S: ParameterStore> Fs<S> {
         false
     }
 
-    /// Fetches the names events asked for, ten to a call; while SSM is out,
-    /// keeps them for later (after the outage backoff).
+    /// The spread window for refetches now (see the module's pacing).
+    fn event_spread(&self, pending: &PendingEvents) -> Duration {
+        pending.spread(self.config.events.quota_tps, self.config.cache.ttl)
+    }
+
+    /// How many hosts receive each event, as counted (the topic's
+    /// subscriptions): the spread window grows with the fleet. Never below
+    /// `--events-hosts`, so an operator's figure holds while a fleet is still
+    /// subscribing (a count is taken at start and hourly).
+    pub fn set_event_hosts(&self, counted: u32) {
+        self.pending_events.lock().unwrap().hosts = counted.max(self.config.events.hosts).max(1);
+    }
+
+    /// When the next paced refetch comes due, if any is waiting.
+    pub fn next_event_due(&self) -> Option<Instant> {
+        let pending = self.pending_events.lock().unwrap();
+        let earliest = pending.names.values().map(|(_, due)| *due).min()?;
+        Some(pending.retry_at.map_or(earliest, |at| earliest.max(at)))
+    }
+
+    /// The spread window a refetch for an event would be drawn in now.
+    pub fn event_spread_now(&self) -> Duration {
+        self.event_spread(&self.pending_events.lock().unwrap())
+    }
+
+    /// Fetches the names whose paced refetch is due, ten to a call; while SSM
+    /// is out, keeps them for later (after the outage backoff); a throttled
+    /// refetch widens the window and draws its names' waits again in it.
     pub async fn retry_pending_events(self: &Arc<Self>) {
         let batch: Vec<(Arc<str>, Option<SystemTime>)> = {
             let mut pending = self.pending_events.lock().unwrap();
-            if pending.retry_at.is_some_and(|at| Instant::now() < at) {
+            let now = Instant::now();
+            if pending.retry_at.is_some_and(|at| now < at) {
                 return;
             }
-            pending.names.drain().collect()
+            let due: Vec<Arc<str>> = pending
+                .names
+                .iter()
+                .filter(|(_, (_, due))| *due <= now)
+                .map(|(name, _)| name.clone())
+                .collect();
+            due.into_iter()
+                .filter_map(|name| pending.names.remove_entry(&name))
+                .map(|(name, (time, _))| (name, time))
+                .collect()
         };
+        if batch.is_empty() {
+            return;
+        }
         let mut chunks = batch.chunks(MAX_BATCH);
         while let Some(chunk) = chunks.next() {
             let names: Vec<Arc<str>> = chunk.iter().map(|(name, _)| name.clone()).collect();
             match once_in_background(self.fetch_again(&names)).await {
                 Ok(()) => {
+                    {
+                        let mut pending = self.pending_events.lock().unwrap();
+                        pending.widening = (pending.widening - NARROWING_STEP).max(1.0);
+                    }
                     for (name, time) in chunk {
                         if !names::has_selector(name) {
                             self.update_listings(name);
@@ -181,9 +290,17 @@ impl<S: ParameterStore> Fs<S> {
                 Err(error) => {
                     tracing::debug!(%error, "SSM is not answering; change events wait");
                     let mut pending = self.pending_events.lock().unwrap();
-                    pending.back_off();
+                    let now = Instant::now();
+                    if matches!(error, StoreError::Throttled) {
+                        // Answering, only not at this rate: spread wider.
+                        pending.widening = (pending.widening * 2.0).min(MAX_WIDENING);
+                    } else {
+                        pending.back_off();
+                    }
+                    let spread = self.event_spread(&pending);
                     for (name, time) in chunk.iter().chain(chunks.flatten()) {
-                        pending.names.entry(name.clone()).or_insert(*time);
+                        let due = pending.draw_due(now, spread);
+                        pending.names.entry(name.clone()).or_insert((*time, due));
                     }
                     return;
                 }
@@ -236,7 +353,13 @@ impl<S: ParameterStore> Fs<S> {
             .cloned()
             .partition(|name| names::has_selector(name));
         if !plain.is_empty() {
-            match self.get_batch(&plain).await {
+            // Values due for refresh soon ride along: the call a refresh
+            // would make minutes later is not made.
+            let companions = self.take_companions(&plain);
+            let batch: Vec<Arc<str>> = plain.iter().chain(&companions).cloned().collect();
+            let fetched = self.get_batch(&batch).await;
+            self.release(&companions);
+            match fetched {
                 Ok(()) => {}
                 Err(error) if error.is_outage() => return Err(error),
                 Err(_) => one_by_one.extend(plain), // refused or rejected

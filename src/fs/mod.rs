@@ -181,7 +181,7 @@ impl<S: ParameterStore> Fs<S> {
             refreshing: Mutex::new(HashSet::new()),
             failures_in_a_row: AtomicU32::new(0),
             batches_refusal_logged: AtomicBool::new(false),
-            pending_events: Mutex::default(),
+            pending_events: Mutex::new(events::PendingEvents::new(config.events.hosts)),
             seen_event_ids: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(events::REMEMBERED_EVENT_IDS).unwrap(),
             )),

@@ -24,7 +24,6 @@
 //! the TTL, with jitter: a throttled fleet stretches its refresh cycle instead
 //! of retrying harder.
 
-use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,18 +57,13 @@ impl<S: ParameterStore> Fs<S> {
     }
 
     pub(super) fn refresh_soon(self: &Arc<Self>, name: &str) {
-        let batch = {
-            let mut refreshing = self.refreshing.lock().unwrap();
-            if refreshing.contains(name) {
-                return;
-            }
-            let mut batch = vec![Arc::<str>::from(name)];
-            if !self.cache.batches_refused(Instant::now()) && !names::has_selector(name) {
-                batch.extend(self.companions(&refreshing, name, Instant::now()));
-            }
-            refreshing.extend(batch.iter().cloned());
-            batch
-        };
+        let mut batch = vec![Arc::<str>::from(name)];
+        if !self.refreshing.lock().unwrap().insert(batch[0].clone()) {
+            return;
+        }
+        if !self.cache.batches_refused(Instant::now()) && !names::has_selector(name) {
+            batch.extend(self.take_companions(&batch));
+        }
         let fs = self.clone();
         tokio::spawn(async move {
             in_background(fs.refresh(&batch)).await;
@@ -85,22 +79,26 @@ impl<S: ParameterStore> Fs<S> {
         self.refresh_soon(name);
     }
 
-    /// Up to nine read values due within the refresh horizon to take along
-    /// with `name`, none of them already being refreshed.
-    fn companions(
-        &self,
-        refreshing: &HashSet<Arc<str>>,
-        name: &str,
-        now: Instant,
-    ) -> Vec<Arc<str>> {
-        self.cache
-            .due_for_refresh(now, self.refresh_horizon(), MAX_BATCH - 1, |other| {
-                other == name || refreshing.contains(other)
-            })
+    /// Read values due within the refresh horizon to fill a GetParameters
+    /// of `names` up to ten, none of them already being refreshed; marked as
+    /// being refreshed (`release` them after the call).
+    pub(super) fn take_companions(&self, names: &[Arc<str>]) -> Vec<Arc<str>> {
+        let room = MAX_BATCH.saturating_sub(names.len());
+        if room == 0 {
+            return Vec::new();
+        }
+        let mut refreshing = self.refreshing.lock().unwrap();
+        let companions =
+            self.cache
+                .due_for_refresh(Instant::now(), self.refresh_horizon(), room, |other| {
+                    names.iter().any(|n| &**n == other) || refreshing.contains(other)
+                });
+        refreshing.extend(companions.iter().cloned());
+        companions
     }
 
     /// Names whose refresh is over.
-    fn release(&self, names: &[Arc<str>]) {
+    pub(super) fn release(&self, names: &[Arc<str>]) {
         let mut refreshing = self.refreshing.lock().unwrap();
         for name in names {
             refreshing.remove(name);
@@ -146,17 +144,12 @@ impl<S: ParameterStore> Fs<S> {
         if !known || self.cache.batches_refused(now) || names::has_selector(name) {
             return None;
         }
-        let batch = {
-            let mut refreshing = self.refreshing.lock().unwrap();
-            let companions = self.companions(&refreshing, name, now);
-            if companions.is_empty() {
-                return None;
-            }
-            refreshing.extend(companions.iter().cloned());
-            let mut batch = vec![Arc::<str>::from(name)];
-            batch.extend(companions);
-            batch
-        };
+        let mut batch = vec![Arc::<str>::from(name)];
+        let companions = self.take_companions(&batch);
+        if companions.is_empty() {
+            return None;
+        }
+        batch.extend(companions);
         let fetched = self.get_batch(&batch).await;
         self.release(&batch[1..]);
         match fetched {
