@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 hosts=${1:-20}; tps=${2:-5}
 scripts/setup.sh
-cargo build --release --quiet --bin ssmfs
+cargo build --release --quiet --bin ssmfs --example cache_memory  # as bench.sh: one build serves both
 run=.ssmfs-run/events-check; rm -rf "$run"; mkdir -p "$run"
 port=5079
 endpoint=$(scripts/moto.sh start $port)

@@ -3,7 +3,7 @@
 # process, against one shared in-memory store with SSM's account-wide quotas,
 # on a virtual clock (examples/fleet.rs). Prints a table and writes
 # .ssmfs-run/fleet.json, one object per scenario.
-#   scripts/fleet.sh           the six scenarios at full scale (about two minutes)
+#   scripts/fleet.sh           the seven scenarios at full scale (about five minutes)
 #   scripts/fleet.sh --smoke   a tenth of the hosts, a fifth of the time, debug
 #                              build (CI)
 #   scripts/fleet.sh --check   the simulation against 20 real daemons and moto:

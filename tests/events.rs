@@ -402,6 +402,21 @@ fn topic_mode_makes_uses_and_removes_its_queue_and_reaps_one_left_by_a_kill() {
         || read(&key).as_deref() == Some("two"),
     );
     assert_eq!(ssm.requests() - base, 1);
+    // The fleet is counted from the topic (GetTopicAttributes). moto always
+    // reports 0 confirmed subscriptions, so --events-hosts (1) stands: one
+    // host, whose refetch is not spread.
+    within(
+        Duration::from_secs(2),
+        "the topic's subscriptions counted",
+        || {
+            mount.log_text().lines().any(|l| {
+                l.contains("hosts receiving change events counted")
+                    && l.contains("counted=0")
+                    && l.contains("hosts=1")
+                    && l.contains("spread_ms=0")
+            })
+        },
+    );
 
     // kill -9 leaves the queue and subscription behind; the next start of the
     // same mount removes them.

@@ -187,9 +187,10 @@ async fn make_paced_refetches<S: ParameterStore>(fs: Arc<Fs<S>>) {
 
 async fn count_hosts<S: ParameterStore, Q: EventQueue>(fs: Arc<Fs<S>>, queue: Arc<Q>) {
     loop {
-        if let Some(hosts) = queue.hosts().await {
-            fs.set_event_hosts(hosts);
+        if let Some(counted) = queue.hosts().await {
+            let hosts = fs.set_event_hosts(counted);
             tracing::debug!(
+                counted,
                 hosts,
                 spread_ms = fs.event_spread_now().as_millis() as u64,
                 "hosts receiving change events counted"

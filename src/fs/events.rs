@@ -228,8 +228,11 @@ impl<S: ParameterStore> Fs<S> {
     /// subscriptions): the spread window grows with the fleet. Never below
     /// `--events-hosts`, so an operator's figure holds while a fleet is still
     /// subscribing (a count is taken at start and hourly).
-    pub fn set_event_hosts(&self, counted: u32) {
-        self.pending_events.lock().unwrap().hosts = counted.max(self.config.events.hosts).max(1);
+    /// Returns the figure the spread now uses.
+    pub fn set_event_hosts(&self, counted: u32) -> u32 {
+        let hosts = counted.max(self.config.events.hosts).max(1);
+        self.pending_events.lock().unwrap().hosts = hosts;
+        hosts
     }
 
     /// When the next paced refetch comes due, if any is waiting.
