@@ -522,3 +522,112 @@ fn the_documented_cloudformation_for_one_queue_deploys_and_delivers_an_update() 
     eprintln!("update through the documented stack visible after {took:?}");
     assert_eq!(ssm.requests() - base, 1, "one SSM call");
 }
+
+/// tests/support/throttle_proxy.py in front of `upstream`, killed on drop.
+struct ThrottleProxy {
+    child: std::process::Child,
+    url: String,
+}
+
+impl ThrottleProxy {
+    fn start(upstream: &str, tps: u32) -> ThrottleProxy {
+        use std::io::BufRead;
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut child = std::process::Command::new(root.join(".venv/bin/python"))
+            .arg(root.join("tests/support/throttle_proxy.py"))
+            .args([upstream, &tps.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting the throttling proxy");
+        let mut port = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut port)
+            .unwrap();
+        let url = format!("http://127.0.0.1:{}", port.trim());
+        ThrottleProxy { child, url }
+    }
+
+    /// (calls let through, calls throttled) so far.
+    fn counts(&self) -> (u64, u64) {
+        let (code, body, _) = run("curl", &["-sf", &format!("{}/counts", self.url)]);
+        assert_eq!(code, 0);
+        let counts: serde_json::Value = serde_json::from_str(&body).unwrap();
+        (
+            counts["admitted"].as_u64().unwrap(),
+            counts["throttled"].as_u64().unwrap(),
+        )
+    }
+}
+
+impl Drop for ThrottleProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_fleet_spreads_its_refetches_over_the_window_without_a_throttled_call() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    const HOSTS: usize = 5;
+    let (ssm, bus, rt, client) = ssm_and_bus();
+    put(&rt, &client, "/fl/key", "one", ParameterType::String);
+    let topic = rt
+        .block_on(bus.sns.create_topic().name("ssm-changes").send())
+        .unwrap()
+        .topic_arn
+        .unwrap();
+    // The account's quota: 5 TPS, a second's worth in its bucket.
+    let proxy = ThrottleProxy::start(&ssm.endpoint, 5);
+    let hosts = HOSTS.to_string();
+    let args = [
+        "--ttl",
+        "1h",
+        "--events-topic",
+        topic.as_str(),
+        "--events-hosts",
+        hosts.as_str(),
+        "--ssm-quota-tps",
+        "5",
+        "/fl",
+    ];
+    let mounts: Vec<Mount> = (0..HOSTS)
+        .map(|_| Mount::start_with(&proxy.url, &args, &bus.env()))
+        .collect();
+    for mount in &mounts {
+        assert_eq!(read(&mount.path().join("key")).as_deref(), Some("one"));
+    }
+    std::thread::sleep(Duration::from_secs(2)); // the bucket refills
+    let (admitted, throttled) = proxy.counts();
+    put(&rt, &client, "/fl/key", "two", ParameterType::String);
+    let message = ssmfs::events::event_json("/fl/key", "Update", SystemTime::now());
+    let published = std::time::Instant::now();
+    rt.block_on(bus.sns.publish().topic_arn(&topic).message(message).send())
+        .unwrap();
+    let mut lags = vec![None; HOSTS];
+    within(
+        Duration::from_secs(6),
+        "every host to see the rotation",
+        || {
+            for (lag, mount) in lags.iter_mut().zip(&mounts) {
+                if lag.is_none() && read(&mount.path().join("key")).as_deref() == Some("two") {
+                    *lag = Some(published.elapsed());
+                }
+            }
+            lags.iter().all(Option::is_some)
+        },
+    );
+    let lags: Vec<Duration> = lags.into_iter().flatten().collect();
+    let (admitted_after, throttled_after) = proxy.counts();
+    assert_eq!(throttled_after - throttled, 0, "throttled refetches");
+    assert_eq!(admitted_after - admitted, HOSTS as u64, "one refetch each");
+    // The window is 5 hosts / (5 TPS / 2) = 2 s. Five waits drawn over it
+    // all fall in its first 0.4 s with probability 0.2^5 (0.03%): a herd.
+    let slowest = *lags.iter().max().unwrap();
+    assert!(
+        slowest >= Duration::from_millis(400) && slowest <= Duration::from_millis(3500),
+        "refetches at {lags:?}, not spread over the 2 s window"
+    );
+}
