@@ -552,6 +552,31 @@ mod tests {
     }
 
     #[test]
+    fn events_pacing_from_flags_and_mount_options() {
+        let s = parse(&["ssmfs", "/a", "/mnt/x"]).unwrap();
+        assert_eq!((s.fs.events.hosts, s.fs.events.quota_tps), (1, 40));
+        let s = parse(&[
+            "ssmfs",
+            "--events-hosts",
+            "1000",
+            "/a",
+            "/mnt/x",
+            "-o",
+            "ssm_quota_tps=10000",
+        ])
+        .unwrap();
+        assert_eq!((s.fs.events.hosts, s.fs.events.quota_tps), (1000, 10_000));
+        for bad in [
+            "--events-hosts=0",
+            "--ssm-quota-tps=0",
+            "--events-hosts=many",
+        ] {
+            let error = parse(&["ssmfs", bad, "/a", "/mnt/x"]).unwrap_err();
+            assert!(error.contains(bad.split('=').next().unwrap()), "{error}");
+        }
+    }
+
+    #[test]
     fn events_sources_from_flags_and_mount_options() {
         let url = "https://sqs.us-east-1.amazonaws.com/123456789012/ssm-changes";
         let s = parse(&[
