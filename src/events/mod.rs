@@ -224,7 +224,6 @@ async fn receive_and_apply<S: ParameterStore, Q: EventQueue>(fs: Arc<Fs<S>>, que
                     .saturating_mul(1 << failures.min(6))
                     .min(QUEUE_RETRY_MAX);
                 failures += 1;
-                fs.retry_pending_events().await;
                 tokio::time::sleep(pause).await;
                 continue;
             }
@@ -255,9 +254,6 @@ async fn receive_and_apply<S: ParameterStore, Q: EventQueue>(fs: Arc<Fs<S>>, que
                 // again is harmless.
                 tracing::warn!(%error, "could not delete received events from the queue");
             }
-        }
-        if failures == 0 {
-            fs.retry_pending_events().await;
         }
     }
 }

@@ -414,8 +414,10 @@ impl<S: ParameterStore> Fs<S> {
         }
         match conclusion {
             Conclusion::Resolved(resolved) => {
-                if matches!(resolved, Resolved::File(..)) && known.parent_is_complete() {
-                    // Created after the listing: `ls` shows it from now on.
+                let created_since_listing =
+                    known.parent_is_complete() && !known.listed_in_complete_parent(base);
+                if created_since_listing && matches!(resolved, Resolved::File(..)) {
+                    // `ls` shows it from now on.
                     self.add_to_listings(name);
                 }
                 Ok(resolved)
