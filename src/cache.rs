@@ -463,11 +463,21 @@ impl Cache {
 
     /// Whether SSM refused to list `path` within the last TTL.
     pub fn listing_refused(&self, path: &str, now: Instant) -> bool {
+        self.note_holds(path, now, |note| note.refused_until)
+    }
+
+    /// Whether the deadline `until` reads from `path`'s note is still ahead.
+    fn note_holds(
+        &self,
+        path: &str,
+        now: Instant,
+        until: impl Fn(&Note) -> Option<Instant>,
+    ) -> bool {
         let mut inner = self.inner.lock().unwrap();
         inner
             .notes
             .get(path)
-            .and_then(|n| n.refused_until)
+            .and_then(until)
             .is_some_and(|until| now < until)
     }
 
@@ -486,12 +496,7 @@ impl Cache {
 
     /// Whether a lookup read `dir`'s listing on within the last TTL.
     pub fn extended_lately(&self, dir: &str, now: Instant) -> bool {
-        let mut inner = self.inner.lock().unwrap();
-        inner
-            .notes
-            .get(dir)
-            .and_then(|n| n.extended_until)
-            .is_some_and(|until| now < until)
+        self.note_holds(dir, now, |note| note.extended_until)
     }
 
     /// Counts one more probe of a name below `dir`.

@@ -29,6 +29,13 @@ pub const COUNT_ENVS: [&str; 4] = [
     "SSMFS_SUPERVISOR_DOWNTIME_MS",
 ];
 
+/// The environment that hands `counts` (in `COUNT_ENVS`' order) to a daemon.
+pub fn holder_count_envs(counts: [u64; 4]) -> impl Iterator<Item = (&'static str, String)> {
+    COUNT_ENVS
+        .into_iter()
+        .zip(counts.map(|count| count.to_string()))
+}
+
 /// Whether this serving daemon was started by an upgrade: the daemon it
 /// replaces still serves (and records inodes) until the handover.
 pub fn started_by_upgrade() -> bool {

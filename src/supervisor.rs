@@ -39,7 +39,9 @@ use std::time::{Duration, Instant};
 
 use crate::daemon::{self, MountSettings, Readiness};
 
-use crate::handoff::{COUNT_ENVS, JOURNAL_FD, MOUNTPOINT_ENV, SERVE_FD, UPGRADE_ENV, VERDICT_FD};
+use crate::handoff::{
+    holder_count_envs, JOURNAL_FD, MOUNTPOINT_ENV, SERVE_FD, UPGRADE_ENV, VERDICT_FD,
+};
 
 /// Why a daemon with other FUSE settings (an upgrade, or a restart after the
 /// binary on disk changed) cannot take over a live connection.
@@ -344,14 +346,13 @@ impl Supervisor {
             // Readiness is the supervisor's to report, not the daemon's.
             .env_remove("NOTIFY_SOCKET")
             .env(MOUNTPOINT_ENV, &self.settings.mount.mountpoint)
-            .env(COUNT_ENVS[0], self.restarts.to_string())
-            .env(COUNT_ENVS[1], self.handovers.to_string())
             .env(UPGRADE_ENV, if upgrade { "1" } else { "0" })
-            .env(
-                COUNT_ENVS[2],
-                self.shared.resent.load(Ordering::Relaxed).to_string(),
-            )
-            .env(COUNT_ENVS[3], self.downtime.as_millis().to_string());
+            .envs(holder_count_envs([
+                self.restarts,
+                self.handovers,
+                self.shared.resent.load(Ordering::Relaxed),
+                self.downtime.as_millis() as u64,
+            ]));
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             command.pre_exec(move || {

@@ -141,6 +141,15 @@ impl EventBus {
             .unwrap();
     }
 
+    /// The SNS topic that carries the events to topic-mode hosts.
+    fn create_topic(&self) -> String {
+        self.rt
+            .block_on(self.sns.create_topic().name("ssm-changes").send())
+            .unwrap()
+            .topic_arn
+            .unwrap()
+    }
+
     fn queue_urls(&self) -> Vec<String> {
         self.rt
             .block_on(self.sqs.list_queues().queue_name_prefix("ssmfs-").send())
@@ -374,11 +383,7 @@ fn topic_mode_makes_uses_and_removes_its_queue_and_reaps_one_left_by_a_kill() {
     }
     let (ssm, bus, rt, client) = ssm_and_bus();
     put(&rt, &client, "/tp/key", "one", ParameterType::String);
-    let topic = rt
-        .block_on(bus.sns.create_topic().name("ssm-changes").send())
-        .unwrap()
-        .topic_arn
-        .unwrap();
+    let topic = bus.create_topic();
     let publish = |name: &str| {
         let message = ssmfs::events::event_json(name, "Update", SystemTime::now());
         rt.block_on(bus.sns.publish().topic_arn(&topic).message(message).send())
@@ -574,11 +579,7 @@ fn a_fleet_spreads_its_refetches_over_the_window_without_a_throttled_call() {
     const HOSTS: usize = 5;
     let (ssm, bus, rt, client) = ssm_and_bus();
     put(&rt, &client, "/fl/key", "one", ParameterType::String);
-    let topic = rt
-        .block_on(bus.sns.create_topic().name("ssm-changes").send())
-        .unwrap()
-        .topic_arn
-        .unwrap();
+    let topic = bus.create_topic();
     // The account's quota: 5 TPS, a second's worth in its bucket.
     let proxy = ThrottleProxy::start(&ssm.endpoint, 5);
     let hosts = HOSTS.to_string();

@@ -74,6 +74,11 @@ const MAX_WIDENING: f64 = 64.0;
 /// the next change.
 const NARROWING_STEP: f64 = 0.25;
 
+/// When a refetch drawn now over `spread` comes due.
+fn draw_due(now: Instant, spread: Duration) -> Instant {
+    now + spread.mul_f64(rand::thread_rng().gen::<f64>())
+}
+
 /// Names waiting to be fetched again, each with its earliest event's time
 /// (for the lag metric) and when its paced refetch is due, and when to try
 /// again after an outage.
@@ -114,10 +119,6 @@ impl PendingEvents {
         Duration::from_secs_f64(seconds.min(ttl.as_secs_f64() * MAX_SPREAD_OF_TTL))
     }
 
-    fn draw_due(&self, now: Instant, spread: Duration) -> Instant {
-        now + spread.mul_f64(rand::thread_rng().gen::<f64>())
-    }
-
     fn back_off(&mut self) {
         let ceiling = EVENT_RETRY_BASE
             .saturating_mul(1 << self.failures_in_a_row.min(16))
@@ -142,7 +143,7 @@ impl<S: ParameterStore> Fs<S> {
             let mut pending = self.pending_events.lock().unwrap();
             let spread = self.event_spread(&pending);
             for name in names {
-                let due = pending.draw_due(now, spread);
+                let due = draw_due(now, spread);
                 let (time, earliest_due) = pending.names.entry(name).or_insert((event.time, due));
                 // The earliest known time of the changes waiting for a name.
                 *time = match (*time, event.time) {
@@ -257,14 +258,9 @@ impl<S: ParameterStore> Fs<S> {
             if pending.retry_at.is_some_and(|at| now < at) {
                 return;
             }
-            let due: Vec<Arc<str>> = pending
+            pending
                 .names
-                .iter()
-                .filter(|(_, (_, due))| *due <= now)
-                .map(|(name, _)| name.clone())
-                .collect();
-            due.into_iter()
-                .filter_map(|name| pending.names.remove_entry(&name))
+                .extract_if(|_, (_, due)| *due <= now)
                 .map(|(name, (time, _))| (name, time))
                 .collect()
         };
@@ -302,7 +298,7 @@ impl<S: ParameterStore> Fs<S> {
                     }
                     let spread = self.event_spread(&pending);
                     for (name, time) in chunk.iter().chain(chunks.flatten()) {
-                        let due = pending.draw_due(now, spread);
+                        let due = draw_due(now, spread);
                         pending.names.entry(name.clone()).or_insert((*time, due));
                     }
                     return;

@@ -61,7 +61,7 @@ impl<S: ParameterStore> Fs<S> {
         if !self.refreshing.lock().unwrap().insert(batch[0].clone()) {
             return;
         }
-        if !self.cache.batches_refused(Instant::now()) && !names::has_selector(name) {
+        if !names::has_selector(name) {
             batch.extend(self.take_companions(&batch));
         }
         let fs = self.clone();
@@ -81,10 +81,11 @@ impl<S: ParameterStore> Fs<S> {
 
     /// Read values due within the refresh horizon to fill a GetParameters
     /// of `names` up to ten, none of them already being refreshed; marked as
-    /// being refreshed (`release` them after the call).
+    /// being refreshed (`release` them after the call). None while SSM
+    /// refuses GetParameters.
     pub(super) fn take_companions(&self, names: &[Arc<str>]) -> Vec<Arc<str>> {
         let room = MAX_BATCH.saturating_sub(names.len());
-        if room == 0 {
+        if room == 0 || self.cache.batches_refused(Instant::now()) {
             return Vec::new();
         }
         let mut refreshing = self.refreshing.lock().unwrap();
