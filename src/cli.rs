@@ -81,6 +81,10 @@ pub struct CliArgs {
     /// Internal: serve the supervisor's socket on fd 3 (inode journal on fd 4).
     #[arg(long, hide = true, conflicts_with = "supervise")]
     pub serve_fd: bool,
+    /// Internal (the CSI driver's serving side): with --supervise, hold the
+    /// mount the plugin made, handed over on fds 3-7 (`crate::handoff`).
+    #[arg(long, hide = true, requires = "supervise")]
+    pub adopt_fds: bool,
 
     // ----- cache -----
     /// How long a value or listing is trusted.
@@ -112,6 +116,19 @@ pub struct CliArgs {
     /// Assume this IAM role (through STS) for every SSM call.
     #[arg(long, help_heading = "AWS")]
     pub role_arn: Option<String>,
+    /// Assume --role-arn with this OIDC token (AssumeRoleWithWebIdentity,
+    /// as IRSA does) instead of with the ambient credentials; re-read at
+    /// every refresh of the session.
+    #[arg(long, value_name = "PATH", requires = "role_arn", help_heading = "AWS")]
+    pub web_identity_token_file: Option<PathBuf>,
+    /// The STS session name for --role-arn (CloudTrail shows it).
+    #[arg(
+        long,
+        default_value = "ssmfs",
+        requires = "role_arn",
+        help_heading = "AWS"
+    )]
+    pub role_session_name: String,
     /// Serve SecureString values as SSM stores them (ciphertext), without kms:Decrypt.
     #[arg(long, help_heading = "AWS")]
     pub no_decrypt: bool,
@@ -204,6 +221,7 @@ pub struct Settings {
     pub pid_file: Option<PathBuf>,
     pub restart_deadline: Duration,
     pub serve_fd: bool,
+    pub adopt_fds: bool,
 }
 
 /// The arguments of the serving daemon a supervisor starts: the supervisor's
@@ -214,7 +232,7 @@ pub fn daemon_args(args: Vec<OsString>) -> Result<Vec<OsString>, CliError> {
     let mut iter = expand_mount_options(args)?.into_iter().skip(1);
     while let Some(arg) = iter.next() {
         let text = arg.to_string_lossy();
-        if text == "--supervise" {
+        if text == "--supervise" || text == "--adopt-fds" {
             continue;
         }
         if text == "--pid-file" || text == "--restart-deadline" {
@@ -484,6 +502,8 @@ impl CliArgs {
             profile,
             endpoint_url,
             role_arn,
+            web_identity_token_file: self.web_identity_token_file,
+            session_name: Some(self.role_session_name),
             no_decrypt: self.no_decrypt,
             attempt_timeout: self.request_timeout,
         };
@@ -505,6 +525,7 @@ impl CliArgs {
             pid_file: self.pid_file,
             restart_deadline: self.restart_deadline,
             serve_fd: self.serve_fd,
+            adopt_fds: self.adopt_fds,
         })
     }
 }

@@ -13,6 +13,19 @@ pub const JOURNAL_FD: RawFd = 4;
 /// The pipe a serving daemon writes its verdict on: "ok" once it serves, or
 /// why it cannot start (the same words an unsupervised mount would print).
 pub const VERDICT_FD: RawFd = 5;
+/// The web identity token a daemon of a CSI volume assumes its role with
+/// (a memfd the plugin rewrites at each republish; `/proc/self/fd/6`).
+pub const TOKEN_FD: RawFd = 6;
+
+/// What a holder of a mount the CSI plugin made finds at start
+/// (`--supervise --adopt-fds`): the FUSE connection, the inode journal, the
+/// session (INIT and reply), its own verdict pipe, and the token (optional).
+pub const HOLDER_FUSE_FD: RawFd = 3;
+pub const HOLDER_JOURNAL_FD: RawFd = 4;
+pub const HOLDER_SESSION_FD: RawFd = 5;
+pub const HOLDER_VERDICT_FD: RawFd = 6;
+pub const HOLDER_TOKEN_FD: RawFd = 7;
+
 /// The mount point as the holder resolved it (absolute, no symlinks), for a
 /// daemon that must not look at the mount point itself: its name for the
 /// mount (the events queue's) is then the same as an unsupervised one's.

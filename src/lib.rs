@@ -12,6 +12,7 @@ pub mod cache;
 pub mod change;
 pub mod cli;
 pub mod config;
+pub mod csi;
 pub mod daemon;
 pub mod error;
 pub mod events;

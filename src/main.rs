@@ -17,6 +17,10 @@ use tracing_subscriber::EnvFilter;
 const EXIT_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(code) = ssmfs::csi::run_subcommand(&args) {
+        return code;
+    }
     let settings = match CliArgs::parse_with_mount_options(std::env::args_os().collect())
         .and_then(CliArgs::into_settings)
     {
@@ -71,6 +75,23 @@ fn main() -> ExitCode {
 /// Checks made before forking, so the user sees the reason on their terminal,
 /// then the fork. `None`: this is the parent of a daemon that mounted.
 fn prepare(settings: &Settings) -> anyhow::Result<Option<Readiness>> {
+    if settings.adopt_fds {
+        // A holder of the CSI plugin's mount: the serving side that started
+        // it hears its verdict; nothing to fork, the mount exists.
+        daemon::harden_process(false)?;
+        // Its daemons must not inherit the holder's verdict pipe.
+        // SAFETY: F_SETFD on an fd number.
+        unsafe {
+            libc::fcntl(
+                ssmfs::handoff::HOLDER_VERDICT_FD,
+                libc::F_SETFD,
+                libc::FD_CLOEXEC,
+            )
+        };
+        return Ok(Some(Readiness::reporting_to(
+            ssmfs::handoff::HOLDER_VERDICT_FD,
+        )));
+    }
     if settings.serve_fd {
         // The supervisor holds the mount and stays in charge of readiness;
         // it hears this daemon's verdict, and says why it could not start.
@@ -92,8 +113,18 @@ fn prepare(settings: &Settings) -> anyhow::Result<Option<Readiness>> {
 /// `--supervise`: the supervisor holds the mount; the serving daemon is this
 /// binary again, with the same options and `--serve-fd`.
 fn supervise(settings: Settings, readiness: &mut Readiness) -> anyhow::Result<()> {
-    let mountpoint = std::fs::canonicalize(&settings.mountpoint)
-        .with_context(|| format!("mount point {}", settings.mountpoint.display()))?;
+    // An adopted mount must not be looked at: it waits for this very
+    // process to relay. The plugin gave its absolute path.
+    let (mountpoint, adopted) = if settings.adopt_fds {
+        (
+            settings.mountpoint.clone(),
+            Some(ssmfs::supervisor::Adopted::from_handoff_fds()?),
+        )
+    } else {
+        let mountpoint = std::fs::canonicalize(&settings.mountpoint)
+            .with_context(|| format!("mount point {}", settings.mountpoint.display()))?;
+        (mountpoint, None)
+    };
     let daemon_args = ssmfs::cli::daemon_args(std::env::args_os().collect())?;
     let supervisor = ssmfs::supervisor::SupervisorSettings {
         mount: MountSettings {
@@ -107,6 +138,7 @@ fn supervise(settings: Settings, readiness: &mut Readiness) -> anyhow::Result<()
         daemon_args,
         pid_file: settings.pid_file.clone(),
         restart_deadline: settings.restart_deadline,
+        adopted,
     };
     ssmfs::supervisor::run(supervisor, readiness)?;
     Ok(())

@@ -19,6 +19,14 @@
 //! daemons through a journal (a memfd the supervisor owns, `InodeTable::
 //! with_journal`); directory handles a dead daemon gave out are listed again.
 //!
+//! The same holder serves the CSI driver (`crate::csi`), unprivileged: the
+//! plugin mounts and hands it the connection's fd with the journal and a
+//! session memfd that keeps the kernel's INIT and the accepted reply. The
+//! plugin keeps copies of all three, so when a holder dies with its serving
+//! side the connection lives on; the next holder reads the INIT back from
+//! the session, asks the kernel to resend what the dead one had taken
+//! (FUSE_NOTIFY_RESEND, Linux 6.9+), and serves on with the same inodes.
+//!
 //! No AWS, no cache, no parsing beyond frame headers: what is here must not
 //! crash. If no daemon can be started for `--restart-deadline` (or five
 //! starts in a row fail), the connection is aborted so readers get an error
@@ -40,7 +48,7 @@ use std::time::{Duration, Instant};
 use crate::daemon::{self, MountSettings, Readiness};
 
 use crate::handoff::{
-    holder_count_envs, JOURNAL_FD, MOUNTPOINT_ENV, SERVE_FD, UPGRADE_ENV, VERDICT_FD,
+    holder_count_envs, JOURNAL_FD, MOUNTPOINT_ENV, SERVE_FD, TOKEN_FD, UPGRADE_ENV, VERDICT_FD,
 };
 
 /// Why a daemon with other FUSE settings (an upgrade, or a restart after the
@@ -59,6 +67,9 @@ const FUSE_FORGET: u32 = 2;
 const FUSE_INIT: u32 = 26;
 const FUSE_INTERRUPT: u32 = 36;
 const FUSE_BATCH_FORGET: u32 = 42;
+/// The notification that moves every request a reader took and did not
+/// answer back to the kernel's queue (protocol 7.40, Linux 6.9).
+const FUSE_NOTIFY_RESEND: i32 = 7;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
@@ -78,6 +89,59 @@ pub struct SupervisorSettings {
     pub daemon_args: Vec<OsString>,
     pub pid_file: Option<PathBuf>,
     pub restart_deadline: Duration,
+    /// A connection the CSI plugin mounted, instead of mounting one.
+    pub adopted: Option<Adopted>,
+}
+
+/// What a holder of a mount somebody else made is handed (`--adopt-fds`).
+pub struct Adopted {
+    pub fuse: OwnedFd,
+    pub journal: OwnedFd,
+    /// The kernel's INIT and the reply it accepted, once a daemon answered
+    /// (empty before): what a later holder replays.
+    pub session: OwnedFd,
+    /// The web identity token the daemons read (`TOKEN_FD`), if any.
+    pub token: Option<OwnedFd>,
+}
+
+impl Adopted {
+    /// Takes the fds the serving side placed at `HOLDER_*_FD`, moving them
+    /// out of the numbers the daemons get theirs on.
+    pub fn from_handoff_fds() -> io::Result<Self> {
+        use crate::handoff::{
+            HOLDER_FUSE_FD, HOLDER_JOURNAL_FD, HOLDER_SESSION_FD, HOLDER_TOKEN_FD,
+        };
+        let take = |fd: i32| -> io::Result<OwnedFd> {
+            // SAFETY: fcntl on an fd number; the original is closed once copied.
+            let moved = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10) };
+            if moved < 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "--adopt-fds: nothing on fd {fd} ({})",
+                        io::Error::last_os_error()
+                    ),
+                ));
+            }
+            // SAFETY: both fds are ours: the inherited one is closed, the copy owned.
+            unsafe {
+                libc::close(fd);
+                Ok(OwnedFd::from_raw_fd(moved))
+            }
+        };
+        // SAFETY: F_GETFD only asks whether the fd is open.
+        let has_token = unsafe { libc::fcntl(HOLDER_TOKEN_FD, libc::F_GETFD) } >= 0;
+        Ok(Adopted {
+            fuse: take(HOLDER_FUSE_FD)?,
+            journal: take(HOLDER_JOURNAL_FD)?,
+            session: take(HOLDER_SESSION_FD)?,
+            token: if has_token {
+                Some(take(HOLDER_TOKEN_FD)?)
+            } else {
+                None
+            },
+        })
+    }
 }
 
 /// Requests forwarded and not answered yet, by `unique`, and what to send
@@ -108,6 +172,8 @@ struct Shared {
     resent: AtomicU64,
     /// Set when the kernel ended the connection (unmounted).
     unmounted: AtomicBool,
+    /// Where the INIT and its reply are kept for the next holder (adopted).
+    session: Option<OwnedFd>,
 }
 
 fn header(frame: &[u8]) -> Option<(u32, u64)> {
@@ -225,6 +291,11 @@ impl Shared {
                     relay.init_reply = frame.get(16..).map(<[u8]>::to_vec);
                     handshake.store(HANDSHAKE_AGREED, Ordering::Release);
                     self.initialized.store(true, Ordering::Release);
+                    if let Some(session) = &self.session {
+                        if let Err(error) = save_session(session, &request, frame) {
+                            tracing::error!(%error, "could not keep the FUSE session for the next holder");
+                        }
+                    }
                 }
             }
             self.answers.store(now_millis(), Ordering::Relaxed);
@@ -232,6 +303,67 @@ impl Shared {
             let _ = write_frame(&self.fuse, frame);
         }
     }
+}
+
+/// Writes `[len][INIT][len][reply body]` into the session memfd.
+fn save_session(session: &OwnedFd, init: &[u8], reply: &[u8]) -> io::Result<()> {
+    let body = reply.get(16..).unwrap_or_default();
+    let mut bytes = Vec::with_capacity(8 + init.len() + body.len());
+    for part in [init, body] {
+        bytes.extend_from_slice(&(part.len() as u32).to_ne_bytes());
+        bytes.extend_from_slice(part);
+    }
+    // SAFETY: a valid fd and buffer.
+    let written =
+        unsafe { libc::pwrite(session.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
+    if written != bytes.len() as isize {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The INIT and the accepted reply body a previous holder kept, if any.
+fn load_session(session: &OwnedFd) -> io::Result<Option<(Vec<u8>, Vec<u8>)>> {
+    let mut bytes = vec![0u8; 64 * 1024];
+    // SAFETY: a valid fd and buffer.
+    let n = unsafe {
+        libc::pread(
+            session.as_raw_fd(),
+            bytes.as_mut_ptr().cast(),
+            bytes.len(),
+            0,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    bytes.truncate(n as usize);
+    let mut parts = Vec::new();
+    let mut rest = &bytes[..];
+    while parts.len() < 2 {
+        let Some(len) = rest
+            .get(..4)
+            .map(|b| u32::from_ne_bytes(b.try_into().unwrap()) as usize)
+        else {
+            return Ok(None);
+        };
+        let Some(part) = rest.get(4..4 + len) else {
+            return Ok(None);
+        };
+        parts.push(part.to_vec());
+        rest = &rest[4 + len..];
+    }
+    let reply = parts.pop().unwrap_or_default();
+    Ok(parts.pop().map(|init| (init, reply)))
+}
+
+/// Asks the kernel to queue again every request a reader of this connection
+/// took and did not answer: a dead holder's, here.
+fn request_resend(fuse: &OwnedFd) -> io::Result<()> {
+    let mut frame = [0u8; 16];
+    frame[..4].copy_from_slice(&16u32.to_ne_bytes());
+    frame[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes());
+    write_frame(fuse, &frame)
 }
 
 fn now_millis() -> u64 {
@@ -320,6 +452,7 @@ struct Supervisor {
     settings: SupervisorSettings,
     shared: Arc<Shared>,
     journal: OwnedFd,
+    token: Option<OwnedFd>,
     binary: PathBuf,
     generation: u64,
     restarts: u64,
@@ -340,6 +473,7 @@ impl Supervisor {
             self.journal.as_raw_fd(),
             verdict_writer.as_raw_fd(),
         );
+        let token_fd = self.token.as_ref().map_or(-1, |token| token.as_raw_fd());
         let mut command = Command::new(&self.binary);
         command
             .args(&self.settings.daemon_args)
@@ -361,6 +495,14 @@ impl Supervisor {
                 let socket = libc::fcntl(socket_fd, libc::F_DUPFD_CLOEXEC, 10);
                 let journal = libc::fcntl(journal_fd, libc::F_DUPFD_CLOEXEC, 10);
                 let verdict = libc::fcntl(verdict_fd, libc::F_DUPFD_CLOEXEC, 10);
+                let token = if token_fd >= 0 {
+                    libc::fcntl(token_fd, libc::F_DUPFD_CLOEXEC, 10)
+                } else {
+                    -1
+                };
+                if token_fd >= 0 && (token < 0 || libc::dup2(token, TOKEN_FD) < 0) {
+                    return Err(io::Error::last_os_error());
+                }
                 if socket < 0
                     || journal < 0
                     || verdict < 0
@@ -497,9 +639,13 @@ fn abort_connection(mountpoint: &Path) {
     }
 }
 
-pub fn run(settings: SupervisorSettings, readiness: &mut Readiness) -> Result<(), SupervisorError> {
+pub fn run(
+    mut settings: SupervisorSettings,
+    readiness: &mut Readiness,
+) -> Result<(), SupervisorError> {
+    let adopted = settings.adopted.take();
     // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if adopted.is_none() && unsafe { libc::geteuid() } != 0 {
         return Err(SupervisorError::NotRoot);
     }
     // Block the signals before any thread exists, so every thread inherits it.
@@ -507,26 +653,55 @@ pub fn run(settings: SupervisorSettings, readiness: &mut Readiness) -> Result<()
     // SAFETY: a valid set.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
     let mountpoint = settings.mount.mountpoint.clone();
-    let fuse = daemon::mount_device(&settings.mount).map_err(|cause| SupervisorError::Mount {
-        path: mountpoint.display().to_string(),
-        cause,
-    })?;
+    let (fuse, journal, session, token) = match adopted {
+        Some(Adopted {
+            fuse,
+            journal,
+            session,
+            token,
+        }) => (fuse, journal, Some(session), token),
+        None => (
+            daemon::mount_device(&settings.mount).map_err(|cause| SupervisorError::Mount {
+                path: mountpoint.display().to_string(),
+                cause,
+            })?,
+            self::journal().map_err(SupervisorError::Setup)?,
+            None,
+            None,
+        ),
+    };
+    let resumed = match &session {
+        Some(session) => load_session(session).map_err(SupervisorError::Setup)?,
+        None => None,
+    };
+    let holds_own_mount = session.is_none();
+    let resuming = resumed.is_some();
     let shared = Arc::new(Shared {
         fuse,
         relay: Mutex::new(Relay {
             outstanding: BTreeMap::new(),
-            init: None,
-            init_reply: None,
+            init: resumed.as_ref().map(|(init, _)| init.clone()),
+            init_reply: resumed.map(|(_, reply)| reply),
             daemon_socket: None,
         }),
-        initialized: AtomicBool::new(false),
+        initialized: AtomicBool::new(resuming),
         answers: AtomicU64::new(0),
         resent: AtomicU64::new(0),
         unmounted: AtomicBool::new(false),
+        session,
     });
+    if resuming {
+        // The holder before this one may have taken requests it never
+        // passed on: the kernel queues them again, for this one.
+        match request_resend(&shared.fuse) {
+            Ok(()) => tracing::info!("resumed a live FUSE connection; asked the kernel to resend what the last holder had taken"),
+            Err(error) => tracing::warn!(%error, "resumed a live FUSE connection, but the kernel refused FUSE_NOTIFY_RESEND (before Linux 6.9): requests the last holder had taken stay unanswered"),
+        }
+    }
     let mut supervisor = Supervisor {
         binary: std::env::current_exe().map_err(SupervisorError::Setup)?,
-        journal: journal().map_err(SupervisorError::Setup)?,
+        journal,
+        token,
         settings,
         shared: shared.clone(),
         generation: 0,
@@ -541,7 +716,9 @@ pub fn run(settings: SupervisorSettings, readiness: &mut Readiness) -> Result<()
         .map_err(SupervisorError::Setup)?;
     let outcome = supervise(&mut supervisor, &signals, readiness);
     daemon::sd_notify("STOPPING=1");
-    if daemon::is_mount_point(&mountpoint) {
+    // An adopted mount is the plugin's to remove (and it holds the
+    // connection still): this holder only stops serving it.
+    if holds_own_mount && daemon::is_mount_point(&mountpoint) {
         let _ = daemon::lazy_unmount(&mountpoint);
     }
     if let Some(mut daemon) = outcome.1 {
@@ -580,7 +757,9 @@ fn supervise(
                 let _ = daemon.child.kill();
                 let _ = daemon.child.wait();
             }
-            abort_connection(&mountpoint);
+            if supervisor.shared.session.is_none() {
+                abort_connection(&mountpoint);
+            }
             let last = last_failure.map_or(String::new(), |why| format!("; the last said: {why}"));
             let why = format!(
                     "no serving daemon for {:.1} s ({failed_starts} failed starts in a row{last}); aborted the FUSE connection so readers get an error instead of waiting",

@@ -8,7 +8,9 @@
 
 use std::time::{Duration, SystemTime};
 
+use aws_config::provider_config::ProviderConfig;
 use aws_config::sts::AssumeRoleProvider;
+use aws_config::web_identity_token::{StaticConfiguration, WebIdentityTokenCredentialsProvider};
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_credential_types::provider::SharedCredentialsProvider;
 use aws_sdk_ssm::error::{ProvideErrorMetadata, SdkError};
@@ -33,6 +35,10 @@ pub struct AwsOptions {
     pub profile: Option<String>,
     pub endpoint_url: Option<String>,
     pub role_arn: Option<String>,
+    /// Assume `role_arn` with this token file (AssumeRoleWithWebIdentity).
+    pub web_identity_token_file: Option<std::path::PathBuf>,
+    /// The STS session name (CloudTrail shows it): who assumed the role.
+    pub session_name: Option<String>,
     /// Serve SecureString ciphertext as stored instead of decrypting it.
     pub no_decrypt: bool,
     /// Upper bound on one HTTP attempt; `resilient` bounds the whole call.
@@ -85,9 +91,28 @@ pub async fn load_aws_config(options: &AwsOptions) -> Result<SdkConfig, ConnectE
         Some(url) => sdk_config.to_builder().endpoint_url(url).build(),
         None => sdk_config.clone(),
     };
+    if let Some(token_file) = &options.web_identity_token_file {
+        // The token file is read at every refresh (a CSI republish rewrites
+        // it); STS goes where AWS_ENDPOINT_URL_STS says, as for the SDKs.
+        let provider = WebIdentityTokenCredentialsProvider::builder()
+            .static_configuration(StaticConfiguration {
+                web_identity_token_file: token_file.clone(),
+                role_arn: role_arn.clone(),
+                session_name: options
+                    .session_name
+                    .clone()
+                    .unwrap_or_else(|| "ssmfs".into()),
+            })
+            .configure(&ProviderConfig::default().with_region(sdk_config.region().cloned()))
+            .build();
+        return Ok(sdk_config
+            .into_builder()
+            .credentials_provider(SharedCredentialsProvider::new(provider))
+            .build());
+    }
     // AssumeRoleProvider caches the session and refreshes it before expiry.
     let provider = AssumeRoleProvider::builder(role_arn)
-        .session_name("ssmfs")
+        .session_name(options.session_name.as_deref().unwrap_or("ssmfs"))
         .configure(&sts_config)
         .build()
         .await;

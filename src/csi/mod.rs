@@ -1,0 +1,254 @@
+//! `ssmfs csi`: a CSI node plugin that mounts Parameter Store into pods.
+//!
+//! Model: two processes of this one binary. The plugin (root) answers the
+//! CSI Identity and Node services on a unix socket, mounts one FUSE
+//! connection per identity and options under its state directory, and
+//! bind-mounts it read-only into each pod's target path (`node`). The
+//! serving side (`ssmfs csi-serve`, unprivileged: its own user, no
+//! capabilities, no /dev/fuse, / read-only) holds each connection and runs
+//! the daemons that talk to AWS (`serve`, `crate::supervisor`). Both keep
+//! copies of every connection's fds over a control socket (`control`), so
+//! either side may die, restart or be upgraded while pods read: one of them
+//! always holds the connection, and requests a dead holder had taken are
+//! resent by the kernel. `ssmfs csi` alone starts its serving side (one
+//! host); `--external-serve` leaves that to a second container.
+
+pub mod control;
+pub mod error;
+pub mod node;
+pub mod serve;
+pub mod sys;
+pub mod volume;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// The driver's name, as the CSIDriver object and the pod specs spell it.
+pub const DRIVER_NAME: &str = "ssmfs.csi.aws-ssm.dev";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ssmfs csi",
+    version,
+    about = "CSI node plugin: mounts Parameter Store paths into pods, read-only, one warm cache per node and identity"
+)]
+pub struct PluginArgs {
+    /// Where kubelet reaches the plugin (unix:///path or a path).
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
+    pub endpoint: String,
+    /// This node's name, as kubelet knows it.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_id: String,
+    /// The driver name pods ask for.
+    #[arg(long, default_value = DRIVER_NAME)]
+    pub driver_name: String,
+    /// Shared mounts and their records (no token, no value is ever written).
+    #[arg(long, default_value = "/var/lib/ssmfs-csi")]
+    pub state_dir: PathBuf,
+    /// The control socket between the plugin and its serving side (in a
+    /// pod: an emptyDir both containers mount).
+    #[arg(long, default_value = "/run/ssmfs-csi")]
+    pub run_dir: PathBuf,
+    /// Target paths must lie inside this directory (kubelet's pods).
+    #[arg(long, default_value = "/var/lib/kubelet/pods")]
+    pub pods_dir: PathBuf,
+    /// UID:GID of the serving side (never root).
+    #[arg(long, default_value = "65534:65534")]
+    pub serve_user: sys::ServeUser,
+    /// Do not start the serving side: a second container runs `ssmfs csi-serve`.
+    #[arg(long)]
+    pub external_serve: bool,
+    /// How long a shared mount outlives its last pod. Ten minutes keeps a
+    /// node warm between KubernetesExecutor task pods that come minutes
+    /// apart, at the cost of one idle serving process per mount.
+    #[arg(long, default_value = "10m", value_parser = crate::config::parse_duration)]
+    pub linger: Duration,
+    /// Serve Prometheus metrics (shared mounts, pods attached) on this address.
+    #[arg(long)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ssmfs csi-serve",
+    version,
+    about = "The CSI driver's unprivileged serving side: holds the plugin's FUSE connections and serves them"
+)]
+pub struct ServeArgs {
+    /// The directory holding the plugin's control socket.
+    #[arg(long, default_value = "/run/ssmfs-csi")]
+    pub run_dir: PathBuf,
+}
+
+/// `Some(exit code)` when `args` name a CSI subcommand.
+pub fn run_subcommand(args: &[OsString]) -> Option<ExitCode> {
+    let rest = || args.iter().skip(1).cloned();
+    let outcome = match args.get(1).and_then(|arg| arg.to_str()) {
+        Some("csi") => PluginArgs::try_parse_from(rest()).map(run_plugin),
+        Some("csi-serve") => ServeArgs::try_parse_from(rest()).map(|a| {
+            init_logging();
+            serve::run(node::Driver::control_socket(&a.run_dir))
+        }),
+        _ => return None,
+    };
+    Some(match outcome {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(error)) => {
+            eprintln!("ssmfs: {error:#}");
+            ExitCode::FAILURE
+        }
+        Err(error) if !error.use_stderr() => {
+            print!("{error}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            let _ = error.print();
+            ExitCode::from(2)
+        }
+    })
+}
+
+/// Logs to stderr (a container's log), filtered by SSMFS_LOG; the AWS and
+/// HTTP crates are capped at INFO, as the daemon's are.
+fn init_logging() {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SSMFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let only_ssmfs_below_info = Targets::new()
+        .with_default(LevelFilter::INFO)
+        .with_target("ssmfs", LevelFilter::TRACE);
+    let _ = tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(filter)
+                .with_filter(only_ssmfs_below_info),
+        )
+        .try_init();
+}
+
+fn socket_path(endpoint: &str) -> PathBuf {
+    PathBuf::from(endpoint.strip_prefix("unix://").unwrap_or(endpoint))
+}
+
+fn run_plugin(args: PluginArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    init_logging();
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("ssmfs csi needs root: it mounts FUSE and bind-mounts into pods");
+    }
+    if args.endpoint.contains("://") && !args.endpoint.starts_with("unix://") {
+        anyhow::bail!(
+            "--endpoint {}: only unix:// endpoints are served",
+            args.endpoint
+        );
+    }
+    let endpoint = socket_path(&args.endpoint);
+    let driver = node::Driver::new(node::DriverSettings {
+        driver_name: args.driver_name,
+        node_id: args.node_id,
+        state_dir: args.state_dir.clone(),
+        run_dir: args.run_dir,
+        pods_dir: args.pods_dir,
+        serve_user: args.serve_user,
+        external_serve: args.external_serve,
+        linger: args.linger,
+    });
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("--state-dir {}", args.state_dir.display()))?;
+    driver.recover().context("reading the state directory")?;
+    driver
+        .start_serving_link()
+        .context("starting the serving side's control socket")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(2)
+        .thread_name("ssmfs-csi")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        if let Some(parent) = endpoint.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("--endpoint directory {}", parent.display()))?;
+        }
+        let _ = std::fs::remove_file(&endpoint);
+        let listener = tokio::net::UnixListener::bind(&endpoint)
+            .with_context(|| format!("--endpoint {}", endpoint.display()))?;
+        {
+            let driver = driver.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    let driver = driver.clone();
+                    let _ = tokio::task::spawn_blocking(move || driver.remove_lingering()).await;
+                }
+            });
+        }
+        if let Some(addr) = args.metrics_addr {
+            serve_metrics(driver.clone(), addr).await?;
+        }
+        tracing::info!(endpoint = %endpoint.display(), "CSI plugin serving");
+        let services = node::Services(driver.clone());
+        let stop = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("signal handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            // Mounts stay: pods keep reading while a new plugin starts.
+            tracing::info!("stopping; the shared mounts and the serving side stay");
+        };
+        tonic::transport::Server::builder()
+            .add_service(bpfman_csi::v1::identity_server::IdentityServer::new(
+                services.clone(),
+            ))
+            .add_service(bpfman_csi::v1::node_server::NodeServer::new(services))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::UnixListenerStream::new(listener),
+                stop,
+            )
+            .await
+            .context("the CSI gRPC server")?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    // The connections' fds go with this process; the serving side holds them.
+    std::process::exit(0);
+}
+
+async fn serve_metrics(
+    driver: Arc<node::Driver>,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--metrics-addr {addr}"))?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let driver = driver.clone();
+            tokio::spawn(async move {
+                let mut request = [0u8; 1024];
+                let _ = stream.read(&mut request).await;
+                let body = driver.metrics();
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(body.as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,941 @@
+//! The CSI Identity and Node services, and the node's shared mounts.
+//!
+//! Model: a shared mount is one FUSE mount under the state directory for
+//! one identity and one set of options; every pod volume with that key is a
+//! read-only bind mount of it, so pods on a node share one cache. The plugin
+//! (root) mounts, binds and unmounts; it keeps a copy of each connection's
+//! fds (FUSE, journal, session, token) and hands them to the serving side
+//! (`serve`), which holds and serves them unprivileged. A shared mount
+//! whose last pod left lingers (`--linger`) so pod churn finds it warm.
+//! What is mounted is recorded in the state directory (no token, no value)
+//! and checked against /proc/self/mountinfo when the plugin starts.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bpfman_csi::v1::identity_server::Identity as IdentityService;
+use bpfman_csi::v1::node_server::Node as NodeService;
+use bpfman_csi::v1::*;
+use serde_json::{json, Value};
+use tonic::{Request, Response, Status};
+
+use super::control;
+use super::error::CsiError;
+use super::serve::ConnectionFds;
+use super::sys::{self, ServeUser};
+use super::volume::{Identity, Pod, Publish};
+use crate::daemon::{self, MountSettings};
+
+/// How long a publish waits for the serving side to report the new mount
+/// serves: a cold mount is one mount and one SSM call, well under this.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct DriverSettings {
+    pub driver_name: String,
+    pub node_id: String,
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub pods_dir: PathBuf,
+    pub serve_user: ServeUser,
+    /// The serving side runs elsewhere (a second container): do not start it.
+    pub external_serve: bool,
+    pub linger: Duration,
+}
+
+struct Attachment {
+    volume_id: String,
+    pod: Pod,
+}
+
+struct SharedMount {
+    mountpoint: PathBuf,
+    identity: Identity,
+    options: BTreeMap<String, String>,
+    args: Vec<String>,
+    /// The plugin's copies: the connection lives while either side holds them.
+    fds: Option<ConnectionFds>,
+    targets: BTreeMap<PathBuf, Attachment>,
+    idle_since: Option<Instant>,
+    /// The serving side holds and serves it.
+    serving: bool,
+    /// Removed on purpose: the holder's end is expected.
+    removing: bool,
+}
+
+impl SharedMount {
+    fn record(&self) -> Value {
+        let targets: Vec<Value> = self
+            .targets
+            .iter()
+            .map(|(target, attachment)| {
+                json!({
+                    "target": target,
+                    "volumeId": attachment.volume_id,
+                    "pod": {"namespace": attachment.pod.namespace, "name": attachment.pod.name, "uid": attachment.pod.uid, "serviceAccount": attachment.pod.service_account},
+                })
+            })
+            .collect();
+        json!({
+            "mountpoint": self.mountpoint,
+            "identity": self.identity.to_json(),
+            "options": self.options,
+            "targets": targets,
+        })
+    }
+}
+
+#[derive(Default)]
+struct Link {
+    socket: Option<Arc<std::os::fd::OwnedFd>>,
+    /// Publishes waiting for their mount's first holder to serve.
+    waiting: HashMap<String, mpsc::Sender<Result<(), String>>>,
+}
+
+pub struct Driver {
+    settings: DriverSettings,
+    mounts: Mutex<HashMap<String, SharedMount>>,
+    link: Mutex<Link>,
+    /// Publishes and unpublishes one at a time: each is a few mount calls.
+    operations: tokio::sync::Mutex<()>,
+    serve_child: Mutex<Option<std::process::Child>>,
+}
+
+fn internal(what: &'static str, error: std::io::Error) -> CsiError {
+    CsiError::system(what, error)
+}
+
+impl Driver {
+    pub fn new(settings: DriverSettings) -> Arc<Self> {
+        Arc::new(Driver {
+            settings,
+            mounts: Mutex::new(HashMap::new()),
+            link: Mutex::new(Link::default()),
+            operations: tokio::sync::Mutex::new(()),
+            serve_child: Mutex::new(None),
+        })
+    }
+
+    fn mounts_dir(&self) -> PathBuf {
+        self.settings.state_dir.join("mounts")
+    }
+
+    pub fn control_socket(run_dir: &Path) -> PathBuf {
+        run_dir.join("control.sock")
+    }
+
+    fn save(&self, key: &str, mount: &SharedMount) {
+        let path = self.mounts_dir().join(format!("{key}.json"));
+        let staging = path.with_extension("json.new");
+        let written = serde_json::to_vec_pretty(&mount.record())
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&staging, bytes))
+            .and_then(|()| std::fs::rename(&staging, &path));
+        if let Err(error) = written {
+            tracing::error!(path = %path.display(), %error, "could not record the mount's state");
+        }
+    }
+
+    fn forget(&self, key: &str) {
+        let _ = std::fs::remove_file(self.mounts_dir().join(format!("{key}.json")));
+        let _ = std::fs::remove_dir(self.mounts_dir().join(key));
+    }
+
+    /// Rebuilds the shared mounts from the state directory and mountinfo:
+    /// live ones are adopted (their fds come back from the serving side),
+    /// dead ones detached, targets whose pod is gone unmounted.
+    pub fn recover(&self) -> std::io::Result<()> {
+        std::fs::create_dir_all(self.mounts_dir())?;
+        let mounted = sys::mounts()?;
+        let is_mounted = |path: &Path| {
+            mounted
+                .iter()
+                .any(|entry| entry.mount_point == path && entry.fstype == "fuse.ssmfs")
+        };
+        let mut mounts = self.mounts.lock().unwrap();
+        for entry in std::fs::read_dir(self.mounts_dir())? {
+            let path = entry?.path();
+            if path.extension().is_none_or(|ext| ext != "json") {
+                continue;
+            }
+            let Some(key) = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .map(str::to_string)
+            else {
+                continue;
+            };
+            let Some(record) = std::fs::read(&path)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+            else {
+                tracing::warn!(path = %path.display(), "unreadable mount record; removed");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            };
+            let mountpoint = self.mounts_dir().join(&key);
+            let identity = Identity::from_json(&record["identity"]).unwrap_or(Identity::Node);
+            let options: BTreeMap<String, String> =
+                serde_json::from_value(record["options"].clone()).unwrap_or_default();
+            let mut targets = BTreeMap::new();
+            for target in record["targets"].as_array().into_iter().flatten() {
+                let Some(path) = target["target"].as_str().map(PathBuf::from) else {
+                    continue;
+                };
+                let pod = Pod {
+                    namespace: target["pod"]["namespace"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .into(),
+                    name: target["pod"]["name"].as_str().unwrap_or_default().into(),
+                    uid: target["pod"]["uid"].as_str().unwrap_or_default().into(),
+                    service_account: target["pod"]["serviceAccount"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .into(),
+                };
+                let pod_gone =
+                    !pod.uid.is_empty() && !self.settings.pods_dir.join(&pod.uid).exists();
+                if !is_mounted(&path) {
+                    continue;
+                }
+                if pod_gone || sys::is_dead_mount(&path) {
+                    tracing::info!(target = %path.display(), pod = %pod, "cleaning a target whose pod is gone or whose mount died");
+                    let _ = daemon::lazy_unmount(&path);
+                    let _ = std::fs::remove_dir(&path);
+                    continue;
+                }
+                let volume_id = target["volumeId"].as_str().unwrap_or_default().to_string();
+                targets.insert(path, Attachment { volume_id, pod });
+            }
+            let alive = is_mounted(&mountpoint) && !sys::is_dead_mount(&mountpoint);
+            if !alive {
+                tracing::info!(mount = %key, "the shared mount is gone or dead; detaching it and its targets");
+                for target in targets.keys() {
+                    let _ = daemon::lazy_unmount(target);
+                }
+                if is_mounted(&mountpoint) {
+                    let _ = daemon::lazy_unmount(&mountpoint);
+                }
+                self.forget(&key);
+                continue;
+            }
+            let args = super::volume::daemon_args(&identity, &options, &mountpoint);
+            let idle_since = targets.is_empty().then(Instant::now);
+            tracing::info!(mount = %key, pods = targets.len(), "adopting a live shared mount");
+            mounts.insert(
+                key,
+                SharedMount {
+                    mountpoint,
+                    identity,
+                    options,
+                    args,
+                    fds: None,
+                    targets,
+                    idle_since,
+                    serving: false,
+                    removing: false,
+                },
+            );
+        }
+        // Dead ssmfs mounts in pods' directories nobody records any more.
+        for entry in &mounted {
+            if entry.fstype == "fuse.ssmfs"
+                && entry.mount_point.starts_with(&self.settings.pods_dir)
+                && sys::is_dead_mount(&entry.mount_point)
+            {
+                tracing::info!(target = %entry.mount_point.display(), "detaching a dead target");
+                let _ = daemon::lazy_unmount(&entry.mount_point);
+            }
+        }
+        Ok(())
+    }
+
+    /// Listens for the serving side; in the one-host layout starts it too.
+    pub fn start_serving_link(self: &Arc<Self>) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.settings.run_dir)?;
+        let user = self.settings.serve_user;
+        std::os::unix::fs::chown(&self.settings.run_dir, Some(user.uid), Some(user.gid))?;
+        let socket = Self::control_socket(&self.settings.run_dir);
+        let listener = control::listen(&socket, Some((user.uid, user.gid)))?;
+        let driver = self.clone();
+        std::thread::Builder::new()
+            .name("ssmfs-csi-link".into())
+            .spawn(move || loop {
+                match control::accept(&listener) {
+                    Ok(link) => driver.serve_link(Arc::new(link)),
+                    Err(error) => {
+                        tracing::error!(%error, "the control socket failed");
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
+            })?;
+        if !self.settings.external_serve {
+            let driver = self.clone();
+            std::thread::Builder::new()
+                .name("ssmfs-csi-keeper".into())
+                .spawn(move || driver.keep_serving_side())?;
+        }
+        Ok(())
+    }
+
+    fn serve_pid_file(&self) -> PathBuf {
+        self.settings.state_dir.join("serve.pid")
+    }
+
+    /// A serving side an earlier plugin started, still alive.
+    fn surviving_serving_side(&self) -> Option<u32> {
+        let pid: u32 = std::fs::read_to_string(self.serve_pid_file())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let zombie = status
+            .lines()
+            .any(|l| l.starts_with("State:") && l.contains('Z'));
+        (cmdline.contains("csi-serve") && !zombie).then_some(pid)
+    }
+
+    /// One-host layout: starts the serving side, and again whenever it ends.
+    fn keep_serving_side(self: Arc<Self>) {
+        loop {
+            if let Some(pid) = self.surviving_serving_side() {
+                // An earlier plugin's: it reconnects by itself. Wait for its end.
+                while std::path::Path::new(&format!("/proc/{pid}")).exists()
+                    && self.surviving_serving_side() == Some(pid)
+                {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                continue;
+            }
+            match self.spawn_serving_side() {
+                Ok(mut child) => {
+                    let pid = child.id();
+                    let _ = std::fs::write(self.serve_pid_file(), format!("{pid}\n"));
+                    let status = child.wait();
+                    tracing::warn!(pid, status = ?status.ok(), "the serving side ended; starting another");
+                }
+                Err(error) => {
+                    tracing::error!(%error, "cannot start the serving side");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn spawn_serving_side(&self) -> std::io::Result<std::process::Child> {
+        use std::os::unix::process::CommandExt;
+        let user = self.settings.serve_user;
+        let c = |path: &Path| {
+            std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))
+                .map_err(std::io::Error::other)
+        };
+        let writable = c(&self.settings.run_dir)?;
+        let (dev_null, dev_fuse) = (c(Path::new("/dev/null"))?, c(Path::new("/dev/fuse"))?);
+        let mut command = std::process::Command::new(std::env::current_exe()?);
+        command
+            .arg("csi-serve")
+            .arg("--run-dir")
+            .arg(&self.settings.run_dir)
+            .current_dir("/");
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                // Its own session: a kill of the plugin leaves it serving.
+                libc::setsid();
+                sys::enter_serving_sandbox(user, &writable, &dev_null, &dev_fuse)
+            });
+        }
+        let child = command.spawn()?;
+        tracing::info!(pid = child.id(), uid = user.uid, "serving side started");
+        *self.serve_child.lock().unwrap() = None;
+        Ok(child)
+    }
+
+    /// One connection from the serving side, until it closes.
+    fn serve_link(self: &Arc<Self>, socket: Arc<std::os::fd::OwnedFd>) {
+        let mut had: Vec<String> = Vec::new();
+        loop {
+            let (message, fds) = match control::receive(&socket) {
+                Ok(Some(received)) => received,
+                Ok(None) | Err(_) => break,
+            };
+            let id = message["id"].as_str().unwrap_or_default().to_string();
+            match message["op"].as_str() {
+                Some("have") => {
+                    let mut mounts = self.mounts.lock().unwrap();
+                    match mounts.get_mut(&id) {
+                        Some(mount) => {
+                            if mount.fds.is_none() {
+                                mount.fds = ConnectionFds::from_received(fds).ok();
+                            }
+                            mount.serving = true;
+                            had.push(id);
+                        }
+                        None => {
+                            tracing::warn!(mount = %id, "the serving side holds a mount this plugin has no record of; it is stopped");
+                            let _ = control::send(&socket, &json!({"op": "stop", "id": id}), &[]);
+                        }
+                    }
+                }
+                Some("hello") => {
+                    let mut mounts = self.mounts.lock().unwrap();
+                    // Recorded, mounted, and held by nobody: both sides died
+                    // and the kernel ended the connection. (Its root's cached
+                    // attributes may still answer a stat: only the fds tell.)
+                    let dead: Vec<String> = mounts
+                        .iter()
+                        .filter(|(key, mount)| mount.fds.is_none() && !had.contains(key))
+                        .map(|(key, _)| key.clone())
+                        .collect();
+                    for key in &dead {
+                        let mount = mounts.remove(key).expect("listed above");
+                        tracing::warn!(mount = %key, pods = mount.targets.len(), "no process held the shared mount any more; detaching it and its targets (their next publish mounts anew)");
+                        for target in mount.targets.keys() {
+                            let _ = daemon::lazy_unmount(target);
+                        }
+                        let _ = daemon::lazy_unmount(&mount.mountpoint);
+                        self.forget(key);
+                    }
+                    // What the serving side lacks (it restarted): resumed.
+                    let mut resumed = 0;
+                    for (key, mount) in mounts.iter() {
+                        if had.contains(key) || mount.removing {
+                            continue;
+                        }
+                        if let Some(fds) = &mount.fds {
+                            let message = json!({"op": "start", "id": key, "args": mount.args});
+                            match control::send(&socket, &message, &fds.raw()) {
+                                Ok(()) => resumed += 1,
+                                Err(error) => {
+                                    tracing::error!(mount = %key, %error, "could not hand the mount to the serving side")
+                                }
+                            }
+                        }
+                    }
+                    drop(mounts);
+                    self.link.lock().unwrap().socket = Some(socket.clone());
+                    tracing::info!(
+                        held = had.len(),
+                        resumed,
+                        detached = dead.len(),
+                        "the serving side is connected"
+                    );
+                }
+                Some("started") => {
+                    let outcome = match message["error"].as_str() {
+                        Some(why) => Err(why.to_string()),
+                        None => Ok(()),
+                    };
+                    if let Some(mount) = self.mounts.lock().unwrap().get_mut(&id) {
+                        mount.serving = outcome.is_ok();
+                    }
+                    let waiter = self.link.lock().unwrap().waiting.remove(&id);
+                    match (waiter, outcome) {
+                        (Some(waiter), outcome) => {
+                            let _ = waiter.send(outcome);
+                        }
+                        (None, Err(why)) => {
+                            tracing::error!(mount = %id, reason = why, "the serving side could not resume a mount")
+                        }
+                        (None, Ok(())) => {}
+                    }
+                }
+                Some("ended") => self.holder_ended(&id),
+                other => tracing::warn!(op = ?other, "unknown message from the serving side"),
+            }
+        }
+        let mut link = self.link.lock().unwrap();
+        if link
+            .socket
+            .as_ref()
+            .is_some_and(|current| Arc::ptr_eq(current, &socket))
+        {
+            link.socket = None;
+        }
+        tracing::info!(
+            "the serving side disconnected; the plugin holds every connection meanwhile"
+        );
+    }
+
+    /// A holder ended without being asked: it gave up (no daemon could
+    /// serve for --restart-deadline). Readers get an error, not a wait.
+    fn holder_ended(&self, key: &str) {
+        let mut mounts = self.mounts.lock().unwrap();
+        let Some(mount) = mounts.get(key) else {
+            return;
+        };
+        if mount.removing {
+            return;
+        }
+        tracing::error!(mount = %key, "the shared mount's holder gave up; aborting it so readers get an error (the next publish mounts it anew)");
+        if let Some(entry) = sys::mounts()
+            .ok()
+            .and_then(|all| all.into_iter().find(|e| e.mount_point == mount.mountpoint))
+        {
+            sys::abort_connection(&entry.minor);
+        }
+        if let Some(mount) = mounts.remove(key) {
+            for target in mount.targets.keys() {
+                let _ = daemon::lazy_unmount(target);
+            }
+            let _ = daemon::lazy_unmount(&mount.mountpoint);
+            self.forget(key);
+        }
+    }
+
+    /// Waits for the serving side's link (it may be starting).
+    fn link_socket(&self, deadline: Instant) -> Result<Arc<std::os::fd::OwnedFd>, CsiError> {
+        loop {
+            if let Some(socket) = self.link.lock().unwrap().socket.clone() {
+                return Ok(socket);
+            }
+            if Instant::now() > deadline {
+                return Err(CsiError::Unavailable(
+                    "the serving side (ssmfs csi-serve) is not connected to the plugin".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Mounts a new shared mount and waits until its first daemon serves.
+    fn create_shared(&self, publish: &Publish) -> Result<SharedMount, CsiError> {
+        let mountpoint = self.mounts_dir().join(&publish.key);
+        std::fs::create_dir_all(&mountpoint)
+            .map_err(|e| internal("creating the shared mount point", e))?;
+        let fsname = match publish.options.get("path") {
+            Some(path) => format!("ssmfs:{path}"),
+            None => "ssmfs:airflow".into(),
+        };
+        let settings = MountSettings {
+            mountpoint: mountpoint.clone(),
+            fsname,
+            allow_other: true,
+            allow_root: false,
+            threads: 0,
+            serve_fd: None,
+        };
+        let cleanup = |mounted: bool| {
+            if mounted {
+                let _ = daemon::lazy_unmount(&mountpoint);
+            }
+            self.forget(&publish.key);
+        };
+        let fuse = daemon::mount_device(&settings).map_err(|e| {
+            cleanup(false);
+            internal("mounting FUSE", e)
+        })?;
+        let memfds = (|| {
+            let journal = sys::memfd(c"ssmfs-inodes")?;
+            let session = sys::memfd(c"ssmfs-session")?;
+            let token = match &publish.token {
+                Some(token) => {
+                    let file = sys::memfd(c"ssmfs-token")?;
+                    sys::rewrite(&file, token.as_bytes())?;
+                    Some(file)
+                }
+                None => None,
+            };
+            Ok::<_, std::io::Error>((journal, session, token))
+        })();
+        let (journal, session, token) = memfds.map_err(|e| {
+            cleanup(true);
+            internal("creating the mount's memory files", e)
+        })?;
+        let fds = ConnectionFds {
+            fuse,
+            journal,
+            session,
+            token,
+        };
+        let args = publish.daemon_args(&mountpoint);
+        let deadline = Instant::now() + START_TIMEOUT;
+        let started = (|| {
+            let socket = self.link_socket(deadline)?;
+            let (sender, receiver) = mpsc::channel();
+            self.link
+                .lock()
+                .unwrap()
+                .waiting
+                .insert(publish.key.clone(), sender);
+            let message = json!({"op": "start", "id": publish.key, "args": args});
+            control::send(&socket, &message, &fds.raw())
+                .map_err(|e| internal("handing the mount to the serving side", e))?;
+            match receiver.recv_timeout(START_TIMEOUT) {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(why)) => Err(
+                    if why.contains("AccessDenied") || why.contains("not authorized") {
+                        CsiError::PermissionDenied(why)
+                    } else {
+                        CsiError::FailedPrecondition(why)
+                    },
+                ),
+                Err(_) => Err(CsiError::DeadlineExceeded(
+                    "the serving side did not report the mount serving in 30 s".into(),
+                )),
+            }
+        })();
+        if let Err(status) = started {
+            self.link.lock().unwrap().waiting.remove(&publish.key);
+            if let Some(socket) = self.link.lock().unwrap().socket.clone() {
+                let _ = control::send(&socket, &json!({"op": "stop", "id": publish.key}), &[]);
+            }
+            cleanup(true);
+            return Err(status);
+        }
+        Ok(SharedMount {
+            mountpoint,
+            identity: publish.identity.clone(),
+            options: publish.options.clone(),
+            args,
+            fds: Some(fds),
+            targets: BTreeMap::new(),
+            idle_since: None,
+            serving: true,
+            removing: false,
+        })
+    }
+
+    fn publish(&self, request: NodePublishVolumeRequest) -> Result<(), CsiError> {
+        let publish = Publish::parse(&request, &self.settings.pods_dir)?;
+        let target = &publish.target;
+        let started = Instant::now();
+        match std::fs::symlink_metadata(target) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                return Err(CsiError::invalid(format!(
+                    "target_path {} is a symlink; refusing to mount through it",
+                    target.display()
+                )))
+            }
+            Ok(_) if sys::is_dead_mount(target) => {}
+            Ok(meta) if !meta.is_dir() => {
+                return Err(CsiError::invalid(format!(
+                    "target_path {} exists and is not a directory",
+                    target.display()
+                )))
+            }
+            Ok(_) => {}
+            Err(error) if error.raw_os_error() == Some(libc::ENOTCONN) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(internal("target_path", error)),
+        }
+        let mut mounts = self.mounts.lock().unwrap();
+        // Already published here: a republish (fresh token) or a retry.
+        let existing = mounts
+            .iter()
+            .find(|(_, mount)| mount.targets.contains_key(target))
+            .map(|(key, mount)| (key.clone(), mount.targets[target].volume_id.clone()));
+        if let Some((key, volume_id)) = existing {
+            let alive = daemon::is_mount_point(target)
+                && mounts.get(&key).is_some_and(|mount| mount.fds.is_some());
+            if alive {
+                if key != publish.key || volume_id != publish.volume_id {
+                    return Err(CsiError::AlreadyExists(format!(
+                        "target_path {} is published already, for volume {volume_id} with other attributes",
+                        target.display()
+                    )));
+                }
+                let mount = mounts.get_mut(&key).expect("found above");
+                if let (Some(token), Some(fds)) = (&publish.token, &mount.fds) {
+                    if let Some(file) = &fds.token {
+                        sys::rewrite(file, token.as_bytes())
+                            .map_err(|e| internal("refreshing the token", e))?;
+                    }
+                }
+                tracing::debug!(pod = %publish.pod, volume = %publish.volume_id, "republished (token refreshed)");
+                return Ok(());
+            }
+            if let Some(mount) = mounts.get_mut(&key) {
+                mount.targets.remove(target);
+            }
+        }
+        if sys::is_dead_mount(target) || daemon::is_mount_point(target) {
+            let _ = daemon::lazy_unmount(target);
+        }
+        let live = mounts
+            .get(&publish.key)
+            .is_some_and(|mount| mount.fds.is_some() && !mount.removing);
+        let warm = live;
+        if !live {
+            if let Some(dead) = mounts.remove(&publish.key) {
+                for target in dead.targets.keys() {
+                    let _ = daemon::lazy_unmount(target);
+                }
+                let _ = daemon::lazy_unmount(&dead.mountpoint);
+            }
+            // Mounting waits on the serving side, which reports through
+            // the link thread: the map is not held meanwhile.
+            drop(mounts);
+            let created = self.create_shared(&publish)?;
+            mounts = self.mounts.lock().unwrap();
+            mounts.insert(publish.key.clone(), created);
+        }
+        let mount = mounts.get_mut(&publish.key).expect("inserted above");
+        if let (Some(token), Some(fds), true) = (&publish.token, &mount.fds, warm) {
+            if let Some(file) = &fds.token {
+                let _ = sys::rewrite(file, token.as_bytes());
+            }
+        }
+        let created_target = match std::fs::create_dir(target) {
+            Ok(()) => true,
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(error) => {
+                let status = CsiError::invalid(format!(
+                    "cannot create target_path {}: {error} (its parent must exist)",
+                    target.display()
+                ));
+                self.settle_idle(&publish.key, mount);
+                return Err(status);
+            }
+        };
+        if let Err(error) = sys::bind_read_only(&mount.mountpoint, target) {
+            if created_target {
+                let _ = std::fs::remove_dir(target);
+            }
+            self.settle_idle(&publish.key, mount);
+            return Err(internal("bind-mounting the volume", error));
+        }
+        mount.targets.insert(
+            target.clone(),
+            Attachment {
+                volume_id: publish.volume_id.clone(),
+                pod: publish.pod.clone(),
+            },
+        );
+        mount.idle_since = None;
+        self.save(&publish.key, mount);
+        tracing::info!(
+            pod = %publish.pod,
+            volume = %publish.volume_id,
+            mount = %publish.key,
+            identity = %publish.identity.describe(),
+            warm,
+            pods = mount.targets.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "published"
+        );
+        Ok(())
+    }
+
+    /// A shared mount left without pods starts its linger.
+    fn settle_idle(&self, key: &str, mount: &mut SharedMount) {
+        if mount.targets.is_empty() && mount.idle_since.is_none() {
+            mount.idle_since = Some(Instant::now());
+        }
+        self.save(key, mount);
+    }
+
+    fn unpublish(&self, request: NodeUnpublishVolumeRequest) -> Result<(), CsiError> {
+        if request.volume_id.is_empty() {
+            return Err(CsiError::invalid("volume_id is missing"));
+        }
+        if request.target_path.is_empty() {
+            return Err(CsiError::invalid("target_path is missing"));
+        }
+        let target = PathBuf::from(&request.target_path);
+        if daemon::is_mount_point(&target) || sys::is_dead_mount(&target) {
+            daemon::lazy_unmount(&target).map_err(|e| internal("unmounting the target", e))?;
+        }
+        match std::fs::remove_dir(&target) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(internal("removing target_path", error)),
+        }
+        let mut mounts = self.mounts.lock().unwrap();
+        let owner = mounts
+            .iter()
+            .find(|(_, mount)| mount.targets.contains_key(&target))
+            .map(|(key, _)| key.clone());
+        if let Some(key) = owner {
+            let mount = mounts.get_mut(&key).expect("found above");
+            if let Some(attachment) = mount.targets.remove(&target) {
+                tracing::info!(pod = %attachment.pod, volume = %attachment.volume_id, mount = %key, pods = mount.targets.len(), "unpublished");
+            }
+            self.settle_idle(&key, mount);
+        }
+        Ok(())
+    }
+
+    /// Removes shared mounts idle for longer than the linger.
+    pub fn remove_lingering(&self) {
+        let linger = self.settings.linger;
+        let expired: Vec<String> = {
+            let mounts = self.mounts.lock().unwrap();
+            mounts
+                .iter()
+                .filter(|(_, m)| {
+                    m.targets.is_empty() && m.idle_since.is_some_and(|t| t.elapsed() >= linger)
+                })
+                .map(|(key, _)| key.clone())
+                .collect()
+        };
+        for key in expired {
+            let Some(mut mount) = self.mounts.lock().unwrap().remove(&key) else {
+                continue;
+            };
+            mount.removing = true;
+            // The last mount of the connection: its end ends the holder.
+            if let Err(error) = daemon::lazy_unmount(&mount.mountpoint) {
+                tracing::warn!(mount = %key, %error, "could not unmount the lingering mount");
+            }
+            if let Some(socket) = self.link.lock().unwrap().socket.clone() {
+                let _ = control::send(&socket, &json!({"op": "stop", "id": key}), &[]);
+            }
+            self.forget(&key);
+            tracing::info!(mount = %key, linger_s = linger.as_secs(), "removed a shared mount no pod used for the linger");
+        }
+    }
+
+    /// Prometheus text: the shared mounts and the pods on each.
+    pub fn metrics(&self) -> String {
+        let mounts = self.mounts.lock().unwrap();
+        let mut out = String::from(
+            "# HELP ssmfs_csi_shared_mounts Shared mounts on this node.\n# TYPE ssmfs_csi_shared_mounts gauge\n",
+        );
+        out.push_str(&format!("ssmfs_csi_shared_mounts {}\n", mounts.len()));
+        out.push_str("# HELP ssmfs_csi_pods_attached Pod volumes bound to each shared mount.\n# TYPE ssmfs_csi_pods_attached gauge\n");
+        for (key, mount) in mounts.iter() {
+            out.push_str(&format!(
+                "ssmfs_csi_pods_attached{{mount=\"{key}\"}} {}\n",
+                mount.targets.len()
+            ));
+        }
+        out
+    }
+
+    pub fn held_fds(&self) -> usize {
+        let mounts = self.mounts.lock().unwrap();
+        mounts
+            .values()
+            .filter(|m| m.fds.as_ref().is_some_and(|f| f.fuse.as_raw_fd() > 0))
+            .count()
+    }
+}
+
+/// The gRPC face of the driver.
+#[derive(Clone)]
+pub struct Services(pub Arc<Driver>);
+
+#[tonic::async_trait]
+impl IdentityService for Services {
+    async fn get_plugin_info(
+        &self,
+        _: Request<GetPluginInfoRequest>,
+    ) -> Result<Response<GetPluginInfoResponse>, Status> {
+        Ok(Response::new(GetPluginInfoResponse {
+            name: self.0.settings.driver_name.clone(),
+            vendor_version: env!("CARGO_PKG_VERSION").to_string(),
+            manifest: HashMap::new(),
+        }))
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        _: Request<GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
+        // Node only: no controller service, no topology.
+        Ok(Response::new(GetPluginCapabilitiesResponse {
+            capabilities: Vec::new(),
+        }))
+    }
+
+    async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+        let ready = self.0.link.lock().unwrap().socket.is_some();
+        Ok(Response::new(ProbeResponse { ready: Some(ready) }))
+    }
+}
+
+fn unimplemented(what: &'static str) -> Status {
+    CsiError::Unimplemented(what).into()
+}
+
+#[tonic::async_trait]
+impl NodeService for Services {
+    async fn node_stage_volume(
+        &self,
+        _: Request<NodeStageVolumeRequest>,
+    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
+        Err(unimplemented("NodeStageVolume"))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        _: Request<NodeUnstageVolumeRequest>,
+    ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
+        Err(unimplemented("NodeUnstageVolume"))
+    }
+
+    async fn node_publish_volume(
+        &self,
+        request: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        let driver = self.0.clone();
+        let _one_at_a_time = self.0.operations.lock().await;
+        let request = request.into_inner();
+        let (volume, target) = (request.volume_id.clone(), request.target_path.clone());
+        let outcome = tokio::task::spawn_blocking(move || driver.publish(request))
+            .await
+            .map_err(|e| Status::internal(format!("publish: {e}")))?;
+        if let Err(error) = &outcome {
+            tracing::warn!(volume, target, reason = %error, "publish refused");
+        }
+        outcome
+            .map(|()| Response::new(NodePublishVolumeResponse {}))
+            .map_err(Status::from)
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        let driver = self.0.clone();
+        let _one_at_a_time = self.0.operations.lock().await;
+        let request = request.into_inner();
+        tokio::task::spawn_blocking(move || driver.unpublish(request))
+            .await
+            .map_err(|e| Status::internal(format!("unpublish: {e}")))??;
+        Ok(Response::new(NodeUnpublishVolumeResponse {}))
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        _: Request<NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        Err(unimplemented("NodeGetVolumeStats"))
+    }
+
+    async fn node_expand_volume(
+        &self,
+        _: Request<NodeExpandVolumeRequest>,
+    ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
+        Err(unimplemented("NodeExpandVolume"))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _: Request<NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
+        // None: publish and unpublish only (no staging, no stats).
+        Ok(Response::new(NodeGetCapabilitiesResponse {
+            capabilities: Vec::new(),
+        }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _: Request<NodeGetInfoRequest>,
+    ) -> Result<Response<NodeGetInfoResponse>, Status> {
+        Ok(Response::new(NodeGetInfoResponse {
+            node_id: self.0.settings.node_id.clone(),
+            max_volumes_per_node: 0,
+            accessible_topology: None,
+        }))
+    }
+}

@@ -1,0 +1,288 @@
+//! `ssmfs csi-serve`: the unprivileged serving side of the CSI driver. It
+//! connects to the plugin's control socket and, for every shared mount the
+//! plugin hands it (the FUSE fd, the journal, the session, the token), runs
+//! a holder: this binary with `--supervise --adopt-fds`, which relays the
+//! connection to serving daemons (`crate::supervisor`). Holders die with
+//! this process; the plugin keeps copies of every fd, so the connections
+//! live on, and the next serving side resumes them. When the plugin goes,
+//! this side keeps serving and reconnects, saying first what it holds.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::control;
+use crate::handoff::{
+    HOLDER_FUSE_FD, HOLDER_JOURNAL_FD, HOLDER_SESSION_FD, HOLDER_TOKEN_FD, HOLDER_VERDICT_FD,
+};
+
+/// How often a serving side without a plugin tries its socket again: a
+/// restarted plugin hears from it at once.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
+/// How often holders are checked for an exit.
+const REAP_PAUSE: Duration = Duration::from_millis(100);
+
+/// A connection's fds, in the order they travel.
+pub struct ConnectionFds {
+    pub fuse: OwnedFd,
+    pub journal: OwnedFd,
+    pub session: OwnedFd,
+    pub token: Option<OwnedFd>,
+}
+
+impl ConnectionFds {
+    pub fn from_received(mut fds: Vec<OwnedFd>) -> io::Result<Self> {
+        if fds.len() < 3 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a connection needs at least three fds",
+            ));
+        }
+        let token = (fds.len() > 3).then(|| fds.remove(3));
+        let session = fds.remove(2);
+        let journal = fds.remove(1);
+        let fuse = fds.remove(0);
+        Ok(ConnectionFds {
+            fuse,
+            journal,
+            session,
+            token,
+        })
+    }
+
+    pub fn raw(&self) -> Vec<i32> {
+        let mut fds = vec![
+            self.fuse.as_raw_fd(),
+            self.journal.as_raw_fd(),
+            self.session.as_raw_fd(),
+        ];
+        fds.extend(self.token.as_ref().map(AsRawFd::as_raw_fd));
+        fds
+    }
+}
+
+struct Held {
+    fds: ConnectionFds,
+    args: Vec<String>,
+    holder: Child,
+}
+
+#[derive(Default)]
+struct State {
+    held: HashMap<String, Held>,
+    link: Option<Arc<OwnedFd>>,
+}
+
+fn tell(state: &Mutex<State>, message: Value, fds: &[i32]) {
+    let link = state.lock().unwrap().link.clone();
+    if let Some(link) = link {
+        if let Err(error) = control::send(&link, &message, fds) {
+            tracing::debug!(%error, "the plugin did not hear us; it hears again at reconnect");
+        }
+    }
+}
+
+fn spawn_holder(fds: &ConnectionFds, args: &[String]) -> io::Result<(Child, std::fs::File)> {
+    let (verdict, verdict_writer) = {
+        let mut pipe = [0; 2];
+        // SAFETY: a fresh pipe, each end owned once below.
+        unsafe {
+            if libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            use std::os::fd::FromRawFd;
+            (
+                std::fs::File::from_raw_fd(pipe[0]),
+                OwnedFd::from_raw_fd(pipe[1]),
+            )
+        }
+    };
+    let mut placed = vec![
+        (fds.fuse.as_raw_fd(), HOLDER_FUSE_FD),
+        (fds.journal.as_raw_fd(), HOLDER_JOURNAL_FD),
+        (fds.session.as_raw_fd(), HOLDER_SESSION_FD),
+        (verdict_writer.as_raw_fd(), HOLDER_VERDICT_FD),
+    ];
+    if let Some(token) = &fds.token {
+        placed.push((token.as_raw_fd(), HOLDER_TOKEN_FD));
+    }
+    let mut command = Command::new(std::env::current_exe()?);
+    command
+        .args(["--supervise", "--adopt-fds", "--foreground"])
+        .args(args);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            // Out of the way first, then into place (dup2 clears close-on-exec).
+            let mut moved = [(0, 0); 5];
+            for (slot, (fd, target)) in moved.iter_mut().zip(&placed) {
+                let copy = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 20);
+                if copy < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                *slot = (copy, *target);
+            }
+            for (copy, target) in &moved[..placed.len()] {
+                if libc::dup2(*copy, *target) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            // A holder goes with its serving side: the plugin's copies keep
+            // the connection, and the next serving side resumes it.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let child = command.spawn()?;
+    drop(verdict_writer);
+    Ok((child, verdict))
+}
+
+fn start(state: &Arc<Mutex<State>>, id: String, args: Vec<String>, fds: ConnectionFds) {
+    let mut guard = state.lock().unwrap();
+    if let Some(held) = guard.held.get_mut(&id) {
+        if matches!(held.holder.try_wait(), Ok(None)) {
+            drop(guard);
+            tell(state, json!({"op": "started", "id": id}), &[]);
+            return;
+        }
+    }
+    match spawn_holder(&fds, &args) {
+        Ok((holder, verdict)) => {
+            tracing::info!(volume = %id, pid = holder.id(), "holder started");
+            guard.held.insert(id.clone(), Held { fds, args, holder });
+            drop(guard);
+            let state = state.clone();
+            std::thread::spawn(move || {
+                let message = match crate::daemon::read_verdict(verdict) {
+                    Ok(()) => json!({"op": "started", "id": id}),
+                    Err(why) => {
+                        json!({"op": "started", "id": id, "error": why.unwrap_or_else(|| "the holder ended without a word".into())})
+                    }
+                };
+                tell(&state, message, &[]);
+            });
+        }
+        Err(error) => {
+            drop(guard);
+            let why = format!("cannot start the holder: {error}");
+            tell(state, json!({"op": "started", "id": id, "error": why}), &[]);
+        }
+    }
+}
+
+/// Holders that exited: the plugin hears of each (and removes the mount
+/// when it did not ask for the end).
+fn reap(state: Arc<Mutex<State>>) {
+    loop {
+        std::thread::sleep(REAP_PAUSE);
+        let ended: Vec<(String, String)> = {
+            let mut guard = state.lock().unwrap();
+            let mut ended = Vec::new();
+            guard.held.retain(|id, held| match held.holder.try_wait() {
+                Ok(Some(status)) => {
+                    ended.push((id.clone(), status.to_string()));
+                    false
+                }
+                _ => true,
+            });
+            ended
+        };
+        for (id, status) in ended {
+            tracing::info!(volume = %id, %status, "holder ended");
+            tell(
+                &state,
+                json!({"op": "ended", "id": id, "status": status}),
+                &[],
+            );
+        }
+    }
+}
+
+/// Serves the plugin at `socket` until killed.
+pub fn run(socket: PathBuf) -> anyhow::Result<()> {
+    let state = Arc::new(Mutex::new(State::default()));
+    {
+        let state = state.clone();
+        std::thread::Builder::new()
+            .name("ssmfs-reaper".into())
+            .spawn(move || reap(state))?;
+    }
+    let mut waiting_said = false;
+    loop {
+        let link = match control::connect(&socket) {
+            Ok(link) => Arc::new(link),
+            Err(error) => {
+                if !waiting_said {
+                    tracing::info!(socket = %socket.display(), %error, "waiting for the plugin");
+                    waiting_said = true;
+                }
+                std::thread::sleep(RECONNECT_PAUSE);
+                continue;
+            }
+        };
+        waiting_said = false;
+        {
+            // What we hold, with copies of its fds: a restarted plugin
+            // needs them to keep each connection across our own restart.
+            let mut guard = state.lock().unwrap();
+            for (id, held) in &guard.held {
+                let message = json!({"op": "have", "id": id, "args": held.args});
+                let _ = control::send(&link, &message, &held.fds.raw());
+            }
+            let _ = control::send(&link, &json!({"op": "hello"}), &[]);
+            guard.link = Some(link.clone());
+        }
+        tracing::info!(socket = %socket.display(), "connected to the plugin");
+        loop {
+            match control::receive(&link) {
+                Ok(Some((message, fds))) => handle(&state, message, fds),
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "reading the plugin's socket failed");
+                    break;
+                }
+            }
+        }
+        state.lock().unwrap().link = None;
+        tracing::info!("the plugin went away; serving on, and waiting for it");
+    }
+}
+
+fn handle(state: &Arc<Mutex<State>>, message: Value, fds: Vec<OwnedFd>) {
+    let id = message["id"].as_str().unwrap_or_default().to_string();
+    match message["op"].as_str() {
+        Some("start") => {
+            let args = message["args"]
+                .as_array()
+                .map(|args| {
+                    args.iter()
+                        .filter_map(|arg| arg.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            match ConnectionFds::from_received(fds) {
+                Ok(fds) => start(state, id, args, fds),
+                Err(error) => {
+                    let why = error.to_string();
+                    tell(state, json!({"op": "started", "id": id, "error": why}), &[]);
+                }
+            }
+        }
+        Some("stop") => {
+            if let Some(mut held) = state.lock().unwrap().held.remove(&id) {
+                // SAFETY: signalling our own child.
+                unsafe { libc::kill(held.holder.id() as i32, libc::SIGTERM) };
+                let _ = held.holder.wait();
+            }
+        }
+        other => tracing::warn!(op = ?other, "unknown message from the plugin"),
+    }
+}

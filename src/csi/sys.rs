@@ -1,0 +1,260 @@
+//! The few system calls the plugin makes as root: memfds for what must
+//! never touch a disk, read-only bind mounts of a shared mount into pods,
+//! what /proc/self/mountinfo says is mounted, and the sandbox the serving
+//! side starts in (its own user, no capabilities, no /dev/fuse, / read-only).
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// An anonymous memory file: gone with the last process that holds it.
+pub fn memfd(name: &std::ffi::CStr) -> io::Result<OwnedFd> {
+    // SAFETY: a valid NUL-terminated name.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Replaces the memfd's contents with `bytes` (a token a daemon re-reads).
+pub fn rewrite(file: &OwnedFd, bytes: &[u8]) -> io::Result<()> {
+    // SAFETY: a valid fd and buffer.
+    unsafe {
+        if libc::pwrite(file.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0)
+            != bytes.len() as isize
+            || libc::ftruncate(file.as_raw_fd(), bytes.len() as libc::off_t) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)
+}
+
+/// Mounts `source` (a shared mount) at `target`, read-only, nosuid, nodev.
+pub fn bind_read_only(source: &Path, target: &Path) -> io::Result<()> {
+    let (source, target) = (c_path(source)?, c_path(target)?);
+    // SAFETY: valid NUL-terminated paths; null fstype and data are allowed
+    // for bind mounts and remounts.
+    unsafe {
+        if libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        let flags =
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+        if libc::mount(
+            std::ptr::null(),
+            target.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        ) != 0
+        {
+            let error = io::Error::last_os_error();
+            libc::umount2(target.as_ptr(), libc::MNT_DETACH);
+            return Err(error);
+        }
+    }
+    Ok(())
+}
+
+/// One line of /proc/self/mountinfo.
+#[derive(Debug, Clone)]
+pub struct MountEntry {
+    pub mount_point: PathBuf,
+    pub fstype: String,
+    /// The FUSE connection number (the device's minor).
+    pub minor: String,
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space).
+fn unescape(field: &str) -> PathBuf {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        if bytes[index] == b'\\' && index + 3 < bytes.len() {
+            if let Ok(value) = u8::from_str_radix(&field[index + 1..index + 4], 8) {
+                out.push(value);
+                index += 4;
+                continue;
+            }
+        }
+        out.push(bytes[index]);
+        index += 1;
+    }
+    PathBuf::from(std::ffi::OsStr::from_bytes(&out))
+}
+
+pub fn mounts() -> io::Result<Vec<MountEntry>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(info
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let separator = fields.iter().position(|field| *field == "-")?;
+            Some(MountEntry {
+                mount_point: unescape(fields.get(4)?),
+                fstype: fields.get(separator + 1)?.to_string(),
+                minor: fields.get(2)?.split(':').nth(1)?.to_string(),
+            })
+        })
+        .collect())
+}
+
+/// Whether `path` is a FUSE mount whose connection is gone (ENOTCONN).
+pub fn is_dead_mount(path: &Path) -> bool {
+    std::fs::symlink_metadata(path)
+        .err()
+        .is_some_and(|error| error.raw_os_error() == Some(libc::ENOTCONN))
+}
+
+/// Makes every waiting and future request of FUSE connection `minor` fail
+/// at once (ENOTCONN): readers get an error instead of a wait.
+pub fn abort_connection(minor: &str) {
+    let path = format!("/sys/fs/fuse/connections/{minor}/abort");
+    if let Err(error) = std::fs::write(&path, "1") {
+        tracing::warn!(path, %error, "could not abort the FUSE connection");
+    }
+}
+
+/// Who the serving side runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServeUser {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl std::str::FromStr for ServeUser {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, String> {
+        let (uid, gid) = raw.split_once(':').unwrap_or((raw, raw));
+        let number = |text: &str| {
+            text.parse::<u32>()
+                .map_err(|_| format!("{raw:?}: expected UID:GID, numbers"))
+        };
+        let user = ServeUser {
+            uid: number(uid)?,
+            gid: number(gid)?,
+        };
+        if user.uid == 0 {
+            return Err("the serving side must not run as root (uid 0)".into());
+        }
+        Ok(user)
+    }
+}
+
+/// Runs between fork and exec of the serving side (root until its end):
+/// a mount namespace of its own where /dev/fuse is /dev/null and / is
+/// read-only (`writable` stays writable: the control socket's directory),
+/// then `user`, no supplementary groups, no capabilities, no new privileges.
+///
+/// # Safety
+/// Only async-signal-safe calls: it must run in a `pre_exec` hook, with
+/// every CString made before the fork.
+pub unsafe fn enter_serving_sandbox(
+    user: ServeUser,
+    writable: &CString,
+    dev_null: &CString,
+    dev_fuse: &CString,
+) -> io::Result<()> {
+    let fail = || Err(io::Error::last_os_error());
+    if libc::unshare(libc::CLONE_NEWNS) != 0 {
+        return fail();
+    }
+    let root = c"/";
+    if libc::mount(
+        std::ptr::null(),
+        root.as_ptr(),
+        std::ptr::null(),
+        libc::MS_REC | libc::MS_PRIVATE,
+        std::ptr::null(),
+    ) != 0
+    {
+        return fail();
+    }
+    // Open /dev/fuse and get /dev/null: the serving side never mounts.
+    if libc::access(dev_fuse.as_ptr(), libc::F_OK) == 0
+        && libc::mount(
+            dev_null.as_ptr(),
+            dev_fuse.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        ) != 0
+    {
+        return fail();
+    }
+    // Its own mount, so that the read-only remount of / spares it.
+    if libc::mount(
+        writable.as_ptr(),
+        writable.as_ptr(),
+        std::ptr::null(),
+        libc::MS_BIND,
+        std::ptr::null(),
+    ) != 0
+    {
+        return fail();
+    }
+    if libc::mount(
+        std::ptr::null(),
+        root.as_ptr(),
+        std::ptr::null(),
+        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+        std::ptr::null(),
+    ) != 0
+    {
+        return fail();
+    }
+    if libc::setgroups(0, std::ptr::null()) != 0
+        || libc::setgid(user.gid) != 0
+        || libc::setuid(user.uid) != 0
+    {
+        return fail();
+    }
+    // A uid change from root clears the capability sets; this keeps an
+    // exec from gaining any back (setuid binaries, file capabilities).
+    if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+        return fail();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape("/a\\040b"), PathBuf::from("/a b"));
+        assert_eq!(unescape("/plain"), PathBuf::from("/plain"));
+    }
+
+    #[test]
+    fn the_serving_user_is_never_root() {
+        assert!("0:0".parse::<ServeUser>().is_err());
+        assert!("x".parse::<ServeUser>().is_err());
+        assert_eq!(
+            "65534".parse::<ServeUser>(),
+            Ok(ServeUser {
+                uid: 65534,
+                gid: 65534
+            })
+        );
+    }
+}

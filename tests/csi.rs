@@ -1,0 +1,880 @@
+//! The CSI node plugin end to end: the real binary (`ssmfs csi`, which
+//! starts its own unprivileged serving side) driven over its unix socket by
+//! a tonic client, as kubelet drives it; real FUSE mounts as root; moto for
+//! SSM and STS (AssumeRoleWithWebIdentity with a made-up token), behind a
+//! gate (tests/support/sts_gate.py) that refuses one role and counts.
+//! Ported csi-sanity cases are named `sanity_*` (docs/KUBERNETES.md lists
+//! them).
+
+#![allow(clippy::result_large_err)] // tonic::Status is what a CSI client gets
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_ssm::types::ParameterType;
+use bpfman_csi::v1::identity_client::IdentityClient;
+use bpfman_csi::v1::node_client::NodeClient;
+use bpfman_csi::v1::volume_capability::{
+    access_mode::Mode, AccessMode, AccessType, BlockVolume, MountVolume,
+};
+use bpfman_csi::v1::*;
+use support::*;
+use tonic::transport::Channel;
+
+const ROLE: &str = "arn:aws:iam::123456789012:role/airflow-workers";
+const TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.made-up-service-account-token.sig";
+
+struct Gate {
+    child: Child,
+    url: String,
+}
+
+impl Gate {
+    fn start(upstream: &str) -> Gate {
+        use std::io::BufRead;
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut child = Command::new(root.join(".venv/bin/python"))
+            .arg(root.join("tests/support/sts_gate.py"))
+            .arg(upstream)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting the STS gate");
+        let mut port = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut port)
+            .unwrap();
+        Gate {
+            child,
+            url: format!("http://127.0.0.1:{}", port.trim()),
+        }
+    }
+
+    /// (AssumeRoleWithWebIdentity calls by role, other calls).
+    fn counts(&self) -> (HashMap<String, u64>, u64) {
+        let (code, body, _) = run("curl", &["-sf", &format!("{}/counts", self.url)]);
+        assert_eq!(code, 0, "the gate's counts");
+        let counts: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let assume = counts["assume"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(role, n)| (role.clone(), n.as_u64().unwrap()))
+            .collect();
+        (assume, counts["other"].as_u64().unwrap())
+    }
+
+    fn ssm_calls(&self) -> u64 {
+        std::thread::sleep(Duration::from_millis(50));
+        self.counts().1
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A node: its kubelet directories, the plugin, and a client.
+struct Node {
+    root: tempfile::TempDir,
+    plugin: Option<Child>,
+    rt: tokio::runtime::Runtime,
+    endpoint: String,
+    binary: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Node {
+    fn start(gate: &Gate, extra: &[&str]) -> Node {
+        let root = tempfile::tempdir().unwrap();
+        // The serving side (uid 65534) walks down to its control socket.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::create_dir_all(root.path().join("pods")).unwrap();
+        let mut node = Node {
+            root,
+            plugin: None,
+            rt: runtime(),
+            endpoint: gate.url.clone(),
+            binary: PathBuf::from(env!("CARGO_BIN_EXE_ssmfs")),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        node.start_plugin();
+        node
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.root.path().join(name)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(self.path("plugin.log")).unwrap_or_default()
+    }
+
+    fn start_plugin(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("plugin.log"))
+            .unwrap();
+        let child = Command::new(&self.binary)
+            .arg("csi")
+            .arg("--endpoint")
+            .arg(format!("unix://{}", self.path("csi.sock").display()))
+            .args(["--node-id", "node-1"])
+            .arg("--state-dir")
+            .arg(self.path("state"))
+            .arg("--run-dir")
+            .arg(self.path("run"))
+            .arg("--pods-dir")
+            .arg(self.path("pods"))
+            .args(&self.extra)
+            .envs(aws_env())
+            .env("AWS_ENDPOINT_URL", &self.endpoint)
+            .env("SSMFS_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting ssmfs csi");
+        self.plugin = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.try_probe() != Some(true) {
+            assert!(
+                Instant::now() < deadline,
+                "the plugin never became ready:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill_plugin(&mut self, signal: i32) {
+        if let Some(mut child) = self.plugin.take() {
+            unsafe { libc::kill(child.id() as i32, signal) };
+            let _ = child.wait();
+        }
+    }
+
+    fn channel(&self) -> Option<Channel> {
+        let socket = self.path("csi.sock");
+        self.rt
+            .block_on(
+                tonic::transport::Endpoint::try_from("http://[::]:50051")
+                    .unwrap()
+                    .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                        tokio::net::UnixStream::connect(socket.clone())
+                    })),
+            )
+            .ok()
+    }
+
+    fn try_probe(&self) -> Option<bool> {
+        let mut client = IdentityClient::new(self.channel()?);
+        let answer = self.rt.block_on(client.probe(ProbeRequest {})).ok()?;
+        answer.into_inner().ready
+    }
+
+    fn identity(&self) -> IdentityClient<Channel> {
+        IdentityClient::new(self.channel().expect("the plugin's socket"))
+    }
+
+    fn node(&self) -> NodeClient<Channel> {
+        NodeClient::new(self.channel().expect("the plugin's socket"))
+    }
+
+    fn publish(&self, request: NodePublishVolumeRequest) -> Result<(), tonic::Status> {
+        let mut client = self.node();
+        self.rt
+            .block_on(client.node_publish_volume(request))
+            .map(|_| ())
+    }
+
+    fn unpublish(&self, volume: &str, target: &Path) -> Result<(), tonic::Status> {
+        let mut client = self.node();
+        self.rt
+            .block_on(client.node_unpublish_volume(NodeUnpublishVolumeRequest {
+                volume_id: volume.into(),
+                target_path: target.display().to_string(),
+            }))
+            .map(|_| ())
+    }
+
+    /// The target kubelet would give pod `uid`'s volume `name` (its parent made).
+    fn target(&self, uid: &str, name: &str) -> PathBuf {
+        let parent = self
+            .path("pods")
+            .join(uid)
+            .join("volumes/kubernetes.io~csi")
+            .join(name);
+        std::fs::create_dir_all(&parent).unwrap();
+        parent.join("mount")
+    }
+
+    /// ssmfs mounts under the state directory (shared mounts).
+    fn shared_mounts(&self) -> usize {
+        let state = self.path("state");
+        ssmfs::csi::sys::mounts()
+            .unwrap()
+            .iter()
+            .filter(|m| m.fstype == "fuse.ssmfs" && m.mount_point.starts_with(&state))
+            .count()
+    }
+
+    /// Every ssmfs mount of this node (shared and targets).
+    fn all_mounts(&self) -> usize {
+        ssmfs::csi::sys::mounts()
+            .unwrap()
+            .iter()
+            .filter(|m| m.fstype == "fuse.ssmfs" && m.mount_point.starts_with(self.root.path()))
+            .count()
+    }
+
+    /// Pids of this node's processes whose command line contains `needle`.
+    fn pids(&self, needle: &str) -> Vec<u32> {
+        let root = self.root.path().display().to_string();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                cmdline.contains(&root) && cmdline.contains(needle)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill_plugin(libc::SIGKILL);
+        for pid in self.pids("") {
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let root = self.root.path().to_path_buf();
+        let mut mounts: Vec<PathBuf> = ssmfs::csi::sys::mounts()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|m| m.mount_point.starts_with(&root))
+            .map(|m| m.mount_point)
+            .collect();
+        mounts.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+        for mount in mounts {
+            let _ = ssmfs::daemon::lazy_unmount(&mount);
+        }
+    }
+}
+
+struct PodSpec<'a> {
+    namespace: &'a str,
+    name: &'a str,
+    uid: &'a str,
+    service_account: &'a str,
+    token: Option<&'a str>,
+}
+
+const POD: PodSpec<'static> = PodSpec {
+    namespace: "airflow",
+    name: "task-1",
+    uid: "uid-1",
+    service_account: "airflow-worker",
+    token: Some(TOKEN),
+};
+
+fn request(
+    volume: &str,
+    target: &Path,
+    attributes: &[(&str, &str)],
+    pod: &PodSpec,
+) -> NodePublishVolumeRequest {
+    let mut context: HashMap<String, String> = attributes
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    for (key, value) in [
+        ("csi.storage.k8s.io/pod.namespace", pod.namespace),
+        ("csi.storage.k8s.io/pod.name", pod.name),
+        ("csi.storage.k8s.io/pod.uid", pod.uid),
+        (
+            "csi.storage.k8s.io/serviceAccount.name",
+            pod.service_account,
+        ),
+        ("csi.storage.k8s.io/ephemeral", "true"),
+    ] {
+        context.insert(key.into(), value.into());
+    }
+    if let Some(token) = pod.token {
+        context.insert(
+            "csi.storage.k8s.io/serviceAccount.tokens".into(),
+            serde_json::json!({"sts.amazonaws.com": {"token": token, "expirationTimestamp": "2026-12-02T10:00:00Z"}}).to_string(),
+        );
+    }
+    NodePublishVolumeRequest {
+        volume_id: volume.into(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(VolumeCapability {
+            access_mode: Some(AccessMode {
+                mode: Mode::MultiNodeReaderOnly as i32,
+            }),
+            access_type: Some(AccessType::Mount(MountVolume::default())),
+        }),
+        readonly: true,
+        volume_context: context,
+        ..Default::default()
+    }
+}
+
+fn seed(moto: &Moto, names: &[(&str, &str)]) {
+    let rt = runtime();
+    let client = client(&rt, &moto.endpoint);
+    for (name, value) in names {
+        put(&rt, &client, name, value, ParameterType::SecureString);
+    }
+}
+
+fn setup() -> Option<(Moto, Gate)> {
+    if !have_fuse_and_moto() {
+        return None;
+    }
+    let moto = Moto::start();
+    seed(
+        &moto,
+        &[("/k8s/db", "db-secret"), ("/k8s/api", "api-secret")],
+    );
+    let gate = Gate::start(&moto.endpoint);
+    Some((moto, gate))
+}
+
+const ATTRS: &[(&str, &str)] = &[("path", "/k8s"), ("roleArn", ROLE), ("region", "us-east-1")];
+
+#[test]
+fn sanity_identity_and_node_information() {
+    let Some((_moto, gate)) = setup() else { return };
+    let node = Node::start(&gate, &[]);
+    let rt = &node.rt;
+    let info = rt
+        .block_on(node.identity().get_plugin_info(GetPluginInfoRequest {}))
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, ssmfs::csi::DRIVER_NAME);
+    assert!(!info.vendor_version.is_empty());
+    rt.block_on(
+        node.identity()
+            .get_plugin_capabilities(GetPluginCapabilitiesRequest {}),
+    )
+    .unwrap();
+    let probe = rt
+        .block_on(node.identity().probe(ProbeRequest {}))
+        .unwrap()
+        .into_inner();
+    assert_eq!(probe.ready, Some(true));
+    let caps = rt
+        .block_on(
+            node.node()
+                .node_get_capabilities(NodeGetCapabilitiesRequest {}),
+        )
+        .unwrap()
+        .into_inner();
+    assert!(
+        caps.capabilities.is_empty(),
+        "no STAGE_UNSTAGE_VOLUME: {caps:?}"
+    );
+    let info = rt
+        .block_on(node.node().node_get_info(NodeGetInfoRequest {}))
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.node_id, "node-1");
+    let stage = rt
+        .block_on(
+            node.node()
+                .node_stage_volume(NodeStageVolumeRequest::default()),
+        )
+        .unwrap_err();
+    assert_eq!(stage.code(), tonic::Code::Unimplemented);
+}
+
+#[test]
+fn sanity_publish_and_unpublish_refuse_bad_requests_and_leave_nothing_mounted() {
+    let Some((_moto, gate)) = setup() else { return };
+    let node = Node::start(&gate, &[]);
+    let target = node.target("uid-1", "secrets");
+    let good = request("vol-1", &target, ATTRS, &POD);
+    let mut cases: Vec<(&str, NodePublishVolumeRequest, &str)> = Vec::new();
+    let mut r = good.clone();
+    r.volume_id.clear();
+    cases.push(("no volume id", r, "volume_id"));
+    let mut r = good.clone();
+    r.target_path.clear();
+    cases.push(("no target path", r, "target_path"));
+    let mut r = good.clone();
+    r.volume_capability = None;
+    cases.push(("no capability", r, "volume_capability"));
+    let mut r = good.clone();
+    r.volume_capability.as_mut().unwrap().access_mode = Some(AccessMode {
+        mode: Mode::SingleNodeWriter as i32,
+    });
+    cases.push(("a writable access mode", r, "readOnly"));
+    let mut r = good.clone();
+    r.volume_capability.as_mut().unwrap().access_type = Some(AccessType::Block(BlockVolume {}));
+    cases.push(("block access", r, "block"));
+    let mut r = good.clone();
+    r.volume_context.insert("tll".into(), "5m".into());
+    r.volume_context.insert("colour".into(), "blue".into());
+    cases.push(("unknown attributes", r, "colour, tll"));
+    let mut r = good.clone();
+    r.volume_context.insert("ttl".into(), "five minutes".into());
+    cases.push(("a malformed ttl", r, "ttl"));
+    let mut r = good.clone();
+    r.volume_context
+        .insert("airflowKwargs".into(), "{not json".into());
+    r.volume_context.remove("path");
+    cases.push(("malformed Airflow kwargs", r, "airflowKwargs"));
+    let mut r = good.clone();
+    r.volume_context
+        .remove("csi.storage.k8s.io/serviceAccount.tokens");
+    cases.push(("no token for the audience", r, "sts.amazonaws.com"));
+    let mut r = good.clone();
+    r.volume_context.insert(
+        "csi.storage.k8s.io/serviceAccount.tokens".into(),
+        r#"{"vault": {"token": "x"}}"#.into(),
+    );
+    cases.push(("a token for another audience", r, "sts.amazonaws.com"));
+    let mut r = good.clone();
+    r.volume_context.remove("roleArn");
+    cases.push(("no identity", r, "useNodeIdentity"));
+    let outside = node.path("elsewhere/mount");
+    std::fs::create_dir_all(outside.parent().unwrap()).unwrap();
+    cases.push((
+        "a target outside the pods directory",
+        request("vol-1", &outside, ATTRS, &POD),
+        "--pods-dir",
+    ));
+    let dotted = node.path("pods/uid-1/../../elsewhere/mount");
+    cases.push((
+        "a target that climbs out",
+        request("vol-1", &dotted, ATTRS, &POD),
+        "--pods-dir",
+    ));
+    let link = node.target("uid-2", "secrets");
+    std::os::unix::fs::symlink("/etc", &link).unwrap();
+    cases.push((
+        "a symlink at the target",
+        request("vol-1", &link, ATTRS, &POD),
+        "symlink",
+    ));
+    for (what, request, named) in cases {
+        let status = node.publish(request).expect_err(what);
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{what}: {status:?}"
+        );
+        assert!(
+            status.message().contains(named),
+            "{what}: {:?} should name {named}",
+            status.message()
+        );
+        assert!(
+            !status.message().contains(TOKEN),
+            "{what}: the token is repeated"
+        );
+        assert_eq!(node.all_mounts(), 0, "{what} left a mount");
+    }
+    assert!(
+        std::fs::read_link(&link).is_ok(),
+        "the symlink is untouched"
+    );
+    assert!(!target.exists(), "no target was made");
+    // Unpublish: the same required fields; an unknown target is fine.
+    assert_eq!(
+        node.unpublish("", &target).unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
+    assert_eq!(
+        node.unpublish("vol-1", Path::new("")).unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
+    node.unpublish("vol-1", &target)
+        .expect("unpublishing what is not published");
+    assert!(
+        !node.log_text().contains(TOKEN),
+        "the token reached the log"
+    );
+}
+
+#[test]
+fn sts_refusing_the_role_fails_the_publish_and_mounts_nothing() {
+    let Some((_moto, gate)) = setup() else { return };
+    let node = Node::start(&gate, &[]);
+    let target = node.target("uid-1", "secrets");
+    let refused = [
+        ("path", "/k8s"),
+        ("roleArn", "arn:aws:iam::123456789012:role/refused"),
+        ("region", "us-east-1"),
+    ];
+    let status = node
+        .publish(request("vol-1", &target, &refused, &POD))
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("AccessDenied") || status.message().contains("ot authorized"),
+        "{status:?}"
+    );
+    assert_eq!(node.all_mounts(), 0);
+    assert!(!target.exists());
+    assert_eq!(
+        std::fs::read_dir(node.path("state/mounts"))
+            .unwrap()
+            .count(),
+        0,
+        "a record was left"
+    );
+    // The node is fine for the next pod.
+    node.publish(request("vol-1", &target, ATTRS, &POD))
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(target.join("db")).unwrap(),
+        "db-secret"
+    );
+    assert!(!node.log_text().contains(TOKEN));
+}
+
+#[test]
+fn pods_with_one_identity_share_a_warm_mount_and_others_do_not() {
+    let Some((_moto, gate)) = setup() else { return };
+    let node = Node::start(&gate, &["--linger", "2s"]);
+    let a = node.target("uid-a", "secrets");
+    node.publish(request("vol-a", &a, ATTRS, &POD)).unwrap();
+    // Publishing again (a retry, a republish with a fresh token) is a no-op.
+    node.publish(request("vol-a", &a, ATTRS, &POD)).unwrap();
+    assert_eq!(std::fs::read_to_string(a.join("db")).unwrap(), "db-secret");
+    let listing: Vec<String> = std::fs::read_dir(&a)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(listing.len(), 2, "{listing:?}");
+    // Read-only for the pod, whatever it tries.
+    assert!(std::fs::write(a.join("db"), "x").is_err());
+    let calls = gate.ssm_calls();
+    let b_pod = PodSpec {
+        name: "task-2",
+        uid: "uid-b",
+        ..POD
+    };
+    let b = node.target("uid-b", "secrets");
+    node.publish(request("vol-b", &b, ATTRS, &b_pod)).unwrap();
+    assert_eq!(std::fs::read_to_string(b.join("db")).unwrap(), "db-secret");
+    assert_eq!(
+        std::fs::read_to_string(b.join("api")).unwrap(),
+        "api-secret"
+    );
+    assert_eq!(
+        gate.ssm_calls(),
+        calls,
+        "the second pod's reads cost SSM calls"
+    );
+    assert_eq!(node.shared_mounts(), 1);
+    let assumed = gate.counts().0;
+    assert_eq!(
+        assumed.get(ROLE),
+        Some(&1),
+        "one role session for both pods: {assumed:?}"
+    );
+    // Another service account, or other options: a mount of their own.
+    let c_pod = PodSpec {
+        name: "other",
+        uid: "uid-c",
+        service_account: "reporting",
+        ..POD
+    };
+    let c = node.target("uid-c", "secrets");
+    node.publish(request("vol-c", &c, ATTRS, &c_pod)).unwrap();
+    let d_pod = PodSpec {
+        name: "task-3",
+        uid: "uid-d",
+        ..POD
+    };
+    let d = node.target("uid-d", "secrets");
+    let other_ttl = [
+        ("path", "/k8s"),
+        ("roleArn", ROLE),
+        ("region", "us-east-1"),
+        ("ttl", "1m"),
+    ];
+    node.publish(request("vol-d", &d, &other_ttl, &d_pod))
+        .unwrap();
+    assert_eq!(node.shared_mounts(), 3);
+    assert_eq!(std::fs::read_to_string(c.join("db")).unwrap(), "db-secret");
+    // A target taken by another volume is refused.
+    let clash = node.publish(request("vol-x", &a, ATTRS, &POD)).unwrap_err();
+    assert_eq!(clash.code(), tonic::Code::AlreadyExists);
+    // The last pod's unpublish keeps the mount for the linger, then it goes.
+    for (volume, target) in [("vol-a", &a), ("vol-b", &b), ("vol-c", &c), ("vol-d", &d)] {
+        node.unpublish(volume, target).unwrap();
+        node.unpublish(volume, target).unwrap();
+        assert!(!target.exists());
+    }
+    assert_eq!(node.shared_mounts(), 3, "removed before the linger");
+    within(
+        Duration::from_secs(10),
+        "the shared mounts go after the linger",
+        || node.shared_mounts() == 0,
+    );
+    within(Duration::from_secs(10), "their holders end", || {
+        node.pids("--adopt-fds").is_empty()
+    });
+    let log = node.log_text();
+    assert!(log.contains("airflow/task-2"), "log lines name the pod");
+    assert!(
+        !log.contains(TOKEN) && !log.contains("db-secret"),
+        "a token or value reached the log"
+    );
+}
+
+#[test]
+fn the_serving_side_runs_unprivileged() {
+    let Some((_moto, gate)) = setup() else { return };
+    let node = Node::start(&gate, &[]);
+    let target = node.target("uid-1", "secrets");
+    node.publish(request("vol-1", &target, ATTRS, &POD))
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(target.join("db")).unwrap(),
+        "db-secret"
+    );
+    let serving: Vec<u32> = [
+        node.pids("csi-serve"),
+        node.pids("--adopt-fds"),
+        node.pids("--serve-fd"),
+    ]
+    .concat();
+    assert!(
+        serving.len() >= 3,
+        "serving side, holder and daemon: {serving:?}"
+    );
+    for pid in serving {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .unwrap()
+                .to_string()
+        };
+        assert!(
+            field("CapEff:").ends_with("0000000000000000"),
+            "pid {pid}: {}",
+            field("CapEff:")
+        );
+        assert!(
+            !field("Uid:")
+                .split_whitespace()
+                .skip(1)
+                .any(|uid| uid == "0"),
+            "pid {pid}: {}",
+            field("Uid:")
+        );
+        assert!(field("NoNewPrivs:").ends_with('1'), "pid {pid}");
+        // No /dev/fuse to open, and / is read-only, in its mount namespace.
+        let fuse = std::fs::metadata(format!("/proc/{pid}/root/dev/fuse")).ok();
+        let root_mount = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+        let root_line = root_mount
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some("/"))
+            .unwrap()
+            .to_string();
+        assert!(
+            root_line.split(' ').nth(5).unwrap().starts_with("ro"),
+            "pid {pid}: {root_line}"
+        );
+        let _ = fuse;
+        let dev_fuse_line = root_mount
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some("/dev/fuse"));
+        assert!(
+            dev_fuse_line.is_some(),
+            "pid {pid}: /dev/fuse is not covered"
+        );
+    }
+}
+
+fn start_readers(target: &Path, seconds: u64) -> Vec<Child> {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/readers.py");
+    (0..8)
+        .map(|_| {
+            Command::new(&python)
+                .arg(&script)
+                .arg(target)
+                .arg(seconds.to_string())
+                .args(["db=db-secret", "api=api-secret"])
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("starting a reader")
+        })
+        .collect()
+}
+
+/// (reads, failures, wrong) over every reader; a reader still running well
+/// past its deadline hangs on the mount, and fails the test.
+fn finish_readers(mut readers: Vec<Child>) -> (u64, u64, u64, String) {
+    let limit = Instant::now() + Duration::from_secs(30);
+    let (mut reads, mut failures, mut wrong, mut errors) = (0, 0, 0, String::new());
+    for reader in &mut readers {
+        while reader.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < limit, "reader {} is stuck", reader.id());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let mut out = String::new();
+        use std::io::Read;
+        reader
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        let line: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        reads += line["reads"].as_u64().unwrap();
+        failures += line["failures"].as_u64().unwrap();
+        wrong += line["wrong"].as_u64().unwrap();
+        errors.push_str(&line["errors"].to_string());
+    }
+    (reads, failures, wrong, errors)
+}
+
+#[test]
+fn reads_survive_the_serving_side_killed_the_plugin_killed_and_the_plugin_upgraded() {
+    let Some((_moto, gate)) = setup() else { return };
+    let mut node = Node::start(&gate, &[]);
+    let target = node.target("uid-1", "secrets");
+    // A one-second TTL: the kernel asks again every second, so reads keep
+    // reaching the serving side rather than the page cache.
+    let attrs = [
+        ("path", "/k8s"),
+        ("roleArn", ROLE),
+        ("region", "us-east-1"),
+        ("ttl", "1s"),
+    ];
+    let attrs = &attrs[..];
+    node.publish(request("vol-1", &target, attrs, &POD))
+        .unwrap();
+    let served = |calls_before: u64| {
+        let now = gate.ssm_calls();
+        assert!(
+            now >= calls_before + 3,
+            "the mount was not asked: {calls_before} -> {now} calls"
+        );
+        now
+    };
+    let mut calls = gate.ssm_calls();
+    // 1. The serving side (with its holders and daemons) killed every 2 s.
+    let readers = start_readers(&target, 10);
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_secs(2));
+        let serve = node.pids("csi-serve");
+        assert_eq!(serve.len(), 1, "{serve:?}");
+        unsafe { libc::kill(serve[0] as i32, libc::SIGKILL) };
+    }
+    let (reads, failures, wrong, errors) = finish_readers(readers);
+    assert!(reads > 100, "{reads} reads");
+    assert_eq!(
+        (failures, wrong),
+        (0, 0),
+        "serving side killed: {errors}\n{}",
+        node.log_text()
+    );
+    calls = served(calls);
+    let log = node.log_text();
+    assert!(
+        log.contains("asked the kernel to resend"),
+        "no holder resumed:\n{log}"
+    );
+    assert!(!log.contains("refused FUSE_NOTIFY_RESEND"), "{log}");
+    // 2. The plugin killed and started again: it adopts the mount.
+    let readers = start_readers(&target, 6);
+    std::thread::sleep(Duration::from_secs(1));
+    node.kill_plugin(libc::SIGKILL);
+    std::thread::sleep(Duration::from_secs(1));
+    node.start_plugin();
+    // The adopted plugin holds the fds again: the serving side may go now.
+    std::thread::sleep(Duration::from_secs(1));
+    let serve = node.pids("csi-serve");
+    unsafe { libc::kill(serve[0] as i32, libc::SIGKILL) };
+    let (reads, failures, wrong, errors) = finish_readers(readers);
+    assert!(reads > 50);
+    assert_eq!(
+        (failures, wrong),
+        (0, 0),
+        "plugin killed: {errors}\n{}",
+        node.log_text()
+    );
+    calls = served(calls);
+    node.publish(request("vol-1", &target, attrs, &POD))
+        .expect("republish after adoption");
+    // 3. An upgrade: the plugin stopped (SIGTERM, as a DaemonSet update
+    // does) and a new binary started in its place.
+    let upgraded = node.path("ssmfs-upgraded");
+    std::fs::copy(&node.binary, &upgraded).unwrap();
+    let readers = start_readers(&target, 6);
+    std::thread::sleep(Duration::from_secs(1));
+    node.kill_plugin(libc::SIGTERM);
+    node.binary = upgraded;
+    node.start_plugin();
+    std::thread::sleep(Duration::from_secs(1));
+    let serve = node.pids("csi-serve");
+    unsafe { libc::kill(serve[0] as i32, libc::SIGKILL) };
+    let (reads, failures, wrong, errors) = finish_readers(readers);
+    assert!(reads > 50);
+    assert_eq!(
+        (failures, wrong),
+        (0, 0),
+        "plugin upgraded: {errors}\n{}",
+        node.log_text()
+    );
+    served(calls);
+    within(
+        Duration::from_secs(10),
+        "the upgraded binary serves",
+        || !node.pids("ssmfs-upgraded csi-serve").is_empty(),
+    );
+    // 4. Everything dies: readers get an error, not a wait.
+    node.kill_plugin(libc::SIGKILL);
+    for pid in node.pids("csi-serve") {
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    within(Duration::from_secs(5), "every serving process ends", || {
+        node.pids("--adopt-fds").is_empty() && node.pids("--serve-fd").is_empty()
+    });
+    let started = Instant::now();
+    // (A file read before may still come from the page cache: ssmfs runs
+    // the kernel in no-open mode. Whatever needs an answer fails.)
+    let error = std::fs::metadata(target.join("never-looked-up")).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::ENOTCONN), "{error}");
+    let error = std::fs::read_dir(&target)
+        .and_then(|mut d| d.next().transpose())
+        .unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::ENOTCONN), "{error}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the read waited"
+    );
+    // 5. The next plugin cleans up, and the next publish heals.
+    node.start_plugin();
+    node.publish(request("vol-1", &target, attrs, &POD))
+        .unwrap();
+    let healed = std::fs::read_to_string(target.join("api"));
+    assert_eq!(
+        healed.as_deref().ok(),
+        Some("api-secret"),
+        "{healed:?}\nmounts: {}\nlog:\n{}",
+        std::fs::read_to_string("/proc/self/mountinfo").unwrap(),
+        node.log_text()
+    );
+    assert!(!node.log_text().contains(TOKEN));
+}
