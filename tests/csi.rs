@@ -878,3 +878,93 @@ fn reads_survive_the_serving_side_killed_the_plugin_killed_and_the_plugin_upgrad
     );
     assert!(!node.log_text().contains(TOKEN));
 }
+
+/// A KubernetesExecutor's day on one node: 100 task pods one after another,
+/// each reading the same 20 secrets. Counted: the node pays what one pod
+/// pays, because every pod after the first finds the mount warm. Publish
+/// times are printed (docs/BENCHMARKS.md has a release build's).
+#[test]
+fn a_hundred_task_pods_cost_what_one_pod_costs() {
+    let Some((moto, gate)) = setup() else { return };
+    let secrets: Vec<(String, String)> = (0..20)
+        .map(|i| (format!("/k8s/task/s{i:02}"), format!("value-{i:02}")))
+        .collect();
+    let rt = runtime();
+    put_many(
+        &rt,
+        &client(&rt, &moto.endpoint),
+        secrets.clone(),
+        ParameterType::SecureString,
+    );
+    let node = Node::start(&gate, &[]);
+    let calls_before = gate.ssm_calls();
+    let (mut cold, mut warm) = (Duration::ZERO, Vec::new());
+    let mut first_pod_calls = 0;
+    for pod in 0..100 {
+        let uid = format!("task-{pod}");
+        let spec = PodSpec {
+            name: &uid,
+            uid: &uid,
+            ..POD
+        };
+        let target = node.target(&uid, "secrets");
+        let started = Instant::now();
+        node.publish(request("vol", &target, ATTRS, &spec)).unwrap();
+        let took = started.elapsed();
+        if pod == 0 {
+            cold = took;
+        } else {
+            warm.push(took);
+        }
+        for (name, value) in &secrets {
+            let file = target.join(name.trim_start_matches("/k8s/"));
+            assert_eq!(&std::fs::read_to_string(file).unwrap(), value);
+        }
+        if pod == 0 {
+            first_pod_calls = gate.ssm_calls() - calls_before;
+        }
+        node.unpublish("vol", &target).unwrap();
+    }
+    let total = gate.ssm_calls() - calls_before;
+    warm.sort();
+    eprintln!(
+        "100 pods: {total} SSM calls (the first pod: {first_pod_calls}); publish cold {:.1} ms, warm p50 {:.1} ms, p99 {:.1} ms",
+        cold.as_secs_f64() * 1e3,
+        warm[warm.len() / 2].as_secs_f64() * 1e3,
+        warm[warm.len() * 99 / 100].as_secs_f64() * 1e3,
+    );
+    let rss = |pid: u32| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .unwrap_or("VmRSS: ?")
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("?")
+            .to_string()
+    };
+    let plugin = node.plugin.as_ref().unwrap().id();
+    for (what, pids) in [
+        ("plugin", vec![plugin]),
+        ("csi-serve", node.pids("csi-serve")),
+        ("holder", node.pids("--adopt-fds")),
+        ("daemon", node.pids("--serve-fd")),
+    ] {
+        eprintln!(
+            "resident memory, {what}: {} kB",
+            pids.iter().map(|p| rss(*p)).collect::<Vec<_>>().join(", ")
+        );
+    }
+    assert_eq!(total, first_pod_calls, "pods after the first cost calls");
+    assert!(
+        first_pod_calls <= 25,
+        "{first_pod_calls} calls for one pod's 20 reads"
+    );
+    assert_eq!(node.shared_mounts(), 1, "one mount, lingering");
+    assert_eq!(
+        gate.counts().0.get(ROLE),
+        Some(&1),
+        "one role session for 100 pods"
+    );
+}
