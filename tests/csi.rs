@@ -548,7 +548,9 @@ fn sts_refusing_the_role_fails_the_publish_and_mounts_nothing() {
 #[test]
 fn pods_with_one_identity_share_a_warm_mount_and_others_do_not() {
     let Some((_moto, gate)) = setup() else { return };
-    let node = Node::start(&gate, &["--linger", "2s"]);
+    let metrics_port = free_loopback_port().to_string();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let node = Node::start(&gate, &["--linger", "2s", "--metrics-addr", &metrics_addr]);
     let a = node.target("uid-a", "secrets");
     node.publish(request("vol-a", &a, ATTRS, &POD)).unwrap();
     // Publishing again (a retry, a republish with a fresh token) is a no-op.
@@ -580,6 +582,27 @@ fn pods_with_one_identity_share_a_warm_mount_and_others_do_not() {
         "the second pod's reads cost SSM calls"
     );
     assert_eq!(node.shared_mounts(), 1);
+    let (code, metrics, _) = run("curl", &["-sf", &format!("http://{metrics_addr}/metrics")]);
+    assert_eq!(code, 0);
+    let attached = metrics
+        .lines()
+        .find(|l| l.starts_with("ssmfs_csi_pods_attached{"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(attached.ends_with(" 2"), "{metrics}");
+    let hits = metrics
+        .lines()
+        .find(|l| l.starts_with("ssmfs_cache_hits_total{mount="))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        !hits.is_empty() && !hits.ends_with(" 0"),
+        "per-mount hits: {metrics}"
+    );
+    assert!(
+        metrics.contains("ssmfs_api_calls_total{mount="),
+        "per-mount calls: {metrics}"
+    );
     let assumed = gate.counts().0;
     assert_eq!(
         assumed.get(ROLE),

@@ -240,7 +240,9 @@ async fn serve_metrics(
             tokio::spawn(async move {
                 let mut request = [0u8; 1024];
                 let _ = stream.read(&mut request).await;
-                let body = driver.metrics();
+                let body = tokio::task::spawn_blocking(move || driver.metrics())
+                    .await
+                    .unwrap_or_default();
                 let head = format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                     body.len()

@@ -82,6 +82,7 @@ impl SharedMount {
             "mountpoint": self.mountpoint,
             "identity": self.identity.to_json(),
             "options": self.options,
+            "args": self.args,
             "targets": targets,
         })
     }
@@ -222,7 +223,10 @@ impl Driver {
                 self.forget(&key);
                 continue;
             }
-            let args = super::volume::daemon_args(&identity, &options, &mountpoint);
+            // The recorded command line (its metrics port with it), or one
+            // rebuilt from the attributes.
+            let args: Vec<String> = serde_json::from_value(record["args"].clone())
+                .unwrap_or_else(|_| super::volume::daemon_args(&identity, &options, &mountpoint));
             let idle_since = targets.is_empty().then(Instant::now);
             tracing::info!(mount = %key, pods = targets.len(), "adopting a live shared mount");
             mounts.insert(
@@ -555,7 +559,15 @@ impl Driver {
             session,
             token,
         };
-        let args = publish.daemon_args(&mountpoint);
+        let mut args = publish.daemon_args(&mountpoint);
+        // Its daemon's own metrics, on loopback, for the plugin to gather.
+        if let Some(port) = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .ok()
+            .map(|addr| addr.port())
+        {
+            args.insert(0, format!("--metrics-addr=127.0.0.1:{port}"));
+        }
         let deadline = Instant::now() + START_TIMEOUT;
         let started = (|| {
             let socket = self.link_socket(deadline)?;
@@ -793,8 +805,47 @@ impl Driver {
         }
     }
 
-    /// Prometheus text: the shared mounts and the pods on each.
+    /// Prometheus text: the shared mounts, the pods on each, and each
+    /// mount's daemon's own metrics (calls, hits...) labelled with its key.
     pub fn metrics(&self) -> String {
+        let daemons: Vec<(String, String)> = {
+            let mounts = self.mounts.lock().unwrap();
+            mounts
+                .iter()
+                .filter_map(|(key, mount)| {
+                    let addr = mount
+                        .args
+                        .iter()
+                        .find_map(|arg| arg.strip_prefix("--metrics-addr="))?;
+                    Some((key.clone(), addr.to_string()))
+                })
+                .collect()
+        };
+        let mut gathered = String::new();
+        let mut described = std::collections::HashSet::new();
+        for (key, addr) in daemons {
+            let Some(text) = fetch_metrics(&addr) else {
+                continue;
+            };
+            for line in text.lines() {
+                if line.starts_with('#') {
+                    if described.insert(line.to_string()) {
+                        gathered.push_str(line);
+                        gathered.push('\n');
+                    }
+                    continue;
+                }
+                let labelled = match line.split_once('{') {
+                    Some((name, rest)) => format!("{name}{{mount=\"{key}\",{rest}"),
+                    None => match line.split_once(' ') {
+                        Some((name, value)) => format!("{name}{{mount=\"{key}\"}} {value}"),
+                        None => continue,
+                    },
+                };
+                gathered.push_str(&labelled.replace(",}", "}"));
+                gathered.push('\n');
+            }
+        }
         let mounts = self.mounts.lock().unwrap();
         let mut out = String::from(
             "# HELP ssmfs_csi_shared_mounts Shared mounts on this node.\n# TYPE ssmfs_csi_shared_mounts gauge\n",
@@ -807,6 +858,7 @@ impl Driver {
                 mount.targets.len()
             ));
         }
+        out.push_str(&gathered);
         out
     }
 
@@ -817,6 +869,22 @@ impl Driver {
             .filter(|m| m.fds.as_ref().is_some_and(|f| f.fuse.as_raw_fd() > 0))
             .count()
     }
+}
+
+/// A daemon's metrics page, over loopback (one second at most).
+fn fetch_metrics(addr: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = addr.parse().ok()?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
 }
 
 /// The gRPC face of the driver.
