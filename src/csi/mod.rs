@@ -68,6 +68,11 @@ pub struct PluginArgs {
     /// apart, at the cost of one idle serving process per mount.
     #[arg(long, default_value = "10m", value_parser = crate::config::parse_duration)]
     pub linger: Duration,
+    /// Attribute defaults for every volume (`defaults.json`) and named
+    /// classes a volume picks with `class` (`classes.json`): JSON objects of
+    /// strings, as a ConfigMap mounts them.
+    #[arg(long)]
+    pub attributes_dir: Option<PathBuf>,
     /// Serve Prometheus metrics (shared mounts, pods attached) on this address.
     #[arg(long)]
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -87,7 +92,11 @@ pub struct ServeArgs {
 
 /// `Some(exit code)` when `args` name a CSI subcommand.
 pub fn run_subcommand(args: &[OsString]) -> Option<ExitCode> {
-    let rest = || args.iter().skip(1).cloned();
+    // "ssmfs csi" as the program's name, so usage lines read as typed.
+    let rest = || {
+        let name = format!("ssmfs {}", args[1].to_string_lossy());
+        std::iter::once(OsString::from(name)).chain(args.iter().skip(2).cloned())
+    };
     let outcome = match args.get(1).and_then(|arg| arg.to_str()) {
         Some("csi") => PluginArgs::try_parse_from(rest()).map(run_plugin),
         Some("csi-serve") => ServeArgs::try_parse_from(rest()).map(|a| {
@@ -151,6 +160,11 @@ fn run_plugin(args: PluginArgs) -> anyhow::Result<()> {
         );
     }
     let endpoint = socket_path(&args.endpoint);
+    let defaults = match &args.attributes_dir {
+        Some(dir) => volume::AttributeDefaults::load(dir)
+            .map_err(|why| anyhow::anyhow!("--attributes-dir: {why}"))?,
+        None => volume::AttributeDefaults::default(),
+    };
     let driver = node::Driver::new(node::DriverSettings {
         driver_name: args.driver_name,
         node_id: args.node_id,
@@ -160,6 +174,7 @@ fn run_plugin(args: PluginArgs) -> anyhow::Result<()> {
         serve_user: args.serve_user,
         external_serve: args.external_serve,
         linger: args.linger,
+        defaults,
     });
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("--state-dir {}", args.state_dir.display()))?;

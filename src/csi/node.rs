@@ -43,6 +43,7 @@ pub struct DriverSettings {
     /// The serving side runs elsewhere (a second container): do not start it.
     pub external_serve: bool,
     pub linger: Duration,
+    pub defaults: super::volume::AttributeDefaults,
 }
 
 struct Attachment {
@@ -616,7 +617,7 @@ impl Driver {
     }
 
     fn publish(&self, request: NodePublishVolumeRequest) -> Result<(), CsiError> {
-        let publish = Publish::parse(&request, &self.settings.pods_dir)?;
+        let publish = Publish::parse(&request, &self.settings.pods_dir, &self.settings.defaults)?;
         let target = &publish.target;
         let started = Instant::now();
         match std::fs::symlink_metadata(target) {

@@ -34,7 +34,105 @@ const ATTRIBUTES: &[(&str, &str)] = &[
     ("gid", "--gid"),
     ("fileMode", "--file-mode"),
     ("dirMode", "--dir-mode"),
+    ("class", ""),
 ];
+
+/// Pairs where a volume's own choice drops the other one it inherited.
+const EITHER_OR: [(&str, &str); 2] = [("path", "airflowKwargs"), ("roleArn", "useNodeIdentity")];
+
+/// Attributes the node gives volumes that do not set them
+/// (`--attributes-dir`): `defaults.json` for all, `classes.json` for those
+/// naming a `class`. The volume's own win over its class, the class over
+/// the defaults.
+#[derive(Debug, Default, Clone)]
+pub struct AttributeDefaults {
+    pub base: BTreeMap<String, String>,
+    pub classes: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+impl AttributeDefaults {
+    /// Reads `dir/defaults.json` and `dir/classes.json` (either may be
+    /// missing), refusing unknown attribute names.
+    pub fn load(dir: &Path) -> Result<Self, String> {
+        let read = |name: &str| -> Result<Option<serde_json::Value>, String> {
+            let path = dir.join(name);
+            match std::fs::read(&path) {
+                Ok(bytes) => serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| format!("{}: {e}", path.display())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(format!("{}: {e}", path.display())),
+            }
+        };
+        let strings =
+            |what: &str, value: serde_json::Value| -> Result<BTreeMap<String, String>, String> {
+                let map: BTreeMap<String, String> = serde_json::from_value(value)
+                    .map_err(|_| format!("{what}: expected an object of strings"))?;
+                if let Some(bad) = map
+                    .keys()
+                    .find(|k| *k == "class" || !ATTRIBUTES.iter().any(|(n, _)| n == k))
+                {
+                    return Err(format!(
+                        "{what}: {bad:?} is not a volume attribute a default may set"
+                    ));
+                }
+                Ok(map)
+            };
+        let base = match read("defaults.json")? {
+            Some(value) => strings("defaults.json", value)?,
+            None => BTreeMap::new(),
+        };
+        let mut classes = BTreeMap::new();
+        if let Some(value) = read("classes.json")? {
+            let all: BTreeMap<String, serde_json::Value> = serde_json::from_value(value)
+                .map_err(|_| "classes.json: expected an object of classes".to_string())?;
+            for (name, class) in all {
+                classes.insert(
+                    name.clone(),
+                    strings(&format!("classes.json, class {name}"), class)?,
+                );
+            }
+        }
+        Ok(AttributeDefaults { base, classes })
+    }
+
+    /// The volume's attributes over its class's over the defaults.
+    fn apply(&self, own: BTreeMap<String, String>) -> Result<BTreeMap<String, String>, CsiError> {
+        let class = match own.get("class") {
+            Some(name) => Some(self.classes.get(name).ok_or_else(|| {
+                let known: Vec<&str> = self.classes.keys().map(String::as_str).collect();
+                invalid(format!(
+                    "volume attribute class: no class {name:?} on this node (known: {})",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ))
+            })?),
+            None => None,
+        };
+        // Each layer's choice of one of a pair drops the other from below.
+        let overlay = |merged: &mut BTreeMap<String, String>, layer: &BTreeMap<String, String>| {
+            for (one, other) in EITHER_OR {
+                if layer.contains_key(one) {
+                    merged.remove(other);
+                }
+                if layer.contains_key(other) {
+                    merged.remove(one);
+                }
+            }
+            merged.extend(layer.iter().map(|(k, v)| (k.clone(), v.clone())));
+        };
+        let mut merged = self.base.clone();
+        if let Some(class) = class {
+            overlay(&mut merged, class);
+        }
+        overlay(&mut merged, &own);
+        merged.remove("class");
+        Ok(merged)
+    }
+}
 
 /// Files and directories belong to root's group with group read: the
 /// official Airflow image runs as uid 50000 in group 0.
@@ -103,7 +201,11 @@ fn inside(target: &Path, pods_dir: &Path) -> bool {
 }
 
 impl Publish {
-    pub fn parse(request: &NodePublishVolumeRequest, pods_dir: &Path) -> Result<Self, CsiError> {
+    pub fn parse(
+        request: &NodePublishVolumeRequest,
+        pods_dir: &Path,
+        defaults: &AttributeDefaults,
+    ) -> Result<Self, CsiError> {
         if request.volume_id.is_empty() {
             return Err(invalid("volume_id is missing"));
         }
@@ -170,11 +272,12 @@ impl Publish {
             uid: get("pod.uid").unwrap_or_default(),
             service_account: get("serviceAccount.name").unwrap_or_default(),
         };
-        let options: BTreeMap<String, String> = context
+        let own: BTreeMap<String, String> = context
             .iter()
             .filter(|(key, _)| !key.starts_with(KUBELET_PREFIX))
             .map(|(key, value)| (key.clone(), value.clone()))
             .collect();
+        let options = defaults.apply(own)?;
         if options.contains_key("path") == options.contains_key("airflowKwargs") {
             return Err(invalid(
                 "set exactly one of the volume attributes path (an SSM path such as /airflow) and airflowKwargs (the JSON of AIRFLOW__SECRETS__BACKEND_KWARGS)",
@@ -421,5 +524,77 @@ impl Identity {
             service_account: value["serviceAccount"].as_str()?.to_string(),
             role_arn: value["roleArn"].as_str()?.to_string(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_volume_wins_over_its_class_and_the_class_over_the_defaults() {
+        let defaults = AttributeDefaults {
+            base: map(&[("region", "eu-west-1"), ("ttl", "5m"), ("path", "/shared")]),
+            classes: [(
+                "airflow".to_string(),
+                map(&[("airflowKwargs", "{}"), ("ttl", "1m"), ("uid", "50000")]),
+            )]
+            .into_iter()
+            .collect(),
+        };
+        let merged = defaults
+            .apply(map(&[("class", "airflow"), ("uid", "1000")]))
+            .unwrap();
+        assert_eq!(
+            merged,
+            map(&[
+                ("region", "eu-west-1"),
+                ("ttl", "1m"),
+                ("airflowKwargs", "{}"),
+                ("uid", "1000")
+            ]),
+            "the class's airflowKwargs drops the defaults' path only when the volume chose neither"
+        );
+        let own_path = defaults
+            .apply(map(&[("class", "airflow"), ("path", "/mine")]))
+            .unwrap();
+        assert_eq!(own_path.get("path").map(String::as_str), Some("/mine"));
+        assert!(
+            !own_path.contains_key("airflowKwargs"),
+            "the volume's own path drops the inherited kwargs"
+        );
+        let unknown = defaults.apply(map(&[("class", "nope")])).unwrap_err();
+        assert!(unknown.to_string().contains("airflow"), "{unknown}");
+    }
+
+    #[test]
+    fn defaults_files_name_only_volume_attributes() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("defaults.json"),
+            r#"{"region": "us-east-1"}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("classes.json"), r#"{"a": {"ttl": "1m"}}"#).unwrap();
+        let loaded = AttributeDefaults::load(dir.path()).unwrap();
+        assert_eq!(loaded.classes["a"]["ttl"], "1m");
+        std::fs::write(
+            dir.path().join("classes.json"),
+            r#"{"a": {"colour": "blue"}}"#,
+        )
+        .unwrap();
+        let error = AttributeDefaults::load(dir.path()).unwrap_err();
+        assert!(error.contains("colour"), "{error}");
+        assert!(AttributeDefaults::load(Path::new("/nonexistent"))
+            .unwrap()
+            .base
+            .is_empty());
     }
 }

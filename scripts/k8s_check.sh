@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Checks the Kubernetes side offline: `helm lint` and `helm template` of the
+# chart with its defaults and with a values file that sets every option
+# (deploy/helm/ssmfs-csi/ci/all-values.yaml); every rendered object and every
+# file in deploy/kubernetes/ validated against Kubernetes 1.30's schemas
+# (kubernetes-validate, strict: unknown fields fail); and the volume and
+# mount that deploy/examples/airflow-values.yaml hands Airflow's chart,
+# validated inside a Pod (Airflow's chart and its values schema come from no
+# registry this project can reach, so the file itself is checked as YAML and
+# for what it sets).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh >/dev/null
+K8S_VERSION=1.30.0
+helm=.tools/bin/helm; validate=(.venv-k8s/bin/kubernetes-validate -k "$K8S_VERSION" --strict --quiet)
+chart=deploy/helm/ssmfs-csi
+out=$(mktemp -d); trap 'rm -rf "$out"' EXIT
+"$helm" lint --strict "$chart"
+"$helm" lint --strict "$chart" -f "$chart/ci/all-values.yaml"
+"$helm" template ssmfs-csi "$chart" --namespace kube-system > "$out/default.yaml"
+"$helm" template ssmfs-csi "$chart" --namespace kube-system -f "$chart/ci/all-values.yaml" > "$out/all.yaml"
+# The rendered DaemonSet must carry what the values set.
+grep -q -- '--linger=30m' "$out/all.yaml"
+grep -q 'runAsUser: 10001' "$out/all.yaml"
+grep -q 'eventsTopic' "$out/all.yaml"
+"${validate[@]}" "$out/default.yaml" "$out/all.yaml" deploy/kubernetes/*.yaml
+.venv-k8s/bin/python - deploy/examples/airflow-values.yaml "$out/airflow-pod.yaml" <<'PY'
+import sys, yaml
+values = yaml.safe_load(open(sys.argv[1]))
+env = {e["name"]: e["value"] for e in values["env"]}
+assert env["AIRFLOW__SECRETS__BACKEND"] == "ssmfs_airflow.SsmfsSecretsBackend", env
+volume = values["volumes"][0]
+assert volume["csi"]["driver"] == "ssmfs.csi.aws-ssm.dev" and volume["csi"]["readOnly"] is True
+for component in ("workers", "scheduler", "triggerer", "dagProcessor"):
+    assert "eks.amazonaws.com/role-arn" in values[component]["serviceAccount"]["annotations"], component
+pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "airflow-worker"},
+       "spec": {"containers": [{"name": "base", "image": "apache/airflow:3.1.0", "env": values["env"],
+                                "volumeMounts": values["volumeMounts"]}],
+                "volumes": values["volumes"]}}
+yaml.safe_dump(pod, open(sys.argv[2], "w"))
+PY
+"${validate[@]}" "$out/airflow-pod.yaml"
+echo "k8s_check: chart, manifests and Airflow values valid for Kubernetes $K8S_VERSION"
