@@ -60,14 +60,27 @@ impl Node {
         std::fs::read_to_string(self.path("plugin.log")).unwrap_or_default()
     }
 
-    fn start_plugin(&mut self) {
+    /// The binary with the node's AWS settings, logging into plugin.log.
+    fn command(&self, subcommand: &str) -> Command {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.path("plugin.log"))
             .unwrap();
-        let child = Command::new(&self.binary)
-            .arg("csi")
+        let mut command = Command::new(&self.binary);
+        command
+            .arg(subcommand)
+            .envs(aws_env())
+            .env("AWS_ENDPOINT_URL", &self.endpoint)
+            .env("SSMFS_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log);
+        command
+    }
+
+    fn start_plugin(&mut self) {
+        let child = self
+            .command("csi")
             .arg("--endpoint")
             .arg(format!("unix://{}", self.path("csi.sock").display()))
             .args(["--node-id", "node-1"])
@@ -78,16 +91,13 @@ impl Node {
             .arg("--pods-dir")
             .arg(self.path("pods"))
             .args(&self.extra)
-            .envs(aws_env())
-            .env("AWS_ENDPOINT_URL", &self.endpoint)
-            .env("SSMFS_LOG", "debug")
-            .stdout(Stdio::null())
-            .stderr(log)
             .spawn()
             .expect("starting ssmfs csi");
         self.plugin = Some(child);
+        // With the serving side elsewhere, ready waits for it; answering is enough.
+        let external = self.extra.iter().any(|arg| arg == "--external-serve");
         let deadline = Instant::now() + Duration::from_secs(20);
-        while self.try_probe() != Some(true) {
+        while !(self.try_probe() == Some(true) || external && self.try_probe().is_some()) {
             assert!(
                 Instant::now() < deadline,
                 "the plugin never became ready:\n{}",
@@ -95,6 +105,28 @@ impl Node {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// A serving side of its own (as a second container runs it), as root.
+    fn start_serve(&self, ready_file: &Path) -> Child {
+        self.command("csi-serve")
+            .arg("--run-dir")
+            .arg(self.path("run"))
+            .arg("--ready-file")
+            .arg(ready_file)
+            .spawn()
+            .expect("starting ssmfs csi-serve")
+    }
+
+    /// What the serving pod's readiness probe runs.
+    fn serve_ready(&self, ready_file: &Path) -> bool {
+        Command::new(&self.binary)
+            .args(["csi-serve", "--check-ready", "--ready-file"])
+            .arg(ready_file)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
     }
 
     fn kill_plugin(&mut self, signal: i32) {
@@ -217,6 +249,14 @@ fn setup() -> Option<(Moto, Gate)> {
 }
 
 const ATTRS: &[(&str, &str)] = &[("path", "/k8s"), ("roleArn", ROLE), ("region", "us-east-1")];
+/// A one-second TTL: the kernel asks again every second, so readers keep
+/// reaching the serving side rather than the page cache.
+const SHORT_TTL_ATTRS: &[(&str, &str)] = &[
+    ("path", "/k8s"),
+    ("roleArn", ROLE),
+    ("region", "us-east-1"),
+    ("ttl", "1s"),
+];
 
 #[test]
 fn sanity_identity_and_node_information() {
@@ -641,15 +681,7 @@ fn reads_survive_the_serving_side_killed_the_plugin_killed_and_the_plugin_upgrad
     let Some((_moto, gate)) = setup() else { return };
     let mut node = Node::start(&gate, &[]);
     let target = node.target("uid-1", "secrets");
-    // A one-second TTL: the kernel asks again every second, so reads keep
-    // reaching the serving side rather than the page cache.
-    let attrs = [
-        ("path", "/k8s"),
-        ("roleArn", ROLE),
-        ("region", "us-east-1"),
-        ("ttl", "1s"),
-    ];
-    let attrs = &attrs[..];
+    let attrs = SHORT_TTL_ATTRS;
     node.publish(request("vol-1", &target, attrs, &POD))
         .unwrap();
     let served = |calls_before: u64| {
@@ -906,4 +938,87 @@ fn volume_classes_fill_in_what_a_volume_leaves_out() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("k8s"), "{status:?}");
+}
+
+/// A DaemonSet surge update of the serving side (the new pod starts before
+/// the old one is deleted), while the plugin's own DaemonSet replaces the
+/// plugin at the same moment: the younger serving side takes every mount
+/// over, the older one goes, and no read fails.
+#[test]
+fn a_surge_serving_side_takes_over_while_the_plugin_is_replaced() {
+    let Some((_moto, gate)) = setup() else { return };
+    let mut node = Node::start(&gate, &["--external-serve"]);
+    let (ready_old, ready_new) = (node.path("old.ready"), node.path("new.ready"));
+    let mut old = node.start_serve(&ready_old);
+    within(
+        Duration::from_secs(10),
+        "the plugin sees the serving side",
+        || node.try_probe() == Some(true),
+    );
+    let target = node.target("uid-1", "secrets");
+    let attrs = SHORT_TTL_ATTRS;
+    node.publish(request("vol-1", &target, attrs, &POD))
+        .unwrap();
+    within(Duration::from_secs(5), "the serving side is ready", || {
+        node.serve_ready(&ready_old)
+    });
+    assert!(!node.serve_ready(&ready_new));
+    let calls = gate.ssm_calls();
+    let readers = start_readers(&target, 8);
+    std::thread::sleep(Duration::from_secs(1));
+    // The surge pod: ready once it serves the mount, and the old one not.
+    let mut new = node.start_serve(&ready_new);
+    within(
+        Duration::from_secs(10),
+        "the younger serving side is ready",
+        || node.serve_ready(&ready_new),
+    );
+    assert!(!node.serve_ready(&ready_old), "both claim the mount");
+    let holders = node.pids("--adopt-fds");
+    assert_eq!(holders.len(), 1, "{holders:?}");
+    let parent = std::fs::read_to_string(format!("/proc/{}/stat", holders[0])).unwrap();
+    let parent: u32 = parent
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(parent, new.id(), "the holder is not the younger side's");
+    // The old pod deleted and the plugin replaced, at once.
+    std::thread::sleep(Duration::from_secs(1));
+    unsafe { libc::kill(old.id() as i32, libc::SIGTERM) };
+    node.kill_plugin(libc::SIGKILL);
+    let _ = old.wait();
+    node.start_plugin();
+    let (reads, failures, wrong, errors) = finish_readers(readers);
+    assert!(reads > 50, "{reads} reads");
+    assert_eq!(
+        (failures, wrong),
+        (0, 0),
+        "surge and plugin replaced: {errors}\n{}",
+        node.log_text()
+    );
+    assert!(gate.ssm_calls() >= calls + 3, "the mount was not asked");
+    let log = node.log_text();
+    assert!(
+        log.contains("a younger serving side takes the mount over")
+            && log.contains("asked the kernel to resend"),
+        "no handover:\n{log}"
+    );
+    within(
+        Duration::from_secs(5),
+        "the younger side is ready again",
+        || node.serve_ready(&ready_new),
+    );
+    node.publish(request("vol-1", &target, attrs, &POD))
+        .expect("republish to the replaced plugin");
+    assert_eq!(
+        std::fs::read_to_string(target.join("db")).unwrap(),
+        "db-secret"
+    );
+    let _ = new.kill();
+    let _ = new.wait();
 }

@@ -88,6 +88,14 @@ pub struct ServeArgs {
     /// The directory holding the plugin's control socket.
     #[arg(long, default_value = "/run/ssmfs-csi")]
     pub run_dir: PathBuf,
+    /// A file that exists while this serving side serves every mount (the
+    /// plugin says so): what the pod's readiness probe checks.
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
+    /// Only check the ready file: exit 0 if it exists (a readiness probe
+    /// in an image without a shell).
+    #[arg(long, requires = "ready_file")]
+    pub check_ready: bool,
 }
 
 /// `Some(exit code)` when `args` name a CSI subcommand.
@@ -99,9 +107,12 @@ pub fn run_subcommand(args: &[OsString]) -> Option<ExitCode> {
     };
     let outcome = match args.get(1).and_then(|arg| arg.to_str()) {
         Some("csi") => PluginArgs::try_parse_from(rest()).map(run_plugin),
-        Some("csi-serve") => ServeArgs::try_parse_from(rest()).map(|a| {
-            init_logging();
-            serve::run(node::Driver::control_socket(&a.run_dir))
+        Some("csi-serve") => ServeArgs::try_parse_from(rest()).map(|a| match a.ready_file {
+            Some(file) if a.check_ready => serve::check_ready(&file),
+            ready_file => {
+                init_logging();
+                serve::run(node::Driver::control_socket(&a.run_dir), ready_file)
+            }
         }),
         _ => return None,
     };

@@ -60,8 +60,10 @@ struct SharedMount {
     fds: Option<ConnectionFds>,
     targets: BTreeMap<PathBuf, Attachment>,
     idle_since: Option<Instant>,
-    /// The serving side holds and serves it.
-    serving: bool,
+    /// The link whose holder serves it.
+    served_by: Option<u64>,
+    /// Asked to stop there so the current serving side takes it over.
+    moving: bool,
     /// Removed on purpose: the holder's end is expected.
     removing: bool,
 }
@@ -89,12 +91,50 @@ impl SharedMount {
     }
 }
 
+/// A serving side connected to the plugin.
+struct Linked {
+    socket: Arc<std::os::fd::OwnedFd>,
+    /// When that serving side started: the youngest serves everything, so
+    /// a DaemonSet's surge pod takes over from the pod it replaces.
+    born: u64,
+}
+
 #[derive(Default)]
 struct Link {
-    socket: Option<Arc<std::os::fd::OwnedFd>>,
+    /// Serving sides that said hello, by connection number.
+    linked: HashMap<u64, Linked>,
+    next_id: u64,
+    /// When the first serving side said hello to this plugin.
+    first_hello: Option<Instant>,
     /// Publishes waiting for their mount's first holder to serve.
     waiting: HashMap<String, mpsc::Sender<Result<(), String>>>,
 }
+
+impl Link {
+    /// The serving side that should serve every mount: the youngest.
+    fn current(&self) -> Option<(u64, Arc<std::os::fd::OwnedFd>)> {
+        self.linked
+            .iter()
+            .max_by_key(|(id, linked)| (linked.born, **id))
+            .map(|(id, linked)| (*id, linked.socket.clone()))
+    }
+
+    fn socket(&self, id: u64) -> Option<Arc<std::os::fd::OwnedFd>> {
+        self.linked.get(&id).map(|linked| linked.socket.clone())
+    }
+
+    /// Tells every serving side (a mount removed: held or kept copies go).
+    fn tell_all(&self, message: &Value) {
+        for linked in self.linked.values() {
+            let _ = control::send(&linked.socket, message, &[]);
+        }
+    }
+}
+
+/// How long after the first serving side's hello a mount nobody reported
+/// holding counts as dead: every live serving side reconnects within a
+/// few of its 100 ms retries.
+const HELLO_SETTLE: Duration = Duration::from_millis(1500);
 
 pub struct Driver {
     settings: DriverSettings,
@@ -240,7 +280,8 @@ impl Driver {
                     fds: None,
                     targets,
                     idle_since,
-                    serving: false,
+                    served_by: None,
+                    moving: false,
                     removing: false,
                 },
             );
@@ -270,7 +311,16 @@ impl Driver {
             .name("ssmfs-csi-link".into())
             .spawn(move || loop {
                 match control::accept(&listener) {
-                    Ok(link) => driver.serve_link(Arc::new(link)),
+                    Ok(link) => {
+                        // Two serving sides at once during a surge update.
+                        let driver = driver.clone();
+                        let spawned = std::thread::Builder::new()
+                            .name("ssmfs-csi-linked".into())
+                            .spawn(move || driver.serve_link(Arc::new(link)));
+                        if let Err(error) = spawned {
+                            tracing::error!(%error, "cannot serve a serving side's link");
+                        }
+                    }
                     Err(error) => {
                         tracing::error!(%error, "the control socket failed");
                         std::thread::sleep(Duration::from_millis(200));
@@ -363,110 +413,222 @@ impl Driver {
         Ok(child)
     }
 
-    /// One connection from the serving side, until it closes.
+    /// One connection from a serving side, until it closes.
     fn serve_link(self: &Arc<Self>, socket: Arc<std::os::fd::OwnedFd>) {
-        let mut had: Vec<String> = Vec::new();
+        let id = {
+            let mut link = self.link.lock().unwrap();
+            link.next_id += 1;
+            link.next_id
+        };
+        let mut had = 0;
         loop {
             let (message, fds) = match control::receive(&socket) {
                 Ok(Some(received)) => received,
                 Ok(None) | Err(_) => break,
             };
-            let id = message["id"].as_str().unwrap_or_default().to_string();
+            let key = message["id"].as_str().unwrap_or_default().to_string();
             match message["op"].as_str() {
                 Some("have") => {
+                    let serving = message["serving"].as_bool().unwrap_or(true);
                     let mut mounts = self.mounts.lock().unwrap();
-                    match mounts.get_mut(&id) {
+                    match mounts.get_mut(&key) {
                         Some(mount) => {
                             if mount.fds.is_none() {
                                 mount.fds = ConnectionFds::from_received(fds).ok();
                             }
-                            mount.serving = true;
-                            had.push(id);
+                            let elsewhere = mount.served_by.is_some_and(|other| {
+                                other != id && self.link.lock().unwrap().linked.contains_key(&other)
+                            });
+                            if serving && elsewhere {
+                                // Never two holders on one connection.
+                                let stop = json!({"op": "stop", "id": key, "handover": true});
+                                let _ = control::send(&socket, &stop, &[]);
+                            } else if serving {
+                                mount.served_by = Some(id);
+                                had += 1;
+                            }
                         }
                         None => {
-                            tracing::warn!(mount = %id, "the serving side holds a mount this plugin has no record of; it is stopped");
-                            let _ = control::send(&socket, &json!({"op": "stop", "id": id}), &[]);
+                            tracing::warn!(mount = %key, "the serving side holds a mount this plugin has no record of; it is stopped");
+                            let _ = control::send(&socket, &json!({"op": "stop", "id": key}), &[]);
                         }
                     }
                 }
                 Some("hello") => {
-                    let mut mounts = self.mounts.lock().unwrap();
-                    // Recorded, mounted, and held by nobody: both sides died
-                    // and the kernel ended the connection. (Its root's cached
-                    // attributes may still answer a stat: only the fds tell.)
-                    let dead: Vec<String> = mounts
-                        .iter()
-                        .filter(|(key, mount)| mount.fds.is_none() && !had.contains(key))
-                        .map(|(key, _)| key.clone())
-                        .collect();
-                    for key in &dead {
-                        let mount = mounts.remove(key).expect("listed above");
-                        tracing::warn!(mount = %key, pods = mount.targets.len(), "no process held the shared mount any more; detaching it and its targets (their next publish mounts anew)");
-                        for target in mount.targets.keys() {
-                            let _ = daemon::lazy_unmount(target);
-                        }
-                        let _ = daemon::lazy_unmount(&mount.mountpoint);
-                        self.forget(key);
+                    let born = message["born"].as_u64().unwrap_or(0);
+                    let first_hello = {
+                        let mut link = self.link.lock().unwrap();
+                        link.linked.insert(
+                            id,
+                            Linked {
+                                socket: socket.clone(),
+                                born,
+                            },
+                        );
+                        *link.first_hello.get_or_insert_with(Instant::now)
+                    };
+                    tracing::info!(link = id, held = had, "a serving side is connected");
+                    // Mounts nobody holds are dead, once every serving side
+                    // that lives has had the time to say what it holds.
+                    let settle = HELLO_SETTLE.saturating_sub(first_hello.elapsed());
+                    if settle.is_zero() {
+                        self.detach_unheld();
+                    } else {
+                        let driver = self.clone();
+                        std::thread::spawn(move || {
+                            std::thread::sleep(settle);
+                            driver.detach_unheld();
+                            driver.rebalance();
+                        });
                     }
-                    // What the serving side lacks (it restarted): resumed.
-                    let mut resumed = 0;
-                    for (key, mount) in mounts.iter() {
-                        if had.contains(key) || mount.removing {
-                            continue;
-                        }
-                        if let Some(fds) = &mount.fds {
-                            let message = json!({"op": "start", "id": key, "args": mount.args});
-                            match control::send(&socket, &message, &fds.raw()) {
-                                Ok(()) => resumed += 1,
-                                Err(error) => {
-                                    tracing::error!(mount = %key, %error, "could not hand the mount to the serving side")
-                                }
-                            }
-                        }
-                    }
-                    drop(mounts);
-                    self.link.lock().unwrap().socket = Some(socket.clone());
-                    tracing::info!(
-                        held = had.len(),
-                        resumed,
-                        detached = dead.len(),
-                        "the serving side is connected"
-                    );
+                    self.rebalance();
                 }
                 Some("started") => {
                     let outcome = match message["error"].as_str() {
                         Some(why) => Err(why.to_string()),
                         None => Ok(()),
                     };
-                    if let Some(mount) = self.mounts.lock().unwrap().get_mut(&id) {
-                        mount.serving = outcome.is_ok();
+                    if let Some(mount) = self.mounts.lock().unwrap().get_mut(&key) {
+                        if outcome.is_err() && mount.served_by == Some(id) {
+                            mount.served_by = None;
+                        }
                     }
-                    let waiter = self.link.lock().unwrap().waiting.remove(&id);
+                    let waiter = self.link.lock().unwrap().waiting.remove(&key);
                     match (waiter, outcome) {
                         (Some(waiter), outcome) => {
                             let _ = waiter.send(outcome);
                         }
                         (None, Err(why)) => {
-                            tracing::error!(mount = %id, reason = why, "the serving side could not resume a mount")
+                            tracing::error!(mount = %key, reason = why, "the serving side could not resume a mount")
                         }
-                        (None, Ok(())) => {}
+                        (None, Ok(())) => self.tell_ready_when_all_served(),
                     }
                 }
-                Some("ended") => self.holder_ended(&id),
+                Some("stopped") => {
+                    let handed = match self.mounts.lock().unwrap().get_mut(&key) {
+                        Some(mount) if mount.moving && mount.served_by == Some(id) => {
+                            mount.moving = false;
+                            mount.served_by = None;
+                            true
+                        }
+                        _ => false,
+                    };
+                    if handed {
+                        self.rebalance();
+                    }
+                }
+                Some("ended") => self.holder_ended(&key),
                 other => tracing::warn!(op = ?other, "unknown message from the serving side"),
             }
         }
-        let mut link = self.link.lock().unwrap();
-        if link
-            .socket
-            .as_ref()
-            .is_some_and(|current| Arc::ptr_eq(current, &socket))
-        {
-            link.socket = None;
-        }
+        self.link.lock().unwrap().linked.remove(&id);
+        let orphaned = {
+            let mut mounts = self.mounts.lock().unwrap();
+            let mut orphaned = 0;
+            for mount in mounts.values_mut() {
+                if mount.served_by == Some(id) {
+                    mount.served_by = None;
+                    mount.moving = false;
+                    orphaned += 1;
+                }
+            }
+            orphaned
+        };
         tracing::info!(
-            "the serving side disconnected; the plugin holds every connection meanwhile"
+            link = id,
+            orphaned,
+            "a serving side disconnected; the plugin holds every connection meanwhile"
         );
+        self.rebalance();
+    }
+
+    /// Recorded, mounted, and held by nobody: every serving side died with
+    /// this plugin's predecessor, and the kernel ended the connection (its
+    /// root's cached attributes may still answer a stat: only the fds tell).
+    fn detach_unheld(&self) {
+        let mut mounts = self.mounts.lock().unwrap();
+        let dead: Vec<String> = mounts
+            .iter()
+            .filter(|(_, mount)| mount.fds.is_none())
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in &dead {
+            let mount = mounts.remove(key).expect("listed above");
+            tracing::warn!(mount = %key, pods = mount.targets.len(), "no process held the shared mount any more; detaching it and its targets (their next publish mounts anew)");
+            for target in mount.targets.keys() {
+                let _ = daemon::lazy_unmount(target);
+            }
+            let _ = daemon::lazy_unmount(&mount.mountpoint);
+            self.forget(key);
+        }
+    }
+
+    /// Moves every mount to the current (youngest) serving side: a mount
+    /// nobody serves is started there; one an older side serves is first
+    /// stopped there ("handover"), and started when that side says it
+    /// stopped, so no two holders ever read one connection.
+    fn rebalance(&self) {
+        let mut mounts = self.mounts.lock().unwrap();
+        let link = self.link.lock().unwrap();
+        let Some((current, socket)) = link.current() else {
+            return;
+        };
+        let (mut resumed, mut moving) = (0, 0);
+        for (key, mount) in mounts.iter_mut() {
+            if mount.removing || mount.moving || mount.served_by == Some(current) {
+                continue;
+            }
+            let Some(fds) = &mount.fds else { continue };
+            match mount.served_by.and_then(|other| link.socket(other)) {
+                Some(older) => {
+                    let stop = json!({"op": "stop", "id": key, "handover": true});
+                    if control::send(&older, &stop, &[]).is_ok() {
+                        mount.moving = true;
+                        moving += 1;
+                    }
+                }
+                None => {
+                    let message = json!({"op": "start", "id": key, "args": mount.args});
+                    match control::send(&socket, &message, &fds.raw()) {
+                        Ok(()) => {
+                            mount.served_by = Some(current);
+                            resumed += 1;
+                        }
+                        Err(error) => {
+                            tracing::error!(mount = %key, %error, "could not hand the mount to the serving side")
+                        }
+                    }
+                }
+            }
+        }
+        if resumed + moving > 0 {
+            tracing::info!(
+                link = current,
+                resumed,
+                moving,
+                "mounts handed to the current serving side"
+            );
+        }
+        drop(link);
+        drop(mounts);
+        self.tell_ready_when_all_served();
+    }
+
+    /// The current serving side hears it serves every mount: its readiness
+    /// (a DaemonSet surge replaces the older side's pod only then).
+    fn tell_ready_when_all_served(&self) {
+        let mounts = self.mounts.lock().unwrap();
+        let link = self.link.lock().unwrap();
+        let Some((current, socket)) = link.current() else {
+            return;
+        };
+        let all = mounts
+            .values()
+            .filter(|mount| !mount.removing && mount.fds.is_some())
+            .all(|mount| mount.served_by == Some(current) && !mount.moving);
+        if all && link.waiting.is_empty() {
+            let _ = control::send(&socket, &json!({"op": "ready"}), &[]);
+        }
     }
 
     /// A holder ended without being asked: it gave up (no daemon could
@@ -495,11 +657,11 @@ impl Driver {
         }
     }
 
-    /// Waits for the serving side's link (it may be starting).
-    fn link_socket(&self, deadline: Instant) -> Result<Arc<std::os::fd::OwnedFd>, CsiError> {
+    /// Waits for the current serving side's link (it may be starting).
+    fn link_socket(&self, deadline: Instant) -> Result<(u64, Arc<std::os::fd::OwnedFd>), CsiError> {
         loop {
-            if let Some(socket) = self.link.lock().unwrap().socket.clone() {
-                return Ok(socket);
+            if let Some(current) = self.link.lock().unwrap().current() {
+                return Ok(current);
             }
             if Instant::now() > deadline {
                 return Err(CsiError::Unavailable(
@@ -571,7 +733,7 @@ impl Driver {
         }
         let deadline = Instant::now() + START_TIMEOUT;
         let started = (|| {
-            let socket = self.link_socket(deadline)?;
+            let (link_id, socket) = self.link_socket(deadline)?;
             let (sender, receiver) = mpsc::channel();
             self.link
                 .lock()
@@ -582,7 +744,7 @@ impl Driver {
             control::send(&socket, &message, &fds.raw())
                 .map_err(|e| internal("handing the mount to the serving side", e))?;
             match receiver.recv_timeout(START_TIMEOUT) {
-                Ok(Ok(())) => Ok(()),
+                Ok(Ok(())) => Ok(link_id),
                 Ok(Err(why)) => Err(
                     if why.contains("AccessDenied") || why.contains("not authorized") {
                         CsiError::PermissionDenied(why)
@@ -595,14 +757,17 @@ impl Driver {
                 )),
             }
         })();
-        if let Err(status) = started {
-            self.link.lock().unwrap().waiting.remove(&publish.key);
-            if let Some(socket) = self.link.lock().unwrap().socket.clone() {
-                let _ = control::send(&socket, &json!({"op": "stop", "id": publish.key}), &[]);
+        let link_id = match started {
+            Ok(link_id) => link_id,
+            Err(status) => {
+                let mut link = self.link.lock().unwrap();
+                link.waiting.remove(&publish.key);
+                link.tell_all(&json!({"op": "stop", "id": publish.key}));
+                drop(link);
+                cleanup(true);
+                return Err(status);
             }
-            cleanup(true);
-            return Err(status);
-        }
+        };
         Ok(SharedMount {
             mountpoint,
             identity: publish.identity.clone(),
@@ -611,7 +776,8 @@ impl Driver {
             fds: Some(fds),
             targets: BTreeMap::new(),
             idle_since: None,
-            serving: true,
+            served_by: Some(link_id),
+            moving: false,
             removing: false,
         })
     }
@@ -798,9 +964,10 @@ impl Driver {
             if let Err(error) = daemon::lazy_unmount(&mount.mountpoint) {
                 tracing::warn!(mount = %key, %error, "could not unmount the lingering mount");
             }
-            if let Some(socket) = self.link.lock().unwrap().socket.clone() {
-                let _ = control::send(&socket, &json!({"op": "stop", "id": key}), &[]);
-            }
+            self.link
+                .lock()
+                .unwrap()
+                .tell_all(&json!({"op": "stop", "id": key}));
             self.forget(&key);
             tracing::info!(mount = %key, linger_s = linger.as_secs(), "removed a shared mount no pod used for the linger");
         }
@@ -916,7 +1083,7 @@ impl IdentityService for Services {
     }
 
     async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
-        let ready = self.0.link.lock().unwrap().socket.is_some();
+        let ready = self.0.link.lock().unwrap().current().is_some();
         Ok(Response::new(ProbeResponse { ready: Some(ready) }))
     }
 }

@@ -6,6 +6,14 @@
 //! this process; the plugin keeps copies of every fd, so the connections
 //! live on, and the next serving side resumes them. When the plugin goes,
 //! this side keeps serving and reconnects, saying first what it holds.
+//!
+//! Two serving sides may be connected at once (a DaemonSet surge update
+//! starts the new pod before it deletes the old one): the plugin serves
+//! every mount from the youngest. It asks the older one to stop each holder
+//! ("handover"), which keeps its copies of the fds until it exits, so some
+//! process holds every connection whichever pod goes first. The plugin
+//! says "ready" once this side serves everything; `--ready-file` records
+//! it for the pod's readiness probe (`--check-ready`).
 
 use std::collections::HashMap;
 use std::io;
@@ -77,7 +85,41 @@ struct Held {
 #[derive(Default)]
 struct State {
     held: HashMap<String, Held>,
+    /// Handed over to a younger serving side: copies kept until exit.
+    released: HashMap<String, (ConnectionFds, Vec<String>)>,
     link: Option<Arc<OwnedFd>>,
+    ready_file: Option<PathBuf>,
+}
+
+impl State {
+    fn set_ready(&self, ready: bool) {
+        let Some(path) = &self.ready_file else {
+            return;
+        };
+        let outcome = if ready {
+            std::fs::write(path, format!("{}\n", std::process::id()))
+        } else {
+            match std::fs::remove_file(path) {
+                Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            }
+        };
+        if let Err(error) = outcome {
+            tracing::warn!(path = %path.display(), %error, "could not update the ready file");
+        }
+    }
+}
+
+/// `--check-ready`: whether the serving side that writes `path` serves
+/// every mount (the readiness probe's command: the image has no shell).
+pub fn check_ready(path: &std::path::Path) -> anyhow::Result<()> {
+    match std::fs::metadata(path) {
+        Ok(_) => Ok(()),
+        Err(error) => Err(anyhow::anyhow!(
+            "not ready: {} ({error}); this serving side does not serve every mount yet",
+            path.display()
+        )),
+    }
 }
 
 fn tell(state: &Mutex<State>, message: Value, fds: &[i32]) {
@@ -154,6 +196,7 @@ fn start(state: &Arc<Mutex<State>>, id: String, args: Vec<String>, fds: Connecti
             return;
         }
     }
+    guard.released.remove(&id);
     match spawn_holder(&fds, &args) {
         Ok((holder, verdict)) => {
             tracing::info!(volume = %id, pid = holder.id(), "holder started");
@@ -207,8 +250,16 @@ fn reap(state: Arc<Mutex<State>>) {
 }
 
 /// Serves the plugin at `socket` until killed.
-pub fn run(socket: PathBuf) -> anyhow::Result<()> {
-    let state = Arc::new(Mutex::new(State::default()));
+pub fn run(socket: PathBuf, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
+    let born = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|since| since.as_millis() as u64)
+        .unwrap_or(0);
+    let state = Arc::new(Mutex::new(State {
+        ready_file,
+        ..State::default()
+    }));
+    state.lock().unwrap().set_ready(false);
     {
         let state = state.clone();
         std::thread::Builder::new()
@@ -237,7 +288,11 @@ pub fn run(socket: PathBuf) -> anyhow::Result<()> {
                 let message = json!({"op": "have", "id": id, "args": held.args});
                 let _ = control::send(&link, &message, &held.fds.raw());
             }
-            let _ = control::send(&link, &json!({"op": "hello"}), &[]);
+            for (id, (fds, args)) in &guard.released {
+                let message = json!({"op": "have", "id": id, "args": args, "serving": false});
+                let _ = control::send(&link, &message, &fds.raw());
+            }
+            let _ = control::send(&link, &json!({"op": "hello", "born": born}), &[]);
             guard.link = Some(link.clone());
         }
         tracing::info!(socket = %socket.display(), "connected to the plugin");
@@ -277,12 +332,27 @@ fn handle(state: &Arc<Mutex<State>>, message: Value, fds: Vec<OwnedFd>) {
             }
         }
         Some("stop") => {
-            if let Some(mut held) = state.lock().unwrap().held.remove(&id) {
+            // A handover: a younger serving side takes the mount, and this
+            // one keeps the fds until it exits. Otherwise the mount goes.
+            let handover = message["handover"].as_bool().unwrap_or(false);
+            let mut guard = state.lock().unwrap();
+            if let Some(mut held) = guard.held.remove(&id) {
                 // SAFETY: signalling our own child.
                 unsafe { libc::kill(held.holder.id() as i32, libc::SIGTERM) };
                 let _ = held.holder.wait();
+                if handover {
+                    tracing::info!(volume = %id, "holder stopped; a younger serving side takes the mount over");
+                    guard.released.insert(id.clone(), (held.fds, held.args));
+                }
             }
+            if !handover {
+                guard.released.remove(&id);
+            }
+            guard.set_ready(false);
+            drop(guard);
+            tell(state, json!({"op": "stopped", "id": id}), &[]);
         }
+        Some("ready") => state.lock().unwrap().set_ready(true),
         other => tracing::warn!(op = ?other, "unknown message from the plugin"),
     }
 }
