@@ -23,7 +23,29 @@ out=$(mktemp -d); trap 'rm -rf "$out"' EXIT
 grep -q -- '--linger=30m' "$out/all.yaml"
 grep -q 'runAsUser: 10001' "$out/all.yaml"
 grep -q 'eventsTopic' "$out/all.yaml"
+grep -q 'path: /run/ssmfs-csi-airflow' "$out/all.yaml"
 "${validate[@]}" "$out/default.yaml" "$out/all.yaml" deploy/kubernetes/*.yaml
+# The upgrade guarantee rests on the layout: two DaemonSets with distinct
+# selectors, the plugin's without surge, the serving side's surging, never
+# unavailable, and ready only when it serves every mount.
+.venv-k8s/bin/python - "$out/default.yaml" "$out/all.yaml" deploy/kubernetes/*.yaml <<'PY'
+import sys, yaml
+docs = [d for path in sys.argv[1:] for d in yaml.safe_load_all(open(path)) if d]
+for source in (sys.argv[1], sys.argv[2], "deploy/kubernetes"):
+    sets = [d for path in sys.argv[1:] if path.startswith(source) or path == source
+            for d in yaml.safe_load_all(open(path)) if d and d["kind"] == "DaemonSet"]
+    assert len(sets) == 2, (source, len(sets))
+    by_component = {d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"]: d for d in sets}
+    node, serve = by_component["node"], by_component["serve"]
+    assert "maxSurge" not in node["spec"]["updateStrategy"]["rollingUpdate"], source
+    rolling = serve["spec"]["updateStrategy"]["rollingUpdate"]
+    assert rolling["maxUnavailable"] == 0 and rolling["maxSurge"], (source, rolling)
+    container = serve["spec"]["template"]["spec"]["containers"][0]
+    assert "--check-ready" in container["readinessProbe"]["exec"]["command"], source
+    assert not container["securityContext"].get("privileged"), source
+    names = [c["name"] for c in node["spec"]["template"]["spec"]["containers"]]
+    assert names == ["plugin", "node-driver-registrar"], (source, names)
+PY
 .venv-k8s/bin/python - deploy/examples/airflow-values.yaml "$out/airflow-pod.yaml" <<'PY'
 import sys, yaml
 values = yaml.safe_load(open(sys.argv[1]))

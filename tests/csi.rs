@@ -654,6 +654,7 @@ fn start_readers(target: &Path, seconds: u64) -> Vec<Child> {
 fn finish_readers(mut readers: Vec<Child>) -> (u64, u64, u64, String) {
     let limit = Instant::now() + Duration::from_secs(30);
     let (mut reads, mut failures, mut wrong, mut errors) = (0, 0, 0, String::new());
+    let mut longest_ms = 0.0f64;
     for reader in &mut readers {
         while reader.try_wait().unwrap().is_none() {
             assert!(Instant::now() < limit, "reader {} is stuck", reader.id());
@@ -672,7 +673,10 @@ fn finish_readers(mut readers: Vec<Child>) -> (u64, u64, u64, String) {
         failures += line["failures"].as_u64().unwrap();
         wrong += line["wrong"].as_u64().unwrap();
         errors.push_str(&line["errors"].to_string());
+        longest_ms = longest_ms.max(line["longest_ms"].as_f64().unwrap_or(0.0));
     }
+    // For docs/BENCHMARKS.md (seen with --nocapture).
+    println!("readers: {reads} reads, the longest took {longest_ms} ms");
     (reads, failures, wrong, errors)
 }
 

@@ -5,8 +5,10 @@
 //! kubelet's, this test standing in for kubelet over the plugin's socket, and
 //! a workload container that reads through the published target with rslave
 //! propagation while the plugin container, then the serving container, are
-//! restarted. The image comes from scripts/image.sh (scripts/test.sh builds
-//! it from the tests' binary).
+//! restarted, and then both DaemonSets are updated at once: a surge serving
+//! container takes every mount over and turns ready, the old one is
+//! removed, and the plugin container is replaced. The image comes from
+//! scripts/image.sh (scripts/test.sh builds it from the tests' binary).
 
 #![allow(clippy::result_large_err)] // tonic::Status is what a CSI client gets
 
@@ -188,8 +190,14 @@ fn a_workload_reads_through_restarts_of_the_plugin_and_serving_containers() {
     let image = image();
     let plugin = format!("ssmfs-test-plugin-{suffix}");
     let serve = format!("ssmfs-test-serve-{suffix}");
+    let surge = format!("ssmfs-test-serve-surge-{suffix}");
     let workload = format!("ssmfs-test-workload-{suffix}");
-    pod.names = vec![plugin.clone(), serve.clone(), workload.clone()];
+    pod.names = vec![
+        plugin.clone(),
+        serve.clone(),
+        surge.clone(),
+        workload.clone(),
+    ];
     let root_volume = format!("{0}:{0}:rshared", root.display());
     let run_volume = format!("{}:/run/ssmfs-csi", path("run"));
     let pods_dir = path("kubelet/pods");
@@ -240,32 +248,59 @@ fn a_workload_reads_through_restarts_of_the_plugin_and_serving_containers() {
         ]
         .concat(),
     );
-    podman(
-        &[
+    // The serving DaemonSet's pod: unprivileged, the host's run directory,
+    // its ready file in the container's own /tmp (podman's tmpfs under
+    // --read-only; the DaemonSet uses an emptyDir).
+    let start_serve = |name: &str| {
+        podman(
             &[
-                "run",
-                "-d",
-                "--name",
-                &serve,
-                "--runtime",
-                "runc",
-                "--network",
-                "host",
-                "--user",
-                "65534:65534",
-                "--cap-drop",
-                "ALL",
-                "--security-opt",
-                "no-new-privileges",
-                "--read-only",
-            ][..],
-            &ULIMITS,
-            &["-v", &run_volume],
-            &aws,
-            &["-e", "SSMFS_LOG=info", &image, "csi-serve"],
-        ]
-        .concat(),
-    );
+                &[
+                    "run",
+                    "-d",
+                    "--name",
+                    name,
+                    "--runtime",
+                    "runc",
+                    "--network",
+                    "host",
+                    "--user",
+                    "65534:65534",
+                    "--cap-drop",
+                    "ALL",
+                    "--security-opt",
+                    "no-new-privileges",
+                    "--read-only",
+                ][..],
+                &ULIMITS,
+                &["-v", &run_volume],
+                &aws,
+                &[
+                    "-e",
+                    "SSMFS_LOG=info",
+                    &image,
+                    "csi-serve",
+                    "--ready-file=/tmp/serving",
+                ],
+            ]
+            .concat(),
+        );
+    };
+    // What the serving pod's readiness probe runs, in its container.
+    let serve_ready = |name: &str| {
+        run(
+            "podman",
+            &[
+                "exec",
+                name,
+                "/usr/bin/ssmfs",
+                "csi-serve",
+                "--check-ready",
+                "--ready-file=/tmp/serving",
+            ],
+        )
+        .0 == 0
+    };
+    start_serve(&serve);
     let socket = root.join("csi/csi.sock");
     let ready = || {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -327,7 +362,7 @@ fn a_workload_reads_through_restarts_of_the_plugin_and_serving_containers() {
         "-v",
         &pod_volume,
         "-e",
-        "SECONDS_TO_READ=16",
+        "SECONDS_TO_READ=24",
         &workload_image,
         "sh",
         "-c",
@@ -340,6 +375,37 @@ fn a_workload_reads_through_restarts_of_the_plugin_and_serving_containers() {
     std::thread::sleep(Duration::from_secs(3));
     podman(&["restart", "-t", "10", &serve]);
     std::thread::sleep(Duration::from_secs(3));
+    // Both DaemonSets updated at once: the serving pod surges (the new one
+    // takes every mount over and turns ready, then the old one is deleted)
+    // while the plugin's pod is replaced.
+    let wait_ready = |name: &str| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !serve_ready(name) {
+            assert!(
+                Instant::now() < deadline,
+                "{name} never turned ready:\n{}\n{}",
+                run("podman", &["logs", &plugin]).2,
+                run("podman", &["logs", name]).2
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_ready(&serve);
+    start_serve(&surge);
+    wait_ready(&surge);
+    assert!(
+        !serve_ready(&serve),
+        "both serving containers claim the mount"
+    );
+    podman(&["rm", "-f", "-t", "10", &serve]);
+    podman(&["restart", "-t", "10", &plugin]);
+    ready();
+    publish().expect("a republish to the replaced plugin");
+    assert_eq!(
+        podman(&["inspect", "-f", "{{.State.Running}}", &workload]).trim(),
+        "true",
+        "the workload stopped reading before the updates ended"
+    );
     podman(&["wait", &workload]);
     let out = podman(&["logs", &workload]);
     let (mut reads, mut failures, mut wrong) = (0u64, 0u64, 0u64);
@@ -355,7 +421,7 @@ fn a_workload_reads_through_restarts_of_the_plugin_and_serving_containers() {
     let logs = format!(
         "{}\n{}",
         run("podman", &["logs", &plugin]).2,
-        run("podman", &["logs", &serve]).2
+        run("podman", &["logs", &surge]).2
     );
     assert!(reads > 100, "{reads} reads: {out}");
     assert_eq!(
@@ -372,7 +438,7 @@ fn a_workload_reads_through_restarts_of_the_plugin_and_serving_containers() {
         "a token or value reached the logs"
     );
     // The serving container's processes: not root, no capability.
-    let top = podman(&["top", &serve, "user", "capeff", "args"]);
+    let top = podman(&["top", &surge, "user", "capeff", "args"]);
     assert!(top.lines().skip(1).all(|l| !l.starts_with("root")), "{top}");
     let _ = Path::new(&target);
 }

@@ -249,8 +249,37 @@ fn reap(state: Arc<Mutex<State>>) {
     }
 }
 
+/// SIGTERM (a pod deleted, a container stopped) ends this process at once:
+/// as a container's first process it would otherwise ignore the signal and
+/// wait for the SIGKILL. Holders end with it; the plugin's copies and any
+/// younger serving side keep every connection.
+fn exit_on_terminate() -> io::Result<()> {
+    // SAFETY: a local signal set, blocked in this thread before any other
+    // thread exists, so every thread inherits the mask and only the waiter
+    // takes the signal (children get a fresh mask from Command).
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    std::thread::Builder::new()
+        .name("ssmfs-signals".into())
+        .spawn(move || {
+            let mut signal = 0;
+            // SAFETY: a valid set and out pointer.
+            unsafe { libc::sigwait(&set, &mut signal) };
+            tracing::info!(signal, "stopping; the plugin keeps every connection");
+            std::process::exit(0);
+        })?;
+    Ok(())
+}
+
 /// Serves the plugin at `socket` until killed.
 pub fn run(socket: PathBuf, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
+    exit_on_terminate()?;
     let born = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|since| since.as_millis() as u64)
