@@ -374,10 +374,12 @@ fn handle(state: &Arc<Mutex<State>>, message: Value, fds: Vec<OwnedFd>) {
                     guard.released.insert(id.clone(), (held.fds, held.args));
                 }
             }
-            if !handover {
+            if handover {
+                // Another side serves it now (a removal leaves readiness be).
+                guard.set_ready(false);
+            } else {
                 guard.released.remove(&id);
             }
-            guard.set_ready(false);
             drop(guard);
             tell(state, json!({"op": "stopped", "id": id}), &[]);
         }
