@@ -131,6 +131,9 @@ impl Link {
     }
 }
 
+/// How long a mount whose resume failed waits for the next try: its
+/// readers wait meanwhile, so soon, but not in a tight loop.
+const RESUME_RETRY: Duration = Duration::from_secs(2);
 /// How long after the first serving side's hello a mount nobody reported
 /// holding counts as dead: every live serving side reconnects within a
 /// few of its 100 ms retries.
@@ -499,7 +502,13 @@ impl Driver {
                             let _ = waiter.send(outcome);
                         }
                         (None, Err(why)) => {
-                            tracing::error!(mount = %key, reason = why, "the serving side could not resume a mount")
+                            // Its readers wait meanwhile: try again shortly.
+                            tracing::error!(mount = %key, reason = why, "the serving side could not resume a mount; trying again in 2 s");
+                            let driver = self.clone();
+                            std::thread::spawn(move || {
+                                std::thread::sleep(RESUME_RETRY);
+                                driver.rebalance();
+                            });
                         }
                         (None, Ok(())) => self.tell_ready_when_all_served(),
                     }
