@@ -69,6 +69,14 @@ struct SharedMount {
 }
 
 impl SharedMount {
+    /// Lazily unmounts every pod's target and the shared mount itself.
+    fn detach(&self) {
+        for target in self.targets.keys() {
+            let _ = daemon::lazy_unmount(target);
+        }
+        let _ = daemon::lazy_unmount(&self.mountpoint);
+    }
+
     fn record(&self) -> Value {
         let targets: Vec<Value> = self
             .targets
@@ -564,10 +572,7 @@ impl Driver {
         for key in &dead {
             let mount = mounts.remove(key).expect("listed above");
             tracing::warn!(mount = %key, pods = mount.targets.len(), "no process held the shared mount any more; detaching it and its targets (their next publish mounts anew)");
-            for target in mount.targets.keys() {
-                let _ = daemon::lazy_unmount(target);
-            }
-            let _ = daemon::lazy_unmount(&mount.mountpoint);
+            mount.detach();
             self.forget(key);
         }
     }
@@ -658,10 +663,7 @@ impl Driver {
             sys::abort_connection(&entry.minor);
         }
         if let Some(mount) = mounts.remove(key) {
-            for target in mount.targets.keys() {
-                let _ = daemon::lazy_unmount(target);
-            }
-            let _ = daemon::lazy_unmount(&mount.mountpoint);
+            mount.detach();
             self.forget(key);
         }
     }
@@ -853,10 +855,7 @@ impl Driver {
         let warm = live;
         if !live {
             if let Some(dead) = mounts.remove(&publish.key) {
-                for target in dead.targets.keys() {
-                    let _ = daemon::lazy_unmount(target);
-                }
-                let _ = daemon::lazy_unmount(&dead.mountpoint);
+                dead.detach();
             }
             // Mounting waits on the serving side, which reports through
             // the link thread: the map is not held meanwhile.
