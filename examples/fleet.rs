@@ -207,6 +207,19 @@ impl ParameterStore for Link {
         self.0.admit(Api::ByPath).await?;
         self.0.store.list_page(path, max_results, next_token).await
     }
+
+    async fn list_names_page(
+        &self,
+        path: &str,
+        max_results: usize,
+        next_token: Option<String>,
+    ) -> Result<Page, StoreError> {
+        self.0.admit(Api::ByPath).await?;
+        self.0
+            .store
+            .list_names_page(path, max_results, next_token)
+            .await
+    }
 }
 
 struct Scenario {

@@ -121,6 +121,25 @@ pub struct CliArgs {
     /// every refresh of the session.
     #[arg(long, value_name = "PATH", requires = "role_arn", help_heading = "AWS")]
     pub web_identity_token_file: Option<PathBuf>,
+    /// Take credentials from EKS Pod Identity's agent with this pod token
+    /// (audience pods.eks.amazonaws.com), sent as the Authorization header
+    /// as the SDKs' container credentials provider does; re-read at every
+    /// refresh. The CSI driver sets it for volumes with usePodIdentity.
+    #[arg(
+        long,
+        value_name = "PATH",
+        conflicts_with = "role_arn",
+        help_heading = "AWS"
+    )]
+    pub pod_identity_token_file: Option<PathBuf>,
+    /// Where EKS Pod Identity's agent answers (with --pod-identity-token-file).
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = crate::store::ssm::POD_IDENTITY_AGENT_URL,
+        help_heading = "AWS"
+    )]
+    pub pod_identity_agent_url: String,
     /// The STS session name for --role-arn (CloudTrail shows it).
     #[arg(
         long,
@@ -503,6 +522,9 @@ impl CliArgs {
             endpoint_url,
             role_arn,
             web_identity_token_file: self.web_identity_token_file,
+            pod_identity: self
+                .pod_identity_token_file
+                .map(|token_file| (token_file, self.pod_identity_agent_url)),
             session_name: Some(self.role_session_name),
             no_decrypt: self.no_decrypt,
             attempt_timeout: self.request_timeout,

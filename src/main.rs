@@ -1,6 +1,10 @@
 //! `ssmfs [OPTIONS] <PREFIX> <MOUNTPOINT>`: parse, check, (daemonize), mount,
 //! serve until unmounted or signalled. All filesystem logic lives in the library.
 
+// The daemon's futures nest deep (FUSE op, lookup, listing, pacing, the
+// SDK's layers): computing their layout needs more than the default 128.
+#![recursion_limit = "256"]
+
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -34,6 +38,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    ssmfs::store::ssm::use_pod_identity(&settings.aws);
     let mut readiness = match prepare(&settings) {
         Ok(Some(readiness)) => readiness,
         // The parent of a background daemon: the daemon reported success.

@@ -528,49 +528,6 @@ fn the_documented_cloudformation_for_one_queue_deploys_and_delivers_an_update() 
     assert_eq!(ssm.requests() - base, 1, "one SSM call");
 }
 
-/// tests/support/throttle_proxy.py in front of `upstream`, killed on drop.
-struct ThrottleProxy {
-    child: std::process::Child,
-    url: String,
-}
-
-impl ThrottleProxy {
-    fn start(upstream: &str, tps: u32) -> ThrottleProxy {
-        use std::io::BufRead;
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let mut child = std::process::Command::new(root.join(".venv/bin/python"))
-            .arg(root.join("tests/support/throttle_proxy.py"))
-            .args([upstream, &tps.to_string()])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("starting the throttling proxy");
-        let mut port = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut port)
-            .unwrap();
-        let url = format!("http://127.0.0.1:{}", port.trim());
-        ThrottleProxy { child, url }
-    }
-
-    /// (calls let through, calls throttled) so far.
-    fn counts(&self) -> (u64, u64) {
-        let (code, body, _) = run("curl", &["-sf", &format!("{}/counts", self.url)]);
-        assert_eq!(code, 0);
-        let counts: serde_json::Value = serde_json::from_str(&body).unwrap();
-        (
-            counts["admitted"].as_u64().unwrap(),
-            counts["throttled"].as_u64().unwrap(),
-        )
-    }
-}
-
-impl Drop for ThrottleProxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn a_fleet_spreads_its_refetches_over_the_window_without_a_throttled_call() {
     if !have_fuse_and_moto() {

@@ -80,6 +80,28 @@ impl Attrs {
         }
     }
 
+    /// A parameter a listing names but SSM will not give this caller (a KMS
+    /// key it may not use): it is there, with no read bits, so `ls -l`,
+    /// `find` and `du` see it and only reading it answers EACCES. One byte
+    /// long: the kernel reads a zero-size file as empty without asking (OPEN
+    /// is not sent at all), and the read must reach the daemon to fail.
+    pub(super) fn unreadable_file(&self, ino: u64, ttl: Duration) -> Entry {
+        Entry {
+            attr: Attr {
+                ino,
+                kind: FileKind::File,
+                size: 1,
+                mtime: self.mounted_at,
+                perm: 0,
+                uid: self.uid,
+                gid: self.gid,
+                nlink: 1,
+                blksize: BLOCK_SIZE,
+            },
+            ttl,
+        }
+    }
+
     pub(super) fn file(&self, ino: u64, parameter: &Parameter, validity: &Validity) -> Entry {
         self.sized_file(ino, parameter.value.len(), parameter, validity)
     }

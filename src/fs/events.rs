@@ -387,15 +387,16 @@ impl<S: ParameterStore> Fs<S> {
             .is_some_and(|entry| entry.parameter().is_some());
         self.drop_kernel_entry(name);
         if present {
-            self.add_to_listings(name);
+            self.add_to_listings(name, ChildKind::File);
         } else {
             self.remove_from_listings(name);
         }
     }
 
-    pub(super) fn add_to_listings(&self, name: &str) {
+    /// Adds `name` (a `kind`) to the cached listings above it.
+    pub(super) fn add_to_listings(&self, name: &str, kind: ChildKind) {
         let mut child = name;
-        let mut kind = ChildKind::File;
+        let mut kind = kind;
         // Directories on the way up with no cached listing, each with the
         // name one level down.
         let mut unlisted: Vec<(&str, &str, ChildKind)> = Vec::new();

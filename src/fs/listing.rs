@@ -23,6 +23,13 @@ use crate::metrics::Metrics;
 use crate::names;
 use crate::store::{Parameter, ParameterStore, StoreError, MAX_PAGE};
 
+/// Whether SSM's refusal names the listing action itself (IAM does not
+/// grant ssm:GetParametersByPath there): asking without decryption would
+/// be refused too, so it is not asked.
+fn refuses_listing_itself(refusal: &StoreError) -> bool {
+    matches!(refusal, StoreError::AccessDenied { reason } if reason.contains("ssm:GetParametersByPath"))
+}
+
 impl<S: ParameterStore> Fs<S> {
     /// The first page below `path`: enough to tell whether it is a directory.
     pub(super) async fn probe_dir(self: &Arc<Self>, path: &str) -> Result<DirEntry, StoreError> {
@@ -34,12 +41,9 @@ impl<S: ParameterStore> Fs<S> {
                     // SSM may return an empty page that still has a next token.
                     if !page.parameters.is_empty() || page.next_token.is_none() {
                         let names = page.parameters.iter().map(|p| p.name.clone()).collect();
-                        return Ok(self.record_listing(
-                            path,
-                            names,
-                            page.parameters,
-                            page.next_token,
-                        ));
+                        let next_token = page.next_token.clone();
+                        let values = page.values();
+                        return Ok(self.record_listing(path, names, values, next_token));
                     }
                     token = page.next_token;
                 }
@@ -91,8 +95,8 @@ impl<S: ParameterStore> Fs<S> {
                     };
                     pages += usize::from(!page.parameters.is_empty());
                     names.extend(page.parameters.iter().map(|p| p.name.clone()));
-                    parameters.extend(page.parameters);
-                    token = page.next_token;
+                    token = page.next_token.clone();
+                    parameters.extend(page.values());
                     if token.is_none() {
                         break;
                     }
@@ -122,8 +126,8 @@ impl<S: ParameterStore> Fs<S> {
         loop {
             let page = self.page(path, token).await?;
             names.extend(page.parameters.iter().map(|p| p.name.clone()));
-            parameters.extend(page.parameters);
-            token = page.next_token;
+            token = page.next_token.clone();
+            parameters.extend(page.values());
             if token.is_none() {
                 let many = names.len() >= crate::heap::TRIM_AFTER_LISTING_OF;
                 let listed = self.record_listing(path, names, parameters, None);
@@ -208,7 +212,48 @@ impl<S: ParameterStore> Fs<S> {
                 "GetParametersByPath is not supported for Secrets Manager references",
             ));
         }
-        self.store.list_page(path, MAX_PAGE, token).await
+        match self.store.list_page(path, MAX_PAGE, token.clone()).await {
+            // One parameter on the page is under a KMS key this caller may not
+            // use (SSM refuses the whole page then), or listing is not allowed
+            // at all: the names alone tell which.
+            Err(refused @ StoreError::AccessDenied { .. }) if !refuses_listing_itself(&refused) => {
+                // Boxed: a rare path, kept out of every listing future's layout.
+                let names_only = Box::pin(self.store.list_names_page(path, MAX_PAGE, token));
+                match names_only.await {
+                    Ok(page) => {
+                        self.note_undecryptable_page(path);
+                        Ok(page)
+                    }
+                    Err(_) => Err(refused),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Logs once (while remembered) that a page below `path` could not be
+    /// decrypted: its names are listed, and its values read one by one (the
+    /// refused one then answers EACCES, and is logged by name). Listings are
+    /// recursive, so a directory above or below a path already logged is the
+    /// same refusal seen again: not logged.
+    fn note_undecryptable_page(&self, path: &str) {
+        let related = |logged: &str| {
+            names::relative_to(logged, path).is_some()
+                || names::relative_to(path, logged).is_some()
+                || logged == path
+        };
+        let first = {
+            let mut logged = self.undecryptable_logged.lock().unwrap();
+            let seen = logged.iter().any(|(other, _)| related(other));
+            logged.put(path.to_string(), ());
+            !seen
+        };
+        if first {
+            tracing::warn!(
+                path,
+                "SSM refused to decrypt a listing page below this path (a parameter under a KMS key this role may not use): listing its names without values; that parameter answers EACCES"
+            );
+        }
     }
 
     /// Caches the values just fetched, the listing of `path` (every name seen

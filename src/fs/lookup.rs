@@ -169,7 +169,11 @@ impl Knowledge {
             .parent_dir
             .as_ref()
             .is_some_and(|d| d.complete && d.children.get(base) == Some(&ChildKind::File));
+        // A listing that lacks the name rules out names below it only as long
+        // as it rules out the name itself: a new directory appears within the
+        // negative TTL, as a new file does.
         let parent_says_nothing_below = self.parent_is_complete()
+            && self.absence_trusted
             && self
                 .parent_dir
                 .as_ref()
@@ -292,6 +296,7 @@ impl<S: ParameterStore> Fs<S> {
         let absence_trusted = parent_dir
             .as_ref()
             .is_some_and(|d| now < d.validity.fetched + self.absence_window(d.validity.fetched));
+        let own_value = self.cache.value(name).filter(|v| usable(&v.validity));
         Knowledge {
             absence_trusted,
             parent_large: self.cache.extended_lately(parent, now),
@@ -300,8 +305,17 @@ impl<S: ParameterStore> Fs<S> {
                 .flatten(),
             parent_stale: parent_dir.is_some() && !parent_fresh,
             parent_dir,
-            own_dir: self.cache.dir(name).filter(|d| usable(&d.validity)),
-            own_value: self.cache.value(name).filter(|v| usable(&v.validity)),
+            own_dir: self.cache.dir(name).filter(|d| {
+                // "Nothing below" is an absence like any other: beside a value
+                // it holds for the TTL (a file stays a file), alone only for
+                // the absence window, so a new directory shows up as a new
+                // file does.
+                usable(&d.validity)
+                    && (d.is_dir()
+                        || own_value.as_ref().is_some_and(|v| v.parameter().is_some())
+                        || now < d.validity.fetched + self.absence_window(d.validity.fetched))
+            }),
+            own_value,
             name_unlistable: self.listing_refused(name, now),
             parent_unlistable: self.listing_refused(parent, now),
             siblings_probed: self.cache.probes_below(parent),
@@ -416,9 +430,13 @@ impl<S: ParameterStore> Fs<S> {
             Conclusion::Resolved(resolved) => {
                 let created_since_listing =
                     known.parent_is_complete() && !known.listed_in_complete_parent(base);
-                if created_since_listing && matches!(resolved, Resolved::File(..)) {
+                if created_since_listing {
                     // `ls` shows it from now on.
-                    self.add_to_listings(name);
+                    match resolved {
+                        Resolved::File(..) => self.add_to_listings(name, ChildKind::File),
+                        Resolved::Dir(_) => self.add_to_listings(name, ChildKind::Dir),
+                        _ => {}
+                    }
                 }
                 Ok(resolved)
             }
@@ -531,28 +549,39 @@ mod tests {
     }
 
     #[test]
-    fn a_listing_past_the_absence_window_asks_for_the_value_alone() {
+    fn a_listing_past_the_absence_window_asks_for_value_and_directory_together() {
         let older = Knowledge {
             parent_dir: Some(listing(true, &[("d", ChildKind::Dir)])),
             absence_trusted: false,
             ..Default::default()
         };
         assert_eq!(plan(&older, "d"), Plan::Cached, "directories are kept");
-        assert_eq!(plan(&older, "new"), ASK_VALUE, "one GetParameter");
+        assert_eq!(
+            plan(&older, "new"),
+            ASK_BOTH,
+            "a new file or a new directory, in one round trip"
+        );
         let mut found = older.clone();
         let c = conclude(
             &mut found,
             "new",
-            ASK_VALUE,
-            answers(Some(Ok(present())), None),
+            ASK_BOTH,
+            answers(Some(Ok(present())), Some(Ok(listing(true, &[])))),
         );
         assert!(
             matches!(c, Conclusion::Resolved(ref r) if is_file(r)),
             "{c:?}"
         );
+        let mut new_dir = older.clone();
+        let got = answers(
+            Some(Ok(value(Known::Absent))),
+            Some(Ok(listing(true, &[("cold", ChildKind::File)]))),
+        );
+        let c = conclude(&mut new_dir, "new", ASK_BOTH, got);
+        assert!(matches!(c, Conclusion::Resolved(Resolved::Dir(_))), "{c:?}");
         let mut gone = older.clone();
-        let got = answers(Some(Ok(value(Known::Absent))), None);
-        let c = conclude(&mut gone, "new", ASK_VALUE, got);
+        let got = answers(Some(Ok(value(Known::Absent))), Some(Ok(listing(true, &[]))));
+        let c = conclude(&mut gone, "new", ASK_BOTH, got);
         assert!(
             matches!(c, Conclusion::Resolved(Resolved::Missing)),
             "{c:?}"

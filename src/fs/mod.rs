@@ -113,6 +113,10 @@ pub enum Invalidation {
     Entry { parent: u64, name: String },
 }
 
+/// Paths remembered as logged for a refused decryption: a handful in
+/// practice; past this many the oldest may be logged again.
+const UNDECRYPTABLE_PATHS_LOGGED: usize = 1024;
+
 pub struct Fs<S> {
     store: S,
     cache: Cache,
@@ -137,6 +141,8 @@ pub struct Fs<S> {
     seen_event_ids: Mutex<lru::LruCache<String, ()>>,
     /// Since when, and when last, the event queue answered (see `events`).
     events_live: Mutex<Option<(Instant, Instant)>>,
+    /// Paths whose listing SSM would not decrypt, logged once each.
+    undecryptable_logged: Mutex<lru::LruCache<String, ()>>,
 }
 
 impl<S: ParameterStore> Fs<S> {
@@ -186,6 +192,9 @@ impl<S: ParameterStore> Fs<S> {
                 std::num::NonZeroUsize::new(events::REMEMBERED_EVENT_IDS).unwrap(),
             )),
             events_live: Mutex::new(None),
+            undecryptable_logged: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(UNDECRYPTABLE_PATHS_LOGGED).unwrap(),
+            )),
             config,
         };
         (Arc::new(fs), receiver)
@@ -308,10 +317,23 @@ impl<S: ParameterStore> Fs<S> {
                 Ok(self.attrs.file(ino, &parameter, &validity))
             }
             Resolved::Missing => Err(FsError::NotFound),
+            Resolved::Denied if self.listed_as_file(parent, name) => {
+                let ino = self.inodes.remember(parent_ino, name, Role::File);
+                Ok(self
+                    .attrs
+                    .unreadable_file(ino, self.config.cache.negative_ttl))
+            }
             Resolved::Denied => Err(FsError::AccessDenied {
                 name: name.to_string(),
             }),
         }
+    }
+
+    /// Whether the cached listing of `parent` names `name` as a parameter.
+    fn listed_as_file(&self, parent: &str, name: &str) -> bool {
+        self.cache
+            .dir(parent)
+            .is_some_and(|d| d.children.get(names::base_name(name)) == Some(&ChildKind::File))
     }
 
     pub async fn getattr(self: &Arc<Self>, ino: u64) -> Result<Entry, FsError> {
@@ -324,6 +346,12 @@ impl<S: ParameterStore> Fs<S> {
             return self.getattr_field(&node).await;
         }
         let entry = self.value(&node.name).await?;
+        if matches!(entry.known, Known::Denied) {
+            // Found by a lookup, so a listing names it (see `lookup_name`).
+            return Ok(self
+                .attrs
+                .unreadable_file(ino, self.config.cache.negative_ttl));
+        }
         let parameter = self.present(&entry, &node.name)?;
         Ok(self.file_entry(ino, &parameter, &entry))
     }

@@ -33,6 +33,8 @@ struct Faults {
     every_batch: Option<StoreError>,
     next_calls: Vec<StoreError>,
     by_name: HashMap<String, StoreError>,
+    /// Names under a KMS key the caller may not use.
+    undecryptable: std::collections::HashSet<String>,
     latency: Duration,
 }
 
@@ -146,6 +148,18 @@ impl MemoryStore {
             .insert(name.to_string(), error);
     }
 
+    /// `name` is under a KMS key the caller may not use, as real SSM refuses
+    /// it: every call that would decrypt it (GetParameter, a GetParameters
+    /// batch that holds it, a decrypting GetParametersByPath page that holds
+    /// it) is refused whole with AccessDenied; a page without decryption is not.
+    pub fn deny_decrypting(&self, name: &str) {
+        self.faults
+            .lock()
+            .unwrap()
+            .undecryptable
+            .insert(name.to_string());
+    }
+
     /// Every listing fails with `error` until cleared with `None` (as
     /// AccessDenied does for a role granted ssm:GetParameter alone).
     pub fn fail_every_listing(&self, error: Option<StoreError>) {
@@ -173,7 +187,12 @@ impl MemoryStore {
         self.invalid_names.lock().unwrap().clone()
     }
 
-    async fn enter(&self, counter: &AtomicU64, names: &[&str]) -> Result<(), StoreError> {
+    async fn enter(
+        &self,
+        counter: &AtomicU64,
+        names: &[&str],
+        decrypting: bool,
+    ) -> Result<(), StoreError> {
         counter.fetch_add(1, Ordering::SeqCst);
         let (latency, fault) = {
             let mut faults = self.faults.lock().unwrap();
@@ -181,6 +200,13 @@ impl MemoryStore {
                 Some(faults.next_calls.remove(0))
             } else if let Some(error) = &faults.every_call {
                 Some(error.clone())
+            } else if let Some(name) = names
+                .iter()
+                .find(|n| decrypting && faults.undecryptable.contains(**n))
+            {
+                Some(StoreError::access_denied(format!(
+                    "not authorized to use the KMS key of {name}"
+                )))
             } else {
                 names.iter().find_map(|n| faults.by_name.get(*n).cloned())
             };
@@ -196,7 +222,7 @@ impl MemoryStore {
 impl ParameterStore for MemoryStore {
     async fn get(&self, name: &str) -> Result<Parameter, StoreError> {
         self.check_asked(name);
-        self.enter(&self.get, &[name]).await?;
+        self.enter(&self.get, &[name], true).await?;
         self.read(name).ok_or(StoreError::NotFound)
     }
 
@@ -206,7 +232,7 @@ impl ParameterStore for MemoryStore {
             "SSM takes at most ten names"
         );
         names.iter().for_each(|name| self.check_asked(name));
-        self.enter(&self.get_many, names).await?;
+        self.enter(&self.get_many, names, true).await?;
         if let Some(error) = self.faults.lock().unwrap().every_batch.clone() {
             return Err(error);
         }
@@ -226,6 +252,37 @@ impl ParameterStore for MemoryStore {
         max_results: usize,
         next_token: Option<String>,
     ) -> Result<Page, StoreError> {
+        self.by_path(path, max_results, next_token, true).await
+    }
+
+    async fn list_names_page(
+        &self,
+        path: &str,
+        max_results: usize,
+        next_token: Option<String>,
+    ) -> Result<Page, StoreError> {
+        let mut page = self.by_path(path, max_results, next_token, false).await?;
+        page.names_only = true;
+        Ok(page)
+    }
+
+    fn arn(&self, name: &str) -> Option<String> {
+        let base = name.split(':').next().unwrap_or(name);
+        Some(super::arn_for(
+            "arn:aws:ssm:us-east-1:123456789012:parameter",
+            base,
+        ))
+    }
+}
+
+impl MemoryStore {
+    async fn by_path(
+        &self,
+        path: &str,
+        max_results: usize,
+        next_token: Option<String>,
+        decrypting: bool,
+    ) -> Result<Page, StoreError> {
         if path != "/" {
             self.check_asked(path);
         }
@@ -241,8 +298,10 @@ impl ParameterStore for MemoryStore {
                 .map(|(_, p)| p.clone())
                 .collect()
         };
-        let names: Vec<&str> = below.iter().map(|p| &*p.name).collect();
-        self.enter(&self.list_page, &names).await?;
+        // The names on this page (not the one read ahead to tell whether
+        // another page follows).
+        let names: Vec<&str> = below.iter().take(max_results).map(|p| &*p.name).collect();
+        self.enter(&self.list_page, &names, decrypting).await?;
         if let Some(error) = self.faults.lock().unwrap().every_listing.clone() {
             return Err(error);
         }
@@ -256,15 +315,8 @@ impl ParameterStore for MemoryStore {
         Ok(Page {
             parameters,
             next_token,
+            names_only: false,
         })
-    }
-
-    fn arn(&self, name: &str) -> Option<String> {
-        let base = name.split(':').next().unwrap_or(name);
-        Some(super::arn_for(
-            "arn:aws:ssm:us-east-1:123456789012:parameter",
-            base,
-        ))
     }
 }
 

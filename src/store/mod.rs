@@ -110,6 +110,20 @@ impl From<Modified> for SystemTime {
 pub struct Page {
     pub parameters: Vec<Parameter>,
     pub next_token: Option<String>,
+    /// Listed without decryption (`list_names_page`): the names and metadata
+    /// hold, the values do not (a SecureString's is ciphertext), so none is
+    /// kept.
+    pub names_only: bool,
+}
+
+impl Page {
+    /// The parameters whose values hold (none of a names-only page).
+    pub fn values(self) -> Vec<Parameter> {
+        match self.names_only {
+            true => Vec::new(),
+            false => self.parameters,
+        }
+    }
 }
 
 /// What GetParameters answered: the parameters found, and the names asked
@@ -187,6 +201,16 @@ pub trait ParameterStore: Send + Sync + 'static {
     /// GetParametersByPath with `Recursive=true`: one page of every parameter
     /// strictly below `path`, at most `max_results` (<= `MAX_PAGE`) of them.
     fn list_page(
+        &self,
+        path: &str,
+        max_results: usize,
+        next_token: Option<String>,
+    ) -> impl Future<Output = Result<Page, StoreError>> + Send;
+
+    /// GetParametersByPath like `list_page` but without decryption: names and
+    /// metadata only. SSM refuses a decrypting page whole when one parameter
+    /// on it is under a KMS key the caller may not use; this page is not.
+    fn list_names_page(
         &self,
         path: &str,
         max_results: usize,

@@ -1,8 +1,10 @@
 //! Pacing, retries and deadlines around any store.
 //!
-//! Every attempt first takes a slot from a client-side budget of `max_tps`
-//! calls per second (a small burst allowed), so a busy host queues instead of
-//! eating its account's shared SSM quota. Retryable failures (throttling,
+//! Every attempt first takes a token from a client-side budget of `max_tps`
+//! calls per second (a token bucket holding `BURST_SECONDS` of them), so a
+//! busy host queues instead of eating its account's shared SSM quota, while
+//! a cold host's first reads go out at once. Readers go first: background
+//! work leaves part of the bucket to them. Retryable failures (throttling,
 //! 5xx, connection errors) are retried with exponential backoff and full
 //! jitter, at most `max_retries` times, and the whole call including retries
 //! must finish within `timeout` or fails with `Timeout`. Every attempt is
@@ -30,9 +32,14 @@ use crate::metrics::Metrics;
 const BASE_BACKOFF: Duration = Duration::from_millis(100);
 /// No single wait longer than this: the request deadline is a few seconds.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
-/// Calls that may go out back to back before pacing starts, so a cold
-/// directory walk is not slowed for its first few calls.
-const BURST_SECONDS: u32 = 1;
+/// Seconds of the budget that may be spent at once: a cold Airflow task's
+/// first reads (two calls each in a large directory) go out without waiting,
+/// while over time the budget holds (see docs/CONFIGURATION.md, --max-tps).
+const BURST_SECONDS: u32 = 5;
+/// Share of the burst kept for readers: background work waits rather than
+/// take it, so a reader arriving after a listing or refresh burst does not
+/// queue behind it.
+const READER_RESERVE: f64 = 0.5;
 /// Longest wait between attempts of a throttled reader's call: long enough
 /// that a booting fleet's retries stay a small share of the quota (1,000
 /// hosts retrying every 15 s on average is 67 TPS of refused attempts).
@@ -68,34 +75,66 @@ pub async fn once_in_background<F: Future>(work: F) -> F::Output {
     UNATTENDED.scope(Unattended::OneAttempt, work).await
 }
 
-/// A GCRA-style pacer: each call takes the next free slot `1/tps` apart.
+/// A token bucket: `max_tps` tokens a second, at most `BURST_SECONDS` of
+/// them saved up. A reader's call takes a token or, when none is left, the
+/// next one due (readers are served in the order they came). Work no reader
+/// waits for takes a token only while `READER_RESERVE` of the bucket is
+/// left, so listing pages and refreshes never make a reader wait.
 struct Pacer {
-    interval: Duration,
-    burst: Duration,
-    next_slot: Mutex<Instant>,
+    per_second: f64,
+    burst: f64,
+    reserve: f64,
+    bucket: Mutex<Bucket>,
+}
+
+struct Bucket {
+    /// Below zero: tokens promised to readers now waiting for them.
+    tokens: f64,
+    at: Instant,
 }
 
 impl Pacer {
     fn new(max_tps: u32) -> Self {
-        let interval = Duration::from_secs(1) / max_tps.max(1);
+        let per_second = f64::from(max_tps.max(1));
+        let burst = per_second * f64::from(BURST_SECONDS);
         Self {
-            interval,
-            burst: interval * max_tps.max(1) * BURST_SECONDS,
-            next_slot: Mutex::new(Instant::now()),
+            per_second,
+            burst,
+            reserve: burst * READER_RESERVE,
+            bucket: Mutex::new(Bucket {
+                tokens: burst,
+                at: Instant::now(),
+            }),
         }
     }
 
-    async fn wait_turn(&self) {
-        let wait = {
-            let mut next_slot = self.next_slot.lock().unwrap();
-            let now = Instant::now();
-            let earliest = now.checked_sub(self.burst).unwrap_or(now);
-            let slot = (*next_slot).max(earliest);
-            *next_slot = slot + self.interval;
-            slot.saturating_duration_since(now)
-        };
-        if !wait.is_zero() {
+    async fn wait_turn(&self, background: bool) {
+        loop {
+            let wait = {
+                let mut bucket = self.bucket.lock().unwrap();
+                let now = Instant::now();
+                let earned = now.duration_since(bucket.at).as_secs_f64() * self.per_second;
+                bucket.tokens = (bucket.tokens + earned).min(self.burst);
+                bucket.at = now;
+                if background {
+                    let needed = 1.0 + self.reserve;
+                    if bucket.tokens >= needed {
+                        bucket.tokens -= 1.0;
+                        return;
+                    }
+                    Duration::from_secs_f64((needed - bucket.tokens) / self.per_second)
+                } else {
+                    bucket.tokens -= 1.0;
+                    if bucket.tokens >= 0.0 {
+                        return;
+                    }
+                    Duration::from_secs_f64(-bucket.tokens / self.per_second)
+                }
+            };
             tokio::time::sleep(wait).await;
+            if !background {
+                return; // the token was promised when the wait began
+            }
         }
     }
 }
@@ -158,7 +197,7 @@ impl<S: ParameterStore> Resilient<S> {
         loop {
             let remaining = limit.saturating_duration_since(Instant::now());
             let turn = async {
-                self.pacer.wait_turn().await;
+                self.pacer.wait_turn(unattended.is_some()).await;
                 let result = attempt().await;
                 self.metrics.api_call(operation, outcome(&result));
                 result
@@ -207,6 +246,19 @@ impl<S: ParameterStore> ParameterStore for Resilient<S> {
     ) -> Result<Page, StoreError> {
         self.call("GetParametersByPath", || {
             self.inner.list_page(path, max_results, next_token.clone())
+        })
+        .await
+    }
+
+    async fn list_names_page(
+        &self,
+        path: &str,
+        max_results: usize,
+        next_token: Option<String>,
+    ) -> Result<Page, StoreError> {
+        self.call("GetParametersByPath", || {
+            self.inner
+                .list_names_page(path, max_results, next_token.clone())
         })
         .await
     }
@@ -321,7 +373,7 @@ mod tests {
             ..Default::default()
         }));
         let started = Instant::now();
-        let calls: Vec<_> = (0..20)
+        let calls: Vec<_> = (0..40)
             .map(|_| {
                 let s = store.clone();
                 tokio::spawn(async move { s.get("/a").await })
@@ -330,12 +382,40 @@ mod tests {
         for call in calls {
             assert!(call.await.unwrap().is_ok());
         }
-        // 5 go out as the burst, the other 15 are spaced 200 ms apart.
+        // 25 go out as the burst (5 s of 5 TPS), the other 15 are spaced 200 ms apart.
         assert!(
             started.elapsed() >= Duration::from_millis(2900),
             "{:?}",
             started.elapsed()
         );
-        assert_eq!(store.inner().counts().get, 20);
+        assert_eq!(store.inner().counts().get, 40);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn readers_go_ahead_of_background_work() {
+        let store = Arc::new(resilient(RequestConfig {
+            max_tps: 5,
+            timeout: Duration::from_secs(60),
+            ..Default::default()
+        }));
+        let background: Vec<_> = (0..30)
+            .map(|_| {
+                let s = store.clone();
+                tokio::spawn(in_background(async move { s.get("/a").await }))
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        // Background work took what it may of the burst and waits for more.
+        let taken = store.inner().counts().get;
+        assert!((10..=13).contains(&taken), "{taken}");
+        let started = Instant::now();
+        for _ in 0..12 {
+            store.get("/a").await.unwrap();
+        }
+        assert_eq!(started.elapsed(), Duration::ZERO, "readers never waited");
+        for call in background {
+            assert!(call.await.unwrap().is_ok());
+        }
+        assert_eq!(store.inner().counts().get, 42);
     }
 }

@@ -37,12 +37,28 @@ pub struct AwsOptions {
     pub role_arn: Option<String>,
     /// Assume `role_arn` with this token file (AssumeRoleWithWebIdentity).
     pub web_identity_token_file: Option<std::path::PathBuf>,
+    /// EKS Pod Identity: (the pod's token file, the agent's URL).
+    pub pod_identity: Option<(std::path::PathBuf, String)>,
     /// The STS session name (CloudTrail shows it): who assumed the role.
     pub session_name: Option<String>,
     /// Serve SecureString ciphertext as stored instead of decrypting it.
     pub no_decrypt: bool,
     /// Upper bound on one HTTP attempt; `resilient` bounds the whole call.
     pub attempt_timeout: Duration,
+}
+
+/// Where EKS Pod Identity's agent answers on every EKS node.
+pub const POD_IDENTITY_AGENT_URL: &str = "http://169.254.170.23/v1/credentials";
+
+/// Points the SDKs' container credentials provider at EKS Pod Identity's
+/// agent, through the two variables it reads: call it before any thread
+/// starts (the process's environment is not safe to change later).
+pub fn use_pod_identity(options: &AwsOptions) {
+    if let Some((token_file, agent_url)) = &options.pod_identity {
+        std::env::set_var("AWS_CONTAINER_CREDENTIALS_FULL_URI", agent_url);
+        std::env::set_var("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", token_file);
+        std::env::remove_var("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI");
+    }
 }
 
 /// Why an SSM client cannot be set up.
@@ -81,6 +97,16 @@ pub async fn load_aws_config(options: &AwsOptions) -> Result<SdkConfig, ConnectE
     let sdk_config = loader.load().await;
     if sdk_config.region().is_none() {
         return Err(ConnectError::NoRegion);
+    }
+    if options.pod_identity.is_some() {
+        // The agent's answer (the role associated with the pod's service
+        // account), fetched again before it expires; the token file is read
+        // at every fetch (a CSI republish rewrites it).
+        let provider = aws_config::ecs::EcsCredentialsProvider::builder().build();
+        return Ok(sdk_config
+            .into_builder()
+            .credentials_provider(SharedCredentialsProvider::new(provider))
+            .build());
     }
     let Some(role_arn) = &options.role_arn else {
         return Ok(sdk_config);
@@ -304,12 +330,41 @@ impl ParameterStore for SsmStore {
         max_results: usize,
         next_token: Option<String>,
     ) -> Result<Page, StoreError> {
+        self.by_path(path, max_results, next_token, self.decrypt)
+            .await
+    }
+
+    async fn list_names_page(
+        &self,
+        path: &str,
+        max_results: usize,
+        next_token: Option<String>,
+    ) -> Result<Page, StoreError> {
+        let mut page = self.by_path(path, max_results, next_token, false).await?;
+        page.names_only = true;
+        Ok(page)
+    }
+
+    fn arn(&self, name: &str) -> Option<String> {
+        let base = name.split(':').next().unwrap_or(name);
+        Some(arn_for(self.arn_prefix.get()?, base))
+    }
+}
+
+impl SsmStore {
+    async fn by_path(
+        &self,
+        path: &str,
+        max_results: usize,
+        next_token: Option<String>,
+        decrypt: bool,
+    ) -> Result<Page, StoreError> {
         let output = self
             .client
             .get_parameters_by_path()
             .path(path)
             .recursive(true)
-            .with_decryption(self.decrypt)
+            .with_decryption(decrypt)
             .max_results(max_results as i32)
             .set_next_token(next_token)
             .send()
@@ -323,12 +378,8 @@ impl ParameterStore for SsmStore {
                 .filter_map(|p| convert(p, &self.arn_prefix))
                 .collect(),
             next_token: output.next_token.filter(|t| !t.is_empty()),
+            names_only: false,
         })
-    }
-
-    fn arn(&self, name: &str) -> Option<String> {
-        let base = name.split(':').next().unwrap_or(name);
-        Some(arn_for(self.arn_prefix.get()?, base))
     }
 }
 

@@ -358,3 +358,62 @@ pub fn run(program: &str, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// tests/support/throttle_proxy.py in front of `upstream`, killed on drop.
+pub struct ThrottleProxy {
+    child: std::process::Child,
+    pub url: String,
+}
+
+impl ThrottleProxy {
+    /// Throttles past `tps` calls a second.
+    pub fn start(upstream: &str, tps: u32) -> ThrottleProxy {
+        Self::with_args(upstream, &[&tps.to_string()])
+    }
+
+    /// Refuses, as real SSM does, every decrypting call that would return one
+    /// of `names` (parameters under a KMS key the caller may not use).
+    pub fn undecryptable(upstream: &str, names: &[&str]) -> ThrottleProxy {
+        let mut args = vec!["100000", "--undecryptable"];
+        args.extend_from_slice(names);
+        Self::with_args(upstream, &args)
+    }
+
+    fn with_args(upstream: &str, args: &[&str]) -> ThrottleProxy {
+        use std::io::BufRead;
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut child = std::process::Command::new(root.join(".venv/bin/python"))
+            .arg(root.join("tests/support/throttle_proxy.py"))
+            .arg(upstream)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting the SSM proxy");
+        let mut port = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut port)
+            .unwrap();
+        let url = format!("http://127.0.0.1:{}", port.trim());
+        ThrottleProxy { child, url }
+    }
+
+    /// A count the proxy keeps: "admitted", "throttled" or "refused".
+    pub fn count(&self, what: &str) -> u64 {
+        let (code, body, _) = run("curl", &["-sf", &format!("{}/counts", self.url)]);
+        assert_eq!(code, 0);
+        let counts: serde_json::Value = serde_json::from_str(&body).unwrap();
+        counts[what].as_u64().unwrap()
+    }
+
+    /// (calls let through, calls throttled) so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.count("admitted"), self.count("throttled"))
+    }
+}
+
+impl Drop for ThrottleProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,10 +1,20 @@
-"""A throttling proxy in front of an SSM endpoint, as SSM's account quota
-behaves: a token bucket of RATE calls a second holding at most one second's
-worth; a call past it gets SSM's ThrottlingException (HTTP 400, AWS JSON 1.1)
-and never reaches the server. Prints its port, then serves until killed.
-GET /counts answers {"admitted": N, "throttled": M}.
+"""A proxy in front of an SSM endpoint that behaves as real SSM does where
+moto does not.
 
-    python throttle_proxy.py UPSTREAM_URL RATE
+Throttling, as SSM's account quota behaves: a token bucket of RATE calls a
+second holding at most one second's worth; a call past it gets SSM's
+ThrottlingException (HTTP 400, AWS JSON 1.1) and never reaches the server.
+
+KMS refusals: each NAME after --undecryptable is under a KMS key the caller
+may not use. Real SSM then refuses, whole, with AccessDeniedException, every
+call that would decrypt it: GetParameter, a GetParameters batch that holds it,
+and a GetParametersByPath page that holds it, when WithDecryption is true.
+moto never does; the proxy refuses such an answer instead of passing it on.
+
+Prints its port, then serves until killed. GET /counts answers
+{"admitted": N, "throttled": M, "refused": K}.
+
+    python throttle_proxy.py UPSTREAM_URL RATE [--undecryptable NAME...]
 """
 
 import json
@@ -15,8 +25,26 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 upstream, rate = sys.argv[1].rstrip("/"), float(sys.argv[2])
+undecryptable = set(sys.argv[4:]) if sys.argv[3:4] == ["--undecryptable"] else set()
 lock = threading.Lock()
-state = {"tokens": rate, "last": time.monotonic(), "admitted": 0, "throttled": 0}
+state = {"tokens": rate, "last": time.monotonic(), "admitted": 0, "throttled": 0, "refused": 0}
+
+
+def refuses_decrypting(request: bytes, answer: bytes) -> bool:
+    """Whether real SSM would refuse this call: it decrypts a parameter under
+    a key the caller may not use."""
+    if not undecryptable:
+        return False
+    try:
+        asked, answered = json.loads(request or b"{}"), json.loads(answer or b"{}")
+    except ValueError:
+        return False
+    if not asked.get("WithDecryption"):
+        return False
+    parameters = answered.get("Parameters") or []
+    if "Parameter" in answered:
+        parameters = [answered["Parameter"]]
+    return any(p.get("Name") in undecryptable for p in parameters)
 
 
 def admit() -> bool:
@@ -49,7 +77,7 @@ class Proxy(BaseHTTPRequestHandler):
 
     def do_GET(self):
         with lock:
-            body = json.dumps({"admitted": state["admitted"], "throttled": state["throttled"]})
+            body = json.dumps({k: state[k] for k in ("admitted", "throttled", "refused")})
         self.reply(200, [("Content-Type", "application/json")], body.encode())
 
     def do_POST(self):
@@ -64,7 +92,16 @@ class Proxy(BaseHTTPRequestHandler):
                                                   if k.lower() not in ("host", "content-length")})
         try:
             with urllib.request.urlopen(request) as answer:
-                self.reply(answer.status, answer.getheaders(), answer.read())
+                answered = answer.read()
+                if refuses_decrypting(body, answered):
+                    with lock:
+                        state["refused"] += 1
+                    error = json.dumps({"__type": "AccessDeniedException",
+                                        "message": "User is not authorized to perform kms:Decrypt"})
+                    self.reply(400, [("Content-Type", "application/x-amz-json-1.1"),
+                                     ("x-amzn-ErrorType", "AccessDeniedException")], error.encode())
+                    return
+                self.reply(answer.status, answer.getheaders(), answered)
         except urllib.error.HTTPError as answer:
             self.reply(answer.code, answer.headers.items(), answer.read())
 
