@@ -26,6 +26,38 @@ pub const HOLDER_SESSION_FD: RawFd = 5;
 pub const HOLDER_VERDICT_FD: RawFd = 6;
 pub const HOLDER_TOKEN_FD: RawFd = 7;
 
+/// The running ssmfs binary, open read-only, which the CSI plugin hands its
+/// serving side (and that side its holders) to execute as
+/// `/proc/self/fd/9`: the binary's path is never resolved as the serving
+/// user (it may lie in a directory only root may enter), and what runs is
+/// the file the plugin opened, whatever is renamed onto that path since.
+pub const EXECUTABLE_FD: RawFd = 9;
+/// Set (to `EXECUTABLE_FD`) where that fd was handed down.
+pub const EXECUTABLE_FD_ENV: &str = "SSMFS_EXECUTABLE_FD";
+
+/// What to execute to run this binary again: the fd handed down, if any,
+/// else the binary's own path.
+pub fn executable() -> std::io::Result<std::path::PathBuf> {
+    let handed_down = std::env::var(EXECUTABLE_FD_ENV).ok() == Some(EXECUTABLE_FD.to_string())
+        // SAFETY: F_GETFD only reads the fd's flags.
+        && unsafe { libc::fcntl(EXECUTABLE_FD, libc::F_GETFD) } >= 0;
+    match handed_down {
+        true => Ok(format!("/proc/self/fd/{EXECUTABLE_FD}").into()),
+        false => std::env::current_exe(),
+    }
+}
+
+/// A command that runs this binary again (`executable`), under the name
+/// this process was started as (so `ps` shows a path, not an fd).
+pub fn command_for(executable: &std::path::Path) -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    let mut command = std::process::Command::new(executable);
+    if let Some(name) = std::env::args_os().next() {
+        command.arg0(name);
+    }
+    command
+}
+
 /// The mount point as the holder resolved it (absolute, no symlinks), for a
 /// daemon that must not look at the mount point itself: its name for the
 /// mount (the events queue's) is then the same as an unsupervised one's.

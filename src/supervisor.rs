@@ -40,7 +40,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -474,7 +474,7 @@ impl Supervisor {
             verdict_writer.as_raw_fd(),
         );
         let token_fd = self.token.as_ref().map_or(-1, |token| token.as_raw_fd());
-        let mut command = Command::new(&self.binary);
+        let mut command = crate::handoff::command_for(&self.binary);
         command
             .args(&self.settings.daemon_args)
             // Readiness is the supervisor's to report, not the daemon's.
@@ -699,7 +699,7 @@ pub fn run(
         }
     }
     let mut supervisor = Supervisor {
-        binary: std::env::current_exe().map_err(SupervisorError::Setup)?,
+        binary: crate::handoff::executable().map_err(SupervisorError::Setup)?,
         journal,
         token,
         settings,

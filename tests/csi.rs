@@ -35,6 +35,11 @@ struct Node {
 
 impl Node {
     fn start(gate: &Gate, extra: &[&str]) -> Node {
+        Self::start_binary(gate, extra, PathBuf::from(env!("CARGO_BIN_EXE_ssmfs")))
+    }
+
+    /// A node whose plugin runs `binary`.
+    fn start_binary(gate: &Gate, extra: &[&str], binary: PathBuf) -> Node {
         let root = tempfile::tempdir().unwrap();
         // The serving side (uid 65534) walks down to its control socket.
         use std::os::unix::fs::PermissionsExt;
@@ -45,7 +50,7 @@ impl Node {
             plugin: None,
             rt: runtime(),
             endpoint: gate.url.clone(),
-            binary: PathBuf::from(env!("CARGO_BIN_EXE_ssmfs")),
+            binary,
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         node.start_plugin();
@@ -352,7 +357,7 @@ fn sanity_publish_and_unpublish_refuse_bad_requests_and_leave_nothing_mounted() 
     cases.push(("a token for another audience", r, "sts.amazonaws.com"));
     let mut r = good.clone();
     r.volume_context.remove("roleArn");
-    cases.push(("no identity", r, "useNodeIdentity"));
+    cases.push(("no identity", r, "usePodIdentity"));
     let outside = node.path("elsewhere/mount");
     std::fs::create_dir_all(outside.parent().unwrap()).unwrap();
     cases.push((
@@ -1025,4 +1030,506 @@ fn a_surge_serving_side_takes_over_while_the_plugin_is_replaced() {
     );
     let _ = new.kill();
     let _ = new.wait();
+}
+
+#[test]
+fn the_serving_side_starts_from_a_binary_only_root_may_reach() {
+    let Some((_moto, gate)) = setup() else { return };
+    // As `cargo install` leaves it in /root/.cargo/bin, or a clone in a
+    // `mktemp -d` directory: mode 0700, so the serving user cannot search it.
+    let hidden = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(hidden.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let binary = hidden.path().join("ssmfs");
+    std::fs::copy(env!("CARGO_BIN_EXE_ssmfs"), &binary).unwrap();
+    let node = Node::start_binary(&gate, &[], binary.clone());
+    let target = node.target("uid-1", "secrets");
+    node.publish(request("vol-1", &target, ATTRS, &POD))
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(target.join("db")).unwrap(),
+        "db-secret"
+    );
+    let log = node.log_text();
+    assert!(!log.contains("cannot start the serving side"), "{log}");
+}
+
+// Issue 26: a shared cluster. Each test below failed on the driver before
+// these rules (checked by running it against that build).
+
+/// Publishes `attributes` for `pod` and expects `code` with a message that
+/// names `named`, and nothing mounted or left at the target.
+fn refused(
+    node: &Node,
+    uid: &str,
+    attributes: &[(&str, &str)],
+    pod: &PodSpec,
+    code: tonic::Code,
+    named: &str,
+) {
+    let target = node.target(uid, "secrets");
+    let before = node.all_mounts();
+    let status = node
+        .publish(request("vol-x", &target, attributes, pod))
+        .expect_err(named);
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(named) && !status.message().contains('\n'),
+        "{:?} should name {named} in one line",
+        status.message()
+    );
+    assert_eq!(
+        node.all_mounts(),
+        before,
+        "{named}: something stayed mounted"
+    );
+    assert!(!target.exists(), "{named}: the target was left");
+}
+
+const TEAM_B: PodSpec<'static> = PodSpec {
+    namespace: "team-b",
+    name: "b-1",
+    uid: "uid-b",
+    service_account: "worker",
+    token: Some(TOKEN),
+};
+
+#[test]
+fn a_tenant_cannot_choose_the_node_credentials_an_endpoint_or_a_role_inside_airflow_kwargs() {
+    let Some((_moto, gate)) = setup() else { return };
+    let node = Node::start(&gate, &[]);
+    let node_identity = [
+        ("path", "/k8s"),
+        ("useNodeIdentity", "true"),
+        ("region", "us-east-1"),
+    ];
+    let denied = tonic::Code::PermissionDenied;
+    refused(
+        &node,
+        "u1",
+        &node_identity,
+        &POD,
+        denied,
+        "--node-identity-namespaces",
+    );
+    for key in ["endpoint_url", "role_arn", "profile_name"] {
+        let kwargs = format!(r#"{{"variables_prefix": "k8s", "{key}": "x"}}"#);
+        let attributes = [
+            ("airflowKwargs", kwargs.as_str()),
+            ("roleArn", ROLE),
+            ("region", "us-east-1"),
+        ];
+        refused(&node, "u2", &attributes, &POD, denied, key);
+    }
+    let bad_region = [("path", "/k8s"), ("roleArn", ROLE), ("region", "mars-1")];
+    refused(
+        &node,
+        "u3",
+        &bad_region,
+        &POD,
+        tonic::Code::InvalidArgument,
+        "region",
+    );
+    let kwargs_region = [
+        (
+            "airflowKwargs",
+            r#"{"variables_prefix": "k8s", "region_name": "x y"}"#,
+        ),
+        ("roleArn", ROLE),
+    ];
+    refused(
+        &node,
+        "u4",
+        &kwargs_region,
+        &POD,
+        tonic::Code::InvalidArgument,
+        "region_name",
+    );
+    // A token whose subject is another service account than the pod's.
+    let other = token_for("airflow", "admin");
+    let stolen = PodSpec {
+        token: Some(&other),
+        ..POD
+    };
+    refused(
+        &node,
+        "u5",
+        ATTRS,
+        &stolen,
+        denied,
+        "system:serviceaccount:airflow:airflow-worker",
+    );
+    // Unpublish touches only kubelet's targets.
+    let outside = node.path("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    assert_eq!(
+        run(
+            "mount",
+            &["-t", "tmpfs", "tmpfs", outside.to_str().unwrap()]
+        )
+        .0,
+        0
+    );
+    let status = node.unpublish("vol-x", &outside).unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("--pods-dir"), "{status:?}");
+    assert!(
+        ssmfs::daemon::is_mount_point(&outside),
+        "unmounted outside the pods directory"
+    );
+    let _ = ssmfs::daemon::lazy_unmount(&outside);
+}
+
+#[test]
+fn the_node_credentials_go_where_the_admin_says() {
+    let Some((_moto, gate)) = setup() else { return };
+    let attributes = tempfile::tempdir().unwrap();
+    std::fs::write(
+        attributes.path().join("classes.json"),
+        r#"{"shared": {"path": "/k8s", "useNodeIdentity": "true", "region": "us-east-1"}}"#,
+    )
+    .unwrap();
+    let dir = attributes.path().to_str().unwrap();
+    let node = Node::start(
+        &gate,
+        &["--attributes-dir", dir, "--node-identity-namespaces", "ops"],
+    );
+    // A class that sets useNodeIdentity: what it sets is fixed.
+    let target = node.target("uid-1", "secrets");
+    node.publish(request("vol-1", &target, &[("class", "shared")], &POD))
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(target.join("db")).unwrap(),
+        "db-secret"
+    );
+    let elsewhere = [("class", "shared"), ("path", "/team-b")];
+    refused(
+        &node,
+        "u2",
+        &elsewhere,
+        &POD,
+        tonic::Code::InvalidArgument,
+        "fixed",
+    );
+    // A namespace the flag names may ask for them itself.
+    let ops = PodSpec {
+        namespace: "ops",
+        ..POD
+    };
+    let own = [
+        ("path", "/k8s"),
+        ("useNodeIdentity", "true"),
+        ("region", "us-east-1"),
+    ];
+    let target = node.target("uid-3", "secrets");
+    node.publish(request("vol-3", &target, &own, &ops)).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(target.join("api")).unwrap(),
+        "api-secret"
+    );
+    refused(
+        &node,
+        "u4",
+        &own,
+        &POD,
+        tonic::Code::PermissionDenied,
+        "airflow",
+    );
+    // defaults.json cannot give every volume the node's credentials.
+    std::fs::write(
+        attributes.path().join("defaults.json"),
+        r#"{"useNodeIdentity": "true"}"#,
+    )
+    .unwrap();
+    let (code, _, err) = run(
+        env!("CARGO_BIN_EXE_ssmfs"),
+        &["csi", "--node-id", "n", "--attributes-dir", dir],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("useNodeIdentity"), "{err}");
+}
+
+#[test]
+fn only_the_serving_user_may_speak_for_the_serving_side() {
+    let Some((_moto, gate)) = setup() else { return };
+    let node = Node::start(&gate, &[]);
+    let target = node.target("uid-1", "secrets");
+    node.publish(request("vol-1", &target, ATTRS, &POD))
+        .unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let run_dir = std::fs::metadata(node.path("run")).unwrap();
+    assert_eq!(run_dir.uid(), 0, "the run directory is root's");
+    let socket = node.path("run/control.sock");
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (64721, 0o600));
+    // As if another uid could reach the socket (a hostPath, a bind mount):
+    // the plugin checks who connected, not what it claims.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let claim = r#"
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(sys.argv[1])
+s.settimeout(3)
+try:
+    s.sendmsg([json.dumps({"op": "hello", "born": 99999999999999}).encode()])
+    data, fds, flags, _ = socket.recv_fds(s, 65536, 16)
+    print("closed" if not data else "received %d bytes and %d fds" % (len(data), len(fds)))
+except socket.timeout:
+    print("no answer")
+except OSError:
+    print("closed")
+"#;
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python3");
+    let (code, out, err) = run(
+        "setpriv",
+        &[
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            python.to_str().unwrap(),
+            "-c",
+            claim,
+            socket.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "closed", "nobody got: {out}");
+    assert!(
+        node.log_text().contains("refused a control connection"),
+        "no refusal logged"
+    );
+    // Reads go on: the real serving side was not displaced.
+    assert_eq!(
+        std::fs::read_to_string(target.join("db")).unwrap(),
+        "db-secret"
+    );
+    // csi-serve is not dumpable: its /proc entries are root's, not its uid's.
+    for pid in node.pids("csi-serve") {
+        let fd_dir = std::fs::metadata(format!("/proc/{pid}/fd")).unwrap();
+        assert_eq!(
+            fd_dir.uid(),
+            0,
+            "pid {pid}: its fds are readable by its uid"
+        );
+    }
+}
+
+#[test]
+fn a_mount_is_keyed_by_its_whole_identity_compared_before_a_bind_and_kept_from_the_host() {
+    let Some((_moto, gate)) = setup() else { return };
+    let metrics_addr = format!("127.0.0.1:{}", free_loopback_port());
+    let mut node = Node::start(&gate, &["--metrics-addr", &metrics_addr]);
+    let target = node.target("uid-1", "secrets");
+    node.publish(request("vol-1", &target, ATTRS, &POD))
+        .unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let records: Vec<PathBuf> = std::fs::read_dir(node.path("state/mounts"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    assert_eq!(records.len(), 1);
+    let key = records[0]
+        .file_stem()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(key.len(), 64, "the whole SHA-256: {key}");
+    // Root's alone: host users cannot walk to the mount or read records.
+    for dir in ["state", "state/mounts"] {
+        assert_eq!(
+            std::fs::metadata(node.path(dir)).unwrap().mode() & 0o777,
+            0o700,
+            "{dir}"
+        );
+    }
+    assert_eq!(
+        std::fs::metadata(&records[0]).unwrap().mode() & 0o777,
+        0o600
+    );
+    let (code, out, _) = run(
+        "setpriv",
+        &[
+            "--reuid=1000",
+            "--regid=1000",
+            "--clear-groups",
+            "ls",
+            node.path("state/mounts").join(&key).to_str().unwrap(),
+        ],
+    );
+    assert!(
+        code != 0 && out.is_empty(),
+        "host user 1000 listed the shared mount: {out}"
+    );
+    let (_, metrics, _) = run("curl", &["-sf", &format!("http://{metrics_addr}/metrics")]);
+    assert!(metrics.contains("ssmfs_csi_pods_attached"), "{metrics}");
+    assert!(!metrics.contains(&key), "the key is in the metrics");
+    // The key is an HMAC under the node's secret: what a tenant knows does
+    // not give it, so mount paths in mountinfo reveal nothing searchable.
+    let salt = std::fs::metadata(node.path("state/key.salt")).unwrap();
+    assert_eq!((salt.len(), salt.mode() & 0o777), (32, 0o600));
+    // A record that says another identity (as a colliding key would): the
+    // next pod is not bound to it.
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&records[0]).unwrap()).unwrap();
+    record["identity"]["serviceAccount"] = "someone-else".into();
+    std::fs::write(&records[0], serde_json::to_vec(&record).unwrap()).unwrap();
+    node.kill_plugin(libc::SIGKILL);
+    node.start_plugin();
+    std::thread::sleep(Duration::from_secs(2));
+    let pod2 = PodSpec {
+        name: "task-2",
+        uid: "uid-2",
+        ..POD
+    };
+    refused(
+        &node,
+        "uid-2",
+        ATTRS,
+        &pod2,
+        tonic::Code::Internal,
+        "another identity",
+    );
+}
+
+#[test]
+fn a_namespace_cannot_fill_the_node() {
+    let Some((_moto, gate)) = setup() else { return };
+    let node = Node::start(
+        &gate,
+        &[
+            "--max-mounts-per-namespace",
+            "2",
+            "--max-mounts",
+            "3",
+            "--linger",
+            "1h",
+        ],
+    );
+    let with_ttl = |ttl: &'static str| {
+        vec![
+            ("path", "/k8s"),
+            ("roleArn", ROLE),
+            ("region", "us-east-1"),
+            ("ttl", ttl),
+        ]
+    };
+    let pod = |uid: &'static str| PodSpec {
+        uid,
+        name: uid,
+        ..POD
+    };
+    let first = node.target("p1", "secrets");
+    node.publish(request("v1", &first, &with_ttl("1s"), &pod("p1")))
+        .unwrap();
+    node.publish(request(
+        "v2",
+        &node.target("p2", "secrets"),
+        &with_ttl("2s"),
+        &pod("p2"),
+    ))
+    .unwrap();
+    let exhausted = tonic::Code::ResourceExhausted;
+    refused(
+        &node,
+        "p3",
+        &with_ttl("3s"),
+        &pod("p3"),
+        exhausted,
+        "--max-mounts-per-namespace",
+    );
+    assert_eq!(node.shared_mounts(), 2);
+    // Another namespace is not held back by this one.
+    node.publish(request(
+        "vb",
+        &node.target("pb", "secrets"),
+        &with_ttl("1s"),
+        &TEAM_B,
+    ))
+    .unwrap();
+    let team_c = PodSpec {
+        namespace: "team-c",
+        uid: "pc",
+        ..TEAM_B
+    };
+    refused(
+        &node,
+        "pc",
+        &with_ttl("1s"),
+        &team_c,
+        exhausted,
+        "--max-mounts",
+    );
+    // A mount no pod uses any more makes room (its linger is cut short).
+    node.unpublish("v1", &first).unwrap();
+    node.publish(request(
+        "v3",
+        &node.target("p3", "secrets"),
+        &with_ttl("3s"),
+        &pod("p3"),
+    ))
+    .unwrap();
+    assert_eq!(node.shared_mounts(), 3);
+}
+
+#[test]
+fn eks_pod_identity_signs_with_the_agents_credentials_for_the_pods_token() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    seed(&moto, &[("/k8s/db", "db-secret")]);
+    let gate = Gate::with_pod_identity(
+        &moto.endpoint,
+        &["system:serviceaccount:airflow:airflow-worker"],
+    );
+    let agent = format!("--pod-identity-agent-url={}/v1/credentials", gate.url);
+    let node = Node::start(&gate, &[&agent]);
+    let attributes = [
+        ("path", "/k8s"),
+        ("usePodIdentity", "true"),
+        ("region", "us-east-1"),
+    ];
+    let target = node.target("uid-1", "secrets");
+    node.publish(request("vol-1", &target, &attributes, &POD))
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(target.join("db")).unwrap(),
+        "db-secret"
+    );
+    let signed = gate.count_map("signed_by");
+    assert!(
+        signed.get("AKIAPODIDENTITYAIRFLOW").is_some_and(|n| *n > 0),
+        "{signed:?}"
+    );
+    assert_eq!(
+        signed.len(),
+        1,
+        "every SSM call with the agent's key: {signed:?}"
+    );
+    let asked = gate.count_map("agent");
+    assert!(
+        asked.contains_key("system:serviceaccount:airflow:airflow-worker"),
+        "{asked:?}"
+    );
+    // Another service account, in its own mount: the agent refuses it.
+    let refused_pod = PodSpec {
+        namespace: "team-b",
+        service_account: "worker",
+        uid: "uid-b",
+        ..POD
+    };
+    let status = node
+        .publish(request(
+            "vol-b",
+            &node.target("uid-b", "secrets"),
+            &attributes,
+            &refused_pod,
+        ))
+        .unwrap_err();
+    assert_ne!(status.code(), tonic::Code::Ok);
+    assert_eq!(node.shared_mounts(), 1, "{status:?}");
+    assert!(!node.log_text().contains(TOKEN));
 }

@@ -199,6 +199,14 @@ pub fn receive(socket: &OwnedFd) -> io::Result<Option<(Value, Vec<OwnedFd>)>> {
             cmsg = libc::CMSG_NXTHDR(&header, cmsg);
         }
     }
+    // Cut short: fds the kernel could not pass are closed, or the message
+    // is partial. Neither is acted on (the fds received so far close here).
+    if header.msg_flags & (libc::MSG_CTRUNC | libc::MSG_TRUNC) != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a control message was truncated (too many fds or bytes)",
+        ));
+    }
     if received == 0 && fds.is_empty() {
         return Ok(None);
     }

@@ -21,6 +21,9 @@ pub enum CsiError {
     Unavailable(String),
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// A cap of the node's (mounts per namespace, per node) is reached.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// A system call failed on this node.
     #[error("{what}: {cause}")]
     System {
@@ -55,6 +58,7 @@ impl From<CsiError> for tonic::Status {
             CsiError::FailedPrecondition(_) => Code::FailedPrecondition,
             CsiError::Unavailable(_) => Code::Unavailable,
             CsiError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            CsiError::ResourceExhausted(_) => Code::ResourceExhausted,
             CsiError::System { .. } => Code::Internal,
             CsiError::Unimplemented(_) => Code::Unimplemented,
         };

@@ -57,8 +57,11 @@ pub struct PluginArgs {
     /// Target paths must lie inside this directory (kubelet's pods).
     #[arg(long, default_value = "/var/lib/kubelet/pods")]
     pub pods_dir: PathBuf,
-    /// UID:GID of the serving side (never root).
-    #[arg(long, default_value = "65534:65534")]
+    /// UID:GID of the serving side (never root). A user of its own: the
+    /// plugin hands its FUSE connections only to a peer of this uid, so it
+    /// must not be one that other processes on the node run as (65534,
+    /// nobody, is).
+    #[arg(long, default_value = sys::DEFAULT_SERVE_USER)]
     pub serve_user: sys::ServeUser,
     /// Do not start the serving side: a second container runs `ssmfs csi-serve`.
     #[arg(long)]
@@ -76,6 +79,23 @@ pub struct PluginArgs {
     /// Serve Prometheus metrics (shared mounts, pods attached) on this address.
     #[arg(long)]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Namespaces whose volumes may ask for the node's own credentials
+    /// (useNodeIdentity: "true"), comma-separated. None by default: a tenant
+    /// must not read with the node's role.
+    #[arg(long, value_delimiter = ',')]
+    pub node_identity_namespaces: Vec<String>,
+    /// Most shared mounts (each a serving daemon) one namespace may hold on
+    /// this node: a task pod needs one or two; this leaves room for a few
+    /// option sets while one tenant cannot fill the node.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_mounts_per_namespace: u32,
+    /// Most shared mounts on this node: each daemon takes a few MiB in the
+    /// serving container, so 64 stays well inside its memory limit.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_mounts: u32,
+    /// Where EKS Pod Identity's agent answers (volumes with usePodIdentity).
+    #[arg(long, default_value = crate::store::ssm::POD_IDENTITY_AGENT_URL)]
+    pub pod_identity_agent_url: String,
 }
 
 #[derive(Debug, Parser)]
@@ -171,11 +191,23 @@ fn run_plugin(args: PluginArgs) -> anyhow::Result<()> {
         );
     }
     let endpoint = socket_path(&args.endpoint);
-    let defaults = match &args.attributes_dir {
+    let mut defaults = match &args.attributes_dir {
         Some(dir) => volume::AttributeDefaults::load(dir)
             .map_err(|why| anyhow::anyhow!("--attributes-dir: {why}"))?,
         None => volume::AttributeDefaults::default(),
     };
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("--state-dir {}", args.state_dir.display()))?;
+    sys::make_private(&args.state_dir)
+        .with_context(|| format!("--state-dir {}", args.state_dir.display()))?;
+    defaults.key_salt = sys::node_secret(&args.state_dir.join("key.salt"))
+        .with_context(|| format!("--state-dir {}: key.salt", args.state_dir.display()))?;
+    defaults.node_identity_namespaces = args
+        .node_identity_namespaces
+        .iter()
+        .map(|ns| ns.trim().to_string())
+        .filter(|ns| !ns.is_empty())
+        .collect();
     let driver = node::Driver::new(node::DriverSettings {
         driver_name: args.driver_name,
         node_id: args.node_id,
@@ -186,6 +218,9 @@ fn run_plugin(args: PluginArgs) -> anyhow::Result<()> {
         external_serve: args.external_serve,
         linger: args.linger,
         defaults,
+        max_mounts_per_namespace: args.max_mounts_per_namespace as usize,
+        max_mounts: args.max_mounts as usize,
+        pod_identity_agent_url: args.pod_identity_agent_url,
     });
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("--state-dir {}", args.state_dir.display()))?;
@@ -256,27 +291,7 @@ async fn serve_metrics(
     addr: std::net::SocketAddr,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind(addr)
+    crate::daemon::metrics_http::serve_text(addr, move || driver.metrics())
         .await
-        .with_context(|| format!("--metrics-addr {addr}"))?;
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let driver = driver.clone();
-            tokio::spawn(async move {
-                let mut request = [0u8; 1024];
-                let _ = stream.read(&mut request).await;
-                let body = tokio::task::spawn_blocking(move || driver.metrics())
-                    .await
-                    .unwrap_or_default();
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = stream.write_all(head.as_bytes()).await;
-                let _ = stream.write_all(body.as_bytes()).await;
-            });
-        }
-    });
-    Ok(())
+        .with_context(|| format!("--metrics-addr {addr}"))
 }

@@ -44,7 +44,17 @@ pub struct DriverSettings {
     pub external_serve: bool,
     pub linger: Duration,
     pub defaults: super::volume::AttributeDefaults,
+    /// Shared mounts one namespace may hold (`--max-mounts-per-namespace`).
+    pub max_mounts_per_namespace: usize,
+    /// Shared mounts on the node (`--max-mounts`).
+    pub max_mounts: usize,
+    /// EKS Pod Identity's agent (`--pod-identity-agent-url`).
+    pub pod_identity_agent_url: String,
 }
+
+/// Serving sides connected at once, at most: a DaemonSet surge has two;
+/// a peer past this is turned away rather than given a thread.
+const MAX_LINKS: usize = 8;
 
 struct Attachment {
     volume_id: String,
@@ -53,6 +63,8 @@ struct Attachment {
 
 struct SharedMount {
     mountpoint: PathBuf,
+    /// The namespace it counts against (`--max-mounts-per-namespace`).
+    namespace: String,
     identity: Identity,
     options: BTreeMap<String, String>,
     args: Vec<String>,
@@ -91,6 +103,7 @@ impl SharedMount {
             .collect();
         json!({
             "mountpoint": self.mountpoint,
+            "namespace": self.namespace,
             "identity": self.identity.to_json(),
             "options": self.options,
             "args": self.args,
@@ -147,13 +160,55 @@ const RESUME_RETRY: Duration = Duration::from_secs(2);
 /// few of its 100 ms retries.
 const HELLO_SETTLE: Duration = Duration::from_millis(1500);
 
+/// First wait before starting a serving side again after a failed start;
+/// doubled per failure up to `SERVE_RETRY_LAST` (a cause such as a
+/// permission is not fixed in a second).
+const SERVE_RETRY_FIRST: Duration = Duration::from_secs(1);
+const SERVE_RETRY_LAST: Duration = Duration::from_secs(30);
+
+/// The running binary, opened by the plugin (root) for the serving side to
+/// be executed from. Refused when anyone but root may write it: the plugin
+/// would start what they wrote.
+struct ServingBinary {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl ServingBinary {
+    fn open() -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let path = std::env::current_exe()?;
+        let file = std::fs::File::open("/proc/self/exe")?;
+        let meta = file.metadata()?;
+        if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+            return Err(std::io::Error::other(format!(
+                "the binary {} must be owned by root and writable by root alone (owner uid {}, mode {:o}): the serving side runs it",
+                path.display(),
+                meta.uid(),
+                meta.mode() & 0o7777
+            )));
+        }
+        Ok(Self { file, path })
+    }
+}
+
 pub struct Driver {
     settings: DriverSettings,
     mounts: Mutex<HashMap<String, SharedMount>>,
     link: Mutex<Link>,
-    /// Publishes and unpublishes one at a time: each is a few mount calls.
-    operations: tokio::sync::Mutex<()>,
-    serve_child: Mutex<Option<std::process::Child>>,
+    /// Publishes and unpublishes of one target one at a time (kubelet
+    /// retries); other targets go on meanwhile.
+    targets_busy: tokio::sync::Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+    /// Publishes creating one shared mount one at a time (two pods of one
+    /// identity arriving together share the first one's mount).
+    keys_busy: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Salt of the mount labels in logs and metrics (`label`).
+    label_salt: [u8; 16],
+    /// Serving sides connected now.
+    links_open: Arc<std::sync::atomic::AtomicUsize>,
+    /// Why the serving side (one-host layout) cannot start, while it cannot:
+    /// publishes fail with it rather than wait.
+    serve_failure: Mutex<Option<String>>,
 }
 
 fn internal(what: &'static str, error: std::io::Error) -> CsiError {
@@ -166,13 +221,27 @@ impl Driver {
             settings,
             mounts: Mutex::new(HashMap::new()),
             link: Mutex::new(Link::default()),
-            operations: tokio::sync::Mutex::new(()),
-            serve_child: Mutex::new(None),
+            targets_busy: tokio::sync::Mutex::new(HashMap::new()),
+            keys_busy: Mutex::new(HashMap::new()),
+            label_salt: rand::random(),
+            links_open: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            serve_failure: Mutex::new(None),
         })
     }
 
     fn mounts_dir(&self) -> PathBuf {
         self.settings.state_dir.join("mounts")
+    }
+
+    /// How logs and metrics name a shared mount: not its key (a digest of
+    /// identity and options another tenant could compute), but a salted
+    /// digest of it, stable while this plugin runs.
+    fn label(&self, key: &str) -> String {
+        use sha2::Digest;
+        let mut digest = sha2::Sha256::new();
+        digest.update(self.label_salt);
+        digest.update(key.as_bytes());
+        hex::encode(&digest.finalize()[..6])
     }
 
     pub fn control_socket(run_dir: &Path) -> PathBuf {
@@ -184,7 +253,7 @@ impl Driver {
         let staging = path.with_extension("json.new");
         let written = serde_json::to_vec_pretty(&mount.record())
             .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&staging, bytes))
+            .and_then(|bytes| sys::write_private(&staging, &bytes))
             .and_then(|()| std::fs::rename(&staging, &path));
         if let Err(error) = written {
             tracing::error!(path = %path.display(), %error, "could not record the mount's state");
@@ -200,7 +269,12 @@ impl Driver {
     /// live ones are adopted (their fds come back from the serving side),
     /// dead ones detached, targets whose pod is gone unmounted.
     pub fn recover(&self) -> std::io::Result<()> {
-        std::fs::create_dir_all(self.mounts_dir())?;
+        // Root's alone: the mounts below serve any uid (allow_other), so the
+        // way to them must be closed to the host's users.
+        for dir in [&self.settings.state_dir, &self.mounts_dir()] {
+            std::fs::create_dir_all(dir)?;
+            sys::make_private(dir)?;
+        }
         let mounted = sys::mounts()?;
         let is_mounted = |path: &Path| {
             mounted
@@ -230,6 +304,7 @@ impl Driver {
             };
             let mountpoint = self.mounts_dir().join(&key);
             let identity = Identity::from_json(&record["identity"]).unwrap_or(Identity::Node);
+            let namespace = record["namespace"].as_str().unwrap_or_default().to_string();
             let options: BTreeMap<String, String> =
                 serde_json::from_value(record["options"].clone()).unwrap_or_default();
             let mut targets = BTreeMap::new();
@@ -265,7 +340,7 @@ impl Driver {
             }
             let alive = is_mounted(&mountpoint) && !sys::is_dead_mount(&mountpoint);
             if !alive {
-                tracing::info!(mount = %key, "the shared mount is gone or dead; detaching it and its targets");
+                tracing::info!(mount = %self.label(&key), "the shared mount is gone or dead; detaching it and its targets");
                 for target in targets.keys() {
                     let _ = daemon::lazy_unmount(target);
                 }
@@ -280,11 +355,12 @@ impl Driver {
             let args: Vec<String> = serde_json::from_value(record["args"].clone())
                 .unwrap_or_else(|_| super::volume::daemon_args(&identity, &options, &mountpoint));
             let idle_since = targets.is_empty().then(Instant::now);
-            tracing::info!(mount = %key, pods = targets.len(), "adopting a live shared mount");
+            tracing::info!(mount = %self.label(&key), pods = targets.len(), "adopting a live shared mount");
             mounts.insert(
                 key,
                 SharedMount {
                     mountpoint,
+                    namespace,
                     identity,
                     options,
                     args,
@@ -314,7 +390,14 @@ impl Driver {
     pub fn start_serving_link(self: &Arc<Self>) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.settings.run_dir)?;
         let user = self.settings.serve_user;
-        std::os::unix::fs::chown(&self.settings.run_dir, Some(user.uid), Some(user.gid))?;
+        // Root's: the serving user owns the socket alone, so it cannot
+        // replace it or lead root's chmod and chown elsewhere.
+        std::os::unix::fs::chown(&self.settings.run_dir, Some(0), Some(0))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            &self.settings.run_dir,
+            std::fs::Permissions::from_mode(0o755),
+        )?;
         let socket = Self::control_socket(&self.settings.run_dir);
         let listener = control::listen(&socket, Some((user.uid, user.gid)))?;
         let driver = self.clone();
@@ -323,11 +406,20 @@ impl Driver {
             .spawn(move || loop {
                 match control::accept(&listener) {
                     Ok(link) => {
+                        if let Err(refusal) = driver.admit_link(&link) {
+                            tracing::warn!("{refusal}");
+                            continue;
+                        }
                         // Two serving sides at once during a surge update.
                         let driver = driver.clone();
+                        let open = driver.links_open.clone();
+                        open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         let spawned = std::thread::Builder::new()
                             .name("ssmfs-csi-linked".into())
-                            .spawn(move || driver.serve_link(Arc::new(link)));
+                            .spawn(move || {
+                                driver.serve_link(Arc::new(link));
+                                open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                            });
                         if let Err(error) = spawned {
                             tracing::error!(%error, "cannot serve a serving side's link");
                         }
@@ -339,10 +431,34 @@ impl Driver {
                 }
             })?;
         if !self.settings.external_serve {
+            let binary = ServingBinary::open()?;
             let driver = self.clone();
             std::thread::Builder::new()
                 .name("ssmfs-csi-keeper".into())
-                .spawn(move || driver.keep_serving_side())?;
+                .spawn(move || driver.keep_serving_side(binary))?;
+        }
+        Ok(())
+    }
+
+    /// Whether a connection to the control socket may speak for a serving
+    /// side: its peer must run as the serving user (or root), whatever it
+    /// says; and no more than `MAX_LINKS` at once.
+    fn admit_link(&self, link: &std::os::fd::OwnedFd) -> Result<(), String> {
+        let peer = sys::peer_credentials(link).map_err(|error| {
+            format!("refused a control connection: its peer is unknown ({error})")
+        })?;
+        let serving = self.settings.serve_user.uid;
+        if peer.uid != serving && peer.uid != 0 {
+            return Err(format!(
+                "refused a control connection from pid {} uid {}: only the serving side's user (uid {serving}) may connect",
+                peer.pid, peer.uid
+            ));
+        }
+        if self.links_open.load(std::sync::atomic::Ordering::SeqCst) >= MAX_LINKS {
+            return Err(format!(
+                "refused a control connection from pid {}: {MAX_LINKS} serving sides are connected already",
+                peer.pid
+            ));
         }
         Ok(())
     }
@@ -368,7 +484,10 @@ impl Driver {
     }
 
     /// One-host layout: starts the serving side, and again whenever it ends.
-    fn keep_serving_side(self: Arc<Self>) {
+    /// A start that fails is logged once per cause and tried again less and
+    /// less often; publishes meanwhile fail with that cause.
+    fn keep_serving_side(self: Arc<Self>, binary: ServingBinary) {
+        let mut backoff = SERVE_RETRY_FIRST;
         loop {
             if let Some(pid) = self.surviving_serving_side() {
                 // An earlier plugin's: it reconnects by itself. Wait for its end.
@@ -379,23 +498,54 @@ impl Driver {
                 }
                 continue;
             }
-            match self.spawn_serving_side() {
+            let started = Instant::now();
+            let failure = match self.spawn_serving_side(&binary) {
                 Ok(mut child) => {
                     let pid = child.id();
                     let _ = std::fs::write(self.serve_pid_file(), format!("{pid}\n"));
-                    let status = child.wait();
-                    tracing::warn!(pid, status = ?status.ok(), "the serving side ended; starting another");
+                    *self.serve_failure.lock().unwrap() = None;
+                    let status = child.wait().ok();
+                    tracing::warn!(pid, ?status, "the serving side ended; starting another");
+                    let lived = started.elapsed();
+                    match lived < SERVE_RETRY_FIRST {
+                        true => status.map(|status| {
+                            format!(
+                                "the serving side ({}) exited at once ({status})",
+                                binary.path.display()
+                            )
+                        }),
+                        false => None,
+                    }
                 }
-                Err(error) => {
-                    tracing::error!(%error, "cannot start the serving side");
-                    std::thread::sleep(Duration::from_secs(1));
+                Err(error) => Some(format!(
+                    "cannot start the serving side from {}: {error}",
+                    binary.path.display()
+                )),
+            };
+            match failure {
+                Some(reason) => {
+                    let mut recorded = self.serve_failure.lock().unwrap();
+                    if recorded.as_deref() != Some(reason.as_str()) {
+                        tracing::error!(
+                            "{reason}; trying again every {}s at most",
+                            SERVE_RETRY_LAST.as_secs()
+                        );
+                        *recorded = Some(reason);
+                    }
+                    drop(recorded);
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(SERVE_RETRY_LAST);
+                }
+                None => {
+                    backoff = SERVE_RETRY_FIRST;
+                    std::thread::sleep(Duration::from_millis(20));
                 }
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
-    fn spawn_serving_side(&self) -> std::io::Result<std::process::Child> {
+    fn spawn_serving_side(&self, binary: &ServingBinary) -> std::io::Result<std::process::Child> {
+        use crate::handoff::{EXECUTABLE_FD, EXECUTABLE_FD_ENV};
         use std::os::unix::process::CommandExt;
         let user = self.settings.serve_user;
         let c = |path: &Path| {
@@ -404,15 +554,24 @@ impl Driver {
         };
         let writable = c(&self.settings.run_dir)?;
         let (dev_null, dev_fuse) = (c(Path::new("/dev/null"))?, c(Path::new("/dev/fuse"))?);
-        let mut command = std::process::Command::new(std::env::current_exe()?);
+        let binary_fd = binary.file.as_raw_fd();
+        // The binary the plugin opened, through its fd: never its path, which
+        // the serving user may not be allowed to resolve.
+        let mut command = std::process::Command::new(format!("/proc/self/fd/{EXECUTABLE_FD}"));
         command
+            .arg0(&binary.path)
             .arg("csi-serve")
             .arg("--run-dir")
             .arg(&self.settings.run_dir)
+            .env(EXECUTABLE_FD_ENV, EXECUTABLE_FD.to_string())
             .current_dir("/");
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             command.pre_exec(move || {
+                // dup2 clears close-on-exec: the serving side keeps it for its holders.
+                if libc::dup2(binary_fd, EXECUTABLE_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 // Its own session: a kill of the plugin leaves it serving.
                 libc::setsid();
                 sys::enter_serving_sandbox(user, &writable, &dev_null, &dev_fuse)
@@ -420,7 +579,6 @@ impl Driver {
         }
         let child = command.spawn()?;
         tracing::info!(pid = child.id(), uid = user.uid, "serving side started");
-        *self.serve_child.lock().unwrap() = None;
         Ok(child)
     }
 
@@ -460,7 +618,7 @@ impl Driver {
                             }
                         }
                         None => {
-                            tracing::warn!(mount = %key, "the serving side holds a mount this plugin has no record of; it is stopped");
+                            tracing::warn!(mount = %self.label(&key), "the serving side holds a mount this plugin has no record of; it is stopped");
                             let _ = control::send(&socket, &json!({"op": "stop", "id": key}), &[]);
                         }
                     }
@@ -511,7 +669,7 @@ impl Driver {
                         }
                         (None, Err(why)) => {
                             // Its readers wait meanwhile: try again shortly.
-                            tracing::error!(mount = %key, reason = why, "the serving side could not resume a mount; trying again in 2 s");
+                            tracing::error!(mount = %self.label(&key), reason = why, "the serving side could not resume a mount; trying again in 2 s");
                             let driver = self.clone();
                             std::thread::spawn(move || {
                                 std::thread::sleep(RESUME_RETRY);
@@ -571,7 +729,7 @@ impl Driver {
             .collect();
         for key in &dead {
             let mount = mounts.remove(key).expect("listed above");
-            tracing::warn!(mount = %key, pods = mount.targets.len(), "no process held the shared mount any more; detaching it and its targets (their next publish mounts anew)");
+            tracing::warn!(mount = %self.label(key), pods = mount.targets.len(), "no process held the shared mount any more; detaching it and its targets (their next publish mounts anew)");
             mount.detach();
             self.forget(key);
         }
@@ -609,7 +767,7 @@ impl Driver {
                             resumed += 1;
                         }
                         Err(error) => {
-                            tracing::error!(mount = %key, %error, "could not hand the mount to the serving side")
+                            tracing::error!(mount = %self.label(key), %error, "could not hand the mount to the serving side")
                         }
                     }
                 }
@@ -655,7 +813,7 @@ impl Driver {
         if mount.removing {
             return;
         }
-        tracing::error!(mount = %key, "the shared mount's holder gave up; aborting it so readers get an error (the next publish mounts it anew)");
+        tracing::error!(mount = %self.label(key), "the shared mount's holder gave up; aborting it so readers get an error (the next publish mounts it anew)");
         if let Some(entry) = sys::mounts()
             .ok()
             .and_then(|all| all.into_iter().find(|e| e.mount_point == mount.mountpoint))
@@ -673,6 +831,9 @@ impl Driver {
         loop {
             if let Some(current) = self.link.lock().unwrap().current() {
                 return Ok(current);
+            }
+            if let Some(reason) = self.serve_failure.lock().unwrap().clone() {
+                return Err(CsiError::Unavailable(reason));
             }
             if Instant::now() > deadline {
                 return Err(CsiError::Unavailable(
@@ -734,6 +895,15 @@ impl Driver {
             token,
         };
         let mut args = publish.daemon_args(&mountpoint);
+        if matches!(publish.identity, Identity::PodIdentity { .. }) {
+            args.insert(
+                0,
+                format!(
+                    "--pod-identity-agent-url={}",
+                    self.settings.pod_identity_agent_url
+                ),
+            );
+        }
         // Its daemon's own metrics, on loopback, for the plugin to gather.
         if let Some(port) = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|listener| listener.local_addr())
@@ -781,6 +951,7 @@ impl Driver {
         };
         Ok(SharedMount {
             mountpoint,
+            namespace: publish.pod.namespace.clone(),
             identity: publish.identity.clone(),
             options: publish.options.clone(),
             args,
@@ -795,6 +966,64 @@ impl Driver {
 
     fn publish(&self, request: NodePublishVolumeRequest) -> Result<(), CsiError> {
         let publish = Publish::parse(&request, &self.settings.pods_dir, &self.settings.defaults)?;
+        let key_busy = self
+            .keys_busy
+            .lock()
+            .unwrap()
+            .entry(publish.key.clone())
+            .or_default()
+            .clone();
+        let published = {
+            let _one_creation_per_key = key_busy.lock().unwrap();
+            self.publish_parsed(&publish)
+        };
+        let mut busy = self.keys_busy.lock().unwrap();
+        if Arc::strong_count(&key_busy) == 2 {
+            busy.remove(&publish.key);
+        }
+        published
+    }
+
+    /// Whether one more shared mount for `namespace` fits the caps; idle
+    /// (lingering) mounts make room first, the longest idle first.
+    fn make_room(&self, namespace: &str) -> Result<(), CsiError> {
+        let settings = &self.settings;
+        loop {
+            let evict = {
+                let mounts = self.mounts.lock().unwrap();
+                let in_namespace = mounts.values().filter(|m| m.namespace == namespace).count();
+                let over_namespace = in_namespace >= settings.max_mounts_per_namespace;
+                let over_node = mounts.len() >= settings.max_mounts;
+                if !over_namespace && !over_node {
+                    return Ok(());
+                }
+                let idle = mounts
+                    .iter()
+                    .filter(|(_, m)| m.targets.is_empty() && !m.removing)
+                    .filter(|(_, m)| !over_namespace || m.namespace == namespace)
+                    .filter_map(|(key, m)| Some((m.idle_since?, key.clone())))
+                    .min();
+                match idle {
+                    Some((_, key)) => key,
+                    None if over_namespace => {
+                        return Err(CsiError::ResourceExhausted(format!(
+                            "namespace {namespace:?} holds {in_namespace} shared mounts on this node, the most --max-mounts-per-namespace allows ({}): volumes with the same identity and attributes share one",
+                            settings.max_mounts_per_namespace
+                        )))
+                    }
+                    None => {
+                        return Err(CsiError::ResourceExhausted(format!(
+                            "this node holds {} shared mounts, the most --max-mounts allows",
+                            settings.max_mounts
+                        )))
+                    }
+                }
+            };
+            self.remove_shared(&evict, "to make room under the caps");
+        }
+    }
+
+    fn publish_parsed(&self, publish: &Publish) -> Result<(), CsiError> {
         let target = &publish.target;
         let started = Instant::now();
         match std::fs::symlink_metadata(target) {
@@ -853,6 +1082,18 @@ impl Driver {
             .get(&publish.key)
             .is_some_and(|mount| mount.fds.is_some() && !mount.removing);
         let warm = live;
+        if let Some(mount) = mounts.get(&publish.key).filter(|_| live) {
+            // The key is a digest: compare what it stands for before
+            // binding another pod to this mount.
+            if mount.identity != publish.identity || mount.options != publish.options {
+                return Err(CsiError::system(
+                    "comparing the shared mount's identity",
+                    std::io::Error::other(
+                        "a mount of another identity or other attributes has this key",
+                    ),
+                ));
+            }
+        }
         if !live {
             if let Some(dead) = mounts.remove(&publish.key) {
                 dead.detach();
@@ -860,7 +1101,8 @@ impl Driver {
             // Mounting waits on the serving side, which reports through
             // the link thread: the map is not held meanwhile.
             drop(mounts);
-            let created = self.create_shared(&publish)?;
+            self.make_room(&publish.pod.namespace)?;
+            let created = self.create_shared(publish)?;
             mounts = self.mounts.lock().unwrap();
             mounts.insert(publish.key.clone(), created);
         }
@@ -901,7 +1143,7 @@ impl Driver {
         tracing::info!(
             pod = %publish.pod,
             volume = %publish.volume_id,
-            mount = %publish.key,
+            mount = %self.label(&publish.key),
             identity = %publish.identity.describe(),
             warm,
             pods = mount.targets.len(),
@@ -927,6 +1169,13 @@ impl Driver {
             return Err(CsiError::invalid("target_path is missing"));
         }
         let target = PathBuf::from(&request.target_path);
+        super::volume::check_target(&target, &self.settings.pods_dir)?;
+        if std::fs::symlink_metadata(&target).is_ok_and(|meta| meta.file_type().is_symlink()) {
+            return Err(CsiError::invalid(format!(
+                "target_path {} is a symlink; refusing to unmount through it",
+                target.display()
+            )));
+        }
         if daemon::is_mount_point(&target) || sys::is_dead_mount(&target) {
             daemon::lazy_unmount(&target).map_err(|e| internal("unmounting the target", e))?;
         }
@@ -943,7 +1192,7 @@ impl Driver {
         if let Some(key) = owner {
             let mount = mounts.get_mut(&key).expect("found above");
             if let Some(attachment) = mount.targets.remove(&target) {
-                tracing::info!(pod = %attachment.pod, volume = %attachment.volume_id, mount = %key, pods = mount.targets.len(), "unpublished");
+                tracing::info!(pod = %attachment.pod, volume = %attachment.volume_id, mount = %self.label(&key), pods = mount.targets.len(), "unpublished");
             }
             self.settle_idle(&key, mount);
         }
@@ -964,21 +1213,26 @@ impl Driver {
                 .collect()
         };
         for key in expired {
-            let Some(mut mount) = self.mounts.lock().unwrap().remove(&key) else {
-                continue;
-            };
-            mount.removing = true;
-            // The last mount of the connection: its end ends the holder.
-            if let Err(error) = daemon::lazy_unmount(&mount.mountpoint) {
-                tracing::warn!(mount = %key, %error, "could not unmount the lingering mount");
-            }
-            self.link
-                .lock()
-                .unwrap()
-                .tell_all(&json!({"op": "stop", "id": key}));
-            self.forget(&key);
-            tracing::info!(mount = %key, linger_s = linger.as_secs(), "removed a shared mount no pod used for the linger");
+            self.remove_shared(&key, "no pod used it for the linger");
         }
+    }
+
+    /// Unmounts an idle shared mount and stops its holder.
+    fn remove_shared(&self, key: &str, why: &str) {
+        let Some(mut mount) = self.mounts.lock().unwrap().remove(key) else {
+            return;
+        };
+        mount.removing = true;
+        // The last mount of the connection: its end ends the holder.
+        if let Err(error) = daemon::lazy_unmount(&mount.mountpoint) {
+            tracing::warn!(mount = %self.label(key), %error, "could not unmount the idle shared mount");
+        }
+        self.link
+            .lock()
+            .unwrap()
+            .tell_all(&json!({"op": "stop", "id": key}));
+        self.forget(key);
+        tracing::info!(mount = %self.label(key), reason = why, "removed an idle shared mount");
     }
 
     /// Prometheus text: the shared mounts, the pods on each, and each
@@ -993,7 +1247,7 @@ impl Driver {
                         .args
                         .iter()
                         .find_map(|arg| arg.strip_prefix("--metrics-addr="))?;
-                    Some((key.clone(), addr.to_string()))
+                    Some((self.label(key), addr.to_string()))
                 })
                 .collect()
         };
@@ -1030,12 +1284,24 @@ impl Driver {
         out.push_str("# HELP ssmfs_csi_pods_attached Pod volumes bound to each shared mount.\n# TYPE ssmfs_csi_pods_attached gauge\n");
         for (key, mount) in mounts.iter() {
             out.push_str(&format!(
-                "ssmfs_csi_pods_attached{{mount=\"{key}\"}} {}\n",
+                "ssmfs_csi_pods_attached{{mount=\"{}\"}} {}\n",
+                self.label(key),
                 mount.targets.len()
             ));
         }
         out.push_str(&gathered);
         out
+    }
+
+    /// The turn of one target's publishes and unpublishes.
+    async fn target_busy(&self, target: &str) -> TargetTurn {
+        let lock = {
+            let mut busy = self.targets_busy.lock().await;
+            // Forget the targets nobody waits on (kubelet's paths come and go).
+            busy.retain(|_, lock| Arc::strong_count(lock) > 1);
+            busy.entry(PathBuf::from(target)).or_default().clone()
+        };
+        lock.lock_owned().await
     }
 
     pub fn held_fds(&self) -> usize {
@@ -1046,6 +1312,8 @@ impl Driver {
             .count()
     }
 }
+
+type TargetTurn = tokio::sync::OwnedMutexGuard<()>;
 
 /// A daemon's metrics page, over loopback (one second at most).
 fn fetch_metrics(addr: &str) -> Option<String> {
@@ -1121,8 +1389,8 @@ impl NodeService for Services {
         request: Request<NodePublishVolumeRequest>,
     ) -> Result<Response<NodePublishVolumeResponse>, Status> {
         let driver = self.0.clone();
-        let _one_at_a_time = self.0.operations.lock().await;
         let request = request.into_inner();
+        let _one_at_a_time = self.0.target_busy(&request.target_path).await;
         let (volume, target) = (request.volume_id.clone(), request.target_path.clone());
         let outcome = tokio::task::spawn_blocking(move || driver.publish(request))
             .await
@@ -1140,8 +1408,8 @@ impl NodeService for Services {
         request: Request<NodeUnpublishVolumeRequest>,
     ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
         let driver = self.0.clone();
-        let _one_at_a_time = self.0.operations.lock().await;
         let request = request.into_inner();
+        let _one_at_a_time = self.0.target_busy(&request.target_path).await;
         tokio::task::spawn_blocking(move || driver.unpublish(request))
             .await
             .map_err(|e| Status::internal(format!("unpublish: {e}")))??;

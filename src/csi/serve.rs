@@ -20,7 +20,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -155,7 +155,7 @@ fn spawn_holder(fds: &ConnectionFds, args: &[String]) -> io::Result<(Child, std:
     if let Some(token) = &fds.token {
         placed.push((token.as_raw_fd(), HOLDER_TOKEN_FD));
     }
-    let mut command = Command::new(std::env::current_exe()?);
+    let mut command = crate::handoff::command_for(&crate::handoff::executable()?);
     command
         .args(["--supervise", "--adopt-fds", "--foreground"])
         .args(args);
@@ -279,6 +279,15 @@ fn exit_on_terminate() -> io::Result<()> {
 
 /// Serves the plugin at `socket` until killed.
 pub fn run(socket: PathBuf, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
+    // It holds every tenant's FUSE connections and tokens: no process of
+    // its uid may read its fds through /proc, nor attach to it.
+    // SAFETY: prctl on this process only.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        anyhow::bail!(
+            "cannot make csi-serve non-dumpable: {}",
+            std::io::Error::last_os_error()
+        );
+    }
     exit_on_terminate()?;
     let born = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -34,6 +34,69 @@ pub fn rewrite(file: &OwnedFd, bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Writes `bytes` to a new file at `path` readable by root alone.
+pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(bytes)
+}
+
+/// 32 random bytes kept at `path` (root's alone), made on first use.
+pub fn node_secret(path: &Path) -> io::Result<Vec<u8>> {
+    match std::fs::read(path) {
+        Ok(secret) if secret.len() == 32 => return Ok(secret),
+        Ok(_) => {} // cut short when it was made: made again
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    let secret: [u8; 32] = rand::random();
+    let staging = path.with_extension("new");
+    write_private(&staging, &secret)?;
+    std::fs::rename(&staging, path)?;
+    Ok(secret.to_vec())
+}
+
+/// Makes the directory `path` root's alone (mode 0700).
+pub fn make_private(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::os::unix::fs::chown(path, Some(0), Some(0))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Who is at the other end of a unix socket, as the kernel saw it connect.
+pub struct PeerCredentials {
+    pub pid: i32,
+    pub uid: u32,
+}
+
+pub fn peer_credentials(socket: &std::os::fd::OwnedFd) -> io::Result<PeerCredentials> {
+    // SAFETY: an all-zero ucred is valid; the buffer and its length match.
+    let mut credentials: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut length = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    if unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut credentials as *mut libc::ucred).cast(),
+            &mut length,
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(PeerCredentials {
+        pid: credentials.pid,
+        uid: credentials.uid,
+    })
+}
+
 fn c_path(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)
 }
@@ -159,6 +222,22 @@ impl std::str::FromStr for ServeUser {
     }
 }
 
+/// The serving side's default user: one of its own, not `nobody` (65534),
+/// which node daemons such as node-exporter share. The Helm chart and the
+/// Debian package use the same number.
+pub const DEFAULT_SERVE_USER: &str = "64721:64721";
+
+/// Bind-mounts `source` on `target`; async-signal-safe.
+unsafe fn bind(source: &CString, target: &CString) -> bool {
+    libc::mount(
+        source.as_ptr(),
+        target.as_ptr(),
+        std::ptr::null(),
+        libc::MS_BIND,
+        std::ptr::null(),
+    ) == 0
+}
+
 /// Runs between fork and exec of the serving side (root until its end):
 /// a mount namespace of its own where /dev/fuse is /dev/null and / is
 /// read-only (`writable` stays writable: the control socket's directory),
@@ -189,26 +268,11 @@ pub unsafe fn enter_serving_sandbox(
         return fail();
     }
     // Open /dev/fuse and get /dev/null: the serving side never mounts.
-    if libc::access(dev_fuse.as_ptr(), libc::F_OK) == 0
-        && libc::mount(
-            dev_null.as_ptr(),
-            dev_fuse.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND,
-            std::ptr::null(),
-        ) != 0
-    {
+    if libc::access(dev_fuse.as_ptr(), libc::F_OK) == 0 && !bind(dev_null, dev_fuse) {
         return fail();
     }
     // Its own mount, so that the read-only remount of / spares it.
-    if libc::mount(
-        writable.as_ptr(),
-        writable.as_ptr(),
-        std::ptr::null(),
-        libc::MS_BIND,
-        std::ptr::null(),
-    ) != 0
-    {
+    if !bind(writable, writable) {
         return fail();
     }
     if libc::mount(

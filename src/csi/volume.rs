@@ -10,7 +10,6 @@ use std::path::{Component, Path, PathBuf};
 use super::error::CsiError;
 use bpfman_csi::v1::volume_capability::{access_mode::Mode, AccessType};
 use bpfman_csi::v1::NodePublishVolumeRequest;
-use sha2::Digest;
 use zeroize::Zeroizing;
 
 /// The audience the driver asks kubelet for (`tokenRequests`): STS's.
@@ -30,6 +29,7 @@ const ATTRIBUTES: &[(&str, &str)] = &[
     ("maxTps", "--max-tps"),
     ("roleArn", "--role-arn"),
     ("useNodeIdentity", ""),
+    ("usePodIdentity", ""),
     ("uid", "--uid"),
     ("gid", "--gid"),
     ("fileMode", "--file-mode"),
@@ -38,16 +38,36 @@ const ATTRIBUTES: &[(&str, &str)] = &[
 ];
 
 /// Pairs where a volume's own choice drops the other one it inherited.
-const EITHER_OR: [(&str, &str); 2] = [("path", "airflowKwargs"), ("roleArn", "useNodeIdentity")];
+const EITHER_OR: [(&str, &str); 4] = [
+    ("path", "airflowKwargs"),
+    ("roleArn", "useNodeIdentity"),
+    ("roleArn", "usePodIdentity"),
+    ("usePodIdentity", "useNodeIdentity"),
+];
 
-/// Attributes the node gives volumes that do not set them
-/// (`--attributes-dir`): `defaults.json` for all, `classes.json` for those
-/// naming a `class`. The volume's own win over its class, the class over
-/// the defaults.
+/// The audience of the token EKS Pod Identity's agent takes.
+pub const POD_IDENTITY_AUDIENCE: &str = "pods.eks.amazonaws.com";
+
+/// Keys of Airflow's backend kwargs that decide whose credentials the
+/// daemon's calls carry or where they go: a tenant's volume may not set
+/// them (they would send the node's signed calls anywhere, or pick a
+/// profile of the node's); only the cluster admin's classes and defaults may.
+const ADMIN_ONLY_KWARGS: [&str; 3] = ["role_arn", "profile_name", "endpoint_url"];
+
+/// The cluster admin's policy for volumes (`--attributes-dir` and the
+/// plugin's flags): `defaults.json` fills in what any volume leaves out;
+/// `classes.json` holds named sets a volume picks with `class`, and what a
+/// class sets is fixed (a volume of it may not set that attribute itself);
+/// the node's credentials go only to volumes of a class that sets
+/// `useNodeIdentity`, or to namespaces named by `--node-identity-namespaces`.
 #[derive(Debug, Default, Clone)]
 pub struct AttributeDefaults {
     pub base: BTreeMap<String, String>,
     pub classes: BTreeMap<String, BTreeMap<String, String>>,
+    pub node_identity_namespaces: std::collections::BTreeSet<String>,
+    /// The node's secret for shared-mount keys (`--state-dir`'s `key.salt`):
+    /// a key computed without it cannot be searched for offline.
+    pub key_salt: Vec<u8>,
 }
 
 impl AttributeDefaults {
@@ -82,6 +102,9 @@ impl AttributeDefaults {
             Some(value) => strings("defaults.json", value)?,
             None => BTreeMap::new(),
         };
+        if base.contains_key("useNodeIdentity") {
+            return Err("defaults.json: useNodeIdentity would give every volume the node's credentials and let it pick what to read with them; set it in a class (whose attributes volumes cannot change)".into());
+        }
         let mut classes = BTreeMap::new();
         if let Some(value) = read("classes.json")? {
             let all: BTreeMap<String, serde_json::Value> = serde_json::from_value(value)
@@ -93,25 +116,40 @@ impl AttributeDefaults {
                 );
             }
         }
-        Ok(AttributeDefaults { base, classes })
+        Ok(AttributeDefaults {
+            base,
+            classes,
+            node_identity_namespaces: Default::default(),
+            key_salt: Vec::new(),
+        })
     }
 
     /// The volume's attributes over its class's over the defaults.
     fn apply(&self, own: BTreeMap<String, String>) -> Result<BTreeMap<String, String>, CsiError> {
         let class = match own.get("class") {
-            Some(name) => Some(self.classes.get(name).ok_or_else(|| {
-                let known: Vec<&str> = self.classes.keys().map(String::as_str).collect();
-                invalid(format!(
-                    "volume attribute class: no class {name:?} on this node (known: {})",
-                    if known.is_empty() {
-                        "none".to_string()
-                    } else {
-                        known.join(", ")
-                    }
-                ))
-            })?),
+            Some(name) => Some((
+                name,
+                self.classes.get(name).ok_or_else(|| {
+                    let known: Vec<&str> = self.classes.keys().map(String::as_str).collect();
+                    invalid(format!(
+                        "volume attribute class: no class {name:?} on this node (known: {})",
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ))
+                })?,
+            )),
             None => None,
         };
+        if let Some((name, class)) = class {
+            if let Some(fixed) = own.keys().find(|key| class.contains_key(*key)) {
+                return Err(invalid(format!(
+                    "volume attribute {fixed}: class {name:?} sets it, and a class's attributes are fixed by the cluster admin"
+                )));
+            }
+        }
         // Each layer's choice of one of a pair drops the other from below.
         let overlay = |merged: &mut BTreeMap<String, String>, layer: &BTreeMap<String, String>| {
             for (one, other) in EITHER_OR {
@@ -125,7 +163,7 @@ impl AttributeDefaults {
             merged.extend(layer.iter().map(|(k, v)| (k.clone(), v.clone())));
         };
         let mut merged = self.base.clone();
-        if let Some(class) = class {
+        if let Some((_, class)) = class {
             overlay(&mut merged, class);
         }
         overlay(&mut merged, &own);
@@ -168,7 +206,14 @@ pub enum Identity {
         service_account: String,
         role_arn: String,
     },
-    /// The node's own credentials (instance profile), asked for explicitly.
+    /// The pod's service account through EKS Pod Identity: the node's agent
+    /// exchanges its token (audience `pods.eks.amazonaws.com`) for the
+    /// credentials of the role associated with that service account.
+    PodIdentity {
+        namespace: String,
+        service_account: String,
+    },
+    /// The node's own credentials (instance profile), allowed by the admin.
     Node,
 }
 
@@ -200,6 +245,19 @@ fn inside(target: &Path, pods_dir: &Path) -> bool {
         && target != pods_dir
 }
 
+/// A target path must lie inside kubelet's pods directory: publish and
+/// unpublish mount and unmount nothing else.
+pub fn check_target(target: &Path, pods_dir: &Path) -> Result<(), CsiError> {
+    if !inside(target, pods_dir) {
+        return Err(invalid(format!(
+            "target_path {} is outside the kubelet's pods directory {} (--pods-dir)",
+            target.display(),
+            pods_dir.display()
+        )));
+    }
+    Ok(())
+}
+
 impl Publish {
     pub fn parse(
         request: &NodePublishVolumeRequest,
@@ -213,13 +271,7 @@ impl Publish {
             return Err(invalid("target_path is missing"));
         }
         let target = PathBuf::from(&request.target_path);
-        if !inside(&target, pods_dir) {
-            return Err(invalid(format!(
-                "target_path {} is outside the kubelet's pods directory {} (--pods-dir)",
-                target.display(),
-                pods_dir.display()
-            )));
-        }
+        check_target(&target, pods_dir)?;
         let capability = request
             .volume_capability
             .as_ref()
@@ -277,40 +329,33 @@ impl Publish {
             .filter(|(key, _)| !key.starts_with(KUBELET_PREFIX))
             .map(|(key, value)| (key.clone(), value.clone()))
             .collect();
+        check_tenant_choices(&own, &pod, defaults)?;
         let options = defaults.apply(own)?;
         if options.contains_key("path") == options.contains_key("airflowKwargs") {
             return Err(invalid(
                 "set exactly one of the volume attributes path (an SSM path such as /airflow) and airflowKwargs (the JSON of AIRFLOW__SECRETS__BACKEND_KWARGS)",
             ));
         }
-        let node_identity = match options.get("useNodeIdentity").map(String::as_str) {
-            None | Some("false") => false,
-            Some("true") => true,
-            Some(other) => {
-                return Err(invalid(format!(
-                    "volume attribute useNodeIdentity: {other:?} is neither \"true\" nor \"false\""
-                )))
+        let node_identity = flag(&options, "useNodeIdentity")?;
+        let pod_identity = flag(&options, "usePodIdentity")?;
+        let chosen = [options.contains_key("roleArn"), node_identity, pod_identity];
+        if chosen.iter().filter(|c| **c).count() > 1 {
+            return Err(invalid(
+                "volume attributes roleArn, usePodIdentity and useNodeIdentity exclude each other: a volume uses one identity",
+            ));
+        }
+        let needs_pod = || {
+            if pod.service_account.is_empty() || pod.namespace.is_empty() {
+                return Err(invalid(
+                    "the pod's identity needs its namespace and service account: the CSIDriver object must set podInfoOnMount: true",
+                ));
             }
+            Ok(())
         };
-        let (identity, token) = match (options.get("roleArn"), node_identity) {
-            (Some(_), true) => {
-                return Err(invalid(
-                    "volume attributes roleArn and useNodeIdentity exclude each other: a volume uses its pod's role or the node's credentials",
-                ))
-            }
-            (None, false) => {
-                return Err(invalid(
-                    "the volume names no identity: set roleArn (the pod's IAM role, assumed with its service-account token) or useNodeIdentity: \"true\" (the node's credentials)",
-                ))
-            }
-            (None, true) => (Identity::Node, None),
-            (Some(role_arn), false) => {
-                if pod.service_account.is_empty() || pod.namespace.is_empty() {
-                    return Err(invalid(
-                        "roleArn needs the pod's namespace and service account: the CSIDriver object must set podInfoOnMount: true",
-                    ));
-                }
-                let token = service_account_token(context)?;
+        let (identity, token) = match (options.get("roleArn"), pod_identity, node_identity) {
+            (Some(role_arn), _, _) => {
+                needs_pod()?;
+                let token = service_account_token(context, TOKEN_AUDIENCE, &pod)?;
                 (
                     Identity::Pod {
                         namespace: pod.namespace.clone(),
@@ -320,9 +365,26 @@ impl Publish {
                     Some(token),
                 )
             }
+            (None, true, _) => {
+                needs_pod()?;
+                let token = service_account_token(context, POD_IDENTITY_AUDIENCE, &pod)?;
+                (
+                    Identity::PodIdentity {
+                        namespace: pod.namespace.clone(),
+                        service_account: pod.service_account.clone(),
+                    },
+                    Some(token),
+                )
+            }
+            (None, false, true) => (Identity::Node, None),
+            (None, false, false) => {
+                return Err(invalid(
+                    "the volume names no identity: set roleArn (the pod's IAM role, assumed with its service-account token) or usePodIdentity: \"true\" (EKS Pod Identity)",
+                ))
+            }
         };
         check_values(&options)?;
-        let key = shared_key(&identity, &options);
+        let key = shared_key(&defaults.key_salt, &identity, &options);
         Ok(Publish {
             volume_id: request.volume_id.clone(),
             target,
@@ -364,20 +426,23 @@ pub fn daemon_args(
             args.push(format!("{flag}={value}"));
         }
     }
-    if let Identity::Pod {
-        namespace,
-        service_account,
-        ..
-    } = identity
-    {
-        args.push(format!(
-            "--web-identity-token-file=/proc/self/fd/{}",
-            crate::handoff::TOKEN_FD
-        ));
-        args.push(format!(
-            "--role-session-name={}",
-            session_name(namespace, service_account)
-        ));
+    let token_file = format!("/proc/self/fd/{}", crate::handoff::TOKEN_FD);
+    match identity {
+        Identity::Pod {
+            namespace,
+            service_account,
+            ..
+        } => {
+            args.push(format!("--web-identity-token-file={token_file}"));
+            args.push(format!(
+                "--role-session-name={}",
+                session_name(namespace, service_account)
+            ));
+        }
+        Identity::PodIdentity { .. } => {
+            args.push(format!("--pod-identity-token-file={token_file}"));
+        }
+        Identity::Node => {}
     }
     if let Some(path) = options.get("path") {
         args.push(path.clone());
@@ -401,10 +466,57 @@ fn session_name(namespace: &str, service_account: &str) -> String {
         .collect()
 }
 
-fn service_account_token(context: &HashMap<String, String>) -> Result<Zeroizing<String>, CsiError> {
+/// A `"true"`/`"false"` attribute (absent: false).
+fn flag(options: &BTreeMap<String, String>, name: &str) -> Result<bool, CsiError> {
+    match options.get(name).map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(invalid(format!(
+            "volume attribute {name}: {other:?} is neither \"true\" nor \"false\""
+        ))),
+    }
+}
+
+/// What a tenant's own attributes may not choose: the node's credentials
+/// (unless the admin allows its namespace), or, inside airflowKwargs,
+/// whose credentials the calls carry and where they go.
+fn check_tenant_choices(
+    own: &BTreeMap<String, String>,
+    pod: &Pod,
+    policy: &AttributeDefaults,
+) -> Result<(), CsiError> {
+    if own.get("useNodeIdentity").map(String::as_str) == Some("true")
+        && (pod.namespace.is_empty() || !policy.node_identity_namespaces.contains(&pod.namespace))
+    {
+        return Err(CsiError::PermissionDenied(format!(
+            "volume attribute useNodeIdentity: the node's credentials are not allowed for namespace {:?} (the cluster admin allows them per namespace with --node-identity-namespaces, or in a volume class)",
+            pod.namespace
+        )));
+    }
+    if let Some(kwargs) = own.get("airflowKwargs") {
+        let parsed: serde_json::Value = serde_json::from_str(kwargs).unwrap_or_default();
+        if let Some(key) = ADMIN_ONLY_KWARGS
+            .iter()
+            .find(|key| parsed.get(**key).is_some_and(|v| !v.is_null()))
+        {
+            return Err(CsiError::PermissionDenied(format!(
+                "volume attribute airflowKwargs: {key} decides whose credentials or which endpoint the daemon uses; only the cluster admin sets it (in a volume class)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The token kubelet issued for `audience`, whose subject must be the
+/// pod's own service account.
+fn service_account_token(
+    context: &HashMap<String, String>,
+    audience: &str,
+    pod: &Pod,
+) -> Result<Zeroizing<String>, CsiError> {
     let missing = || {
         invalid(format!(
-            "no service-account token for audience {TOKEN_AUDIENCE}: the CSIDriver object must list it in tokenRequests (roleArn assumes the role with it)"
+            "no service-account token for audience {audience}: the CSIDriver object must list it in tokenRequests"
         ))
     };
     let raw = context
@@ -416,11 +528,46 @@ fn service_account_token(context: &HashMap<String, String>) -> Result<Zeroizing<
             "{KUBELET_PREFIX}serviceAccount.tokens is not the JSON object kubelet sends"
         ))
     })?;
-    let token = tokens[TOKEN_AUDIENCE]["token"]
+    let token = tokens[audience]["token"]
         .as_str()
         .filter(|token| !token.is_empty())
         .ok_or_else(missing)?;
-    Ok(Zeroizing::new(token.to_string()))
+    let expected = format!(
+        "system:serviceaccount:{}:{}",
+        pod.namespace, pod.service_account
+    );
+    match token_subject(token) {
+        Some(subject) if subject == expected => Ok(Zeroizing::new(token.to_string())),
+        _ => Err(CsiError::PermissionDenied(format!(
+            "the service-account token for audience {audience} is not the pod's own: its subject is not {expected}"
+        ))),
+    }
+}
+
+/// The `sub` claim of a JWT, read without checking its signature (STS and
+/// the Pod Identity agent check that): it only has to match the pod info.
+fn token_subject(token: &str) -> Option<String> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims["sub"].as_str().map(str::to_string)
+}
+
+/// An AWS region's name: `eu-west-1`, `us-gov-east-1`, `cn-north-1`.
+fn is_region(name: &str) -> bool {
+    static REGION: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}$").expect("a valid pattern")
+    });
+    REGION.is_match(name)
+}
+
+/// `region_name` of an airflowKwargs JSON, if it sets one.
+fn airflow_region(kwargs: &str) -> Option<String> {
+    let parsed: serde_json::Value = serde_json::from_str(kwargs).ok()?;
+    parsed["region_name"].as_str().map(str::to_string)
 }
 
 /// Each attribute's value, checked as the daemon's own flag would be, so a
@@ -446,11 +593,17 @@ fn check_values(options: &BTreeMap<String, String>) -> Result<(), CsiError> {
                 .filter(|tps| *tps > 0.0)
                 .is_none()
                 .then(|| "not a positive number".to_string()),
+            "airflowKwargs" if airflow_region(value).is_some_and(|r| !is_region(&r)) => {
+                Some("region_name is not an AWS region name (such as eu-west-1)".to_string())
+            }
             "airflowKwargs" => serde_json::from_str::<serde_json::Value>(value)
                 .ok()
                 .filter(serde_json::Value::is_object)
                 .is_none()
                 .then(|| "not a JSON object (the kwargs of Airflow's backend)".to_string()),
+            "region" if !is_region(value) => Some(format!(
+                "{value:?} is not an AWS region name (such as eu-west-1)"
+            )),
             "roleArn" if !value.starts_with("arn:") => {
                 Some("an IAM role ARN starts with arn: (arn:aws:iam::ACCOUNT:role/NAME)".into())
             }
@@ -474,20 +627,31 @@ fn check_values(options: &BTreeMap<String, String>) -> Result<(), CsiError> {
 
 /// The same identity and options, the same key (a hash: the state
 /// directory names mounts by it, and it must not spell out role names).
-fn shared_key(identity: &Identity, options: &BTreeMap<String, String>) -> String {
+/// Length-prefixed fields would be stricter, but names and values here
+/// hold no newline (Kubernetes names and SSM attributes cannot).
+fn shared_key(salt: &[u8], identity: &Identity, options: &BTreeMap<String, String>) -> String {
     let mut text = match identity {
         Identity::Pod {
             namespace,
             service_account,
             role_arn,
         } => format!("pod\n{namespace}\n{service_account}\n{role_arn}\n"),
+        Identity::PodIdentity {
+            namespace,
+            service_account,
+        } => format!("podidentity\n{namespace}\n{service_account}\n"),
         Identity::Node => "node\n".to_string(),
     };
     for (name, value) in options {
         text.push_str(&format!("{name}={value}\n"));
     }
-    let digest = sha2::Sha256::digest(text.as_bytes());
-    hex::encode(&digest[..8])
+    // The whole HMAC under the node's secret: neither searchable for a
+    // collision with another tenant's mount (which is also compared before
+    // a bind) nor computable from what a tenant knows.
+    use hmac::{KeyInit, Mac};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(salt).expect("any key length");
+    mac.update(text.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
 }
 
 impl Identity {
@@ -498,6 +662,10 @@ impl Identity {
                 service_account,
                 role_arn,
             } => format!("{namespace}/{service_account} as {role_arn}"),
+            Identity::PodIdentity {
+                namespace,
+                service_account,
+            } => format!("{namespace}/{service_account} through EKS Pod Identity"),
             Identity::Node => "the node's credentials".into(),
         }
     }
@@ -511,6 +679,12 @@ impl Identity {
             } => {
                 serde_json::json!({"namespace": namespace, "serviceAccount": service_account, "roleArn": role_arn})
             }
+            Identity::PodIdentity {
+                namespace,
+                service_account,
+            } => {
+                serde_json::json!({"namespace": namespace, "serviceAccount": service_account, "podIdentity": true})
+            }
             Identity::Node => serde_json::json!("node"),
         }
     }
@@ -518,6 +692,12 @@ impl Identity {
     pub fn from_json(value: &serde_json::Value) -> Option<Self> {
         if value == "node" {
             return Some(Identity::Node);
+        }
+        if value["podIdentity"] == true {
+            return Some(Identity::PodIdentity {
+                namespace: value["namespace"].as_str()?.to_string(),
+                service_account: value["serviceAccount"].as_str()?.to_string(),
+            });
         }
         Some(Identity::Pod {
             namespace: value["namespace"].as_str()?.to_string(),
@@ -539,7 +719,7 @@ mod tests {
     }
 
     #[test]
-    fn a_volume_wins_over_its_class_and_the_class_over_the_defaults() {
+    fn a_class_is_fixed_and_a_volume_wins_over_the_defaults() {
         let defaults = AttributeDefaults {
             base: map(&[("region", "eu-west-1"), ("ttl", "5m"), ("path", "/shared")]),
             classes: [(
@@ -548,9 +728,10 @@ mod tests {
             )]
             .into_iter()
             .collect(),
+            ..Default::default()
         };
         let merged = defaults
-            .apply(map(&[("class", "airflow"), ("uid", "1000")]))
+            .apply(map(&[("class", "airflow"), ("gid", "1000")]))
             .unwrap();
         assert_eq!(
             merged,
@@ -558,18 +739,18 @@ mod tests {
                 ("region", "eu-west-1"),
                 ("ttl", "1m"),
                 ("airflowKwargs", "{}"),
-                ("uid", "1000")
+                ("uid", "50000"),
+                ("gid", "1000")
             ]),
-            "the class's airflowKwargs drops the defaults' path only when the volume chose neither"
+            "the class's airflowKwargs drops the defaults' path"
         );
-        let own_path = defaults
-            .apply(map(&[("class", "airflow"), ("path", "/mine")]))
-            .unwrap();
+        let fixed = defaults
+            .apply(map(&[("class", "airflow"), ("uid", "1000")]))
+            .unwrap_err();
+        assert!(fixed.to_string().contains("uid"), "{fixed}");
+        let own_path = defaults.apply(map(&[("path", "/mine")])).unwrap();
         assert_eq!(own_path.get("path").map(String::as_str), Some("/mine"));
-        assert!(
-            !own_path.contains_key("airflowKwargs"),
-            "the volume's own path drops the inherited kwargs"
-        );
+        assert_eq!(own_path.get("ttl").map(String::as_str), Some("5m"));
         let unknown = defaults.apply(map(&[("class", "nope")])).unwrap_err();
         assert!(unknown.to_string().contains("airflow"), "{unknown}");
     }

@@ -7,7 +7,7 @@
 //! `mount` holds the mount syscalls, `process` the fork and hardening,
 //! `metrics_http` the metrics endpoint; this module the signals and the loop.
 
-mod metrics_http;
+pub mod metrics_http;
 mod mount;
 mod process;
 

@@ -26,7 +26,21 @@ pub fn connect(rt: &tokio::runtime::Runtime, socket: PathBuf) -> Option<Channel>
 }
 
 pub const ROLE: &str = "arn:aws:iam::123456789012:role/airflow-workers";
-pub const TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.made-up-service-account-token.sig";
+/// The signature of every made-up service-account token (`token_for`): a
+/// log that contains it leaked a token.
+pub const TOKEN: &str = "made-up-service-account-token-signature";
+
+/// A service-account token as kubelet passes it: a JWT whose subject is
+/// the pod's service account (the plugin checks it; STS checks the rest).
+pub fn token_for(namespace: &str, service_account: &str) -> String {
+    use base64::Engine;
+    let claims = serde_json::json!({
+        "sub": format!("system:serviceaccount:{namespace}:{service_account}"),
+        "aud": ["sts.amazonaws.com"],
+    });
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string());
+    format!("eyJhbGciOiJSUzI1NiJ9.{payload}.{TOKEN}")
+}
 
 pub struct Gate {
     child: Child,
@@ -35,11 +49,18 @@ pub struct Gate {
 
 impl Gate {
     pub fn start(upstream: &str) -> Gate {
+        Self::with_pod_identity(upstream, &[])
+    }
+
+    /// A gate whose Pod Identity agent (`/v1/credentials`) hands credentials
+    /// to tokens of these subjects (`system:serviceaccount:NS:SA`).
+    pub fn with_pod_identity(upstream: &str, subjects: &[&str]) -> Gate {
         use std::io::BufRead;
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let mut child = Command::new(root.join(".venv/bin/python"))
             .arg(root.join("tests/support/sts_gate.py"))
             .arg(upstream)
+            .args(subjects)
             .stdout(Stdio::piped())
             .spawn()
             .expect("starting the STS gate");
@@ -51,6 +72,20 @@ impl Gate {
             child,
             url: format!("http://127.0.0.1:{}", port.trim()),
         }
+    }
+
+    /// One of the gate's counts by name ("signed_by": calls by access key,
+    /// "agent": Pod Identity requests by token subject).
+    pub fn count_map(&self, what: &str) -> HashMap<String, u64> {
+        let (code, body, _) = run("curl", &["-sf", &format!("{}/counts", self.url)]);
+        assert_eq!(code, 0, "the gate's counts");
+        let counts: serde_json::Value = serde_json::from_str(&body).unwrap();
+        counts[what]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(name, n)| (name.clone(), n.as_u64().unwrap()))
+            .collect()
     }
 
     /// (AssumeRoleWithWebIdentity calls by role, other calls).
@@ -119,9 +154,18 @@ pub fn request(
         context.insert(key.into(), value.into());
     }
     if let Some(token) = pod.token {
+        // TOKEN stands for the pod's own token; anything else is sent as is.
+        let token = match token {
+            TOKEN => token_for(pod.namespace, pod.service_account),
+            other => other.to_string(),
+        };
         context.insert(
             "csi.storage.k8s.io/serviceAccount.tokens".into(),
-            serde_json::json!({"sts.amazonaws.com": {"token": token, "expirationTimestamp": "2026-12-02T10:00:00Z"}}).to_string(),
+            serde_json::json!({
+                "sts.amazonaws.com": {"token": token, "expirationTimestamp": "2026-12-02T10:00:00Z"},
+                "pods.eks.amazonaws.com": {"token": token, "expirationTimestamp": "2026-12-02T10:00:00Z"},
+            })
+            .to_string(),
         );
     }
     NodePublishVolumeRequest {
