@@ -1211,6 +1211,28 @@ fn the_node_credentials_go_where_the_admin_says() {
         tonic::Code::InvalidArgument,
         "fixed",
     );
+    // Nor the other half of a pair the class sets, which would drop it.
+    let kwargs = [
+        ("class", "shared"),
+        ("airflowKwargs", r#"{"variables_prefix": "/team-b"}"#),
+    ];
+    refused(
+        &node,
+        "u2",
+        &kwargs,
+        &POD,
+        tonic::Code::InvalidArgument,
+        "fixed",
+    );
+    let own_role = [("class", "shared"), ("roleArn", ROLE)];
+    refused(
+        &node,
+        "u2",
+        &own_role,
+        &POD,
+        tonic::Code::InvalidArgument,
+        "fixed",
+    );
     // A namespace the flag names may ask for them itself.
     let ops = PodSpec {
         namespace: "ops",
@@ -1532,4 +1554,37 @@ fn eks_pod_identity_signs_with_the_agents_credentials_for_the_pods_token() {
     assert_ne!(status.code(), tonic::Code::Ok);
     assert_eq!(node.shared_mounts(), 1, "{status:?}");
     assert!(!node.log_text().contains(TOKEN));
+}
+
+/// Python's grpcio, a real CSI client of another language: over a unix
+/// socket it sends the socket's path as `:authority`, which the HTTP/2
+/// server under tonic resets unless the plugin mends it.
+#[test]
+fn a_grpcio_client_that_sends_the_socket_path_as_authority_is_answered() {
+    let Some((_moto, gate)) = setup() else { return };
+    let node = Node::start(&gate, &[]);
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    let client = r#"
+import sys, grpc
+channel = grpc.insecure_channel("unix://" + sys.argv[1])
+for method in ["/csi.v1.Identity/GetPluginInfo", "/csi.v1.Node/NodeGetInfo", "/csi.v1.Identity/Probe"]:
+    call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+    answer = call(b"", timeout=10)
+    print(method, len(answer), answer.decode("utf-8", "replace").isprintable() or "bytes")
+"#;
+    let socket = node.path("csi.sock");
+    let (code, out, err) = run(
+        python.to_str().unwrap(),
+        &["-c", client, socket.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "grpcio failed: {err}");
+    assert!(
+        out.contains("GetPluginInfo") && out.contains("NodeGetInfo"),
+        "{out}"
+    );
+    let (_, version, _) = run(
+        python.to_str().unwrap(),
+        &["-c", "import grpc; print(grpc.__version__)"],
+    );
+    eprintln!("grpcio {} answered:\n{out}", version.trim());
 }

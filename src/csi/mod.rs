@@ -13,6 +13,7 @@
 //! resent by the kernel. `ssmfs csi` alone starts its serving side (one
 //! host); `--external-serve` leaves that to a second container.
 
+pub mod authority;
 pub mod control;
 pub mod error;
 pub mod node;
@@ -50,8 +51,9 @@ pub struct PluginArgs {
     /// Shared mounts and their records (no token, no value is ever written).
     #[arg(long, default_value = "/var/lib/ssmfs-csi")]
     pub state_dir: PathBuf,
-    /// The control socket between the plugin and its serving side (in a
-    /// pod: an emptyDir both containers mount).
+    /// The control socket between the plugin and its serving side (in
+    /// Kubernetes: a host directory both DaemonSets mount). Root's; the
+    /// serving user owns only the socket.
     #[arg(long, default_value = "/run/ssmfs-csi")]
     pub run_dir: PathBuf,
     /// Target paths must lie inside this directory (kubelet's pods).
@@ -275,7 +277,10 @@ fn run_plugin(args: PluginArgs) -> anyhow::Result<()> {
             ))
             .add_service(bpfman_csi::v1::node_server::NodeServer::new(services))
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::UnixListenerStream::new(listener),
+                tokio_stream::StreamExt::map(
+                    tokio_stream::wrappers::UnixListenerStream::new(listener),
+                    |accepted| accepted.map(authority::AnyAuthority::new),
+                ),
                 stop,
             )
             .await

@@ -144,9 +144,18 @@ impl AttributeDefaults {
             None => None,
         };
         if let Some((name, class)) = class {
-            if let Some(fixed) = own.keys().find(|key| class.contains_key(*key)) {
+            // Fixed: the volume may set neither what the class sets nor the
+            // other half of a pair it sets (which would drop the class's).
+            let fixed = own.keys().find(|key| {
+                class.contains_key(*key)
+                    || EITHER_OR.iter().any(|(one, other)| {
+                        (key.as_str() == *one && class.contains_key(*other))
+                            || (key.as_str() == *other && class.contains_key(*one))
+                    })
+            });
+            if let Some(fixed) = fixed {
                 return Err(invalid(format!(
-                    "volume attribute {fixed}: class {name:?} sets it, and a class's attributes are fixed by the cluster admin"
+                    "volume attribute {fixed}: class {name:?} sets it (or what it would replace), and a class's attributes are fixed by the cluster admin"
                 )));
             }
         }

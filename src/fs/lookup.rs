@@ -7,11 +7,11 @@
 //! `Fs::resolve` only executes the plan. In order of preference:
 //!
 //! - the cache answers (a fresh listing of the parent, or of the name). A
-//!   listing that lacks the name says "no such parameter" only while it is
-//!   younger than the negative TTL (the TTL while change events are live):
-//!   after that the name's value is asked for, one GetParameter, and a name
-//!   found so joins the listing. The listing still says nothing is below
-//!   the name for its TTL;
+//!   listing that lacks the name says "no such parameter", and nothing below
+//!   it, only while it is younger than the negative TTL (the TTL while change
+//!   events are live): after that the name's value and the first page below
+//!   it are asked for together, one round trip, and a name found so (a file
+//!   or a new directory) joins the listing;
 //! - in a directory not listed whole where a sibling was already probed, the
 //!   parent's listing is read on (at most `PAGES_PER_LOOKUP` pages of names),
 //!   once per directory and TTL: siblings read one after another then cost a
