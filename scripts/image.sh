@@ -33,8 +33,9 @@ for lib in $(ldd "$binary" | grep -o '/[^ ]*'); do
     cp -L "$lib" "$rootfs$lib"
 done
 cp -L /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/"
-printf 'root:x:0:0::/:/usr/bin/ssmfs\nnobody:x:65534:65534::/:/usr/bin/ssmfs\n' > "$rootfs/etc/passwd"
-printf 'root:x:0:\nnogroup:x:65534:\n' > "$rootfs/etc/group"
+# The serving side's own user (not nobody: the plugin trusts this uid alone).
+printf 'root:x:0:0::/:/usr/bin/ssmfs\nssmfs-serve:x:64721:64721::/:/usr/bin/ssmfs\n' > "$rootfs/etc/passwd"
+printf 'root:x:0:\nssmfs-serve:x:64721:\n' > "$rootfs/etc/group"
 chmod 1777 "$rootfs/tmp"
 cp Containerfile "$context/"
 podman build --runtime runc --network none --quiet -f "$context/Containerfile" -t "$tag" "$context" >/dev/null

@@ -1,6 +1,6 @@
 //! The image under a real container runtime (Debian's podman with runc), laid
 //! out as the DaemonSet's pod: a privileged plugin container, an
-//! unprivileged serving container (`csi-serve`: uid 65534, no capabilities,
+//! unprivileged serving container (`csi-serve`: uid 64721, no capabilities,
 //! read-only root, no /dev/fuse), an rshared host directory standing in for
 //! kubelet's, this test standing in for kubelet over the plugin's socket, and
 //! a workload container that reads through the published target with rslave
@@ -264,7 +264,7 @@ fn a_workload_reads_through_restarts_of_the_plugin_and_serving_containers() {
                     "--network",
                     "host",
                     "--user",
-                    "65534:65534",
+                    "64721:64721",
                     "--cap-drop",
                     "ALL",
                     "--security-opt",

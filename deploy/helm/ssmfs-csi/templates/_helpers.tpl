@@ -22,3 +22,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- $defaults | toJson -}}
 {{- end -}}
+
+
+{{/* AWS endpoints and extra variables, for both containers. */}}
+{{- define "ssmfs-csi.awsEnv" -}}
+{{- range $service, $url := .Values.awsEndpoints }}
+{{- if $url }}
+- name: AWS_ENDPOINT_URL_{{ $service | upper | replace "-" "_" }}
+  value: {{ $url | quote }}
+{{- end }}
+{{- end }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
