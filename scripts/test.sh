@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole suite: set up what the tests need (fuse3, moto and Airflow venvs),
-# check format and lints, run unit, core and end-to-end tests, the Airflow
-# backend's pytest suite against real Airflow, the container image under
+# check format and lints, run unit, core and end-to-end tests, csi-sanity
+# against the CSI node plugin, the Airflow backend's pytest suite against
+# real Airflow, the container image under
 # podman, the Kubernetes manifests and Helm chart, the Debian package, then
 # the benchmark's and the fleet simulation's smoke modes.
 # Run as root on a machine with /dev/fuse (as the build machines are).
@@ -22,6 +23,8 @@ scripts/image.sh --binary target/debug/ssmfs
 step tests
 # The end-to-end tests start their own moto servers and mount in temp dirs.
 cargo test --all-targets -- --test-threads=4
+step CSI conformance: csi-sanity against ssmfs csi
+scripts/csi_sanity.sh --binary target/debug/ssmfs
 step Kubernetes manifests, Helm chart and the Debian package
 scripts/k8s_check.sh
 scripts/package.sh --binary target/debug/ssmfs --check
