@@ -1588,3 +1588,41 @@ for method in ["/csi.v1.Identity/GetPluginInfo", "/csi.v1.Node/NodeGetInfo", "/c
     );
     eprintln!("grpcio {} answered:\n{out}", version.trim());
 }
+
+#[test]
+fn a_slow_publish_does_not_hold_up_another_pods() {
+    let Some((_moto, gate)) = setup() else { return };
+    let node = Node::start(&gate, &[]);
+    let slow = [
+        ("path", "/k8s"),
+        ("roleArn", "arn:aws:iam::123456789012:role/slow-team"),
+        ("region", "us-east-1"),
+    ];
+    let pod2 = PodSpec {
+        name: "task-2",
+        uid: "uid-2",
+        ..POD
+    };
+    std::thread::scope(|scope| {
+        let slow_publish = scope.spawn(|| {
+            let target = node.target("uid-1", "secrets");
+            let started = Instant::now();
+            node.publish(request("vol-1", &target, &slow, &POD))
+                .unwrap();
+            started.elapsed()
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let started = Instant::now();
+        let target = node.target("uid-2", "secrets");
+        node.publish(request("vol-2", &target, ATTRS, &pod2))
+            .unwrap();
+        let quick = started.elapsed();
+        let slow = slow_publish.join().unwrap();
+        eprintln!("a publish beside one waiting 3 s on STS took {quick:?} (that one {slow:?})");
+        assert!(slow >= Duration::from_secs(3), "the gate delays: {slow:?}");
+        assert!(
+            quick < Duration::from_secs(2),
+            "it waited on the other: {quick:?}"
+        );
+    });
+}

@@ -1,6 +1,7 @@
 """A gate in front of moto for the CSI tests: every request passes to moto,
 except AssumeRoleWithWebIdentity for a role whose ARN contains "refused",
-which gets STS's AccessDenied (moto itself accepts every role and token).
+which gets STS's AccessDenied (moto itself accepts every role and token),
+and for a role whose ARN contains "slow", which is answered after 3 s.
 It counts the AssumeRoleWithWebIdentity calls per role and the other calls,
 and the access key that signed each other call (never a token: the body is
 parsed, not kept).
@@ -21,6 +22,7 @@ import datetime
 import json
 import sys
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -93,6 +95,8 @@ class Gate(BaseHTTPRequestHandler):
             if "refused" in role:
                 self.reply(403, DENIED.encode(), [("Content-Type", "text/xml")])
                 return
+            if "slow" in role:
+                time.sleep(3)  # an STS that takes its time (a far region, a retry)
         else:
             signature = self.headers.get("Authorization", "")
             key = signature.split("Credential=")[1].split("/")[0] if "Credential=" in signature else ""
