@@ -208,7 +208,15 @@ fn run(settings: Settings, readiness: &mut Readiness) -> anyhow::Result<()> {
         }
     };
     if let Some(addr) = settings.metrics_addr {
-        runtime.block_on(daemon::serve_metrics(fs.clone(), addr))?;
+        match runtime.block_on(daemon::serve_metrics(fs.clone(), addr)) {
+            Ok(()) => {}
+            // Under a holder (a restart, the CSI driver's mounts), a port
+            // another process took must not keep the mount from serving.
+            Err(error) if settings.serve_fd => {
+                tracing::warn!(%error, "serving without metrics");
+            }
+            Err(error) => return Err(error.into()),
+        }
     }
     let mount_settings = MountSettings {
         mountpoint,

@@ -307,3 +307,35 @@ fn an_upgrade_that_negotiates_other_fuse_settings_is_refused_and_fails_no_read()
     assert!(mount.signal(libc::SIGTERM).success());
     mount.wait_mounted(false);
 }
+
+#[test]
+fn a_metrics_port_another_process_took_does_not_stop_a_supervised_daemon() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let pairs = seed(&moto);
+    // Any local process may bind a port first (the CSI plugin picks each
+    // daemon's port, and a restart binds it again).
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = squatter.local_addr().unwrap().to_string();
+    let (mount, pid_file) = supervised(&moto, &["--metrics-addr", &taken], &[]);
+    let (name, value) = pairs[0].split_once('=').unwrap();
+    assert_eq!(
+        std::fs::read_to_string(mount.path().join(name)).unwrap(),
+        value
+    );
+    assert!(
+        mount.log_text().contains("serving without metrics"),
+        "{}",
+        mount.log_text()
+    );
+    // After a crash too: the next daemon serves.
+    unsafe { libc::kill(daemon_pid(&pid_file), libc::SIGKILL) };
+    let (name, value) = pairs[1].split_once('=').unwrap();
+    assert_eq!(
+        std::fs::read_to_string(mount.path().join(name)).unwrap(),
+        value
+    );
+    drop(squatter);
+}
