@@ -24,6 +24,13 @@ grep -q -- '--linger=30m' "$out/all.yaml"
 grep -q 'runAsUser: 10001' "$out/all.yaml"
 grep -q 'eventsTopic' "$out/all.yaml"
 grep -q 'path: /run/ssmfs-csi-airflow' "$out/all.yaml"
+grep -q 'AWS_ENDPOINT_URL_STS' "$out/all.yaml"  # awsEndpoints reach the containers
+grep -q 'runAsUser: 0' "$out/default.yaml"  # the plugin mounts: root, whatever the image's user
+# The shared cluster's policy reaches the plugin; Pod Identity's audience the CSIDriver.
+grep -q -- '--node-identity-namespaces=platform,ops' "$out/all.yaml"
+grep -q -- '--max-mounts-per-namespace=4' "$out/all.yaml"
+grep -q 'audience: pods.eks.amazonaws.com' "$out/default.yaml"
+grep -q 'runAsUser: 64721' "$out/default.yaml"  # the serving side's own uid, not nobody
 "${validate[@]}" "$out/default.yaml" "$out/all.yaml" deploy/kubernetes/*.yaml
 # The upgrade guarantee rests on the layout: two DaemonSets with distinct
 # selectors, the plugin's without surge, the serving side's surging, never
