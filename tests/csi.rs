@@ -329,6 +329,7 @@ fn sanity_publish_and_unpublish_refuse_bad_requests_and_leave_nothing_mounted() 
     r.volume_capability.as_mut().unwrap().access_mode = Some(AccessMode {
         mode: Mode::SingleNodeWriter as i32,
     });
+    r.readonly = false;
     cases.push(("a writable access mode", r, "readOnly"));
     let mut r = good.clone();
     r.volume_capability.as_mut().unwrap().access_type = Some(AccessType::Block(BlockVolume {}));
@@ -1625,4 +1626,24 @@ fn a_slow_publish_does_not_hold_up_another_pods() {
             "it waited on the other: {quick:?}"
         );
     });
+}
+
+/// kubelet (1.34, as the one-node cluster of scripts/k8s_e2e.sh showed)
+/// asks for an inline volume as SINGLE_NODE_WRITER and passes the pod's
+/// `readOnly: true` as `readonly`: published, and read-only all the same.
+#[test]
+fn an_inline_volume_as_kubelet_asks_for_it_is_published_read_only() {
+    let Some((_moto, gate)) = setup() else { return };
+    let node = Node::start(&gate, &[]);
+    let target = node.target("uid-1", "secrets");
+    let mut inline = request("csi-0123abcd", &target, ATTRS, &POD);
+    inline.volume_capability.as_mut().unwrap().access_mode = Some(AccessMode {
+        mode: Mode::SingleNodeWriter as i32,
+    });
+    node.publish(inline).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(target.join("db")).unwrap(),
+        "db-secret"
+    );
+    assert!(std::fs::write(target.join("db"), "x").is_err(), "writable");
 }

@@ -301,6 +301,10 @@ impl Publish {
         match mode {
             Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly => {}
             Mode::Unknown => return Err(invalid("volume_capability has no access mode")),
+            // kubelet asks for an inline volume as SINGLE_NODE_WRITER whatever
+            // the pod says, and passes the pod's readOnly as `readonly`: that
+            // is the promise (the mount is read-only either way).
+            _ if request.readonly => {}
             writable => {
                 return Err(invalid(format!(
                     "access mode {} would let pods write; ssmfs volumes are read-only: set readOnly: true on the volume",
