@@ -1064,7 +1064,7 @@ impl Driver {
                 let mount = mounts.get_mut(&key).expect("found above");
                 if let (Some(token), Some(fds)) = (&publish.token, &mount.fds) {
                     if let Some(file) = &fds.token {
-                        sys::rewrite(file, token.as_bytes())
+                        sys::refresh(file, token.as_bytes())
                             .map_err(|e| internal("refreshing the token", e))?;
                     }
                 }
@@ -1109,7 +1109,7 @@ impl Driver {
         let mount = mounts.get_mut(&publish.key).expect("inserted above");
         if let (Some(token), Some(fds), true) = (&publish.token, &mount.fds, warm) {
             if let Some(file) = &fds.token {
-                let _ = sys::rewrite(file, token.as_bytes());
+                let _ = sys::refresh(file, token.as_bytes());
             }
         }
         let created_target = match std::fs::create_dir(target) {

@@ -97,6 +97,19 @@ pub fn peer_credentials(socket: &std::os::fd::OwnedFd) -> io::Result<PeerCredent
     })
 }
 
+/// Replaces `file`'s bytes with `bytes` unless they are what it holds: a
+/// republish brings the same token most times (kubelet renews it at 80% of
+/// its life), and each rewrite is a moment a reader could see half of it.
+pub fn refresh(file: &OwnedFd, bytes: &[u8]) -> io::Result<()> {
+    let mut held = zeroize::Zeroizing::new(vec![0u8; bytes.len() + 1]);
+    // SAFETY: a valid fd and buffer of that length.
+    let read = unsafe { libc::pread(file.as_raw_fd(), held.as_mut_ptr().cast(), held.len(), 0) };
+    if read == bytes.len() as isize && held[..bytes.len()] == *bytes {
+        return Ok(());
+    }
+    rewrite(file, bytes)
+}
+
 fn c_path(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)
 }
@@ -302,6 +315,25 @@ pub unsafe fn enter_serving_sandbox(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_is_rewritten_only_when_it_changed() {
+        let file = memfd(c"test-token").unwrap();
+        let stamp = |file: &OwnedFd| {
+            let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+            assert_eq!(unsafe { libc::fstat(file.as_raw_fd(), &mut stat) }, 0);
+            (stat.st_mtime, stat.st_mtime_nsec)
+        };
+        rewrite(&file, b"token-one").unwrap();
+        let written = stamp(&file);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        refresh(&file, b"token-one").unwrap();
+        assert_eq!(stamp(&file), written, "the same token was written again");
+        refresh(&file, b"token-2").unwrap();
+        let mut back = vec![0u8; 16];
+        let n = unsafe { libc::pread(file.as_raw_fd(), back.as_mut_ptr().cast(), 16, 0) };
+        assert_eq!(&back[..n as usize], b"token-2");
+    }
 
     #[test]
     fn mountinfo_escapes_are_undone() {
