@@ -26,8 +26,14 @@ const PRIORITY: u8 = 0x20;
 /// The frame size every HTTP/2 peer accepts (SETTINGS_MAX_FRAME_SIZE's
 /// least): re-encoded blocks are cut to it.
 const MAX_FRAME: usize = 16_384;
-/// The largest frame a client may send before the server raises its limit.
-const MAX_INCOMING_FRAME: usize = 16_777_215;
+/// The largest frame a client may send: h2 advertises no more than
+/// SETTINGS_MAX_FRAME_SIZE's default.
+const MAX_INCOMING_FRAME: usize = 16_384;
+/// The largest header block gathered, and the most its headers may decode
+/// to: a CSI request's headers are a few hundred bytes.
+const MAX_BLOCK: usize = 64 * 1024;
+/// HPACK's dynamic table, as h2 advertises it (SETTINGS_HEADER_TABLE_SIZE).
+const TABLE_SIZE: usize = 4096;
 
 /// The authority the server sees where the client's is not one.
 const STAND_IN: &[u8] = b"localhost";
@@ -62,7 +68,11 @@ impl<S> AnyAuthority<S> {
             ready_from: 0,
             preface_left: PREFACE.len(),
             block: None,
-            decoder: fluke_hpack::Decoder::new(),
+            decoder: {
+                let mut decoder = fluke_hpack::Decoder::new();
+                decoder.set_max_allowed_table_size(TABLE_SIZE);
+                decoder
+            },
             encoder: fluke_hpack::Encoder::new(),
         }
     }
@@ -84,10 +94,7 @@ impl<S> AnyAuthority<S> {
                 u32::from_be_bytes([0, self.incoming[0], self.incoming[1], self.incoming[2]])
                     as usize;
             if length > MAX_INCOMING_FRAME {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "HTTP/2 frame too large",
-                ));
+                return Err(too_large());
             }
             if self.incoming.len() < FRAME_HEADER + length {
                 return Ok(());
@@ -97,6 +104,8 @@ impl<S> AnyAuthority<S> {
             let stream = u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]) & 0x7fff_ffff;
             let payload = &frame[FRAME_HEADER..];
             match kind {
+                // A block left open is a protocol error h2 would see too.
+                HEADERS if self.block.is_some() => return Err(too_large()),
                 HEADERS => {
                     let Some(fragment) = headers_fragment(flags, payload) else {
                         self.ready.extend_from_slice(&frame);
@@ -111,6 +120,9 @@ impl<S> AnyAuthority<S> {
                 CONTINUATION if self.block.as_ref().is_some_and(|b| b.stream == stream) => {
                     if let Some(block) = self.block.as_mut() {
                         block.fragment.extend_from_slice(payload);
+                        if block.fragment.len() > MAX_BLOCK {
+                            return Err(too_large());
+                        }
                     }
                 }
                 _ => {
@@ -129,7 +141,24 @@ impl<S> AnyAuthority<S> {
     /// Decodes a whole block, mends its `:authority`, and queues it again
     /// as HEADERS (and CONTINUATIONs) for the server.
     fn emit(&mut self, block: Block) {
-        let encoded = match self.decoder.decode(&block.fragment) {
+        let mut headers = Vec::new();
+        let mut decoded_bytes = 0;
+        let decoder = &mut self.decoder;
+        // fluke-hpack panics on some malformed integers: caught, that block
+        // goes on as it came and h2 refuses it.
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            decoder.decode_with_cb(&block.fragment, |name, value| {
+                decoded_bytes += name.len() + value.len();
+                if decoded_bytes <= MAX_BLOCK {
+                    headers.push((name.into_owned(), value.into_owned()));
+                }
+            })
+        }));
+        let decoded = match decoded {
+            Ok(Ok(())) if decoded_bytes <= MAX_BLOCK => Ok(headers),
+            _ => Err(()),
+        };
+        let encoded = match decoded {
             Ok(mut headers) => {
                 for (name, value) in headers.iter_mut() {
                     if name.as_slice() == b":authority" && !is_authority(value) {
@@ -178,6 +207,13 @@ fn headers_fragment(flags: u8, payload: &[u8]) -> Option<&[u8]> {
         start += 5;
     }
     payload.get(start..end)
+}
+
+fn too_large() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        "an HTTP/2 frame or header block past the plugin's limits",
+    )
 }
 
 /// Whether h2 takes `value` as an `:authority`.

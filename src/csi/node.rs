@@ -52,6 +52,30 @@ pub struct DriverSettings {
     pub pod_identity_agent_url: String,
 }
 
+/// A shared mount allowed under the caps and not yet inserted.
+struct Reservation<'a> {
+    driver: &'a Driver,
+    namespace: String,
+}
+
+impl Reservation<'_> {
+    /// Once the mount is in the map (whose lock the caller holds), or on
+    /// failure (dropped): the mount counts itself, or nothing does.
+    fn release(self) {}
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let mut creating = self.driver.creating.lock().unwrap();
+        if let Some(count) = creating.get_mut(&self.namespace) {
+            *count -= 1;
+            if *count == 0 {
+                creating.remove(&self.namespace);
+            }
+        }
+    }
+}
+
 /// Serving sides connected at once, at most: a DaemonSet surge has two;
 /// a peer past this is turned away rather than given a thread.
 const MAX_LINKS: usize = 8;
@@ -202,10 +226,11 @@ pub struct Driver {
     /// Publishes creating one shared mount one at a time (two pods of one
     /// identity arriving together share the first one's mount).
     keys_busy: Mutex<HashMap<String, Arc<Mutex<()>>>>,
-    /// Salt of the mount labels in logs and metrics (`label`).
-    label_salt: [u8; 16],
     /// Serving sides connected now.
     links_open: Arc<std::sync::atomic::AtomicUsize>,
+    /// Shared mounts being created, by namespace: they count against the
+    /// caps from the moment they are allowed (creation takes seconds).
+    creating: Mutex<HashMap<String, usize>>,
     /// Why the serving side (one-host layout) cannot start, while it cannot:
     /// publishes fail with it rather than wait.
     serve_failure: Mutex<Option<String>>,
@@ -223,8 +248,8 @@ impl Driver {
             link: Mutex::new(Link::default()),
             targets_busy: tokio::sync::Mutex::new(HashMap::new()),
             keys_busy: Mutex::new(HashMap::new()),
-            label_salt: rand::random(),
             links_open: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            creating: Mutex::new(HashMap::new()),
             serve_failure: Mutex::new(None),
         })
     }
@@ -233,15 +258,11 @@ impl Driver {
         self.settings.state_dir.join("mounts")
     }
 
-    /// How logs and metrics name a shared mount: not its key (a digest of
-    /// identity and options another tenant could compute), but a salted
-    /// digest of it, stable while this plugin runs.
+    /// How logs and metrics name a shared mount: the start of its key,
+    /// which is its directory's name (an HMAC under the node's secret, so it
+    /// tells nothing another tenant could compute).
     fn label(&self, key: &str) -> String {
-        use sha2::Digest;
-        let mut digest = sha2::Sha256::new();
-        digest.update(self.label_salt);
-        digest.update(key.as_bytes());
-        hex::encode(&digest.finalize()[..6])
+        key.chars().take(12).collect()
     }
 
     pub fn control_socket(run_dir: &Path) -> PathBuf {
@@ -568,8 +589,14 @@ impl Driver {
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             command.pre_exec(move || {
-                // dup2 clears close-on-exec: the serving side keeps it for its holders.
-                if libc::dup2(binary_fd, EXECUTABLE_FD) < 0 {
+                // dup2 clears close-on-exec: the serving side keeps it for its
+                // holders (if it already is fd 9, dup2 does nothing: clear it).
+                let placed = if binary_fd == EXECUTABLE_FD {
+                    libc::fcntl(EXECUTABLE_FD, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(binary_fd, EXECUTABLE_FD)
+                };
+                if placed < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 // Its own session: a kill of the plugin leaves it serving.
@@ -986,16 +1013,24 @@ impl Driver {
 
     /// Whether one more shared mount for `namespace` fits the caps; idle
     /// (lingering) mounts make room first, the longest idle first.
-    fn make_room(&self, namespace: &str) -> Result<(), CsiError> {
+    fn make_room(&self, namespace: &str) -> Result<Reservation<'_>, CsiError> {
         let settings = &self.settings;
         loop {
             let evict = {
                 let mounts = self.mounts.lock().unwrap();
-                let in_namespace = mounts.values().filter(|m| m.namespace == namespace).count();
+                let mut creating = self.creating.lock().unwrap();
+                let pending = creating.get(namespace).copied().unwrap_or(0);
+                let in_namespace =
+                    mounts.values().filter(|m| m.namespace == namespace).count() + pending;
                 let over_namespace = in_namespace >= settings.max_mounts_per_namespace;
-                let over_node = mounts.len() >= settings.max_mounts;
+                let over_node =
+                    mounts.len() + creating.values().sum::<usize>() >= settings.max_mounts;
                 if !over_namespace && !over_node {
-                    return Ok(());
+                    *creating.entry(namespace.to_string()).or_default() += 1;
+                    return Ok(Reservation {
+                        driver: self,
+                        namespace: namespace.to_string(),
+                    });
                 }
                 let idle = mounts
                     .iter()
@@ -1101,10 +1136,11 @@ impl Driver {
             // Mounting waits on the serving side, which reports through
             // the link thread: the map is not held meanwhile.
             drop(mounts);
-            self.make_room(&publish.pod.namespace)?;
+            let reserved = self.make_room(&publish.pod.namespace)?;
             let created = self.create_shared(publish)?;
             mounts = self.mounts.lock().unwrap();
             mounts.insert(publish.key.clone(), created);
+            reserved.release();
         }
         let mount = mounts.get_mut(&publish.key).expect("inserted above");
         if let (Some(token), Some(fds), true) = (&publish.token, &mount.fds, warm) {
@@ -1219,9 +1255,18 @@ impl Driver {
 
     /// Unmounts an idle shared mount and stops its holder.
     fn remove_shared(&self, key: &str, why: &str) {
-        let Some(mut mount) = self.mounts.lock().unwrap().remove(key) else {
+        let mut mut_mounts = self.mounts.lock().unwrap();
+        // Still idle: a publish may have bound a pod since it was picked.
+        if !mut_mounts
+            .get(key)
+            .is_some_and(|m| m.targets.is_empty() && !m.removing)
+        {
+            return;
+        }
+        let Some(mut mount) = mut_mounts.remove(key) else {
             return;
         };
+        drop(mut_mounts);
         mount.removing = true;
         // The last mount of the connection: its end ends the holder.
         if let Err(error) = daemon::lazy_unmount(&mount.mountpoint) {
@@ -1324,12 +1369,29 @@ fn fetch_metrics(addr: &str) -> Option<String> {
     stream
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
+    // Bounded in size and in time: another process may have bound the port
+    // (a daemon whose port was taken serves without metrics).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = stream.read(&mut chunk).ok()?;
+        if n == 0 {
+            break;
+        }
+        response.extend_from_slice(&chunk[..n]);
+        if response.len() > MAX_DAEMON_METRICS || Instant::now() > deadline {
+            return None;
+        }
+    }
+    let response = String::from_utf8(response).ok()?;
     response
         .split_once("\r\n\r\n")
         .map(|(_, body)| body.to_string())
 }
+
+/// A daemon's metrics page is a few KiB; past this it is not one.
+const MAX_DAEMON_METRICS: usize = 1 << 20;
 
 /// The gRPC face of the driver.
 #[derive(Clone)]

@@ -110,10 +110,18 @@ impl AttributeDefaults {
             let all: BTreeMap<String, serde_json::Value> = serde_json::from_value(value)
                 .map_err(|_| "classes.json: expected an object of classes".to_string())?;
             for (name, class) in all {
-                classes.insert(
-                    name.clone(),
-                    strings(&format!("classes.json, class {name}"), class)?,
-                );
+                let class = strings(&format!("classes.json, class {name}"), class)?;
+                // The node's credentials read what the admin chose, never
+                // what a volume of the class would pick.
+                if class.get("useNodeIdentity").map(String::as_str) == Some("true")
+                    && !class.contains_key("path")
+                    && !class.contains_key("airflowKwargs")
+                {
+                    return Err(format!(
+                        "classes.json, class {name}: useNodeIdentity needs path or airflowKwargs in the same class, so that its volumes read what the class says"
+                    ));
+                }
+                classes.insert(name.clone(), class);
             }
         }
         Ok(AttributeDefaults {
@@ -640,24 +648,9 @@ fn check_values(options: &BTreeMap<String, String>) -> Result<(), CsiError> {
 
 /// The same identity and options, the same key (a hash: the state
 /// directory names mounts by it, and it must not spell out role names).
-/// Length-prefixed fields would be stricter, but names and values here
-/// hold no newline (Kubernetes names and SSM attributes cannot).
 fn shared_key(salt: &[u8], identity: &Identity, options: &BTreeMap<String, String>) -> String {
-    let mut text = match identity {
-        Identity::Pod {
-            namespace,
-            service_account,
-            role_arn,
-        } => format!("pod\n{namespace}\n{service_account}\n{role_arn}\n"),
-        Identity::PodIdentity {
-            namespace,
-            service_account,
-        } => format!("podidentity\n{namespace}\n{service_account}\n"),
-        Identity::Node => "node\n".to_string(),
-    };
-    for (name, value) in options {
-        text.push_str(&format!("{name}={value}\n"));
-    }
+    // JSON: no two identities or option sets spell the same text.
+    let text = serde_json::json!({"identity": identity.to_json(), "options": options}).to_string();
     // The whole HMAC under the node's secret: neither searchable for a
     // collision with another tenant's mount (which is also compared before
     // a bind) nor computable from what a tenant knows.
@@ -786,6 +779,14 @@ mod tests {
         .unwrap();
         let error = AttributeDefaults::load(dir.path()).unwrap_err();
         assert!(error.contains("colour"), "{error}");
+        // The node's credentials come with what they read, in the class.
+        std::fs::write(
+            dir.path().join("classes.json"),
+            r#"{"open": {"useNodeIdentity": "true", "region": "eu-west-1"}}"#,
+        )
+        .unwrap();
+        let error = AttributeDefaults::load(dir.path()).unwrap_err();
+        assert!(error.contains("path or airflowKwargs"), "{error}");
         assert!(AttributeDefaults::load(Path::new("/nonexistent"))
             .unwrap()
             .base

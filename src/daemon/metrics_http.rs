@@ -8,6 +8,12 @@ use super::DaemonError;
 use crate::fs::Fs;
 use crate::store::ParameterStore;
 
+/// Scrapes answered at once; more are closed (an idle connection must not
+/// hold an fd forever: the plugin's metrics listen on the host network).
+const MAX_CONNECTIONS: usize = 16;
+/// How long a connection may take to send its request.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Serves Prometheus text on `addr` until the process ends.
 pub async fn serve_metrics<S: ParameterStore>(
     fs: Arc<Fs<S>>,
@@ -29,12 +35,29 @@ where
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let render = Arc::new(render);
     let one_at_a_time = Arc::new(tokio::sync::Mutex::new(()));
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
+        loop {
+            let (mut stream, _) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                // Out of fds for a moment: keep serving once they are back.
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            // Past the bound, a connection is closed at once, not queued.
+            let Ok(permit) = connections.clone().try_acquire_owned() else {
+                continue;
+            };
             let (render, one_at_a_time) = (render.clone(), one_at_a_time.clone());
             tokio::spawn(async move {
+                let _permit = permit;
                 let mut request = [0u8; 1024];
-                let _ = stream.read(&mut request).await;
+                let asked = tokio::time::timeout(REQUEST_TIMEOUT, stream.read(&mut request));
+                if !matches!(asked.await, Ok(Ok(n)) if n > 0) {
+                    return;
+                }
                 let body = {
                     let _turn = one_at_a_time.lock().await;
                     tokio::task::spawn_blocking(move || render())

@@ -271,7 +271,16 @@ fn source_chain<'a>(
 fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
     for e in source_chain(error) {
-        let text = one_line(&e.to_string());
+        // An AWS error's metadata prints as a Rust structure: its code and
+        // message read better (STS's refusal of a role, say).
+        let text = match e.downcast_ref::<aws_smithy_types::error::ErrorMetadata>() {
+            Some(meta) => one_line(&format!(
+                "{}: {}",
+                meta.code().unwrap_or("error"),
+                meta.message().unwrap_or("")
+            )),
+            None => one_line(&e.to_string()),
+        };
         if !text.is_empty() && !parts.last().is_some_and(|last| last.contains(&text)) {
             parts.push(text);
         }
