@@ -58,12 +58,6 @@ struct Reservation<'a> {
     namespace: String,
 }
 
-impl Reservation<'_> {
-    /// Once the mount is in the map (whose lock the caller holds), or on
-    /// failure (dropped): the mount counts itself, or nothing does.
-    fn release(self) {}
-}
-
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
         let mut creating = self.driver.creating.lock().unwrap();
@@ -1140,7 +1134,9 @@ impl Driver {
             let created = self.create_shared(publish)?;
             mounts = self.mounts.lock().unwrap();
             mounts.insert(publish.key.clone(), created);
-            reserved.release();
+            // The mount counts itself now (on a failure above, the dropped
+            // reservation counts nothing).
+            drop(reserved);
         }
         let mount = mounts.get_mut(&publish.key).expect("inserted above");
         if let (Some(token), Some(fds), true) = (&publish.token, &mount.fds, warm) {
@@ -1255,18 +1251,18 @@ impl Driver {
 
     /// Unmounts an idle shared mount and stops its holder.
     fn remove_shared(&self, key: &str, why: &str) {
-        let mut mut_mounts = self.mounts.lock().unwrap();
+        let mut mounts = self.mounts.lock().unwrap();
         // Still idle: a publish may have bound a pod since it was picked.
-        if !mut_mounts
+        if !mounts
             .get(key)
             .is_some_and(|m| m.targets.is_empty() && !m.removing)
         {
             return;
         }
-        let Some(mut mount) = mut_mounts.remove(key) else {
+        let Some(mut mount) = mounts.remove(key) else {
             return;
         };
-        drop(mut_mounts);
+        drop(mounts);
         mount.removing = true;
         // The last mount of the connection: its end ends the holder.
         if let Err(error) = daemon::lazy_unmount(&mount.mountpoint) {
