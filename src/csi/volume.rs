@@ -585,12 +585,6 @@ fn is_region(name: &str) -> bool {
     REGION.is_match(name)
 }
 
-/// `region_name` of an airflowKwargs JSON, if it sets one.
-fn airflow_region(kwargs: &str) -> Option<String> {
-    let parsed: serde_json::Value = serde_json::from_str(kwargs).ok()?;
-    parsed["region_name"].as_str().map(str::to_string)
-}
-
 /// Each attribute's value, checked as the daemon's own flag would be, so a
 /// bad one is refused before anything is mounted, naming the attribute.
 fn check_values(options: &BTreeMap<String, String>) -> Result<(), CsiError> {
@@ -614,14 +608,13 @@ fn check_values(options: &BTreeMap<String, String>) -> Result<(), CsiError> {
                 .filter(|tps| *tps > 0.0)
                 .is_none()
                 .then(|| "not a positive number".to_string()),
-            "airflowKwargs" if airflow_region(value).is_some_and(|r| !is_region(&r)) => {
-                Some("region_name is not an AWS region name (such as eu-west-1)".to_string())
-            }
-            "airflowKwargs" => serde_json::from_str::<serde_json::Value>(value)
-                .ok()
-                .filter(serde_json::Value::is_object)
-                .is_none()
-                .then(|| "not a JSON object (the kwargs of Airflow's backend)".to_string()),
+            "airflowKwargs" => match serde_json::from_str::<serde_json::Value>(value) {
+                Ok(kwargs) if kwargs.is_object() => kwargs["region_name"]
+                    .as_str()
+                    .filter(|region| !is_region(region))
+                    .map(|_| "region_name is not an AWS region name (such as eu-west-1)".into()),
+                _ => Some("not a JSON object (the kwargs of Airflow's backend)".into()),
+            },
             "region" if !is_region(value) => Some(format!(
                 "{value:?} is not an AWS region name (such as eu-west-1)"
             )),
