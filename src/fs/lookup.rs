@@ -295,7 +295,7 @@ impl<S: ParameterStore> Fs<S> {
         let parent_fresh = parent_dir.as_ref().is_some_and(|d| usable(&d.validity));
         let absence_trusted = parent_dir
             .as_ref()
-            .is_some_and(|d| now < d.validity.fetched + self.absence_window(d.validity.fetched));
+            .is_some_and(|d| self.absence_still_trusted(&d.validity, now));
         let own_value = self.cache.value(name).filter(|v| usable(&v.validity));
         Knowledge {
             absence_trusted,
@@ -313,13 +313,19 @@ impl<S: ParameterStore> Fs<S> {
                 usable(&d.validity)
                     && (d.is_dir()
                         || own_value.as_ref().is_some_and(|v| v.parameter().is_some())
-                        || now < d.validity.fetched + self.absence_window(d.validity.fetched))
+                        || self.absence_still_trusted(&d.validity, now))
             }),
             own_value,
             name_unlistable: self.listing_refused(name, now),
             parent_unlistable: self.listing_refused(parent, now),
             siblings_probed: self.cache.probes_below(parent),
         }
+    }
+
+    /// Whether what a listing fetched with `validity` says is absent (a name,
+    /// or anything below one) still holds at `now` (`Fs::absence_window`).
+    fn absence_still_trusted(&self, validity: &Validity, now: Instant) -> bool {
+        now < validity.fetched + self.absence_window(validity.fetched)
     }
 
     /// The validity of a fresh value directly below `dir`, or one level deeper,
