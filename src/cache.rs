@@ -341,6 +341,37 @@ impl Cache {
         }
     }
 
+    /// Marks every present value at or below one of `prefixes` as read (an
+    /// open change stream covers them), and returns the names whose refresh
+    /// is due now, with the soonest refresh point of the others.
+    pub fn keep_read_below(
+        &self,
+        prefixes: &[String],
+        now: Instant,
+    ) -> (Vec<Arc<str>>, Option<Instant>) {
+        let below = |name: &str| {
+            prefixes
+                .iter()
+                .any(|p| name == p || crate::names::relative_to(p, name).is_some())
+        };
+        let mut inner = self.inner.lock().unwrap();
+        let mut due = Vec::new();
+        let mut next: Option<Instant> = None;
+        for (name, entry) in inner.values.iter_mut() {
+            if entry.parameter().is_none() || crate::names::has_selector(name) || !below(name) {
+                continue;
+            }
+            entry.validity.read_since_fetch = true;
+            let at = entry.validity.refresh_at();
+            if at <= now {
+                due.push(name.clone());
+            } else {
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        }
+        (due, next)
+    }
+
     /// Up to `limit` names of present values, read since they were fetched,
     /// whose refresh is due before `now + horizon`, soonest first, skipping
     /// `busy` ones: the names a refresh batch takes along.

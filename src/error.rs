@@ -44,6 +44,10 @@ pub enum FsError {
     /// chain printer such as anyhow's `{:#}` would repeat it.)
     #[error("cannot read {path} from SSM: {cause}")]
     Unreachable { path: String, cause: StoreError },
+    /// A change stream's write end could not be opened (logged once by the
+    /// stream writer with its cause).
+    #[error("the change stream cannot be opened")]
+    StreamUnavailable,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -76,6 +80,7 @@ impl FsError {
             FsError::UnsupportedAttribute => libc::EOPNOTSUPP,
             FsError::AccessDenied { .. } | FsError::ListingRefused { .. } => libc::EACCES,
             FsError::Unreachable { cause, .. } => Self::store_errno(cause),
+            FsError::StreamUnavailable => libc::EIO,
             FsError::Store(error) => Self::store_errno(error),
         }
     }
@@ -107,7 +112,9 @@ impl FsError {
             | FsError::NoAttribute
             | FsError::UnsupportedAttribute
             | FsError::Store(StoreError::NotFound) => Level::DEBUG,
-            FsError::Store(_) | FsError::Unreachable { .. } => Level::WARN,
+            FsError::Store(_) | FsError::Unreachable { .. } | FsError::StreamUnavailable => {
+                Level::WARN
+            }
             FsError::UnknownInode(_) | FsError::BadHandle(_) => Level::ERROR,
         }
     }

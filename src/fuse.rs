@@ -27,12 +27,15 @@ use tokio::runtime::Handle;
 use tracing::{Instrument, Level};
 
 use crate::error::FsError;
-use crate::fs::{Attr, FileKind, Fs};
+use crate::fs::{Attr, FileKind, Fs, STREAM_DIR_INO, STREAM_DIR_NAME};
 use crate::store::ParameterStore;
+use crate::stream_pipes::StreamPipes;
 
 pub struct FuseAdapter<S> {
     fs: Arc<Fs<S>>,
     runtime: Handle,
+    /// Opens the write ends of `@changes` streams (none: @changes answers EIO).
+    streams: Option<Arc<StreamPipes>>,
     /// A test hook (`SSMFS_TEST_REQUEST_DELAY_MS`): every request handed to
     /// the core waits this long first, so a test can kill a daemon while
     /// requests are in flight (the supervisor must resend them).
@@ -44,7 +47,10 @@ pub struct FuseAdapter<S> {
 }
 
 impl<S: ParameterStore> FuseAdapter<S> {
-    pub fn new(fs: Arc<Fs<S>>, runtime: Handle) -> Self {
+    pub fn new(fs: Arc<Fs<S>>, runtime: Handle, streams: Option<Arc<StreamPipes>>) -> Self {
+        if streams.is_some() {
+            runtime.spawn(fs.clone().keep_fresh());
+        }
         let test_delay = std::env::var("SSMFS_TEST_REQUEST_DELAY_MS")
             .ok()
             .and_then(|ms| ms.parse().ok())
@@ -56,6 +62,7 @@ impl<S: ParameterStore> FuseAdapter<S> {
         Self {
             fs,
             runtime,
+            streams,
             test_delay,
             test_upgrade_max_write,
         }
@@ -93,6 +100,12 @@ impl<S: ParameterStore> FuseAdapter<S> {
             .instrument(span),
         );
     }
+}
+
+/// Whether the thread that made a request is one of this process's (FUSE
+/// names the calling thread, not its process).
+fn is_own_thread(tid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/self/task/{tid}")).exists()
 }
 
 /// The errno for a failed request, logged at the error's level.
@@ -186,6 +199,7 @@ fn file_type(kind: FileKind) -> FileType {
     match kind {
         FileKind::File => FileType::RegularFile,
         FileKind::Dir => FileType::Directory,
+        FileKind::Fifo => FileType::NamedPipe,
     }
 }
 
@@ -193,16 +207,43 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Older kernels lack the flag; caching then relies on TTLs and notifications.
         let _ = config.add_capabilities(InitFlags::FUSE_AUTO_INVAL_DATA);
+        // Lookups in one directory run at once (the core is safe for it), and
+        // must: a stream's write end is opened by a lookup of this daemon's
+        // own while the reader's lookup, in the same directory, waits for it.
+        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
         // Nothing is ever written: the smallest write size keeps the buffer a
         // reader of /dev/fuse needs small (the supervisor's: --supervise).
         let _ = config.set_max_write(self.test_upgrade_max_write.unwrap_or(4096));
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let own_stream_end = ((parent.0 == crate::inode::ROOT_INO && name == STREAM_DIR_NAME)
+            || parent.0 == STREAM_DIR_INO)
+            && is_own_thread(req.pid());
+        if own_stream_end {
+            let _timer = self.timer("lookup");
+            match self.fs.lookup_stream_end(parent.0, name) {
+                Ok(entry) => reply.entry(&entry.ttl, &to_file_attr(&entry.attr), Generation(0)),
+                Err(error) => reply.error(fail("lookup", &error)),
+            }
+            return;
+        }
         let name = name.to_os_string();
+        let streams = self.streams.clone();
         self.spawn("lookup", parent, |fs| async move {
-            match fs.lookup(parent.0, &name).await {
+            let looked_up = match fs.lookup(parent.0, &name).await {
+                // A new stream: its write end is open before the reader's is.
+                Ok(entry) if entry.attr.kind == FileKind::Fifo => {
+                    let attached = match (streams, fs.stream(entry.attr.ino)) {
+                        (Some(streams), Some(stream)) => streams.attach(&fs, stream).await,
+                        _ => Err(std::io::Error::other("no stream writer")),
+                    };
+                    attached.map(|()| entry).map_err(|_| FsError::StreamUnavailable)
+                }
+                other => other,
+            };
+            match looked_up {
                 Ok(entry) => {
                     tracing::trace!(name = %name.to_string_lossy(), ttl_ms = entry.ttl.as_millis() as u64, "entry");
                     reply.entry(&entry.ttl, &to_file_attr(&entry.attr), Generation(0))

@@ -1,7 +1,8 @@
 //! ssmfs: an AWS SSM Parameter Store hierarchy as a read-only FUSE filesystem.
 //!
 //! Layers, top to bottom: `cli` (flags) -> `daemon` (mount, signals, readiness)
-//! -> `fuse` (thin fuser adapter) -> `fs` (the async core) -> `cache` and
+//! -> `fuse` (thin fuser adapter, with `stream_pipes`, the write ends of the
+//! `@changes` pipes it opens through the mount) -> `fs` (the async core) -> `cache` and
 //! `inode` -> `store` (the SSM API, or an in-memory double). `events` (the
 //! SQS/SNS transport) sits above `fs` and hands it `change`s, the model of a
 //! change both share; `supervisor` holds FUSE connections above `daemon`, and
@@ -25,5 +26,6 @@ pub mod metrics;
 pub mod names;
 pub mod secret;
 pub mod store;
+pub mod stream_pipes;
 pub mod supervisor;
 pub mod views;

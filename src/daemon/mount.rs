@@ -142,7 +142,8 @@ pub fn mount<S: ParameterStore>(
     };
     config.n_threads = Some(settings.threads);
     config.clone_fd = true;
-    let adapter = FuseAdapter::new(fs, runtime);
+    let streams = crate::stream_pipes::StreamPipes::new(settings.mountpoint.clone());
+    let adapter = FuseAdapter::new(fs, runtime, Some(streams));
     let cannot = |cause| DaemonError::Mount {
         path: settings.mountpoint.display().to_string(),
         cause,

@@ -20,6 +20,8 @@ const BLOCK_SIZE: u32 = 4096;
 pub enum FileKind {
     File,
     Dir,
+    /// A change stream (`@changes`): a named pipe the daemon writes.
+    Fifo,
 }
 
 /// Attributes of one inode.
@@ -77,6 +79,30 @@ impl Attrs {
                 blksize: BLOCK_SIZE,
             },
             ttl,
+        }
+    }
+
+    /// A change stream: a named pipe, never cached by the kernel (each lookup
+    /// is a stream of its own). Readable by whoever may read the mount's
+    /// files; writable by its owner, the daemon (which may not be the files'
+    /// owner, as for the CSI driver's serving side).
+    pub(super) fn stream(&self, ino: u64) -> Entry {
+        // SAFETY: geteuid cannot fail.
+        let daemon = unsafe { libc::geteuid() };
+        let uid = if daemon == 0 { self.uid } else { daemon };
+        Entry {
+            attr: Attr {
+                ino,
+                kind: FileKind::Fifo,
+                size: 0,
+                mtime: self.mounted_at,
+                perm: (self.file_mode & 0o444) | 0o200,
+                uid,
+                gid: self.gid,
+                nlink: 1,
+                blksize: BLOCK_SIZE,
+            },
+            ttl: Duration::ZERO,
         }
     }
 

@@ -90,6 +90,47 @@ impl Layout {
         }
     }
 
+    /// Where the SSM name `name` shows, relative to the mount root (in the
+    /// Airflow layout, once per area that admits it).
+    pub(super) fn mount_paths(&self, name: &str) -> Vec<String> {
+        match self {
+            Layout::Tree { prefix } => names::relative_to(prefix, name)
+                .map(str::to_string)
+                .into_iter()
+                .collect(),
+            Layout::Areas(areas) => areas
+                .iter()
+                .filter_map(|area| {
+                    let key = names::relative_to(&area.prefix, name)?;
+                    area.admits(key.split('/').next().unwrap_or(key))
+                        .then(|| format!("{}/{key}", area.folder))
+                })
+                .collect(),
+        }
+    }
+
+    /// The directory `dir`'s path relative to the mount root ("" for the root).
+    pub(super) fn mount_path_of_dir(&self, dir: &Node) -> String {
+        if dir.ino == ROOT_INO {
+            return String::new();
+        }
+        if let Some(area) = self.area_of(dir) {
+            return area.folder.clone();
+        }
+        self.mount_paths(&dir.name)
+            .into_iter()
+            .next()
+            .unwrap_or_default()
+    }
+
+    /// The SSM names whose values a stream opened in `dir` covers.
+    pub(super) fn ssm_prefixes_of_dir(&self, dir: &Node) -> Vec<String> {
+        match self.root_items(dir) {
+            Some(areas) => areas.iter().map(|area| area.prefix.clone()).collect(),
+            None => vec![dir.name.to_string()],
+        }
+    }
+
     /// Whether a listing of `dir` shows `child`.
     pub(super) fn admits(&self, dir: &Node, child: &str) -> bool {
         self.area_of(dir).is_none_or(|area| area.admits(child))

@@ -19,6 +19,7 @@
 //! within the request deadline.
 
 mod attr;
+mod changes;
 mod events;
 mod layout;
 mod listing;
@@ -26,6 +27,10 @@ mod lookup;
 mod refresh;
 mod special;
 
+pub use changes::{
+    is_stream_ino, ChangeKind, ChangeNote, StreamSpec, CHANGES_NAME, DROPPED_LINE, STREAM_DIR_INO,
+    STREAM_DIR_NAME,
+};
 pub use special::XATTR_NAMES;
 
 use std::collections::{HashMap, HashSet};
@@ -143,6 +148,8 @@ pub struct Fs<S> {
     events_live: Mutex<Option<(Instant, Instant)>>,
     /// Paths whose listing SSM would not decrypt, logged once each.
     undecryptable_logged: Mutex<lru::LruCache<String, ()>>,
+    /// The change streams readers have open (`@changes`).
+    streams: changes::Streams,
 }
 
 impl<S: ParameterStore> Fs<S> {
@@ -195,6 +202,7 @@ impl<S: ParameterStore> Fs<S> {
             undecryptable_logged: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(UNDECRYPTABLE_PATHS_LOGGED).unwrap(),
             )),
+            streams: changes::Streams::new(),
             config,
         };
         (Arc::new(fs), receiver)
@@ -251,9 +259,16 @@ impl<S: ParameterStore> Fs<S> {
         parent_ino: u64,
         segment: &OsStr,
     ) -> Result<Entry, FsError> {
+        if is_stream_ino(parent_ino) {
+            return Err(FsError::NotFound);
+        }
         let parent = self.dir_node(parent_ino)?;
         if parent.role == Role::View {
             return self.lookup_field(&parent, segment).await;
+        }
+        if segment == CHANGES_NAME {
+            let stream = self.open_stream(&parent);
+            return Ok(self.attrs.stream(stream.ino));
         }
         let segment = segment.to_str().ok_or(NameError::BadCharacter)?;
         match self.layout.classify(&parent, segment) {
@@ -337,6 +352,12 @@ impl<S: ParameterStore> Fs<S> {
     }
 
     pub async fn getattr(self: &Arc<Self>, ino: u64) -> Result<Entry, FsError> {
+        if ino == STREAM_DIR_INO {
+            return Ok(self.attrs.dir(ino, Duration::ZERO));
+        }
+        if is_stream_ino(ino) {
+            return Ok(self.attrs.stream(ino));
+        }
         let node = self.node(ino)?;
         if node.role.is_dir() {
             // A directory's existence is revalidated by lookup; its attributes never change.
@@ -540,6 +561,10 @@ impl<S: ParameterStore> Fs<S> {
     }
 
     pub fn forget(&self, ino: u64, count: u64) {
+        // A stream ends when its last reader closes it (its writer sees that).
+        if is_stream_ino(ino) {
+            return;
+        }
         self.inodes.forget(ino, count);
     }
 
@@ -685,6 +710,13 @@ impl<S: ParameterStore> Fs<S> {
             }
         }
         let (change, entry) = self.cache.put_value(name, known);
+        match (&change, &entry.known) {
+            (Change::NewVersion | Change::Appeared, Known::Present(parameter)) => {
+                self.publish_change(name, ChangeKind::Version(parameter.version));
+            }
+            (Change::Disappeared, Known::Absent) => self.publish_change(name, ChangeKind::Deleted),
+            _ => {}
+        }
         match change {
             Change::None => {}
             Change::NewVersion => {

@@ -1,0 +1,278 @@
+//! The change stream (`@changes`): what the core publishes when it learns
+//! that a file changed, and the streams readers have open.
+//!
+//! Model: every change the core records (a new version seen by a refresh, an
+//! event or a read; a name that appeared; a name that vanished) becomes one
+//! `ChangeNote` on a broadcast channel, named by its path relative to the
+//! mount root. A lookup of `@changes` in any directory opens a stream: a
+//! named pipe of its own (a fresh inode per lookup, so each open starts at
+//! "now" and every reader sees every change) that covers that directory's
+//! subtree. The core only numbers streams and says what they cover; the
+//! pipe's write end is opened by the daemon (`crate::daemon::streams`), so
+//! the kernel's pipe does the blocking, `poll` and `O_NONBLOCK`, and a warm
+//! read of an ordinary file still never reaches the daemon (no-open mode).
+//!
+//! While a stream is open, the values it covers are kept fresh as if they
+//! were read (`keep_fresh`): marked read, so the ordinary batched refresh
+//! takes them along before they expire.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+use super::Fs;
+use crate::store::ParameterStore;
+
+/// The name of the stream file in every directory (`@` is never in an SSM name).
+pub const CHANGES_NAME: &str = "@changes";
+/// The hidden directory through which the daemon itself opens a stream's
+/// write end by number; answered to the daemon's own process only.
+pub const STREAM_DIR_NAME: &str = "@stream";
+/// Stream inodes live above every inode number the table hands out (those are
+/// kept below 2^63), so they never collide and are never journaled.
+pub const STREAM_DIR_INO: u64 = 1 << 63;
+/// The line a reader gets when changes were lost before it read them.
+pub const DROPPED_LINE: &str = "@dropped\n";
+/// Notes queued for streams that are slow to take them; a stream that falls
+/// further behind gets `@dropped` (memory stays bounded whatever readers do).
+const CHANGE_BACKLOG: usize = 1024;
+/// While a stream is open, covered values are looked at again at least this
+/// often (and at their next refresh point, if sooner): a value that joined the
+/// cache meanwhile is taken along within this long.
+const KEEP_FRESH_MAX_SLEEP: Duration = Duration::from_secs(30);
+/// A value whose refresh failed stays due: looked at no more than once a
+/// second, so a failing refresh is not retried in a loop.
+const KEEP_FRESH_MIN_SLEEP: Duration = Duration::from_secs(1);
+
+/// What happened to one file, as a stream line says it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// A new version (or a name that appeared, with its version).
+    Version(i64),
+    Deleted,
+}
+
+/// One change, named by its path relative to the mount root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeNote {
+    pub path: Arc<str>,
+    pub kind: ChangeKind,
+}
+
+impl ChangeNote {
+    /// The stream line: `PATH VERSION` or `PATH deleted`.
+    pub fn line(&self) -> String {
+        match self.kind {
+            ChangeKind::Version(version) => format!("{} {version}\n", self.path),
+            ChangeKind::Deleted => format!("{} deleted\n", self.path),
+        }
+    }
+}
+
+/// One open stream: which subtree it covers.
+#[derive(Debug, Clone)]
+pub struct StreamSpec {
+    pub ino: u64,
+    /// The directory it was opened in, relative to the mount root ("" for
+    /// the root): notes below it are the stream's.
+    pub dir: Arc<str>,
+    /// The SSM names whose values it keeps fresh (the directory's, or every
+    /// area's for the Airflow layout's root).
+    ssm_prefixes: Vec<String>,
+}
+
+impl StreamSpec {
+    pub fn covers(&self, note: &ChangeNote) -> bool {
+        self.dir.is_empty()
+            || note
+                .path
+                .strip_prefix(&*self.dir)
+                .is_some_and(|rest| rest.starts_with('/'))
+    }
+}
+
+/// The streams of one mount and the channel their notes travel on.
+pub(super) struct Streams {
+    notes: broadcast::Sender<ChangeNote>,
+    open: Mutex<HashMap<u64, StreamSpec>>,
+    next: AtomicU64,
+    /// Wakes the keep-fresh task when the first stream opens.
+    opened: tokio::sync::Notify,
+}
+
+impl Streams {
+    pub(super) fn new() -> Self {
+        Self {
+            notes: broadcast::channel(CHANGE_BACKLOG).0,
+            open: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+            opened: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub(super) fn publish(&self, note: ChangeNote) {
+        // No receiver means no stream is open: nobody to tell.
+        let _ = self.notes.send(note);
+    }
+
+    fn prefixes(&self) -> Vec<String> {
+        let open = self.open.lock().unwrap();
+        let mut prefixes: Vec<String> = open
+            .values()
+            .flat_map(|s| s.ssm_prefixes.iter().cloned())
+            .collect();
+        prefixes.sort();
+        prefixes.dedup();
+        prefixes
+    }
+}
+
+pub fn is_stream_ino(ino: u64) -> bool {
+    ino >= STREAM_DIR_INO
+}
+
+impl<S: ParameterStore> Fs<S> {
+    /// Opens a stream covering the directory `dir_ino` (a lookup of `@changes`).
+    pub(super) fn open_stream(self: &Arc<Self>, dir: &crate::inode::Node) -> StreamSpec {
+        let ino = STREAM_DIR_INO + self.streams.next.fetch_add(1, Ordering::Relaxed);
+        let spec = StreamSpec {
+            ino,
+            dir: self.layout.mount_path_of_dir(dir).into(),
+            ssm_prefixes: self.layout.ssm_prefixes_of_dir(dir),
+        };
+        let first = {
+            let mut open = self.streams.open.lock().unwrap();
+            open.insert(ino, spec.clone());
+            open.len() == 1
+        };
+        if first {
+            self.streams.opened.notify_one();
+        }
+        spec
+    }
+
+    /// A lookup by the daemon itself (its write end of a stream): `@stream`
+    /// in the root, then the stream's number in it. Nobody else is answered.
+    pub fn lookup_stream_end(
+        &self,
+        parent: u64,
+        segment: &std::ffi::OsStr,
+    ) -> Result<super::Entry, crate::error::FsError> {
+        use crate::error::FsError;
+        if parent == crate::inode::ROOT_INO && segment == STREAM_DIR_NAME {
+            return Ok(self.attrs.dir(STREAM_DIR_INO, Duration::ZERO));
+        }
+        let ino = segment.to_str().and_then(|s| s.parse::<u64>().ok());
+        match ino {
+            Some(ino) if parent == STREAM_DIR_INO && self.stream(ino).is_some() => {
+                Ok(self.attrs.stream(ino))
+            }
+            _ => Err(FsError::NotFound),
+        }
+    }
+
+    /// The stream numbered `ino`, while it is open.
+    pub fn stream(&self, ino: u64) -> Option<StreamSpec> {
+        self.streams.open.lock().unwrap().get(&ino).cloned()
+    }
+
+    /// The notes a stream's writer reads (every note; `StreamSpec::covers`
+    /// picks its own).
+    pub fn subscribe_changes(&self) -> broadcast::Receiver<ChangeNote> {
+        self.streams.notes.subscribe()
+    }
+
+    /// The stream's last reader is gone (or it was never opened).
+    pub fn close_stream(&self, ino: u64) {
+        self.streams.open.lock().unwrap().remove(&ino);
+    }
+
+    /// Streams open now.
+    pub fn open_streams(&self) -> usize {
+        self.streams.open.lock().unwrap().len()
+    }
+
+    /// Records what changed about `name` for the streams.
+    pub(super) fn publish_change(&self, name: &str, kind: ChangeKind) {
+        if crate::names::has_selector(name) {
+            return;
+        }
+        for path in self.layout.mount_paths(name) {
+            self.streams.publish(ChangeNote {
+                path: path.into(),
+                kind: kind.clone(),
+            });
+        }
+    }
+
+    /// Runs for the mount's life: while any stream is open, the cached values
+    /// it covers are marked read, and those due are refreshed like any read
+    /// value (batched, paced). Sleeps until the next refresh point, and not at
+    /// all while no stream is open: it costs nothing while nothing changes.
+    pub async fn keep_fresh(self: Arc<Self>) {
+        loop {
+            let prefixes = self.streams.prefixes();
+            if prefixes.is_empty() {
+                self.streams.opened.notified().await;
+                continue;
+            }
+            let now = Instant::now();
+            let (due, next) = self.cache.keep_read_below(&prefixes, now);
+            for name in due {
+                self.refresh_soon(&name);
+            }
+            let sleep = next
+                .map(|at| at.saturating_duration_since(now))
+                .unwrap_or(KEEP_FRESH_MAX_SLEEP)
+                .clamp(KEEP_FRESH_MIN_SLEEP, KEEP_FRESH_MAX_SLEEP);
+            tokio::select! {
+                () = tokio::time::sleep(sleep) => {}
+                () = self.streams.opened.notified() => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(dir: &str) -> StreamSpec {
+        StreamSpec {
+            ino: STREAM_DIR_INO + 1,
+            dir: dir.into(),
+            ssm_prefixes: Vec::new(),
+        }
+    }
+
+    fn note(path: &str) -> ChangeNote {
+        ChangeNote {
+            path: path.into(),
+            kind: ChangeKind::Version(2),
+        }
+    }
+
+    #[test]
+    fn a_stream_covers_its_subtree_only() {
+        assert!(spec("").covers(&note("a/b")));
+        assert!(spec("a").covers(&note("a/b")));
+        assert!(spec("a").covers(&note("a/b/c")));
+        assert!(!spec("a").covers(&note("ab/c")));
+        assert!(!spec("a").covers(&note("a")));
+        assert!(!spec("a/b").covers(&note("a/c")));
+    }
+
+    #[test]
+    fn lines_say_path_and_version_or_deleted() {
+        assert_eq!(note("db/password").line(), "db/password 2\n");
+        let deleted = ChangeNote {
+            path: "x".into(),
+            kind: ChangeKind::Deleted,
+        };
+        assert_eq!(deleted.line(), "x deleted\n");
+    }
+}

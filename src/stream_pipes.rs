@@ -1,0 +1,190 @@
+//! The write ends of change streams (`@changes`, see `crate::fs` `changes`).
+//!
+//! Model: a stream is a named pipe the core numbers; the kernel keeps one pipe
+//! per inode, whoever opens it and through whichever bind mount. Before the
+//! reader's LOOKUP is answered, the daemon opens that very inode itself,
+//! through its own mount (`MOUNT/@stream/NUMBER`, answered to this process
+//! only), read-write so the open never waits for a reader and the reader's
+//! open never waits for a writer. From then on the kernel does the rest:
+//! blocking reads, `O_NONBLOCK`, poll/select/epoll, and 64 KiB of buffer per
+//! reader; the daemon only writes a line per change and spends nothing while
+//! nothing changes.
+//!
+//! A writer task per stream: it writes each covered note as one line (a
+//! write of at most PIPE_BUF bytes is whole or not at all), and when the pipe
+//! is full it drops notes and writes `@dropped` once the reader catches up.
+//! After a short grace (the reader's open follows its lookup at once) the
+//! read-write end is closed; when the last reader closes, the write end
+//! reports an error (EPOLLERR, no polling) and the stream ends.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::fs::{Fs, StreamSpec, DROPPED_LINE, STREAM_DIR_NAME};
+use crate::store::ParameterStore;
+
+/// How long the daemon's own read-write end stays open after the reader's
+/// lookup: its open follows at once (it is the same system call), so this
+/// only bounds what a lookup without an open (`stat @changes`) holds.
+const ATTACH_GRACE: Duration = Duration::from_secs(5);
+
+/// Opens and feeds the write ends of one mount's streams.
+pub struct StreamPipes {
+    mountpoint: PathBuf,
+    failure_logged: AtomicBool,
+}
+
+impl StreamPipes {
+    pub fn new(mountpoint: PathBuf) -> Arc<Self> {
+        Arc::new(Self {
+            mountpoint,
+            failure_logged: AtomicBool::new(false),
+        })
+    }
+
+    /// Opens the write end of `stream` and starts its writer. The stream
+    /// starts here: notes from now on are its.
+    pub async fn attach<S: ParameterStore>(
+        self: &Arc<Self>,
+        fs: &Arc<Fs<S>>,
+        stream: StreamSpec,
+    ) -> io::Result<()> {
+        let notes = fs.subscribe_changes();
+        let path = self
+            .mountpoint
+            .join(STREAM_DIR_NAME)
+            .join(stream.ino.to_string());
+        // The open makes FUSE requests of this very daemon: off the runtime's
+        // workers, so they stay free to answer them.
+        let opened = tokio::task::spawn_blocking(move || open_pipe(&path))
+            .await
+            .map_err(io::Error::other)
+            .and_then(|result| result);
+        let read_write = match opened {
+            Ok(fd) => fd,
+            Err(error) => {
+                fs.close_stream(stream.ino);
+                if !self.failure_logged.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(mountpoint = %self.mountpoint.display(), %error, "cannot open a change stream's write end through the mount; @changes answers EIO");
+                }
+                return Err(error);
+            }
+        };
+        // A second, write-only end (through /proc: no FUSE request): once the
+        // read-write one is closed, it alone reports that no reader is left.
+        let write_only = reopen_write_only(&read_write)?;
+        let fs = fs.clone();
+        tokio::spawn(async move {
+            let ino = stream.ino;
+            if let Err(error) = feed(stream, read_write, write_only, notes).await {
+                tracing::debug!(ino, %error, "change stream ended");
+            }
+            fs.close_stream(ino);
+        });
+        Ok(())
+    }
+}
+
+fn open_pipe(path: &std::path::Path) -> io::Result<OwnedFd> {
+    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: a valid NUL-terminated path; the fd is owned below.
+    let fd = unsafe {
+        libc::open(
+            c_path.as_ptr(),
+            libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just opened, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn reopen_write_only(fd: &OwnedFd) -> io::Result<OwnedFd> {
+    let path = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+    // SAFETY: as in `open_pipe`.
+    let fd = unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_WRONLY | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just opened.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether `line` went into the pipe whole (false: the pipe is full).
+fn write_line(fd: &AsyncFd<OwnedFd>, line: &[u8]) -> io::Result<bool> {
+    // SAFETY: a valid buffer and an fd we own.
+    let written = unsafe { libc::write(fd.as_raw_fd(), line.as_ptr().cast(), line.len()) };
+    if written < 0 {
+        let error = io::Error::last_os_error();
+        return match error.kind() {
+            io::ErrorKind::WouldBlock => Ok(false),
+            _ => Err(error), // EPIPE: the last reader is gone
+        };
+    }
+    Ok(true)
+}
+
+async fn feed(
+    stream: StreamSpec,
+    read_write: OwnedFd,
+    write_only: OwnedFd,
+    mut notes: tokio::sync::broadcast::Receiver<crate::fs::ChangeNote>,
+) -> io::Result<()> {
+    // SAFETY: an OwnedFd keeps the same open fd for the AsyncFd's life.
+    let pipe = unsafe {
+        AsyncFd::register_with_interest(write_only, Interest::WRITABLE | Interest::ERROR)
+    }
+    .map_err(|error| error.into_parts().1)?;
+    let mut read_write = Some(read_write);
+    let grace = tokio::time::sleep(ATTACH_GRACE);
+    tokio::pin!(grace);
+    let mut dropped = false;
+    loop {
+        tokio::select! {
+            () = &mut grace, if read_write.is_some() => read_write = None,
+            // EPOLLERR on a pipe's write end: no reader is left.
+            ready = pipe.ready(Interest::ERROR), if read_write.is_none() => {
+                drop(ready?);
+                return Ok(());
+            }
+            note = notes.recv() => match note {
+                Ok(note) if stream.covers(&note) => {
+                    if dropped {
+                        dropped = !write_line(&pipe, DROPPED_LINE.as_bytes())?;
+                    }
+                    if !dropped {
+                        dropped = !write_line(&pipe, note.line().as_bytes())?;
+                    }
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(_)) => dropped = true,
+                Err(RecvError::Closed) => return Ok(()),
+            },
+            guard = pipe.writable(), if dropped => {
+                let mut guard = guard?;
+                if write_line(&pipe, DROPPED_LINE.as_bytes())? {
+                    dropped = false;
+                } else {
+                    guard.clear_ready();
+                }
+            }
+        }
+    }
+}
