@@ -86,7 +86,8 @@ impl StreamPipes {
         let fs = fs.clone();
         tokio::spawn(async move {
             let ino = stream.ino;
-            if let Err(error) = feed(stream, read_write, write_only, notes).await {
+            let fed = feed(stream, read_write, write_only, notes, ATTACH_GRACE).await;
+            if let Err(error) = fed {
                 tracing::debug!(ino, %error, "change stream ended");
             }
             fs.close_stream(ino);
@@ -146,6 +147,7 @@ async fn feed(
     read_write: OwnedFd,
     write_only: OwnedFd,
     mut notes: tokio::sync::broadcast::Receiver<crate::fs::ChangeNote>,
+    grace: Duration,
 ) -> io::Result<()> {
     // SAFETY: an OwnedFd keeps the same open fd for the AsyncFd's life.
     let pipe = unsafe {
@@ -153,7 +155,7 @@ async fn feed(
     }
     .map_err(|error| error.into_parts().1)?;
     let mut read_write = Some(read_write);
-    let grace = tokio::time::sleep(ATTACH_GRACE);
+    let grace = tokio::time::sleep(grace);
     tokio::pin!(grace);
     let mut dropped = false;
     loop {
@@ -166,12 +168,11 @@ async fn feed(
             }
             note = notes.recv() => match note {
                 Ok(note) if stream.covers(&note) => {
-                    if dropped {
-                        dropped = !write_line(&pipe, DROPPED_LINE.as_bytes())?;
-                    }
-                    if !dropped {
-                        dropped = !write_line(&pipe, note.line().as_bytes())?;
-                    }
+                    // One write: `@dropped` goes in only with the note after
+                    // it, so a reader never gets two with nothing between.
+                    let line = note.line();
+                    let line = if dropped { format!("{DROPPED_LINE}{line}") } else { line };
+                    dropped = !write_line(&pipe, line.as_bytes())?;
                 }
                 Ok(_) => {}
                 Err(RecvError::Lagged(_)) => dropped = true,
@@ -179,12 +180,131 @@ async fn feed(
             },
             guard = pipe.writable(), if dropped => {
                 let mut guard = guard?;
-                if write_line(&pipe, DROPPED_LINE.as_bytes())? {
+                // Only once the reader made room for a whole line after it.
+                if room(&pipe) >= libc::PIPE_BUF && write_line(&pipe, DROPPED_LINE.as_bytes())? {
                     dropped = false;
                 } else {
                     guard.clear_ready();
                 }
             }
         }
+    }
+}
+
+/// Free bytes in the pipe behind `fd`.
+fn room(fd: &AsyncFd<OwnedFd>) -> usize {
+    let raw = fd.as_raw_fd();
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int; F_GETPIPE_SZ takes no argument.
+    let (size, queued) = unsafe {
+        let size = libc::fcntl(raw, libc::F_GETPIPE_SZ);
+        libc::ioctl(raw, libc::FIONREAD, &mut queued);
+        (size, queued)
+    };
+    usize::try_from(size - queued).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::{ChangeKind, ChangeNote};
+    use std::io::Read;
+
+    fn pipe() -> (std::fs::File, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: a valid array of two fds.
+        assert_eq!(
+            unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) },
+            0
+        );
+        // SAFETY: just created, owned here.
+        unsafe {
+            (
+                std::fs::File::from_raw_fd(fds[0]),
+                OwnedFd::from_raw_fd(fds[1]),
+            )
+        }
+    }
+
+    fn note(path: &str, version: i64) -> ChangeNote {
+        ChangeNote {
+            path: path.into(),
+            kind: ChangeKind::Version(version),
+        }
+    }
+
+    fn drain(reader: &mut std::fs::File) -> String {
+        let mut text = Vec::new();
+        let mut buffer = [0u8; 65536];
+        loop {
+            match reader.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(n) => text.extend_from_slice(&buffer[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        String::from_utf8(text).unwrap()
+    }
+
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_that_falls_behind_gets_one_dropped_line_then_goes_on() {
+        let (mut reader, writer) = pipe();
+        let read_write = writer.try_clone().unwrap();
+        let (sender, notes) = tokio::sync::broadcast::channel(4096);
+        let stream = StreamSpec::for_dir(crate::fs::STREAM_DIR_INO + 1, "");
+        let task = tokio::spawn(feed(stream, read_write, writer, notes, Duration::ZERO));
+        // 1,000-byte lines: the 64 KiB pipe holds about 65 of them.
+        let long = "p".repeat(1000);
+        for version in 1..=200 {
+            sender.send(note(&long, version)).unwrap();
+        }
+        settle().await;
+        let mut text = drain(&mut reader);
+        // Room again: the reader is told that it missed some, once.
+        settle().await;
+        sender.send(note("after", 7)).unwrap();
+        settle().await;
+        text.push_str(&drain(&mut reader));
+        let lines: Vec<&str> = text.lines().collect();
+        let kept = lines.len() - 2;
+        assert!((60..200).contains(&kept), "{kept} lines kept");
+        let odd: Vec<&str> = lines[..kept]
+            .iter()
+            .filter(|l| !(l.starts_with(&long) && l.len() < 1010))
+            .map(|l| &l[l.len().saturating_sub(20)..])
+            .collect();
+        assert!(odd.is_empty(), "{odd:?}");
+        assert_eq!(lines[kept..], ["@dropped", "after 7"]);
+        // The last reader closes: the writer ends without being told.
+        drop(reader);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the stream ends when its reader is gone")
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_writes_only_what_it_covers() {
+        let (mut reader, writer) = pipe();
+        let read_write = writer.try_clone().unwrap();
+        let (sender, notes) = tokio::sync::broadcast::channel(16);
+        let stream = StreamSpec::for_dir(crate::fs::STREAM_DIR_INO + 2, "db");
+        let _task = tokio::spawn(feed(stream, read_write, writer, notes, Duration::ZERO));
+        sender.send(note("db/password", 3)).unwrap();
+        sender.send(note("other", 4)).unwrap();
+        sender
+            .send(ChangeNote {
+                path: "db/old".into(),
+                kind: ChangeKind::Deleted,
+            })
+            .unwrap();
+        settle().await;
+        assert_eq!(drain(&mut reader), "db/password 3\ndb/old deleted\n");
     }
 }

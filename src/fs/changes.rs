@@ -86,6 +86,16 @@ pub struct StreamSpec {
 }
 
 impl StreamSpec {
+    /// A stream covering the directory `dir` (relative to the mount root),
+    /// keeping nothing fresh: for tests of a stream's writer.
+    pub fn for_dir(ino: u64, dir: &str) -> Self {
+        Self {
+            ino,
+            dir: dir.into(),
+            ssm_prefixes: Vec::new(),
+        }
+    }
+
     pub fn covers(&self, note: &ChangeNote) -> bool {
         self.dir.is_empty()
             || note
