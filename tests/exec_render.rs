@@ -49,7 +49,8 @@ impl Fixture {
 
     /// Replaces a value the way a mount shows a new version: whole.
     fn put(&self, name: &str, value: &str) {
-        let temp = self.path(&format!(".{name}.tmp"));
+        // Beside the directories, not in them: a listing sees no temp file.
+        let temp = self.path(&format!(".{}.tmp", name.replace('/', "_")));
         fs::write(&temp, value).unwrap();
         fs::rename(&temp, self.path(name)).unwrap();
     }
@@ -616,4 +617,26 @@ fn airflow_and_chamber_directories_name_variables() {
         fixture.lines("out"),
         ["db.internal|prod|postgres://u:p@h/db"]
     );
+}
+
+#[test]
+fn a_file_created_in_an_env_dir_restarts_the_child_with_it() {
+    let mut fixture = Fixture::new();
+    fs::create_dir_all(fixture.path("app")).unwrap();
+    fs::write(fixture.path("app/db-host"), "h1").unwrap();
+    let dir = fixture.path("app").display().to_string();
+    let _running = start_exec(
+        &fixture,
+        &["--env-dir", &dir, "--debounce", "50ms"],
+        "echo \"$DB_HOST|${API_KEY:-none}\" >> out; exec sleep 1000",
+    );
+    wait_for("the first start", || fixture.lines("out").len() == 1);
+    // A name in the directory the child does not have yet.
+    fixture.put("app/api-key", "k1");
+    fixture.announce("app/api-key 1");
+    wait_for("the restart", || fixture.lines("out").len() >= 2);
+    fs::remove_file(fixture.path("app/api-key")).unwrap();
+    fixture.announce("app/api-key deleted");
+    wait_for("the next restart", || fixture.lines("out").len() >= 3);
+    assert_eq!(fixture.lines("out"), ["h1|none", "h1|k1", "h1|none"]);
 }

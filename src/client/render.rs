@@ -820,6 +820,17 @@ mod tests {
             inode,
             "renamed over"
         );
+        // As root (CI), the owner is set too; elsewhere chown is not ours.
+        if unsafe { libc::geteuid() } == 0 {
+            let owner = Some(Owner {
+                uid: 4321,
+                gid: Some(4322),
+            });
+            assert!(write_atomically(&dest, b"three", None, owner).unwrap());
+            let meta = std::fs::metadata(&dest).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), (4321, 4322));
+            assert_eq!(mode(&dest), 0o640, "chown keeps the mode asked");
+        }
         // No temporary file is left behind.
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1);
