@@ -67,8 +67,15 @@ enum Command {
 /// a script's log gets one line per mistake.
 fn usage_line(error: &clap::Error) -> String {
     let rendered = error.render().to_string();
-    let first = rendered.lines().next().unwrap_or_default();
-    first.strip_prefix("error: ").unwrap_or(first).to_string()
+    // The first paragraph: one line, or a heading and the names it lists
+    // ("the following required arguments were not provided: --template").
+    let paragraph: Vec<&str> = rendered
+        .lines()
+        .take_while(|line| !line.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let line = paragraph.join(" ");
+    line.strip_prefix("error: ").unwrap_or(&line).to_string()
 }
 
 /// Logs to stderr (a container's log, or the terminal), filtered by
@@ -236,5 +243,9 @@ mod tests {
         assert!(!line.contains('\n'), "{line}");
         assert!(line.contains("NOEQUALS"), "{line}");
         assert!(line.contains("NAME=PATH"), "{line}");
+        let error = render::RenderArgs::try_parse_from(["ssmfs render"]).unwrap_err();
+        let line = usage_line(&error);
+        assert!(line.contains("not provided: --template"), "{line}");
+        assert!(!line.contains('\n') && !line.contains("Usage"), "{line}");
     }
 }
