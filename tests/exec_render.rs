@@ -640,3 +640,33 @@ fn a_file_created_in_an_env_dir_restarts_the_child_with_it() {
     wait_for("the next restart", || fixture.lines("out").len() >= 3);
     assert_eq!(fixture.lines("out"), ["h1|none", "h1|k1", "h1|none"]);
 }
+
+#[test]
+fn python_reads_airflow_names_as_airflow_does() {
+    if Command::new("python3").args(["-c", "0"]).output().is_err() {
+        eprintln!("skipped: no python3");
+        return;
+    }
+    let fixture = Fixture::new();
+    fs::create_dir_all(fixture.path("airflow/connections")).unwrap();
+    fs::write(
+        fixture.path("airflow/connections/my-pg"),
+        "postgres://u:p@h/db",
+    )
+    .unwrap();
+    let dir = fixture.path("airflow").display().to_string();
+    let status = fixture
+        .start(&[
+            "exec",
+            "--airflow-dir",
+            &dir,
+            "--",
+            "python3",
+            "-c",
+            // Airflow's lookup: os.environ.get("AIRFLOW_CONN_" + conn_id.upper()).
+            "import os; open('out', 'w').write(os.environ['AIRFLOW_CONN_' + 'my-pg'.upper()])",
+        ])
+        .wait();
+    assert!(status.success(), "{}", fixture.log());
+    assert_eq!(fixture.lines("out"), ["postgres://u:p@h/db"]);
+}
