@@ -6,12 +6,15 @@
 //! `inode` -> `store` (the SSM API, or an in-memory double). `events` (the
 //! SQS/SNS transport) sits above `fs` and hands it `change`s, the model of a
 //! change both share; `supervisor` holds FUSE connections above `daemon`, and
-//! both read the fds and environment of a handover from `handoff`.
+//! both read the fds and environment of a handover from `handoff`. `client`
+//! (`ssmfs exec`, `ssmfs render`) stands apart: it reads a mount through the
+//! filesystem and follows its `@changes` stream, never calling AWS.
 
 pub mod airflow;
 pub mod cache;
 pub mod change;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod csi;
 pub mod daemon;

@@ -25,6 +25,9 @@ fn main() -> ExitCode {
     if let Some(code) = ssmfs::csi::run_subcommand(&args) {
         return code;
     }
+    if let Some(code) = ssmfs::client::run_subcommand(&args) {
+        return code;
+    }
     let settings = match CliArgs::parse_with_mount_options(std::env::args_os().collect())
         .and_then(CliArgs::into_settings)
     {
