@@ -1,0 +1,577 @@
+//! A rotation carried all the way to the program, on a real FUSE mount: the
+//! real `ssmfs` binary mounted over moto's SSM, `ssmfs exec` and `ssmfs
+//! render` (the same binary) following the mount's own `@changes`, and a
+//! new version put with the SDK. Without events the mount runs with a short
+//! TTL and the rotation must show within TTL + a few seconds; with events
+//! (`--events-queue`, a queue on a second moto server so SSM calls are
+//! counted alone) the test puts the EventBridge-shaped message on the queue
+//! itself, as tests/events.rs does. The tests count restarts, renders,
+//! renames, command runs and SSM calls; the only clocks are the generous
+//! limits a count must be reached within.
+
+mod support;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use aws_sdk_ssm::types::ParameterType;
+use support::*;
+
+const SSMFS: &str = env!("CARGO_BIN_EXE_ssmfs");
+
+/// The short TTL of the mounts without events.
+const TTL: Duration = Duration::from_secs(3);
+const TTL_ARG: &str = "3s";
+
+/// A rotation without events shows within this: one TTL, the refresh, the
+/// debounce, a restart, and slack for a loaded 2-core machine.
+fn ttl_limit() -> Duration {
+    TTL + Duration::from_secs(7)
+}
+
+/// With events a rotation shows in about a second; this is the slack.
+const EVENT_LIMIT: Duration = Duration::from_secs(10);
+
+/// How long the tests wait after a count was reached to see that it stays
+/// (a second restart would come after the debounce, or one refresh later).
+fn settle() -> Duration {
+    TTL + Duration::from_secs(1)
+}
+
+/// The child of `ssmfs exec`: appends the value of each NAME in argv[2..]
+/// (joined with `,`) as one line to argv[1], then sleeps until stopped.
+const CHILD: &str = r#"
+import os, sys, time
+with open(sys.argv[1], "a") as out:
+    out.write(",".join(os.environ[name] for name in sys.argv[2:]) + "\n")
+time.sleep(3600)
+"#;
+
+/// An inotify watcher (ctypes, no inotify-tools): one line per event on
+/// the directory argv[1] into argv[2], `MOVED_TO NAME` or `MODIFY NAME`,
+/// after a first line `ready` once the watch is in place.
+pub const WATCHER: &str = r#"
+import ctypes, os, struct, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+IN_MODIFY, IN_MOVED_TO = 0x2, 0x80
+fd = libc.inotify_init1(0)
+if fd < 0 or libc.inotify_add_watch(fd, sys.argv[1].encode(), IN_MODIFY | IN_MOVED_TO) < 0:
+    sys.exit("inotify: errno %d" % ctypes.get_errno())
+out = open(sys.argv[2], "a", buffering=1)
+out.write("ready\n")
+while True:
+    buf = os.read(fd, 65536)
+    at = time.time()
+    i = 0
+    while i < len(buf):
+        _, mask, _, length = struct.unpack_from("iIII", buf, i)
+        name = buf[i + 16:i + 16 + length].rstrip(b"\0").decode()
+        i += 16 + length
+        kind = "MOVED_TO" if mask & IN_MOVED_TO else "MODIFY"
+        out.write("%s %s %.6f\n" % (kind, name, at))
+"#;
+
+/// A process the test started, stopped with SIGTERM (which exec forwards
+/// to its child) when dropped.
+struct Proc {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(program: &str, args: &[&str], log: PathBuf) -> Proc {
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {program}: {e}"));
+        Proc {
+            child: Some(child),
+            log,
+        }
+    }
+
+    fn ssmfs(args: &[&str], log: PathBuf) -> Proc {
+        Proc::spawn(SSMFS, args, log)
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| child.try_wait().unwrap().is_none())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill with integer arguments.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// `ssmfs exec --env N=P... [extra] -- python3 -c CHILD OUT NAMES...`.
+fn start_exec(dir: &Path, env: &[(&str, PathBuf)], extra: &[&str], out: &Path) -> Proc {
+    let mut args: Vec<String> = vec!["exec".into()];
+    for (name, path) in env {
+        args.push("--env".into());
+        args.push(format!("{name}={}", path.display()));
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(["--", "python3", "-c", CHILD].map(String::from));
+    args.push(out.display().to_string());
+    args.extend(env.iter().map(|(name, _)| name.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proc::ssmfs(&args, dir.join("exec.log"))
+}
+
+/// The watcher on `dir`, its lines in `events`, ready when this returns.
+fn start_watcher(dir: &Path, events: &Path, log: PathBuf) -> Proc {
+    let watcher = Proc::spawn(
+        "python3",
+        &[
+            "-c",
+            WATCHER,
+            dir.to_str().unwrap(),
+            events.to_str().unwrap(),
+        ],
+        log,
+    );
+    within(Duration::from_secs(20), "the inotify watcher", || {
+        lines(events).first().map(String::as_str) == Some("ready")
+    });
+    watcher
+}
+
+/// Lines of the watcher's file of one kind naming `name`.
+fn watched(events: &Path, kind: &str, name: &str) -> usize {
+    lines(events)
+        .iter()
+        .filter(|line| {
+            let mut words = line.split(' ');
+            words.next() == Some(kind) && words.next() == Some(name)
+        })
+        .count()
+}
+
+/// An SQS queue on a moto server of its own, which the test feeds with
+/// the messages EventBridge would deliver for SSM's changes.
+struct Queue {
+    _moto: Moto,
+    rt: tokio::runtime::Runtime,
+    sqs: aws_sdk_sqs::Client,
+    endpoint: String,
+    url: String,
+}
+
+impl Queue {
+    fn start() -> Queue {
+        let moto = Moto::start();
+        let rt = runtime();
+        let config = aws_config::SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(
+                aws_credential_types::provider::SharedCredentialsProvider::new(
+                    aws_credential_types::Credentials::new(
+                        "testing", "testing", None, None, "test",
+                    ),
+                ),
+            )
+            .endpoint_url(&moto.endpoint)
+            .build();
+        let sqs = {
+            let _guard = rt.enter();
+            aws_sdk_sqs::Client::new(&config)
+        };
+        let url = rt
+            .block_on(sqs.create_queue().queue_name("ssm-changes").send())
+            .unwrap()
+            .queue_url
+            .unwrap();
+        Queue {
+            endpoint: moto.endpoint.clone(),
+            _moto: moto,
+            rt,
+            sqs,
+            url,
+        }
+    }
+
+    /// `ssmfs --ttl 1h --events-queue URL PREFIX` over `ssm`.
+    fn mount(&self, ssm: &Moto, prefix: &str) -> Mount {
+        Mount::start_with(
+            &ssm.endpoint,
+            &["--ttl", "1h", "--events-queue", &self.url, prefix],
+            &[("AWS_ENDPOINT_URL_SQS", self.endpoint.as_str())],
+        )
+    }
+
+    /// What EventBridge delivers when SSM updates `name`.
+    fn announce(&self, name: &str) {
+        let body = ssmfs::events::event_json(name, "Update", SystemTime::now());
+        self.rt
+            .block_on(
+                self.sqs
+                    .send_message()
+                    .queue_url(&self.url)
+                    .message_body(body)
+                    .send(),
+            )
+            .unwrap();
+    }
+}
+
+#[test]
+fn exec_restarts_the_child_once_per_rotation_within_the_ttl() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let rt = runtime();
+    let ssm = client(&rt, &moto.endpoint);
+    put(&rt, &ssm, "/rot/db/password", "pw-1", ParameterType::SecureString);
+    let mount = Mount::start(&moto.endpoint, "/rot", &["--ttl", TTL_ARG]);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("starts");
+    let mut exec = start_exec(
+        dir.path(),
+        &[("DB", mount.path().join("db/password"))],
+        &["--on-change", "restart", "--grace", "2s"],
+        &out,
+    );
+    within(Duration::from_secs(20), "the first start", || {
+        lines(&out).len() == 1
+    });
+    assert_eq!(lines(&out), ["pw-1"]);
+
+    for version in 2..=3 {
+        let value = format!("pw-{version}");
+        put(&rt, &ssm, "/rot/db/password", &value, ParameterType::SecureString);
+        let took = within(ttl_limit(), "the restart with the new value", || {
+            lines(&out).len() >= version
+        });
+        eprintln!("rotation {version}: the child had the new value after {took:?}");
+        std::thread::sleep(settle());
+        let want: Vec<String> = (1..=version).map(|v| format!("pw-{v}")).collect();
+        assert_eq!(lines(&out), want, "one start per rotation; log:\n{}", exec.log());
+    }
+    assert!(exec.running(), "exec exited; log:\n{}", exec.log());
+    let log = exec.log();
+    assert_eq!(log.matches("DB changed: restarting").count(), 2, "{log}");
+    assert!(!log.contains("pw-"), "a value was logged: {log}");
+}
+
+#[test]
+fn ten_parameters_rotated_within_a_second_are_one_restart() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let queue = Queue::start();
+    let rt = runtime();
+    let ssm = client(&rt, &moto.endpoint);
+    for i in 0..10 {
+        put(&rt, &ssm, &format!("/burst/app/k{i}"), "old", ParameterType::SecureString);
+    }
+    let mount = queue.mount(&moto, "/burst");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("starts");
+    let names: Vec<String> = (0..10).map(|i| format!("K{i}")).collect();
+    let env: Vec<(&str, PathBuf)> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| (name.as_str(), mount.path().join(format!("app/k{i}"))))
+        .collect();
+    let exec = start_exec(dir.path(), &env, &["--on-change", "restart"], &out);
+    within(Duration::from_secs(20), "the first start", || {
+        lines(&out).len() == 1
+    });
+    assert_eq!(lines(&out), [vec!["old"; 10].join(",")]);
+
+    let started = Instant::now();
+    for i in 0..10 {
+        let name = format!("/burst/app/k{i}");
+        put(&rt, &ssm, &name, &format!("new{i}"), ParameterType::SecureString);
+        queue.announce(&name);
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    let burst = started.elapsed();
+    eprintln!("ten rotations put and announced in {burst:?}");
+    let all_new = (0..10).map(|i| format!("new{i}")).collect::<Vec<_>>().join(",");
+    within(EVENT_LIMIT, "the restart with all ten values", || {
+        lines(&out).last() == Some(&all_new)
+    });
+    std::thread::sleep(settle());
+    assert_eq!(
+        lines(&out).len(),
+        2,
+        "one restart for ten rotations in {burst:?}: {:?}; log:\n{}",
+        lines(&out),
+        exec.log()
+    );
+}
+
+#[test]
+fn render_renames_the_output_and_runs_the_command_once_per_rotation() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let rt = runtime();
+    let ssm = client(&rt, &moto.endpoint);
+    put(&rt, &ssm, "/rnd/tls/cert", "cert-1", ParameterType::SecureString);
+    let mount = Mount::start(&moto.endpoint, "/rnd", &["--ttl", TTL_ARG]);
+    let dir = tempfile::tempdir().unwrap();
+    let outputs = dir.path().join("out");
+    fs::create_dir(&outputs).unwrap();
+    let template = dir.path().join("cert.j2");
+    let cert = mount.path().join("tls/cert");
+    fs::write(&template, format!("{{{{ file(\"{}\") }}}}", cert.display())).unwrap();
+    let events = dir.path().join("inotify");
+    let _watcher = start_watcher(&outputs, &events, dir.path().join("watcher.log"));
+    let ran = dir.path().join("ran");
+    let site = outputs.join("site.crt");
+    let render = Proc::ssmfs(
+        &[
+            "render",
+            "--template",
+            &format!("{}:{}:0644", template.display(), site.display()),
+            "--command",
+            &format!("echo ran >> {}", ran.display()),
+        ],
+        dir.path().join("render.log"),
+    );
+    within(Duration::from_secs(20), "the first render", || {
+        lines(&ran).len() == 1
+    });
+    assert_eq!(fs::read_to_string(&site).unwrap(), "cert-1");
+    within(Duration::from_secs(5), "the first rename", || {
+        watched(&events, "MOVED_TO", "site.crt") == 1
+    });
+
+    for version in 2..=3 {
+        let value = format!("cert-{version}");
+        put(&rt, &ssm, "/rnd/tls/cert", &value, ParameterType::SecureString);
+        let took = within(ttl_limit(), "the rename of the new output", || {
+            watched(&events, "MOVED_TO", "site.crt") >= version
+        });
+        eprintln!("rotation {version}: inotify saw the rename after {took:?}");
+        assert_eq!(fs::read_to_string(&site).unwrap(), value);
+        within(Duration::from_secs(5), "the command", || {
+            lines(&ran).len() >= version
+        });
+        std::thread::sleep(settle());
+        assert_eq!(
+            watched(&events, "MOVED_TO", "site.crt"),
+            version,
+            "one rename per rotation: {:?}",
+            lines(&events)
+        );
+        assert_eq!(lines(&ran).len(), version, "one command per rotation; log:\n{}", render.log());
+    }
+    assert_eq!(
+        watched(&events, "MODIFY", "site.crt"),
+        0,
+        "the output was written in place: {:?}",
+        lines(&events)
+    );
+    assert_eq!(fs::metadata(&site).unwrap().permissions().mode() & 0o777, 0o644);
+    let leftovers: Vec<_> = fs::read_dir(&outputs)
+        .unwrap()
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name())
+        .filter(|name| name != "site.crt")
+        .collect();
+    assert!(leftovers.is_empty(), "files left beside the output: {leftovers:?}");
+    assert!(!render.log().contains("cert-"), "a value was logged");
+}
+
+#[test]
+fn readers_of_the_rendered_output_never_see_a_mixed_value_over_200_rotations() {
+    const ROTATIONS: usize = 200;
+    const SIZE: usize = 4096;
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let value = |i: usize| String::from_utf8(vec![b'a' + (i % 26) as u8; SIZE]).unwrap();
+    let moto = Moto::start();
+    let queue = Queue::start();
+    let rt = runtime();
+    let ssm = client(&rt, &moto.endpoint);
+    put(&rt, &ssm, "/mix/big", &value(0), ParameterType::SecureString);
+    let mount = queue.mount(&moto, "/mix");
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("big.j2");
+    let source = mount.path().join("big");
+    fs::write(&template, format!("{{{{ file(\"{}\") }}}}", source.display())).unwrap();
+    let out = dir.path().join("big.out");
+    let render = Proc::ssmfs(
+        &[
+            "render",
+            "--debounce",
+            "0s",
+            "--template",
+            &format!("{}:{}", template.display(), out.display()),
+        ],
+        dir.path().join("render.log"),
+    );
+    within(Duration::from_secs(20), "the first render", || out.exists());
+
+    // The stream as a plain reader sees it, to tell a missing line from a
+    // line render did not act on.
+    let stream_lines = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    {
+        let (path, seen) = (mount.path().join("@changes"), stream_lines.clone());
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let Ok(file) = fs::File::open(path) else { return };
+            for line in std::io::BufReader::new(file).lines() {
+                let Ok(line) = line else { return };
+                seen.lock().unwrap().push(line);
+            }
+        });
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (out, stop) = (out.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut reads, mut mixed) = (0usize, 0usize);
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(bytes) = fs::read(&out) else { break };
+                reads += 1;
+                if bytes.len() != SIZE || bytes.iter().any(|b| *b != bytes[0]) {
+                    mixed += 1;
+                }
+            }
+            (reads, mixed)
+        })
+    };
+    let started = Instant::now();
+    for i in 1..=ROTATIONS {
+        put(&rt, &ssm, "/mix/big", &value(i), ParameterType::SecureString);
+        queue.announce("/mix/big");
+        let want = b'a' + (i % 26) as u8;
+        let rendered = || fs::read(&out).is_ok_and(|b| b.first() == Some(&want));
+        let deadline = Instant::now() + EVENT_LIMIT;
+        while !rendered() {
+            if Instant::now() > deadline {
+                let first = |path: &Path| fs::read(path).ok().and_then(|b| b.first().copied());
+                let log = mount.log_text();
+                let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                panic!(
+                    "rotation {i} ({}) not rendered within {EVENT_LIMIT:?}: the mount shows {:?}, \
+                     the output {:?}; last stream lines {:?}; render log:\n{}\nmount log (last lines, newest first):\n{}",
+                    want as char,
+                    first(&source).map(char::from),
+                    first(&out).map(char::from),
+                    stream_lines.lock().unwrap().iter().rev().take(3).collect::<Vec<_>>(),
+                    render.log(),
+                    tail.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    eprintln!("{ROTATIONS} rotations rendered in {:?}", started.elapsed());
+    stop.store(true, Ordering::Relaxed);
+    let (reads, mixed) = reader.join().unwrap();
+    assert!(reads > ROTATIONS, "the reader read only {reads} times");
+    assert_eq!(mixed, 0, "{mixed} of {reads} reads saw a partial or mixed file");
+    assert!(!render.log().contains("aaaa"), "a value was logged");
+}
+
+#[test]
+fn exec_and_render_make_no_ssm_call_of_their_own() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let queue = Queue::start();
+    let rt = runtime();
+    let ssm = client(&rt, &moto.endpoint);
+    put(&rt, &ssm, "/cost/db/password", "pw-1", ParameterType::SecureString);
+    put(&rt, &ssm, "/cost/tls/cert", "cert-1", ParameterType::SecureString);
+    let mount = queue.mount(&moto, "/cost");
+    let password = mount.path().join("db/password");
+    let cert = mount.path().join("tls/cert");
+    // What a plain reader of the two files costs; from here on they are cached.
+    assert_eq!(fs::read_to_string(&password).unwrap(), "pw-1");
+    assert_eq!(fs::read_to_string(&cert).unwrap(), "cert-1");
+    let base = moto.requests();
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("starts");
+    let exec = start_exec(
+        dir.path(),
+        &[("DB", password.clone())],
+        &["--on-change", "restart"],
+        &out,
+    );
+    let template = dir.path().join("cert.j2");
+    fs::write(&template, format!("{{{{ file(\"{}\") }}}}", cert.display())).unwrap();
+    let site = dir.path().join("site.crt");
+    let render = Proc::ssmfs(
+        &[
+            "render",
+            "--template",
+            &format!("{}:{}", template.display(), site.display()),
+        ],
+        dir.path().join("render.log"),
+    );
+    within(Duration::from_secs(20), "exec's child and the render", || {
+        lines(&out).len() == 1 && site.exists()
+    });
+    // Both following @changes, idle.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        moto.requests() - base,
+        0,
+        "exec and render started and idled at no SSM call; logs:\n{}\n{}",
+        exec.log(),
+        render.log()
+    );
+
+    // A rotation of each: the mount's refresh, one call a value at most.
+    put(&rt, &ssm, "/cost/db/password", "pw-2", ParameterType::SecureString);
+    put(&rt, &ssm, "/cost/tls/cert", "cert-2", ParameterType::SecureString);
+    let base = moto.requests();
+    queue.announce("/cost/db/password");
+    queue.announce("/cost/tls/cert");
+    within(EVENT_LIMIT, "the restart and the render", || {
+        lines(&out).len() == 2 && fs::read_to_string(&site).is_ok_and(|s| s == "cert-2")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(lines(&out), ["pw-1", "pw-2"]);
+    let cost = moto.requests() - base;
+    assert!(
+        (1..=2).contains(&cost),
+        "two rotations followed by exec and render cost {cost} SSM calls"
+    );
+}
