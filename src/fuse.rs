@@ -449,6 +449,7 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
 pub fn run_invalidations(
     notifier: fuser::Notifier,
     mut invalidations: tokio::sync::mpsc::UnboundedReceiver<crate::fs::Invalidation>,
+    announcer: tokio::sync::broadcast::Sender<crate::fs::ChangeNote>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("ssmfs-invalidate".into())
@@ -461,6 +462,11 @@ pub fn run_invalidations(
                     }
                     crate::fs::Invalidation::Entry { parent, name } => {
                         notifier.inval_entry(INodeNo(*parent), OsStr::new(name))
+                    }
+                    // No stream open: nobody to tell.
+                    crate::fs::Invalidation::Announce(note) => {
+                        let _ = announcer.send(note.clone());
+                        Ok(())
                     }
                 };
             }

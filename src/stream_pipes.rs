@@ -64,14 +64,21 @@ impl StreamPipes {
             .mountpoint
             .join(STREAM_DIR_NAME)
             .join(stream.ino.to_string());
-        // The open makes FUSE requests of this very daemon: off the runtime's
-        // workers, so they stay free to answer them.
-        let opened = tokio::task::spawn_blocking(move || open_pipe(&path))
-            .await
-            .map_err(io::Error::other)
-            .and_then(|result| result);
-        let read_write = match opened {
-            Ok(fd) => fd,
+        // Both opens make FUSE requests of this very daemon (a lookup, and a
+        // getattr for the permission check): off the runtime's workers, so
+        // they stay free to answer them. The second, write-only end goes
+        // through /proc: once the read-write one is closed, it alone reports
+        // that no reader is left.
+        let opened = tokio::task::spawn_blocking(move || {
+            let read_write = open_pipe(&path)?;
+            let write_only = reopen_write_only(&read_write)?;
+            Ok::<_, io::Error>((read_write, write_only))
+        })
+        .await
+        .map_err(io::Error::other)
+        .and_then(|result| result);
+        let (read_write, write_only) = match opened {
+            Ok(ends) => ends,
             Err(error) => {
                 fs.close_stream(stream.ino);
                 if !self.failure_logged.swap(true, Ordering::Relaxed) {
@@ -80,9 +87,6 @@ impl StreamPipes {
                 return Err(error);
             }
         };
-        // A second, write-only end (through /proc: no FUSE request): once the
-        // read-write one is closed, it alone reports that no reader is left.
-        let write_only = reopen_write_only(&read_write)?;
         let fs = fs.clone();
         tokio::spawn(async move {
             let ino = stream.ino;

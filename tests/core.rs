@@ -1739,3 +1739,58 @@ async fn a_new_directory_shows_up_within_the_negative_ttl_in_one_round_trip() {
     assert_eq!(names, ["v", "w"], "ls shows it from then on");
     assert_eq!(calls(&fs).total() - before.total(), 2, "from the cache");
 }
+
+/// Advances the paused clock a second at a time, letting tasks run between.
+async fn pass(seconds: u64) {
+    for _ in 0..seconds * 10 {
+        tokio::time::advance(Duration::from_millis(100)).await;
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_open_stream_keeps_what_it_covers_fresh_in_batches_and_names_each_change() {
+    let store = MemoryStore::new();
+    for i in 0..20 {
+        store.put_string(&format!("/app/k{i:02}"), "one");
+    }
+    store.put_string("/elsewhere/x", "not covered");
+    let mut config = config("/app");
+    config.cache.ttl = Duration::from_secs(4);
+    let (fs, invalidations) = mount(store, config);
+    // No kernel: notes are announced at once.
+    drop(invalidations);
+    for i in 0..20 {
+        assert_eq!(cat(&fs, &format!("k{i:02}")).await.unwrap(), b"one");
+    }
+    tokio::spawn(fs.clone().keep_fresh());
+    // Nobody reads and no stream is open: nothing is refreshed.
+    let before = calls(&fs).total();
+    pass(12).await;
+    assert_eq!(calls(&fs).total(), before);
+    // A stream at the root: its 20 values are refreshed ten to a call, about
+    // once per TTL each, and nothing else is asked.
+    let stream = fs.lookup(ROOT_INO, OsStr::new("@changes")).await.unwrap();
+    assert_eq!(stream.attr.kind, FileKind::Fifo);
+    let mut notes = fs.subscribe_changes();
+    let before = calls(&fs);
+    pass(12).await;
+    let after = calls(&fs);
+    let batches = after.get_many - before.get_many;
+    assert!((4..=10).contains(&batches), "{batches} batches in 3 TTLs");
+    assert_eq!(after.get + after.list_page, before.get + before.list_page);
+    // A rotation nobody reads shows on the stream within the TTL + 1 s.
+    fs.store().inner().put_string("/app/k07", "two");
+    pass(5).await;
+    let note = notes.try_recv().expect("a note for the rotation");
+    assert_eq!(note.line(), "k07 2\n");
+    assert!(notes.try_recv().is_err(), "one note per change");
+    // Closed: values lapse again.
+    fs.close_stream(stream.attr.ino);
+    pass(5).await;
+    let before = calls(&fs).total();
+    pass(12).await;
+    assert_eq!(calls(&fs).total(), before);
+}

@@ -256,7 +256,13 @@ fn exec_restarts_the_child_once_per_rotation_within_the_ttl() {
     let moto = Moto::start();
     let rt = runtime();
     let ssm = client(&rt, &moto.endpoint);
-    put(&rt, &ssm, "/rot/db/password", "pw-1", ParameterType::SecureString);
+    put(
+        &rt,
+        &ssm,
+        "/rot/db/password",
+        "pw-1",
+        ParameterType::SecureString,
+    );
     let mount = Mount::start(&moto.endpoint, "/rot", &["--ttl", TTL_ARG]);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("starts");
@@ -273,14 +279,25 @@ fn exec_restarts_the_child_once_per_rotation_within_the_ttl() {
 
     for version in 2..=3 {
         let value = format!("pw-{version}");
-        put(&rt, &ssm, "/rot/db/password", &value, ParameterType::SecureString);
+        put(
+            &rt,
+            &ssm,
+            "/rot/db/password",
+            &value,
+            ParameterType::SecureString,
+        );
         let took = within(ttl_limit(), "the restart with the new value", || {
             lines(&out).len() >= version
         });
         eprintln!("rotation {version}: the child had the new value after {took:?}");
         std::thread::sleep(settle());
         let want: Vec<String> = (1..=version).map(|v| format!("pw-{v}")).collect();
-        assert_eq!(lines(&out), want, "one start per rotation; log:\n{}", exec.log());
+        assert_eq!(
+            lines(&out),
+            want,
+            "one start per rotation; log:\n{}",
+            exec.log()
+        );
     }
     assert!(exec.running(), "exec exited; log:\n{}", exec.log());
     let log = exec.log();
@@ -298,7 +315,13 @@ fn ten_parameters_rotated_within_a_second_are_one_restart() {
     let rt = runtime();
     let ssm = client(&rt, &moto.endpoint);
     for i in 0..10 {
-        put(&rt, &ssm, &format!("/burst/app/k{i}"), "old", ParameterType::SecureString);
+        put(
+            &rt,
+            &ssm,
+            &format!("/burst/app/k{i}"),
+            "old",
+            ParameterType::SecureString,
+        );
     }
     let mount = queue.mount(&moto, "/burst");
     let dir = tempfile::tempdir().unwrap();
@@ -313,18 +336,27 @@ fn ten_parameters_rotated_within_a_second_are_one_restart() {
     within(Duration::from_secs(20), "the first start", || {
         lines(&out).len() == 1
     });
-    assert_eq!(lines(&out), [vec!["old"; 10].join(",")]);
+    assert_eq!(lines(&out), [["old"; 10].join(",")]);
 
     let started = Instant::now();
     for i in 0..10 {
         let name = format!("/burst/app/k{i}");
-        put(&rt, &ssm, &name, &format!("new{i}"), ParameterType::SecureString);
+        put(
+            &rt,
+            &ssm,
+            &name,
+            &format!("new{i}"),
+            ParameterType::SecureString,
+        );
         queue.announce(&name);
         std::thread::sleep(Duration::from_millis(40));
     }
     let burst = started.elapsed();
     eprintln!("ten rotations put and announced in {burst:?}");
-    let all_new = (0..10).map(|i| format!("new{i}")).collect::<Vec<_>>().join(",");
+    let all_new = (0..10)
+        .map(|i| format!("new{i}"))
+        .collect::<Vec<_>>()
+        .join(",");
     within(EVENT_LIMIT, "the restart with all ten values", || {
         lines(&out).last() == Some(&all_new)
     });
@@ -346,7 +378,13 @@ fn render_renames_the_output_and_runs_the_command_once_per_rotation() {
     let moto = Moto::start();
     let rt = runtime();
     let ssm = client(&rt, &moto.endpoint);
-    put(&rt, &ssm, "/rnd/tls/cert", "cert-1", ParameterType::SecureString);
+    put(
+        &rt,
+        &ssm,
+        "/rnd/tls/cert",
+        "cert-1",
+        ParameterType::SecureString,
+    );
     let mount = Mount::start(&moto.endpoint, "/rnd", &["--ttl", TTL_ARG]);
     let dir = tempfile::tempdir().unwrap();
     let outputs = dir.path().join("out");
@@ -378,7 +416,13 @@ fn render_renames_the_output_and_runs_the_command_once_per_rotation() {
 
     for version in 2..=3 {
         let value = format!("cert-{version}");
-        put(&rt, &ssm, "/rnd/tls/cert", &value, ParameterType::SecureString);
+        put(
+            &rt,
+            &ssm,
+            "/rnd/tls/cert",
+            &value,
+            ParameterType::SecureString,
+        );
         let took = within(ttl_limit(), "the rename of the new output", || {
             watched(&events, "MOVED_TO", "site.crt") >= version
         });
@@ -394,7 +438,12 @@ fn render_renames_the_output_and_runs_the_command_once_per_rotation() {
             "one rename per rotation: {:?}",
             lines(&events)
         );
-        assert_eq!(lines(&ran).len(), version, "one command per rotation; log:\n{}", render.log());
+        assert_eq!(
+            lines(&ran).len(),
+            version,
+            "one command per rotation; log:\n{}",
+            render.log()
+        );
     }
     assert_eq!(
         watched(&events, "MODIFY", "site.crt"),
@@ -402,14 +451,20 @@ fn render_renames_the_output_and_runs_the_command_once_per_rotation() {
         "the output was written in place: {:?}",
         lines(&events)
     );
-    assert_eq!(fs::metadata(&site).unwrap().permissions().mode() & 0o777, 0o644);
+    assert_eq!(
+        fs::metadata(&site).unwrap().permissions().mode() & 0o777,
+        0o644
+    );
     let leftovers: Vec<_> = fs::read_dir(&outputs)
         .unwrap()
         .filter_map(|entry| entry.ok())
         .map(|entry| entry.file_name())
         .filter(|name| name != "site.crt")
         .collect();
-    assert!(leftovers.is_empty(), "files left beside the output: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "files left beside the output: {leftovers:?}"
+    );
     assert!(!render.log().contains("cert-"), "a value was logged");
 }
 
@@ -425,12 +480,22 @@ fn readers_of_the_rendered_output_never_see_a_mixed_value_over_200_rotations() {
     let queue = Queue::start();
     let rt = runtime();
     let ssm = client(&rt, &moto.endpoint);
-    put(&rt, &ssm, "/mix/big", &value(0), ParameterType::SecureString);
+    put(
+        &rt,
+        &ssm,
+        "/mix/big",
+        &value(0),
+        ParameterType::SecureString,
+    );
     let mount = queue.mount(&moto, "/mix");
     let dir = tempfile::tempdir().unwrap();
     let template = dir.path().join("big.j2");
     let source = mount.path().join("big");
-    fs::write(&template, format!("{{{{ file(\"{}\") }}}}", source.display())).unwrap();
+    fs::write(
+        &template,
+        format!("{{{{ file(\"{}\") }}}}", source.display()),
+    )
+    .unwrap();
     let out = dir.path().join("big.out");
     let render = Proc::ssmfs(
         &[
@@ -451,7 +516,9 @@ fn readers_of_the_rendered_output_never_see_a_mixed_value_over_200_rotations() {
         let (path, seen) = (mount.path().join("@changes"), stream_lines.clone());
         std::thread::spawn(move || {
             use std::io::BufRead;
-            let Ok(file) = fs::File::open(path) else { return };
+            let Ok(file) = fs::File::open(path) else {
+                return;
+            };
             for line in std::io::BufReader::new(file).lines() {
                 let Ok(line) = line else { return };
                 seen.lock().unwrap().push(line);
@@ -475,7 +542,13 @@ fn readers_of_the_rendered_output_never_see_a_mixed_value_over_200_rotations() {
     };
     let started = Instant::now();
     for i in 1..=ROTATIONS {
-        put(&rt, &ssm, "/mix/big", &value(i), ParameterType::SecureString);
+        put(
+            &rt,
+            &ssm,
+            "/mix/big",
+            &value(i),
+            ParameterType::SecureString,
+        );
         queue.announce("/mix/big");
         let want = b'a' + (i % 26) as u8;
         let rendered = || fs::read(&out).is_ok_and(|b| b.first() == Some(&want));
@@ -503,7 +576,10 @@ fn readers_of_the_rendered_output_never_see_a_mixed_value_over_200_rotations() {
     stop.store(true, Ordering::Relaxed);
     let (reads, mixed) = reader.join().unwrap();
     assert!(reads > ROTATIONS, "the reader read only {reads} times");
-    assert_eq!(mixed, 0, "{mixed} of {reads} reads saw a partial or mixed file");
+    assert_eq!(
+        mixed, 0,
+        "{mixed} of {reads} reads saw a partial or mixed file"
+    );
     assert!(!render.log().contains("aaaa"), "a value was logged");
 }
 
@@ -516,8 +592,20 @@ fn exec_and_render_make_no_ssm_call_of_their_own() {
     let queue = Queue::start();
     let rt = runtime();
     let ssm = client(&rt, &moto.endpoint);
-    put(&rt, &ssm, "/cost/db/password", "pw-1", ParameterType::SecureString);
-    put(&rt, &ssm, "/cost/tls/cert", "cert-1", ParameterType::SecureString);
+    put(
+        &rt,
+        &ssm,
+        "/cost/db/password",
+        "pw-1",
+        ParameterType::SecureString,
+    );
+    put(
+        &rt,
+        &ssm,
+        "/cost/tls/cert",
+        "cert-1",
+        ParameterType::SecureString,
+    );
     let mount = queue.mount(&moto, "/cost");
     let password = mount.path().join("db/password");
     let cert = mount.path().join("tls/cert");
@@ -545,9 +633,11 @@ fn exec_and_render_make_no_ssm_call_of_their_own() {
         ],
         dir.path().join("render.log"),
     );
-    within(Duration::from_secs(20), "exec's child and the render", || {
-        lines(&out).len() == 1 && site.exists()
-    });
+    within(
+        Duration::from_secs(20),
+        "exec's child and the render",
+        || lines(&out).len() == 1 && site.exists(),
+    );
     // Both following @changes, idle.
     std::thread::sleep(Duration::from_secs(5));
     assert_eq!(
@@ -559,8 +649,20 @@ fn exec_and_render_make_no_ssm_call_of_their_own() {
     );
 
     // A rotation of each: the mount's refresh, one call a value at most.
-    put(&rt, &ssm, "/cost/db/password", "pw-2", ParameterType::SecureString);
-    put(&rt, &ssm, "/cost/tls/cert", "cert-2", ParameterType::SecureString);
+    put(
+        &rt,
+        &ssm,
+        "/cost/db/password",
+        "pw-2",
+        ParameterType::SecureString,
+    );
+    put(
+        &rt,
+        &ssm,
+        "/cost/tls/cert",
+        "cert-2",
+        ParameterType::SecureString,
+    );
     let base = moto.requests();
     queue.announce("/cost/db/password");
     queue.announce("/cost/tls/cert");

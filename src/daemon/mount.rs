@@ -143,6 +143,7 @@ pub fn mount<S: ParameterStore>(
     config.n_threads = Some(settings.threads);
     config.clone_fd = true;
     let streams = crate::stream_pipes::StreamPipes::new(settings.mountpoint.clone());
+    let announcer = fs.change_announcer();
     let adapter = FuseAdapter::new(fs, runtime, Some(streams));
     let cannot = |cause| DaemonError::Mount {
         path: settings.mountpoint.display().to_string(),
@@ -172,7 +173,7 @@ pub fn mount<S: ParameterStore>(
         }
         Session::new(adapter, &settings.mountpoint, &config).map_err(cannot)?
     };
-    run_invalidations(session.notifier(), invalidations);
+    run_invalidations(session.notifier(), invalidations, announcer);
     let session = session.spawn().map_err(DaemonError::Session)?;
     Ok(Mounted {
         session,

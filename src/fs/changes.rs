@@ -190,6 +190,12 @@ impl<S: ParameterStore> Fs<S> {
         self.streams.open.lock().unwrap().get(&ino).cloned()
     }
 
+    /// Where the FUSE side announces notes once the kernel forgot what they
+    /// replace (`Invalidation::Announce`).
+    pub fn change_announcer(&self) -> broadcast::Sender<ChangeNote> {
+        self.streams.notes.clone()
+    }
+
     /// The notes a stream's writer reads (every note; `StreamSpec::covers`
     /// picks its own).
     pub fn subscribe_changes(&self) -> broadcast::Receiver<ChangeNote> {
@@ -212,10 +218,10 @@ impl<S: ParameterStore> Fs<S> {
             return;
         }
         for path in self.layout.mount_paths(name) {
-            self.streams.publish(ChangeNote {
+            self.send(super::Invalidation::Announce(ChangeNote {
                 path: path.into(),
                 kind: kind.clone(),
-            });
+            }));
         }
     }
 
@@ -232,6 +238,9 @@ impl<S: ParameterStore> Fs<S> {
             }
             let now = Instant::now();
             let (due, next) = self.cache.keep_read_below(&prefixes, now);
+            // Refreshed values get their next refresh point when the answer
+            // comes: look again soon to learn it.
+            let next = if due.is_empty() { next } else { Some(now) };
             for name in due {
                 self.refresh_soon(&name);
             }

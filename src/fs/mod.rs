@@ -116,6 +116,9 @@ pub enum Invalidation {
     Inode(u64),
     /// Drop the directory entry `name` in `parent`.
     Entry { parent: u64, name: String },
+    /// Tell the change streams, once the invalidations sent before it are
+    /// done: a reader acting on the line then reads the new value.
+    Announce(ChangeNote),
 }
 
 /// Paths remembered as logged for a refused decryption: a handful in
@@ -710,13 +713,6 @@ impl<S: ParameterStore> Fs<S> {
             }
         }
         let (change, entry) = self.cache.put_value(name, known);
-        match (&change, &entry.known) {
-            (Change::NewVersion | Change::Appeared, Known::Present(parameter)) => {
-                self.publish_change(name, ChangeKind::Version(parameter.version));
-            }
-            (Change::Disappeared, Known::Absent) => self.publish_change(name, ChangeKind::Deleted),
-            _ => {}
-        }
         match change {
             Change::None => {}
             Change::NewVersion => {
@@ -738,10 +734,28 @@ impl<S: ParameterStore> Fs<S> {
                 }
             }
         }
+        // After the invalidations: a stream reader who reacts to the line at
+        // once must find the kernel's old copy gone (see `Invalidation::Announce`).
+        match (&change, &entry.known) {
+            (Change::NewVersion | Change::Appeared, Known::Present(parameter)) => {
+                self.publish_change(name, ChangeKind::Version(parameter.version));
+            }
+            (Change::Disappeared, Known::Absent) => self.publish_change(name, ChangeKind::Deleted),
+            _ => {}
+        }
         entry
     }
 
     fn send(&self, invalidation: Invalidation) {
+        if let Invalidation::Announce(note) = invalidation {
+            // No kernel to tell (the core without a mount): announce now.
+            if let Err(unsent) = self.invalidations.send(Invalidation::Announce(note)) {
+                if let Invalidation::Announce(note) = unsent.0 {
+                    self.streams.publish(note);
+                }
+            }
+            return;
+        }
         Metrics::inc(&self.metrics.invalidations);
         // The receiver is gone only during shutdown, when nothing needs telling.
         let _ = self.invalidations.send(invalidation);
