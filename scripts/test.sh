@@ -4,7 +4,7 @@
 # against the CSI node plugin, the Airflow backend's pytest suite against
 # real Airflow, the container image under
 # podman, the Kubernetes manifests and Helm chart, the Debian package, then
-# the benchmark's and the fleet simulation's smoke modes.
+# the benchmark's, the fleet simulation's and the rotation benchmark's smoke modes.
 # Run as root on a machine with /dev/fuse (as the build machines are).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,4 +36,5 @@ done
 step benchmark and fleet smoke runs
 scripts/bench.sh --smoke
 scripts/fleet.sh --smoke
+scripts/rotation_bench.sh --smoke
 step done
