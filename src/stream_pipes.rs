@@ -102,33 +102,22 @@ impl StreamPipes {
 
 fn open_pipe(path: &std::path::Path) -> io::Result<OwnedFd> {
     let c_path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    // SAFETY: a valid NUL-terminated path; the fd is owned below.
-    let fd = unsafe {
-        libc::open(
-            c_path.as_ptr(),
-            libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: just opened, owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    open_fd(&c_path, libc::O_RDWR)
 }
 
 fn reopen_write_only(fd: &OwnedFd) -> io::Result<OwnedFd> {
     let path = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
-    // SAFETY: as in `open_pipe`.
-    let fd = unsafe {
-        libc::open(
-            path.as_ptr(),
-            libc::O_WRONLY | libc::O_NONBLOCK | libc::O_CLOEXEC,
-        )
-    };
+    open_fd(&path, libc::O_WRONLY)
+}
+
+/// Opens `path` non-blocking and close-on-exec, with `access`.
+fn open_fd(path: &std::ffi::CStr, access: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: a valid NUL-terminated path; the fd is owned below.
+    let fd = unsafe { libc::open(path.as_ptr(), access | libc::O_NONBLOCK | libc::O_CLOEXEC) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: just opened.
+    // SAFETY: just opened, owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 

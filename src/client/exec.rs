@@ -538,7 +538,7 @@ impl Supervisor {
                     self.on_change(&change);
                     None
                 }
-                _ = sleep_until(wake) => self.on_timer(),
+                _ = super::sleep_until(wake) => self.on_timer(),
             };
             if let Some(code) = outcome {
                 return code;
@@ -831,13 +831,6 @@ async fn next_signal(signals: &mut [(i32, Signal)]) -> i32 {
         std::task::Poll::Pending
     })
     .await
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]

@@ -185,6 +185,15 @@ fn human(duration: Duration) -> humantime::FormattedDuration {
     humantime::format_duration(duration)
 }
 
+/// Sleeps until `at`, or forever when there is nothing to wait for (a
+/// branch of a select loop whose timer is off).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

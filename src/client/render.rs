@@ -647,7 +647,7 @@ async fn serve(mut renderer: Renderer) -> std::io::Result<()> {
                     debounce.note(Instant::now());
                 }
             }
-            _ = sleep_until(wake) => {
+            _ = super::sleep_until(wake) => {
                 let now = Instant::now();
                 let due = debounce.take_due(now);
                 for output in &mut renderer.outputs {
@@ -664,13 +664,6 @@ async fn serve(mut renderer: Renderer) -> std::io::Result<()> {
                 }
             }
         }
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
-        None => std::future::pending().await,
     }
 }
 
