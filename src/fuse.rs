@@ -48,9 +48,6 @@ pub struct FuseAdapter<S> {
 
 impl<S: ParameterStore> FuseAdapter<S> {
     pub fn new(fs: Arc<Fs<S>>, runtime: Handle, streams: Option<Arc<StreamPipes>>) -> Self {
-        if streams.is_some() {
-            runtime.spawn(fs.clone().keep_fresh());
-        }
         let test_delay = std::env::var("SSMFS_TEST_REQUEST_DELAY_MS")
             .ok()
             .and_then(|ms| ms.parse().ok())

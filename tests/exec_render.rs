@@ -5,12 +5,16 @@
 //! tests count what happened (restarts, renders, command runs, log lines);
 //! they wait for a count, never assert how long something took.
 
+mod support;
+
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
+
+use support::{lines_of, within, Background};
 
 const SSMFS: &str = env!("CARGO_BIN_EXE_ssmfs");
 
@@ -62,81 +66,23 @@ impl Fixture {
     }
 
     fn lines(&self, name: &str) -> Vec<String> {
-        fs::read_to_string(self.path(name))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .collect()
+        lines_of(&self.path(name))
     }
 
     fn log(&self) -> String {
         fs::read_to_string(self.path("stderr.log")).unwrap_or_default()
     }
 
-    /// Runs `ssmfs ARGS...` with its stderr in `stderr.log`.
-    fn start(&self, args: &[&str]) -> Running {
-        let stderr = fs::File::create(self.path("stderr.log")).unwrap();
-        let child = Command::new(SSMFS)
-            .args(args)
-            .current_dir(self.dir.path())
-            .stdin(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
-        Running(Some(child))
+    /// Runs `ssmfs ARGS...` in the fixture's directory, its stderr in `stderr.log`.
+    fn start(&self, args: &[&str]) -> Background {
+        let mut command = Command::new(SSMFS);
+        command.args(args).current_dir(self.dir.path());
+        Background::start(command, self.path("stderr.log"))
     }
 }
 
-/// A running ssmfs; stopped with SIGTERM (which it forwards) when dropped.
-struct Running(Option<Child>);
-
-impl Running {
-    fn pid(&self) -> i32 {
-        self.0.as_ref().unwrap().id() as i32
-    }
-
-    fn signal(&self, number: i32) {
-        // SAFETY: kill with integer arguments.
-        unsafe { libc::kill(self.pid(), number) };
-    }
-
-    fn wait(mut self) -> ExitStatus {
-        let mut child = self.0.take().unwrap();
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("ssmfs did not exit");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            // SAFETY: kill with integer arguments.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !done() {
-        assert!(Instant::now() < deadline, "gave up waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn wait_for(what: &str, done: impl FnMut() -> bool) {
+    within(PATIENCE, what, done);
 }
 
 fn exec_args<'a>(fixture: &'a Fixture, extra: &[&'a str], script: &'a str) -> Vec<String> {
@@ -149,7 +95,7 @@ fn exec_args<'a>(fixture: &'a Fixture, extra: &[&'a str], script: &'a str) -> Ve
     args
 }
 
-fn start_exec(fixture: &Fixture, extra: &[&str], script: &str) -> Running {
+fn start_exec(fixture: &Fixture, extra: &[&str], script: &str) -> Background {
     let args = exec_args(fixture, extra, script);
     fixture.start(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
@@ -248,7 +194,7 @@ fn on_change_exit_stops_the_child_and_exits_zero() {
     wait_for("the start", || fixture.lines("out").len() == 1);
     fixture.put("db", "a2");
     fixture.announce("db 2");
-    assert_eq!(running.wait().code(), Some(0));
+    assert_eq!(running.wait(PATIENCE).code(), Some(0));
 }
 
 #[test]
@@ -256,13 +202,13 @@ fn exec_exits_with_the_childs_code() {
     let fixture = Fixture::new();
     fixture.put("db", "x");
     let env = format!("DB={}", fixture.path("db").display());
-    let status = start_exec(&fixture, &["--env", &env], "exit 7").wait();
+    let status = start_exec(&fixture, &["--env", &env], "exit 7").wait(PATIENCE);
     assert_eq!(status.code(), Some(7));
-    let status = start_exec(&fixture, &["--env", &env], "kill -TERM $$").wait();
+    let status = start_exec(&fixture, &["--env", &env], "kill -TERM $$").wait(PATIENCE);
     assert_eq!(status.code(), Some(128 + libc::SIGTERM));
     // A command that does not exist: what a shell answers.
     let args = ["exec", "--env", &env, "--", "/nonexistent/program"];
-    assert_eq!(fixture.start(&args).wait().code(), Some(127));
+    assert_eq!(fixture.start(&args).wait(PATIENCE).code(), Some(127));
 }
 
 #[test]
@@ -277,7 +223,7 @@ fn sigterm_is_forwarded_and_the_childs_code_returned() {
     );
     wait_for("the start", || fixture.lines("out").len() == 1);
     running.signal(libc::SIGTERM);
-    assert_eq!(running.wait().code(), Some(5));
+    assert_eq!(running.wait(PATIENCE).code(), Some(5));
 }
 
 #[test]
@@ -324,7 +270,7 @@ fn a_crash_loop_backs_off_one_line_per_step() {
     running.signal(libc::SIGTERM);
     // Between runs it exits as SIGTERM would end it; during one (rare:
     // the child lives a few milliseconds), with the child's code.
-    let code = running.wait().code();
+    let code = running.wait(PATIENCE).code();
     assert!(
         code == Some(128 + libc::SIGTERM) || code == Some(3),
         "{code:?}"
@@ -393,7 +339,7 @@ fn render_once_writes_the_output_with_its_mode() {
             "--template",
             "t.j2:out.conf:0640",
         ])
-        .wait();
+        .wait(PATIENCE);
     assert!(status.success(), "{}", fixture.log());
     assert_eq!(
         fs::read_to_string(fixture.path("out.conf")).unwrap(),
@@ -428,7 +374,7 @@ fn a_render_error_is_one_line_keeps_the_old_output_and_runs_no_command() {
             "--command",
             "touch ran",
         ])
-        .wait();
+        .wait(PATIENCE);
     assert_eq!(status.code(), Some(1));
     assert_eq!(fs::read_to_string(fixture.path("out")).unwrap(), "old");
     assert!(!fixture.path("ran").exists(), "the command ran");
@@ -455,7 +401,7 @@ fn a_failing_or_hanging_command_is_one_line() {
             "--command",
             "exit 4",
         ])
-        .wait();
+        .wait(PATIENCE);
     assert_eq!(status.code(), Some(1));
     let log = fixture.log();
     assert!(log.contains("--command failed: exit status: 4"), "{log}");
@@ -470,7 +416,7 @@ fn a_failing_or_hanging_command_is_one_line() {
             "--command-timeout",
             "1s",
         ])
-        .wait();
+        .wait(PATIENCE);
     assert_eq!(status.code(), Some(1));
     let log = fixture.log();
     assert!(log.contains("--command timed out after 1s"), "{log}");
@@ -611,7 +557,7 @@ fn airflow_and_chamber_directories_name_variables() {
             "-c",
             "echo \"$DB_HOST|$AIRFLOW_VAR_ENV_NAME|$AIRFLOW_CONN_MY_PG\" > out",
         ])
-        .wait();
+        .wait(PATIENCE);
     assert!(status.success(), "{}", fixture.log());
     assert_eq!(
         fixture.lines("out"),
@@ -666,7 +612,7 @@ fn python_reads_airflow_names_as_airflow_does() {
             // Airflow's lookup: os.environ.get("AIRFLOW_CONN_" + conn_id.upper()).
             "import os; open('out', 'w').write(os.environ['AIRFLOW_CONN_' + 'my-pg'.upper()])",
         ])
-        .wait();
+        .wait(PATIENCE);
     assert!(status.success(), "{}", fixture.log());
     assert_eq!(fixture.lines("out"), ["postgres://u:p@h/db"]);
 }

@@ -14,7 +14,7 @@ mod support;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -76,68 +76,15 @@ while True:
         out.write("%s %s %.6f\n" % (kind, name, at))
 "#;
 
-/// A process the test started, stopped with SIGTERM (which exec forwards
-/// to its child) when dropped.
-struct Proc {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(program: &str, args: &[&str], log: PathBuf) -> Proc {
-        let child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {program}: {e}"));
-        Proc {
-            child: Some(child),
-            log,
-        }
-    }
-
-    fn ssmfs(args: &[&str], log: PathBuf) -> Proc {
-        Proc::spawn(SSMFS, args, log)
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|child| child.try_wait().unwrap().is_none())
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill with integer arguments.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn lines(path: &Path) -> Vec<String> {
-    fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_string)
-        .collect()
+/// `ssmfs ARGS...`, its stderr in `log`.
+fn ssmfs(args: &[&str], log: PathBuf) -> Background {
+    let mut command = Command::new(SSMFS);
+    command.args(args);
+    Background::start(command, log)
 }
 
 /// `ssmfs exec --env N=P... [extra] -- python3 -c CHILD OUT NAMES...`.
-fn start_exec(dir: &Path, env: &[(&str, PathBuf)], extra: &[&str], out: &Path) -> Proc {
+fn start_exec(dir: &Path, env: &[(&str, PathBuf)], extra: &[&str], out: &Path) -> Background {
     let mut args: Vec<String> = vec!["exec".into()];
     for (name, path) in env {
         args.push("--env".into());
@@ -148,30 +95,28 @@ fn start_exec(dir: &Path, env: &[(&str, PathBuf)], extra: &[&str], out: &Path) -
     args.push(out.display().to_string());
     args.extend(env.iter().map(|(name, _)| name.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Proc::ssmfs(&args, dir.join("exec.log"))
+    ssmfs(&args, dir.join("exec.log"))
 }
 
 /// The watcher on `dir`, its lines in `events`, ready when this returns.
-fn start_watcher(dir: &Path, events: &Path, log: PathBuf) -> Proc {
-    let watcher = Proc::spawn(
-        "python3",
-        &[
-            "-c",
-            WATCHER,
-            dir.to_str().unwrap(),
-            events.to_str().unwrap(),
-        ],
-        log,
-    );
+fn start_watcher(dir: &Path, events: &Path, log: PathBuf) -> Background {
+    let mut command = Command::new("python3");
+    command.args([
+        "-c",
+        WATCHER,
+        dir.to_str().unwrap(),
+        events.to_str().unwrap(),
+    ]);
+    let watcher = Background::start(command, log);
     within(Duration::from_secs(20), "the inotify watcher", || {
-        lines(events).first().map(String::as_str) == Some("ready")
+        lines_of(events).first().map(String::as_str) == Some("ready")
     });
     watcher
 }
 
 /// Lines of the watcher's file of one kind naming `name`.
 fn watched(events: &Path, kind: &str, name: &str) -> usize {
-    lines(events)
+    lines_of(events)
         .iter()
         .filter(|line| {
             let mut words = line.split(' ');
@@ -273,9 +218,9 @@ fn exec_restarts_the_child_once_per_rotation_within_the_ttl() {
         &out,
     );
     within(Duration::from_secs(20), "the first start", || {
-        lines(&out).len() == 1
+        lines_of(&out).len() == 1
     });
-    assert_eq!(lines(&out), ["pw-1"]);
+    assert_eq!(lines_of(&out), ["pw-1"]);
 
     for version in 2..=3 {
         let value = format!("pw-{version}");
@@ -287,13 +232,13 @@ fn exec_restarts_the_child_once_per_rotation_within_the_ttl() {
             ParameterType::SecureString,
         );
         let took = within(ttl_limit(), "the restart with the new value", || {
-            lines(&out).len() >= version
+            lines_of(&out).len() >= version
         });
         eprintln!("rotation {version}: the child had the new value after {took:?}");
         std::thread::sleep(settle());
         let want: Vec<String> = (1..=version).map(|v| format!("pw-{v}")).collect();
         assert_eq!(
-            lines(&out),
+            lines_of(&out),
             want,
             "one start per rotation; log:\n{}",
             exec.log()
@@ -334,9 +279,9 @@ fn ten_parameters_rotated_within_a_second_are_one_restart() {
         .collect();
     let exec = start_exec(dir.path(), &env, &["--on-change", "restart"], &out);
     within(Duration::from_secs(20), "the first start", || {
-        lines(&out).len() == 1
+        lines_of(&out).len() == 1
     });
-    assert_eq!(lines(&out), [["old"; 10].join(",")]);
+    assert_eq!(lines_of(&out), [["old"; 10].join(",")]);
 
     let started = Instant::now();
     for i in 0..10 {
@@ -358,14 +303,14 @@ fn ten_parameters_rotated_within_a_second_are_one_restart() {
         .collect::<Vec<_>>()
         .join(",");
     within(EVENT_LIMIT, "the restart with all ten values", || {
-        lines(&out).last() == Some(&all_new)
+        lines_of(&out).last() == Some(&all_new)
     });
     std::thread::sleep(settle());
     assert_eq!(
-        lines(&out).len(),
+        lines_of(&out).len(),
         2,
         "one restart for ten rotations in {burst:?}: {:?}; log:\n{}",
-        lines(&out),
+        lines_of(&out),
         exec.log()
     );
 }
@@ -396,7 +341,7 @@ fn render_renames_the_output_and_runs_the_command_once_per_rotation() {
     let _watcher = start_watcher(&outputs, &events, dir.path().join("watcher.log"));
     let ran = dir.path().join("ran");
     let site = outputs.join("site.crt");
-    let render = Proc::ssmfs(
+    let render = ssmfs(
         &[
             "render",
             "--template",
@@ -407,7 +352,7 @@ fn render_renames_the_output_and_runs_the_command_once_per_rotation() {
         dir.path().join("render.log"),
     );
     within(Duration::from_secs(20), "the first render", || {
-        lines(&ran).len() == 1
+        lines_of(&ran).len() == 1
     });
     assert_eq!(fs::read_to_string(&site).unwrap(), "cert-1");
     within(Duration::from_secs(5), "the first rename", || {
@@ -429,17 +374,17 @@ fn render_renames_the_output_and_runs_the_command_once_per_rotation() {
         eprintln!("rotation {version}: inotify saw the rename after {took:?}");
         assert_eq!(fs::read_to_string(&site).unwrap(), value);
         within(Duration::from_secs(5), "the command", || {
-            lines(&ran).len() >= version
+            lines_of(&ran).len() >= version
         });
         std::thread::sleep(settle());
         assert_eq!(
             watched(&events, "MOVED_TO", "site.crt"),
             version,
             "one rename per rotation: {:?}",
-            lines(&events)
+            lines_of(&events)
         );
         assert_eq!(
-            lines(&ran).len(),
+            lines_of(&ran).len(),
             version,
             "one command per rotation; log:\n{}",
             render.log()
@@ -449,7 +394,7 @@ fn render_renames_the_output_and_runs_the_command_once_per_rotation() {
         watched(&events, "MODIFY", "site.crt"),
         0,
         "the output was written in place: {:?}",
-        lines(&events)
+        lines_of(&events)
     );
     assert_eq!(
         fs::metadata(&site).unwrap().permissions().mode() & 0o777,
@@ -497,7 +442,7 @@ fn readers_of_the_rendered_output_never_see_a_mixed_value_over_200_rotations() {
     )
     .unwrap();
     let out = dir.path().join("big.out");
-    let render = Proc::ssmfs(
+    let render = ssmfs(
         &[
             "render",
             "--debounce",
@@ -625,7 +570,7 @@ fn exec_and_render_make_no_ssm_call_of_their_own() {
     let template = dir.path().join("cert.j2");
     fs::write(&template, format!("{{{{ file(\"{}\") }}}}", cert.display())).unwrap();
     let site = dir.path().join("site.crt");
-    let render = Proc::ssmfs(
+    let render = ssmfs(
         &[
             "render",
             "--template",
@@ -636,7 +581,7 @@ fn exec_and_render_make_no_ssm_call_of_their_own() {
     within(
         Duration::from_secs(20),
         "exec's child and the render",
-        || lines(&out).len() == 1 && site.exists(),
+        || lines_of(&out).len() == 1 && site.exists(),
     );
     // Both following @changes, idle.
     std::thread::sleep(Duration::from_secs(5));
@@ -667,10 +612,10 @@ fn exec_and_render_make_no_ssm_call_of_their_own() {
     queue.announce("/cost/db/password");
     queue.announce("/cost/tls/cert");
     within(EVENT_LIMIT, "the restart and the render", || {
-        lines(&out).len() == 2 && fs::read_to_string(&site).is_ok_and(|s| s == "cert-2")
+        lines_of(&out).len() == 2 && fs::read_to_string(&site).is_ok_and(|s| s == "cert-2")
     });
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(lines(&out), ["pw-1", "pw-2"]);
+    assert_eq!(lines_of(&out), ["pw-1", "pw-2"]);
     let cost = moto.requests() - base;
     assert!(
         (1..=2).contains(&cost),

@@ -144,6 +144,7 @@ pub fn mount<S: ParameterStore>(
     config.clone_fd = true;
     let streams = crate::stream_pipes::StreamPipes::new(settings.mountpoint.clone());
     let announcer = fs.change_announcer();
+    runtime.spawn(fs.clone().keep_fresh());
     let adapter = FuseAdapter::new(fs, runtime, Some(streams));
     let cannot = |cause| DaemonError::Mount {
         path: settings.mountpoint.display().to_string(),

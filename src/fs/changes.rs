@@ -218,10 +218,10 @@ impl<S: ParameterStore> Fs<S> {
             return;
         }
         for path in self.layout.mount_paths(name) {
-            self.send(super::Invalidation::Announce(ChangeNote {
+            self.announce(ChangeNote {
                 path: path.into(),
                 kind: kind.clone(),
-            }));
+            });
         }
     }
 

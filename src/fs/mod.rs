@@ -746,16 +746,18 @@ impl<S: ParameterStore> Fs<S> {
         entry
     }
 
-    fn send(&self, invalidation: Invalidation) {
-        if let Invalidation::Announce(note) = invalidation {
+    /// Tells the change streams about `note` once the kernel has dropped
+    /// what it replaces: behind the invalidations already sent.
+    fn announce(&self, note: ChangeNote) {
+        if let Err(mpsc::error::SendError(Invalidation::Announce(note))) =
+            self.invalidations.send(Invalidation::Announce(note))
+        {
             // No kernel to tell (the core without a mount): announce now.
-            if let Err(unsent) = self.invalidations.send(Invalidation::Announce(note)) {
-                if let Invalidation::Announce(note) = unsent.0 {
-                    self.streams.publish(note);
-                }
-            }
-            return;
+            self.streams.publish(note);
         }
+    }
+
+    fn send(&self, invalidation: Invalidation) {
         Metrics::inc(&self.metrics.invalidations);
         // The receiver is gone only during shutdown, when nothing needs telling.
         let _ = self.invalidations.send(invalidation);
