@@ -20,6 +20,7 @@ pub mod csi;
 pub mod daemon;
 pub mod error;
 pub mod events;
+pub mod fd_link;
 pub mod fs;
 pub mod fuse;
 pub mod handoff;

@@ -38,16 +38,77 @@ use crate::store::ParameterStore;
 /// only bounds what a lookup without an open (`stat @changes`) holds.
 const ATTACH_GRACE: Duration = Duration::from_secs(5);
 
+/// Set (by the CSI driver's serving side) to the plugin's stream socket: a
+/// daemon that runs unprivileged may not walk into its own mount (its root
+/// directory belongs to the tenant's uid and modes), so the plugin, root,
+/// opens each stream's end for it and hands it over.
+pub const STREAM_OPENER_ENV: &str = "SSMFS_STREAM_OPENER";
+
+/// Who opens a stream's read-write end.
+enum Opener {
+    /// This daemon, through its own mount.
+    Mount(PathBuf),
+    /// The CSI plugin, asked over its stream socket for the end below the
+    /// shared mount at `mountpoint`.
+    Plugin {
+        socket: PathBuf,
+        mountpoint: PathBuf,
+    },
+}
+
+impl Opener {
+    fn open_read_write(&self, ino: u64) -> io::Result<OwnedFd> {
+        match self {
+            Opener::Mount(mountpoint) => {
+                open_pipe(&mountpoint.join(STREAM_DIR_NAME).join(ino.to_string()))
+            }
+            Opener::Plugin { socket, mountpoint } => {
+                let link = crate::fd_link::connect(socket)?;
+                let request = serde_json::json!({
+                    "op": "open-stream",
+                    "mountpoint": mountpoint,
+                    "ino": ino,
+                });
+                crate::fd_link::send(&link, &request, &[])?;
+                match crate::fd_link::receive(&link)? {
+                    Some((_, mut fds)) if fds.len() == 1 => Ok(fds.remove(0)),
+                    Some((answer, _)) => Err(io::Error::other(
+                        answer["error"]
+                            .as_str()
+                            .unwrap_or("the plugin sent no stream")
+                            .to_string(),
+                    )),
+                    None => Err(io::Error::other("the plugin closed the stream socket")),
+                }
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Opener::Mount(mountpoint) => format!("through the mount {}", mountpoint.display()),
+            Opener::Plugin { socket, .. } => format!("from the CSI plugin at {}", socket.display()),
+        }
+    }
+}
+
 /// Opens and feeds the write ends of one mount's streams.
 pub struct StreamPipes {
-    mountpoint: PathBuf,
+    opener: Opener,
     failure_logged: AtomicBool,
 }
 
 impl StreamPipes {
     pub fn new(mountpoint: PathBuf) -> Arc<Self> {
+        let opener = match std::env::var_os(STREAM_OPENER_ENV) {
+            Some(socket) => Opener::Plugin {
+                socket: socket.into(),
+                mountpoint,
+            },
+            None => Opener::Mount(mountpoint),
+        };
         Arc::new(Self {
-            mountpoint,
+            opener,
             failure_logged: AtomicBool::new(false),
         })
     }
@@ -60,17 +121,15 @@ impl StreamPipes {
         stream: StreamSpec,
     ) -> io::Result<()> {
         let notes = fs.subscribe_changes();
-        let path = self
-            .mountpoint
-            .join(STREAM_DIR_NAME)
-            .join(stream.ino.to_string());
         // Both opens make FUSE requests of this very daemon (a lookup, and a
-        // getattr for the permission check): off the runtime's workers, so
-        // they stay free to answer them. The second, write-only end goes
-        // through /proc: once the read-write one is closed, it alone reports
-        // that no reader is left.
+        // getattr for the permission check), whoever makes them: off the
+        // runtime's workers, so they stay free to answer them. The second,
+        // write-only end goes through /proc: once the read-write one is
+        // closed, it alone reports that no reader is left.
+        let pipes = self.clone();
+        let ino = stream.ino;
         let opened = tokio::task::spawn_blocking(move || {
-            let read_write = open_pipe(&path)?;
+            let read_write = pipes.opener.open_read_write(ino)?;
             let write_only = reopen_write_only(&read_write)?;
             Ok::<_, io::Error>((read_write, write_only))
         })
@@ -82,7 +141,7 @@ impl StreamPipes {
             Err(error) => {
                 fs.close_stream(stream.ino);
                 if !self.failure_logged.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(mountpoint = %self.mountpoint.display(), %error, "cannot open a change stream's write end through the mount; @changes answers EIO");
+                    tracing::warn!(%error, "cannot open a change stream's write end {}; @changes answers EIO", self.opener.describe());
                 }
                 return Err(error);
             }

@@ -1671,3 +1671,42 @@ fn an_inline_volume_as_kubelet_asks_for_it_is_published_read_only() {
     );
     assert!(std::fs::write(target.join("db"), "x").is_err(), "writable");
 }
+
+#[test]
+fn a_pod_follows_its_volumes_change_stream() {
+    let Some((moto, gate)) = setup() else { return };
+    let node = Node::start(&gate, &[]);
+    let target = node.target("uid-1", "secrets");
+    node.publish(request("vol-1", &target, SHORT_TTL_ATTRS, &POD))
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(target.join("db")).unwrap(),
+        "db-secret"
+    );
+    // The daemon runs unprivileged and cannot open the stream's end itself:
+    // the plugin opens it for it.
+    let reader = Command::new("timeout")
+        .args(["30", "head", "-n1"])
+        .arg(target.join("@changes"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let rt = runtime();
+    let ssm = client(&rt, &moto.endpoint);
+    put(
+        &rt,
+        &ssm,
+        "/k8s/db",
+        "db-secret-2",
+        ParameterType::SecureString,
+    );
+    let out = reader.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "db 2\n",
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -14,10 +14,11 @@
 //! host); `--external-serve` leaves that to a second container.
 
 pub mod authority;
-pub mod control;
+pub use crate::fd_link as control;
 pub mod error;
 pub mod node;
 pub mod serve;
+pub mod streams;
 pub mod sys;
 pub mod volume;
 

@@ -415,6 +415,7 @@ impl Driver {
         )?;
         let socket = Self::control_socket(&self.settings.run_dir);
         let listener = control::listen(&socket, Some((user.uid, user.gid)))?;
+        super::streams::listen(self.clone(), &self.settings.run_dir, (user.uid, user.gid))?;
         let driver = self.clone();
         std::thread::Builder::new()
             .name("ssmfs-csi-link".into())
@@ -453,6 +454,20 @@ impl Driver {
                 .spawn(move || driver.keep_serving_side(binary))?;
         }
         Ok(())
+    }
+
+    /// The uid the serving side and its daemons run as.
+    pub fn serving_uid(&self) -> u32 {
+        self.settings.serve_user.uid
+    }
+
+    /// Whether `path` is one of this plugin's shared mounts, in service.
+    pub fn is_shared_mountpoint(&self, path: &Path) -> bool {
+        self.mounts
+            .lock()
+            .unwrap()
+            .values()
+            .any(|mount| mount.mountpoint == path && !mount.removing)
     }
 
     /// Whether a connection to the control socket may speak for a serving

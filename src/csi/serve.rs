@@ -159,6 +159,11 @@ fn spawn_holder(fds: &ConnectionFds, args: &[String]) -> io::Result<(Child, std:
     command
         .args(["--supervise", "--adopt-fds", "--foreground"])
         .args(args);
+    // Its daemons ask the plugin for their streams' ends (they may not walk
+    // into their own mounts).
+    if let Some(socket) = STREAM_SOCKET.get() {
+        command.env(crate::stream_pipes::STREAM_OPENER_ENV, socket);
+    }
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         command.pre_exec(move || {
@@ -278,7 +283,13 @@ fn exit_on_terminate() -> io::Result<()> {
 }
 
 /// Serves the plugin at `socket` until killed.
+/// The plugin's stream socket, beside its control socket.
+static STREAM_SOCKET: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
 pub fn run(socket: PathBuf, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
+    if let Some(run_dir) = socket.parent() {
+        let _ = STREAM_SOCKET.set(super::streams::socket_path(run_dir));
+    }
     // It holds every tenant's FUSE connections and tokens: no process of
     // its uid may read its fds through /proc, nor attach to it.
     // SAFETY: prctl on this process only.

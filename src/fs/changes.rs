@@ -17,7 +17,6 @@
 //! takes them along before they expire.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,8 +28,9 @@ use crate::store::ParameterStore;
 
 /// The name of the stream file in every directory (`@` is never in an SSM name).
 pub const CHANGES_NAME: &str = "@changes";
-/// The hidden directory through which the daemon itself opens a stream's
-/// write end by number; answered to the daemon's own process only.
+/// The hidden directory through which a stream's write end is opened by
+/// number: answered to the daemon's own threads, and to root (the CSI
+/// plugin opens it for an unprivileged daemon); nobody else.
 pub const STREAM_DIR_NAME: &str = "@stream";
 /// Stream inodes live above every inode number the table hands out (those are
 /// kept below 2^63), so they never collide and are never journaled.
@@ -109,7 +109,6 @@ impl StreamSpec {
 pub(super) struct Streams {
     notes: broadcast::Sender<ChangeNote>,
     open: Mutex<HashMap<u64, StreamSpec>>,
-    next: AtomicU64,
     /// Wakes the keep-fresh task when the first stream opens.
     opened: tokio::sync::Notify,
 }
@@ -119,7 +118,6 @@ impl Streams {
         Self {
             notes: broadcast::channel(CHANGE_BACKLOG).0,
             open: Mutex::new(HashMap::new()),
-            next: AtomicU64::new(1),
             opened: tokio::sync::Notify::new(),
         }
     }
@@ -148,17 +146,24 @@ pub fn is_stream_ino(ino: u64) -> bool {
 impl<S: ParameterStore> Fs<S> {
     /// Opens a stream covering the directory `dir_ino` (a lookup of `@changes`).
     pub(super) fn open_stream(self: &Arc<Self>, dir: &crate::inode::Node) -> StreamSpec {
-        let ino = STREAM_DIR_INO + self.streams.next.fetch_add(1, Ordering::Relaxed);
         let spec = StreamSpec {
-            ino,
+            ino: 0,
             dir: self.layout.mount_path_of_dir(dir).into(),
             ssm_prefixes: self.layout.ssm_prefixes_of_dir(dir),
         };
-        let first = {
-            let mut open = self.streams.open.lock().unwrap();
-            open.insert(ino, spec.clone());
-            open.len() == 1
+        let mut open = self.streams.open.lock().unwrap();
+        // Random, so that only the stream's own daemon (and root) can name
+        // its write end: no other tenant's process can guess it.
+        let ino = loop {
+            let ino = STREAM_DIR_INO + 1 + (rand::random::<u64>() >> 2);
+            if !open.contains_key(&ino) {
+                break ino;
+            }
         };
+        let spec = StreamSpec { ino, ..spec };
+        open.insert(ino, spec.clone());
+        let first = open.len() == 1;
+        drop(open);
         if first {
             self.streams.opened.notify_one();
         }

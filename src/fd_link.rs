@@ -1,9 +1,12 @@
-//! The plugin's link to its serving side: one `SOCK_SEQPACKET` unix socket,
-//! one JSON message per packet, with the fds it speaks of attached
-//! (SCM_RIGHTS). The plugin listens; the serving side connects, and again
-//! after the plugin restarts, saying first which connections it holds (with
-//! copies of their fds), so whichever side survives hands the other what it
-//! needs. Nothing secret travels here but the token memfd, as an fd.
+//! A link that carries fds between processes of ssmfs: one `SOCK_SEQPACKET`
+//! unix socket, one JSON message per packet, with the fds it speaks of
+//! attached (SCM_RIGHTS). Used by the CSI plugin and its serving side (the
+//! plugin listens; the serving side connects, and again after the plugin
+//! restarts, saying first which connections it holds, with copies of their
+//! fds, so whichever side survives hands the other what it needs), and by a
+//! serving daemon asking the plugin for the write end of a change stream
+//! (`crate::stream_pipes`). Nothing secret travels here but the token memfd,
+//! as an fd.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

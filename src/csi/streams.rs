@@ -1,0 +1,216 @@
+//! The plugin's stream socket: the write end of a change stream (`@changes`,
+//! see `crate::stream_pipes`) for a serving daemon that may not open it.
+//!
+//! Model: a daemon of the serving side runs as the serving user, and its
+//! mount's root directory belongs to the tenant's uid and modes, so it cannot
+//! walk into its own mount to open `@stream/NUMBER`. It asks here instead:
+//! the plugin, root, checks that the peer is the serving user and that the
+//! path is one of its own shared mounts, opens the end (the daemon answers
+//! that lookup, as it answers only its own threads and root), and sends the
+//! fd back. The numbers are random, so one daemon cannot name another
+//! tenant's stream; and an end open for writing reads nothing.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use serde_json::json;
+
+use super::control;
+use super::node::Driver;
+use super::sys;
+use crate::fs::{STREAM_DIR_INO, STREAM_DIR_NAME};
+
+/// Requests served at once: each waits for a daemon's answer to a lookup,
+/// and a stuck daemon must not take every thread the plugin can start.
+const MAX_IN_FLIGHT: usize = 32;
+
+/// The socket's path in the plugin's run directory.
+pub fn socket_path(run_dir: &Path) -> PathBuf {
+    run_dir.join("streams.sock")
+}
+
+/// Listens on the stream socket (owned by the serving user, as the control
+/// socket is) and serves each request on a thread of its own.
+pub fn listen(driver: Arc<Driver>, run_dir: &Path, owner: (u32, u32)) -> std::io::Result<()> {
+    let listener = control::listen(&socket_path(run_dir), Some(owner))?;
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    std::thread::Builder::new()
+        .name("ssmfs-csi-streams".into())
+        .spawn(move || loop {
+            let link = match control::accept(&listener) {
+                Ok(link) => link,
+                Err(error) => {
+                    tracing::error!(%error, "the stream socket failed");
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    continue;
+                }
+            };
+            if in_flight.fetch_add(1, Ordering::SeqCst) >= MAX_IN_FLIGHT {
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                answer(&link, Err("too many stream requests at once".into()));
+                continue;
+            }
+            let (driver, in_flight) = (driver.clone(), in_flight.clone());
+            let spawned = std::thread::Builder::new()
+                .name("ssmfs-csi-stream".into())
+                .spawn(move || {
+                    answer(&link, open_for(&driver, &link));
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                });
+            if let Err(error) = spawned {
+                tracing::error!(%error, "cannot serve a stream request");
+            }
+        })?;
+    Ok(())
+}
+
+fn answer(link: &OwnedFd, outcome: Result<OwnedFd, String>) {
+    let sent = match outcome {
+        Ok(end) => control::send(link, &json!({"ok": true}), &[end.as_raw_fd()]),
+        Err(why) => {
+            tracing::debug!(why, "refused a stream request");
+            control::send(link, &json!({"error": why}), &[])
+        }
+    };
+    if let Err(error) = sent {
+        tracing::debug!(%error, "a daemon left before its stream was sent");
+    }
+}
+
+/// The read-write end a daemon asked for, or why not.
+fn open_for(driver: &Driver, link: &OwnedFd) -> Result<OwnedFd, String> {
+    let peer = sys::peer_credentials(link).map_err(|e| format!("unknown peer: {e}"))?;
+    let serving = driver.serving_uid();
+    if peer.uid != serving && peer.uid != 0 {
+        return Err(format!("only the serving user (uid {serving}) may ask"));
+    }
+    let (request, _) = control::receive(link)
+        .map_err(|e| e.to_string())?
+        .ok_or("no request")?;
+    let request = parse_request(&request)?;
+    if !driver.is_shared_mountpoint(&request.mountpoint) {
+        return Err("not a shared mount of this plugin".into());
+    }
+    open_stream_end(&request.mountpoint, request.ino)
+        .map_err(|e| format!("cannot open the stream: {e}"))
+}
+#[derive(Debug, PartialEq, Eq)]
+struct StreamRequest {
+    mountpoint: PathBuf,
+    ino: u64,
+}
+
+/// A request as a daemon sends it: `{"op": "open-stream", "mountpoint":
+/// PATH, "ino": NUMBER}`, the number in the streams' range.
+fn parse_request(message: &serde_json::Value) -> Result<StreamRequest, String> {
+    if message["op"] != "open-stream" {
+        return Err("not a stream request".into());
+    }
+    let mountpoint = message["mountpoint"]
+        .as_str()
+        .filter(|path| Path::new(path).is_absolute())
+        .ok_or("no absolute mountpoint")?;
+    let ino = message["ino"]
+        .as_u64()
+        .filter(|ino| *ino > STREAM_DIR_INO)
+        .ok_or("no stream number")?;
+    Ok(StreamRequest {
+        mountpoint: PathBuf::from(mountpoint),
+        ino,
+    })
+}
+
+/// Opens `@stream/INO` below the mount at `mountpoint` read-write, as root.
+/// The daemon answers the lookups on the way, so nothing it says is trusted:
+/// the walk stays below the mount, on it, and follows no link (openat2), and
+/// what it opens must be a named pipe; anything else is refused, so a daemon
+/// cannot lead root to open some other file for it.
+fn open_stream_end(mountpoint: &Path, ino: u64) -> std::io::Result<OwnedFd> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let root = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(mountpoint)?;
+    let relative = std::ffi::CString::new(format!("{STREAM_DIR_NAME}/{ino}")).unwrap();
+    // SAFETY: an all-zero open_how is valid; the fields are set below.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
+    how.resolve = libc::RESOLVE_BENEATH
+        | libc::RESOLVE_NO_SYMLINKS
+        | libc::RESOLVE_NO_MAGICLINKS
+        | libc::RESOLVE_NO_XDEV;
+    // SAFETY: a valid dirfd, NUL-terminated path and open_how of the size given.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            relative.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: just opened, owned here.
+    let end = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    let file = std::fs::File::from(end);
+    if !file.metadata()?.file_type().is_fifo() {
+        return Err(std::io::Error::other("not a change stream (no named pipe)"));
+    }
+    Ok(file.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_stream_number_below_an_absolute_path_is_asked_for() {
+        let good = json!({"op": "open-stream", "mountpoint": "/var/lib/x/mounts/k", "ino": STREAM_DIR_INO + 5});
+        assert_eq!(
+            parse_request(&good),
+            Ok(StreamRequest {
+                mountpoint: "/var/lib/x/mounts/k".into(),
+                ino: STREAM_DIR_INO + 5
+            })
+        );
+        for bad in [
+            json!({"op": "start", "mountpoint": "/m", "ino": STREAM_DIR_INO + 5}),
+            json!({"op": "open-stream", "mountpoint": "relative", "ino": STREAM_DIR_INO + 5}),
+            json!({"op": "open-stream", "mountpoint": "/m", "ino": 7}),
+            json!({"op": "open-stream", "mountpoint": "/m", "ino": STREAM_DIR_INO}),
+            json!({"op": "open-stream", "mountpoint": "/m", "ino": "1"}),
+            json!({"op": "open-stream", "ino": STREAM_DIR_INO + 5}),
+        ] {
+            assert!(parse_request(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn root_opens_only_a_named_pipe_below_the_mount_and_follows_no_link() {
+        let mount = tempfile::tempdir().unwrap();
+        let streams = mount.path().join(STREAM_DIR_NAME);
+        std::fs::create_dir(&streams).unwrap();
+        let number = |n: u64| (STREAM_DIR_INO + n).to_string();
+        let fifo = std::ffi::CString::new(streams.join(number(1)).to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        std::fs::write(streams.join(number(2)), "a secret file").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", streams.join(number(3))).unwrap();
+        std::os::unix::fs::symlink(streams.join(number(1)), streams.join(number(4))).unwrap();
+        assert!(open_stream_end(mount.path(), STREAM_DIR_INO + 1).is_ok());
+        for refused in 2..=5 {
+            assert!(
+                open_stream_end(mount.path(), STREAM_DIR_INO + refused).is_err(),
+                "{refused}"
+            );
+        }
+        // A link in place of the directory is not followed either.
+        let other = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(&streams, other.path().join(STREAM_DIR_NAME)).unwrap();
+        assert!(open_stream_end(other.path(), STREAM_DIR_INO + 1).is_err());
+    }
+}
