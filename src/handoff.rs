@@ -17,6 +17,13 @@ pub const VERDICT_FD: RawFd = 5;
 /// (a memfd the plugin rewrites at each republish; `/proc/self/fd/6`).
 pub const TOKEN_FD: RawFd = 6;
 
+/// The holder's keeper of change streams (`crate::stream_pipes`): a socket
+/// the daemon sends each stream's write end on, and receives the streams of
+/// the daemon before it on, so a blocked reader outlives a restart.
+pub const STREAMS_FD: RawFd = 7;
+/// Set (to `STREAMS_FD`) where the holder keeps streams.
+pub const STREAMS_FD_ENV: &str = "SSMFS_STREAMS_FD";
+
 /// What a holder of a mount the CSI plugin made finds at start
 /// (`--supervise --adopt-fds`): the FUSE connection, the inode journal, the
 /// session (INIT and reply), its own verdict pipe, and the token (optional).

@@ -95,6 +95,11 @@ impl Opener {
 /// Opens and feeds the write ends of one mount's streams.
 pub struct StreamPipes {
     opener: Opener,
+    /// The holder's keeper of streams (`handoff::STREAMS_FD`), under
+    /// `--supervise` and the CSI driver: it keeps a copy of each write end,
+    /// so a reader blocked on a stream outlives this daemon, and hands the
+    /// next daemon the streams to write on.
+    keeper: Option<OwnedFd>,
     failure_logged: AtomicBool,
 }
 
@@ -109,8 +114,40 @@ impl StreamPipes {
         };
         Arc::new(Self {
             opener,
+            keeper: take_keeper(),
             failure_logged: AtomicBool::new(false),
         })
+    }
+
+    /// Writes on the streams the holder kept from the daemons before this
+    /// one (each starts with `@dropped`: what changed meanwhile is unknown),
+    /// for as long as the holder sends them.
+    pub fn adopt_kept<S: ParameterStore>(
+        self: &Arc<Self>,
+        fs: Arc<Fs<S>>,
+        runtime: tokio::runtime::Handle,
+    ) -> io::Result<()> {
+        if self.keeper.is_none() {
+            return Ok(());
+        }
+        let pipes = self.clone();
+        std::thread::Builder::new()
+            .name("ssmfs-streams".into())
+            .spawn(move || {
+                let keeper = pipes.keeper.as_ref().expect("checked above");
+                while let Ok(Some((message, mut fds))) = crate::fd_link::receive(keeper) {
+                    let (Some(stream), Some(write_only)) =
+                        (StreamSpec::from_json(&message), fds.pop())
+                    else {
+                        continue;
+                    };
+                    let _entered = runtime.enter();
+                    fs.adopt_stream(stream.clone());
+                    let notes = fs.subscribe_changes();
+                    spawn_writer(fs.clone(), stream, None, write_only, notes);
+                }
+            })?;
+        Ok(())
     }
 
     /// Opens the write end of `stream` and starts its writer. The stream
@@ -146,17 +183,52 @@ impl StreamPipes {
                 return Err(error);
             }
         };
-        let fs = fs.clone();
-        tokio::spawn(async move {
-            let ino = stream.ino;
-            let fed = feed(stream, read_write, write_only, notes, ATTACH_GRACE).await;
-            if let Err(error) = fed {
-                tracing::debug!(ino, %error, "change stream ended");
+        if let Some(keeper) = &self.keeper {
+            let kept = crate::fd_link::send(keeper, &stream.to_json(), &[write_only.as_raw_fd()]);
+            if let Err(error) = kept {
+                tracing::debug!(%error, "the holder did not take a stream; it ends with this daemon");
             }
-            fs.close_stream(ino);
-        });
+        }
+        spawn_writer(fs.clone(), stream, Some(read_write), write_only, notes);
         Ok(())
     }
+}
+
+/// The holder's end of the streams socket, if it handed one down.
+fn take_keeper() -> Option<OwnedFd> {
+    std::env::var_os(crate::handoff::STREAMS_FD_ENV)?;
+    let fd = crate::handoff::STREAMS_FD;
+    // SAFETY: F_GETFD only asks whether the fd is open; F_SETFD marks it
+    // close-on-exec (no child of the daemon needs it).
+    unsafe {
+        if libc::fcntl(fd, libc::F_GETFD) < 0 {
+            return None;
+        }
+        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        // SAFETY: the holder handed this fd to this process alone.
+        Some(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Feeds `stream` until its last reader is gone. A stream a reader just
+/// opened comes with the daemon's read-write end (`read_write`); one kept
+/// from an earlier daemon does not, and starts with `@dropped`.
+fn spawn_writer<S: ParameterStore>(
+    fs: Arc<Fs<S>>,
+    stream: StreamSpec,
+    read_write: Option<OwnedFd>,
+    write_only: OwnedFd,
+    notes: tokio::sync::broadcast::Receiver<crate::fs::ChangeNote>,
+) {
+    tokio::spawn(async move {
+        let ino = stream.ino;
+        let dropped = read_write.is_none();
+        let fed = feed(stream, read_write, write_only, notes, ATTACH_GRACE, dropped).await;
+        if let Err(error) = fed {
+            tracing::debug!(ino, %error, "change stream ended");
+        }
+        fs.close_stream(ino);
+    });
 }
 
 fn open_pipe(path: &std::path::Path) -> io::Result<OwnedFd> {
@@ -196,20 +268,19 @@ fn write_line(fd: &AsyncFd<OwnedFd>, line: &[u8]) -> io::Result<bool> {
 
 async fn feed(
     stream: StreamSpec,
-    read_write: OwnedFd,
+    mut read_write: Option<OwnedFd>,
     write_only: OwnedFd,
     mut notes: tokio::sync::broadcast::Receiver<crate::fs::ChangeNote>,
     grace: Duration,
+    mut dropped: bool,
 ) -> io::Result<()> {
     // SAFETY: an OwnedFd keeps the same open fd for the AsyncFd's life.
     let pipe = unsafe {
         AsyncFd::register_with_interest(write_only, Interest::WRITABLE | Interest::ERROR)
     }
     .map_err(|error| error.into_parts().1)?;
-    let mut read_write = Some(read_write);
     let grace = tokio::time::sleep(grace);
     tokio::pin!(grace);
-    let mut dropped = false;
     loop {
         tokio::select! {
             () = &mut grace, if read_write.is_some() => read_write = None,
@@ -309,7 +380,14 @@ mod tests {
         let read_write = writer.try_clone().unwrap();
         let (sender, notes) = tokio::sync::broadcast::channel(4096);
         let stream = StreamSpec::for_dir(crate::fs::STREAM_DIR_INO + 1, "");
-        let task = tokio::spawn(feed(stream, read_write, writer, notes, Duration::ZERO));
+        let task = tokio::spawn(feed(
+            stream,
+            Some(read_write),
+            writer,
+            notes,
+            Duration::ZERO,
+            false,
+        ));
         // 1,000-byte lines: the 64 KiB pipe holds about 65 of them.
         let long = "p".repeat(1000);
         for version in 1..=200 {
@@ -347,7 +425,14 @@ mod tests {
         let read_write = writer.try_clone().unwrap();
         let (sender, notes) = tokio::sync::broadcast::channel(16);
         let stream = StreamSpec::for_dir(crate::fs::STREAM_DIR_INO + 2, "db");
-        let _task = tokio::spawn(feed(stream, read_write, writer, notes, Duration::ZERO));
+        let _task = tokio::spawn(feed(
+            stream,
+            Some(read_write),
+            writer,
+            notes,
+            Duration::ZERO,
+            false,
+        ));
         sender.send(note("db/password", 3)).unwrap();
         sender.send(note("other", 4)).unwrap();
         sender

@@ -48,7 +48,8 @@ use std::time::{Duration, Instant};
 use crate::daemon::{self, MountSettings, Readiness};
 
 use crate::handoff::{
-    holder_count_envs, JOURNAL_FD, MOUNTPOINT_ENV, SERVE_FD, TOKEN_FD, UPGRADE_ENV, VERDICT_FD,
+    holder_count_envs, JOURNAL_FD, MOUNTPOINT_ENV, SERVE_FD, STREAMS_FD, STREAMS_FD_ENV, TOKEN_FD,
+    UPGRADE_ENV, VERDICT_FD,
 };
 
 /// Why a daemon with other FUSE settings (an upgrade, or a restart after the
@@ -428,6 +429,8 @@ struct Daemon {
     /// The read end of its verdict pipe, read once it has exited.
     verdict: std::fs::File,
     socket: Arc<OwnedFd>,
+    /// Where it sends the change streams it opens, and gets those kept.
+    streams: Arc<OwnedFd>,
     handshake: Arc<AtomicU8>,
     started: Instant,
 }
@@ -459,6 +462,63 @@ struct Supervisor {
     handovers: u64,
     /// Time without a daemon that answered, over the mount's life.
     downtime: Duration,
+    kept_streams: Arc<KeptStreams>,
+}
+
+/// The write ends of the change streams daemons opened (`stream_pipes`),
+/// with what each covers: while a copy is here, a reader blocked on it sees
+/// no end of file when its daemon dies, and the next daemon writes on it.
+/// A stream whose last reader left is dropped when the next one comes in
+/// or at a handover (its end then reports an error).
+#[derive(Default)]
+struct KeptStreams {
+    streams: Mutex<Vec<(serde_json::Value, OwnedFd)>>,
+}
+
+impl KeptStreams {
+    fn keep(&self, stream: serde_json::Value, end: OwnedFd) {
+        let mut streams = self.streams.lock().unwrap();
+        streams.retain(|(_, end)| has_reader(end));
+        streams.push((stream, end));
+    }
+
+    /// Hands `daemon` every stream that still has a reader.
+    fn hand_to(&self, daemon: &OwnedFd) {
+        let mut streams = self.streams.lock().unwrap();
+        streams.retain(|(_, end)| has_reader(end));
+        for (stream, end) in streams.iter() {
+            if let Err(error) = crate::fd_link::send(daemon, stream, &[end.as_raw_fd()]) {
+                tracing::warn!(%error, "could not hand a change stream to the serving daemon");
+                return;
+            }
+        }
+    }
+
+    /// Takes the streams `daemon` opens, until it exits.
+    fn take_from(self: Arc<Self>, daemon: Arc<OwnedFd>) -> io::Result<()> {
+        std::thread::Builder::new()
+            .name("ssmfs-streams-in".into())
+            .spawn(move || {
+                while let Ok(Some((stream, mut ends))) = crate::fd_link::receive(&daemon) {
+                    if let (Some(end), true) = (ends.pop(), ends.is_empty()) {
+                        self.keep(stream, end);
+                    }
+                }
+            })?;
+        Ok(())
+    }
+}
+
+/// Whether a pipe's write end still has a reader (no EPOLLERR).
+fn has_reader(end: &OwnedFd) -> bool {
+    let mut poll = libc::pollfd {
+        fd: end.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+    ready < 0 || poll.revents & libc::POLLERR == 0
 }
 
 impl Supervisor {
@@ -467,6 +527,8 @@ impl Supervisor {
     /// passed). Requests go to it only once it is adopted.
     fn spawn_daemon(&mut self, upgrade: bool) -> io::Result<Daemon> {
         let (ours, theirs) = socket_pair()?;
+        let (streams_ours, streams_theirs) = socket_pair()?;
+        let streams_fd = streams_theirs.as_raw_fd();
         let (verdict, verdict_writer) = verdict_pipe()?;
         let (socket_fd, journal_fd, verdict_fd) = (
             theirs.as_raw_fd(),
@@ -481,6 +543,7 @@ impl Supervisor {
             .env_remove("NOTIFY_SOCKET")
             .env(MOUNTPOINT_ENV, &self.settings.mount.mountpoint)
             .env(UPGRADE_ENV, if upgrade { "1" } else { "0" })
+            .env(STREAMS_FD_ENV, STREAMS_FD.to_string())
             .envs(holder_count_envs([
                 self.restarts,
                 self.handovers,
@@ -500,7 +563,11 @@ impl Supervisor {
                 } else {
                     -1
                 };
+                let streams = libc::fcntl(streams_fd, libc::F_DUPFD_CLOEXEC, 10);
                 if token_fd >= 0 && (token < 0 || libc::dup2(token, TOKEN_FD) < 0) {
+                    return Err(io::Error::last_os_error());
+                }
+                if streams < 0 || libc::dup2(streams, STREAMS_FD) < 0 {
                     return Err(io::Error::last_os_error());
                 }
                 if socket < 0
@@ -522,9 +589,11 @@ impl Supervisor {
         }
         let child = command.spawn()?;
         // Only the daemon holds the write end now: its exit is the pipe's end.
-        drop((theirs, verdict_writer));
+        drop((theirs, verdict_writer, streams_theirs));
         self.generation += 1;
         let socket = Arc::new(ours);
+        let streams = Arc::new(streams_ours);
+        self.kept_streams.clone().take_from(streams.clone())?;
         {
             // Not before a daemon answered it: until then the INIT is
             // outstanding and goes with the other requests at adoption.
@@ -549,6 +618,7 @@ impl Supervisor {
             generation: self.generation,
             verdict,
             socket,
+            streams,
             handshake,
             started: Instant::now(),
         })
@@ -574,6 +644,7 @@ impl Supervisor {
         }
         relay.daemon_socket = Some(daemon.socket.clone());
         drop(relay);
+        self.kept_streams.hand_to(&daemon.streams);
         if let Some(path) = &self.settings.pid_file {
             if let Err(error) = write_pid_file(path, daemon.child.id()) {
                 tracing::warn!(path = %path.display(), %error, "could not write the pid file");
@@ -708,6 +779,7 @@ pub fn run(
         restarts: 0,
         handovers: 0,
         downtime: Duration::ZERO,
+        kept_streams: Arc::default(),
     };
     let reader = shared.clone();
     std::thread::Builder::new()

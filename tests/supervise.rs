@@ -339,3 +339,64 @@ fn a_metrics_port_another_process_took_does_not_stop_a_supervised_daemon() {
     );
     drop(squatter);
 }
+
+#[test]
+fn a_blocked_change_stream_reader_outlives_a_killed_daemon_and_an_upgrade() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    seed(&moto);
+    let (mut mount, pid_file) = supervised(&moto, &[], &[]);
+    let root = mount.path();
+    assert!(std::fs::read_to_string(root.join("s03"))
+        .unwrap()
+        .starts_with("secret-value-03"));
+    let out = mount.dir.path().join("stream.txt");
+    // A shell loop: a read that ended (EOF) would end it.
+    let mut reader = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "while read -r line; do echo \"$line\" >> {}; done < {}; echo EOF >> {}",
+            out.display(),
+            root.join("@changes").display(),
+            out.display()
+        ))
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let rt = runtime();
+    let ssm = client(&rt, &moto.endpoint);
+    let supervisor = mount.child.as_ref().unwrap().id() as i32;
+    for (round, value) in ["two", "three"].iter().enumerate() {
+        let old = daemon_pid(&pid_file);
+        if round == 0 {
+            // SAFETY: signalling the daemon.
+            unsafe { libc::kill(old, libc::SIGKILL) };
+        } else {
+            // SAFETY: signalling the supervisor (an upgrade).
+            unsafe { libc::kill(supervisor, libc::SIGUSR2) };
+        }
+        within(Duration::from_secs(20), "the next daemon", || {
+            std::fs::read_to_string(&pid_file)
+                .is_ok_and(|pid| pid.trim().parse::<i32>().is_ok_and(|pid| pid != old))
+        });
+        // The next daemon says changes may have been missed, and keeps what
+        // the kernel holds fresh again (it starts with an empty cache: no
+        // read reaches it while the kernel answers them).
+        within(Duration::from_secs(20), "@dropped", || {
+            lines_of(&out).iter().filter(|l| *l == "@dropped").count() > round
+        });
+        put(&rt, &ssm, "/sup/s03", value, ParameterType::SecureString);
+        let wanted = format!("s03 {}", round + 2);
+        within(Duration::from_secs(20), &wanted, || {
+            lines_of(&out).contains(&wanted)
+        });
+    }
+    let lines = lines_of(&out);
+    assert!(!lines.contains(&"EOF".to_string()), "{lines:?}");
+    assert!(reader.try_wait().unwrap().is_none(), "the reader ended");
+    let _ = reader.kill();
+    let _ = reader.wait();
+    assert!(mount.signal(libc::SIGTERM).success());
+}

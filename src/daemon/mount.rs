@@ -143,6 +143,9 @@ pub fn mount<S: ParameterStore>(
     config.n_threads = Some(settings.threads);
     config.clone_fd = true;
     let streams = crate::stream_pipes::StreamPipes::new(settings.mountpoint.clone());
+    if let Err(error) = streams.adopt_kept(fs.clone(), runtime.clone()) {
+        tracing::warn!(%error, "cannot take the change streams an earlier daemon left");
+    }
     let announcer = fs.change_announcer();
     runtime.spawn(fs.clone().keep_fresh());
     let adapter = FuseAdapter::new(fs, runtime, Some(streams));

@@ -24,7 +24,8 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use super::Fs;
-use crate::store::ParameterStore;
+use crate::inode::Role;
+use crate::store::{ParameterStore, MAX_BATCH};
 
 /// The name of the stream file in every directory (`@` is never in an SSM name).
 pub const CHANGES_NAME: &str = "@changes";
@@ -96,6 +97,27 @@ impl StreamSpec {
         }
     }
 
+    /// What a holder keeps of the stream, to hand it to the next daemon.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({"ino": self.ino, "dir": &*self.dir, "prefixes": self.ssm_prefixes})
+    }
+
+    /// A stream a holder kept, as `to_json` wrote it.
+    pub fn from_json(value: &serde_json::Value) -> Option<Self> {
+        let ino = value["ino"].as_u64().filter(|ino| *ino > STREAM_DIR_INO)?;
+        let dir = value["dir"].as_str()?;
+        let prefixes = value["prefixes"]
+            .as_array()?
+            .iter()
+            .map(|p| p.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()?;
+        Some(Self {
+            ino,
+            dir: dir.into(),
+            ssm_prefixes: prefixes,
+        })
+    }
+
     pub fn covers(&self, note: &ChangeNote) -> bool {
         self.dir.is_empty()
             || note
@@ -151,23 +173,35 @@ impl<S: ParameterStore> Fs<S> {
             dir: self.layout.mount_path_of_dir(dir).into(),
             ssm_prefixes: self.layout.ssm_prefixes_of_dir(dir),
         };
-        let mut open = self.streams.open.lock().unwrap();
-        // Random, so that only the stream's own daemon (and root) can name
-        // its write end: no other tenant's process can guess it.
-        let ino = loop {
-            let ino = STREAM_DIR_INO + 1 + (rand::random::<u64>() >> 2);
-            if !open.contains_key(&ino) {
-                break ino;
-            }
+        self.register_stream(|open| {
+            // Random, so that only the stream's own daemon (and root) can
+            // name its write end: no other tenant's process can guess it.
+            let ino = loop {
+                let ino = STREAM_DIR_INO + 1 + (rand::random::<u64>() >> 2);
+                if !open.contains_key(&ino) {
+                    break ino;
+                }
+            };
+            StreamSpec { ino, ..spec }
+        })
+    }
+
+    /// Adds the stream `make` builds (seeing the streams open), and wakes
+    /// `keep_fresh` if it is the only one.
+    fn register_stream(
+        &self,
+        make: impl FnOnce(&HashMap<u64, StreamSpec>) -> StreamSpec,
+    ) -> StreamSpec {
+        let (stream, first) = {
+            let mut open = self.streams.open.lock().unwrap();
+            let stream = make(&open);
+            open.insert(stream.ino, stream.clone());
+            (stream, open.len() == 1)
         };
-        let spec = StreamSpec { ino, ..spec };
-        open.insert(ino, spec.clone());
-        let first = open.len() == 1;
-        drop(open);
         if first {
             self.streams.opened.notify_one();
         }
-        spec
+        stream
     }
 
     /// A lookup by the daemon itself (its write end of a stream): `@stream`
@@ -188,6 +222,36 @@ impl<S: ParameterStore> Fs<S> {
             }
             _ => Err(FsError::NotFound),
         }
+    }
+
+    /// A stream an earlier daemon of this mount opened, handed over by the
+    /// holder: open again, kept fresh again. This daemon starts with an
+    /// empty cache while the kernel still holds the files its readers read
+    /// (and answers their rereads itself), so the values of those files the
+    /// stream covers are fetched now, ten to a call: without them, nothing
+    /// would be kept fresh, and a rotation would never show on the stream.
+    pub fn adopt_stream(self: &Arc<Self>, stream: StreamSpec) {
+        let held: Vec<Arc<str>> = self
+            .inodes
+            .all()
+            .into_iter()
+            .filter(|node| matches!(node.role, Role::File | Role::ShadowedValue))
+            .filter(|node| {
+                stream.ssm_prefixes.iter().any(|prefix| {
+                    *node.name == **prefix
+                        || crate::names::relative_to(prefix, &node.name).is_some()
+                })
+            })
+            .filter(|node| self.cache.value(&node.name).is_none())
+            .map(|node| node.name)
+            .collect();
+        self.register_stream(|_| stream);
+        let fs = self.clone();
+        tokio::spawn(async move {
+            for batch in held.chunks(MAX_BATCH) {
+                let _ = crate::store::resilient::in_background(fs.get_batch(batch)).await;
+            }
+        });
     }
 
     /// The stream numbered `ino`, while it is open.
