@@ -296,26 +296,40 @@ fn render_with(
             view_field(&reads, base.as_deref(), View::Conn, &path, &part)
         });
     }
-    let describe = |error: JinjaError| {
-        let line = error
+    let line_of = |error: &JinjaError| {
+        error
             .line()
             .map(|line| format!(" line {line}"))
-            .unwrap_or_default();
+            .unwrap_or_default()
+    };
+    // A syntax error quotes the template's own source, never a value: its
+    // detail says what is wrong.
+    let syntax_error = |error: JinjaError| {
+        let what = match error.detail() {
+            Some(detail) => format!("{}: {detail}", error.kind()),
+            None => error.kind().to_string(),
+        };
+        format!("template {name}{}: {what}", line_of(&error))
+    };
+    // An error while rendering may quote values ("unable to calculate
+    // {lhs} * {rhs}", "tried to include non-existing template \"{value}\""):
+    // only its kind, and the file that could not be read if a function
+    // recorded one.
+    let render_error = |error: JinjaError| {
         let failure = reads
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
             .failure
             .clone();
-        let what = failure.unwrap_or_else(|| match error.detail() {
-            Some(detail) => format!("{}: {detail}", error.kind()),
-            None => error.kind().to_string(),
-        });
-        format!("template {name}{line}: {what}")
+        let what = failure.unwrap_or_else(|| error.kind().to_string());
+        format!("template {name}{}: {what}", line_of(&error))
     };
     let template = env
         .template_from_named_str(&name, &source)
-        .map_err(describe)?;
-    let text = template.render(minijinja::context! {}).map_err(describe)?;
+        .map_err(syntax_error)?;
+    let text = template
+        .render(minijinja::context! {})
+        .map_err(render_error)?;
     Ok(Rendered {
         text: Zeroizing::new(text),
     })
@@ -786,6 +800,25 @@ mod tests {
         let relative = spec(root, "{{ file('pw') }}");
         let message = render_template(&relative, None).0.err().unwrap();
         assert!(message.contains("--root"), "{message}");
+    }
+
+    #[test]
+    fn render_errors_never_quote_a_value_even_a_short_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        // Shorter than redaction looks for: only the message's form keeps it out.
+        std::fs::write(root.join("pw"), "917").unwrap();
+        for template in [
+            "{% include file('pw') %}",
+            // minijinja's detail: "unable to calculate 917 * 1000...".
+            "{{ (file('pw') | int) * 10 ** 37 }}",
+            "{{ -(file('pw') | int) - 170141183460469231731687303715884105727 }}",
+        ] {
+            let (rendered, _) = render_template(&spec(root, template), Some(root));
+            let message = rendered.err().expect(template);
+            assert!(!message.contains("917"), "{template}: {message}");
+            assert!(message.contains("t.j2 line 1"), "{template}: {message}");
+        }
     }
 
     #[test]
