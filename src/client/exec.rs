@@ -424,6 +424,7 @@ const FORWARDED: [i32; 7] = [
 const HEALTHY_RUN: Duration = Duration::from_secs(60);
 
 pub fn run(args: ExecArgs) -> ExitCode {
+    super::not_dumpable();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

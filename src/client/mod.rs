@@ -94,6 +94,21 @@ fn init_logging() {
         .try_init();
 }
 
+/// Marks this process non-dumpable: it holds values, so no core file and
+/// no ptrace or /proc/PID/mem by other processes of the same user. Not
+/// `daemon::harden_process`: its RLIMIT_CORE of 0 would be inherited by
+/// exec's child, which is not ours to limit (the flag itself is reset by
+/// the child's execve).
+fn not_dumpable() {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        tracing::warn!(
+            "cannot mark the process non-dumpable: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Waits that double after each failure up to a cap, so a failure that
 /// lasts is one log line per step rather than a flood.
 #[derive(Debug, Clone)]

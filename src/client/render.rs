@@ -393,21 +393,18 @@ pub fn write_atomically(
             return Ok(false);
         }
     }
-    let dir = match dest.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
+    let dir = dir_of(dest);
     let name = dest
         .file_name()
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "names no file"))?;
-    // Hidden, so a watcher of `*.conf` does not pick up the half-written one.
+    // Hidden, so a watcher of `*.conf` does not pick up the half-written
+    // one; a random suffix and O_EXCL, so no other file is ever written
+    // through (a leftover, or a link planted in a shared directory).
     let temp = dir.join(format!(
-        ".{}.ssmfs-render-{}",
-        name.to_string_lossy(),
-        std::process::id()
+        "{}{:016x}",
+        temp_prefix(name),
+        rand::random::<u64>()
     ));
-    // A leftover of an earlier process with this pid.
-    let _ = std::fs::remove_file(&temp);
     let written = (|| {
         let mut file = std::fs::OpenOptions::new()
             .write(true)
@@ -429,6 +426,46 @@ pub fn write_atomically(
         let _ = std::fs::remove_file(&temp);
     }
     written.map(|()| true)
+}
+
+/// The start of the name of DEST's temporary files: `.{DEST name}.ssmfs-render-`.
+fn temp_prefix(dest_name: &std::ffi::OsStr) -> String {
+    format!(".{}.ssmfs-render-", dest_name.to_string_lossy())
+}
+
+/// Removes the temporary files an earlier render of `dest` left in its
+/// directory (killed between create and rename): each holds an old
+/// rendering, secrets and all.
+pub fn remove_leftover_temps(dest: &Path) {
+    let (dir, Some(name)) = (dir_of(dest), dest.file_name()) else {
+        return;
+    };
+    let prefix = temp_prefix(name);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => tracing::info!(
+                    "removed {}, left over by an earlier render",
+                    entry.path().display()
+                ),
+                Err(error) => tracing::warn!(
+                    "cannot remove {}, left over by an earlier render: {error}",
+                    entry.path().display()
+                ),
+            }
+        }
+    }
+}
+
+/// The directory a DEST is in (`.` for a bare name).
+fn dir_of(dest: &Path) -> &Path {
+    match dest.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    }
 }
 
 /// One `--template` and what its last render read.
@@ -462,6 +499,9 @@ impl Renderer {
                 [only] => Some(only.clone()),
                 _ => None,
             });
+        for spec in &args.templates {
+            remove_leftover_temps(&spec.dest);
+        }
         let outputs = args
             .templates
             .iter()
@@ -595,6 +635,7 @@ async fn run_command(command: &str, timeout: Duration) -> bool {
 }
 
 pub fn run(args: RenderArgs) -> ExitCode {
+    super::not_dumpable();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -819,6 +860,19 @@ mod tests {
             assert!(!message.contains("917"), "{template}: {message}");
             assert!(message.contains("t.j2 line 1"), "{template}: {message}");
         }
+    }
+
+    #[test]
+    fn leftover_temporary_files_of_a_dest_are_removed_and_others_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.conf");
+        let leftover = dir.path().join(".out.conf.ssmfs-render-1234");
+        std::fs::write(&leftover, "old secret").unwrap();
+        let other = dir.path().join(".other.conf.ssmfs-render-1234");
+        std::fs::write(&other, "x").unwrap();
+        remove_leftover_temps(&dest);
+        assert!(!leftover.exists());
+        assert!(other.exists(), "another DEST's file is not ours");
     }
 
     #[test]
