@@ -353,6 +353,31 @@ fn render_once_writes_the_output_with_its_mode() {
 }
 
 #[test]
+fn a_missing_dest_directory_is_named() {
+    let fixture = Fixture::new();
+    fixture.put("pw", "s3cret-1");
+    fs::write(fixture.path("t.j2"), "{{ file('pw') }}").unwrap();
+    let root = fixture.dir.path().display().to_string();
+    let status = fixture
+        .start(&[
+            "render",
+            "--once",
+            "--root",
+            &root,
+            "--template",
+            "t.j2:no-such-dir/out.conf",
+        ])
+        .wait(PATIENCE);
+    assert!(!status.success());
+    let log = fixture.log();
+    assert!(
+        log.contains("its directory no-such-dir does not exist"),
+        "{log}"
+    );
+    assert!(!log.contains("s3cret"), "{log}");
+}
+
+#[test]
 fn a_render_error_is_one_line_keeps_the_old_output_and_runs_no_command() {
     let fixture = Fixture::new();
     fixture.put("pw", "hunter22-secret");

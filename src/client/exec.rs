@@ -69,8 +69,9 @@ pub struct ExecArgs {
     /// backoff (1 s doubling to 60 s).
     #[arg(long, value_enum, default_value = "exit")]
     pub on_exit: OnExit,
-    /// Follow this stream instead of each mount's `@changes`; paths in its
-    /// lines are relative to its directory (e.g. a subtree's DIR/@changes).
+    /// Follow this stream instead of each mount's `@changes` (e.g. a
+    /// subtree's DIR/@changes); paths in its lines are relative to the root
+    /// of the ssmfs mount holding it (to its directory if it is on none).
     #[arg(long, value_name = "PATH")]
     pub changes: Option<PathBuf>,
     /// The command and its arguments, after `--`.
@@ -529,7 +530,6 @@ impl Supervisor {
 
     /// Runs until exec exits; returns its exit code.
     async fn run(mut self) -> u8 {
-        self.follow_streams();
         loop {
             let wake = self.next_wake();
             let outcome = tokio::select! {
@@ -620,9 +620,12 @@ impl Supervisor {
         }
     }
 
+    /// Reads the values; after a read that worked, follows the streams of
+    /// the mounts they are on (a mount may have come up since the last).
     fn read_values(&mut self) -> Result<Values, ReadError> {
         let mut notes = Vec::new();
         let values = self.sources.read_values(&mut notes)?;
+        self.follow_streams();
         for note in notes.iter().filter(|note| !self.said_notes.contains(note)) {
             tracing::warn!("{note}");
         }
@@ -771,6 +774,7 @@ impl Supervisor {
             if let Some(stopping) = stopping {
                 match stopping.restart_with {
                     Some(values) => {
+                        kill_leftovers(pid);
                         if let Some(code) = self.spawn(values) {
                             return Some(code);
                         }
@@ -785,6 +789,7 @@ impl Supervisor {
                     return Some(code);
                 }
                 OnExit::Restart => {
+                    kill_leftovers(pid);
                     if ran >= HEALTHY_RUN {
                         self.crash_backoff.reset();
                     }
@@ -813,11 +818,20 @@ fn stop(child: &mut Running, grace: Duration, restart_with: Option<Values>) {
 /// Signals the child's process group, or the child alone if it left the
 /// group it was started in.
 fn signal_group(pid: i32, number: i32) {
-    // SAFETY: kill with integer arguments only.
-    unsafe {
-        if libc::kill(-pid, number) != 0 {
-            libc::kill(pid, number);
-        }
+    if !super::kill_group(pid, number) {
+        // SAFETY: kill with integer arguments only.
+        unsafe { libc::kill(pid, number) };
+    }
+}
+
+/// Before a new child: what is left of the old one's process group
+/// (members that ignored SIGTERM) must not run beside it.
+fn kill_leftovers(old_pgid: i32) {
+    if super::kill_group(old_pgid, libc::SIGKILL) {
+        tracing::warn!(
+            pgid = old_pgid,
+            "processes of the old child's group were still running: killed"
+        );
     }
 }
 

@@ -109,6 +109,14 @@ fn not_dumpable() {
     }
 }
 
+/// Sends `signal` to the process group `pgid`; whether it was delivered
+/// (false when no process is left in it).
+fn kill_group(pgid: i32, signal: i32) -> bool {
+    // SAFETY: kill with integer arguments only; a pgid of 0 or less would
+    // mean another group than asked.
+    pgid > 0 && unsafe { libc::kill(-pgid, signal) } == 0
+}
+
 /// Waits that double after each failure up to a cap, so a failure that
 /// lasts is one log line per step rather than a flood.
 #[derive(Debug, Clone)]

@@ -68,13 +68,14 @@ pub struct RenderArgs {
     /// command, if it ran, succeeded), 1 otherwise.
     #[arg(long)]
     pub once: bool,
-    /// Follow this stream instead of each mount's `@changes`; paths in its
-    /// lines are relative to its directory.
+    /// Follow this stream instead of each mount's `@changes` (e.g. a
+    /// subtree's DIR/@changes); paths in its lines are relative to the root
+    /// of the ssmfs mount holding it (to its directory if it is on none).
     #[arg(long, value_name = "PATH")]
     pub changes: Option<PathBuf>,
-    /// Where a relative path in `file()` starts. Without it: the directory
-    /// of --changes, else the one ssmfs mount of this host (an error when
-    /// there are several).
+    /// Where a relative path in `file()` starts. Without it: where the
+    /// lines of --changes are relative to, else the one ssmfs mount of this
+    /// host (an error when there are several).
     #[arg(long, value_name = "DIR")]
     pub root: Option<PathBuf>,
 }
@@ -418,14 +419,21 @@ pub fn write_atomically(
         // After chown, which clears set-id bits.
         file.set_permissions(std::fs::Permissions::from_mode(mode))?;
         file.sync_all()?;
-        std::fs::rename(&temp, dest)?;
-        // The rename itself survives a crash.
-        std::fs::File::open(dir)?.sync_all()
+        std::fs::rename(&temp, dest)
     })();
     if written.is_err() {
         let _ = std::fs::remove_file(&temp);
     }
-    written.map(|()| true)
+    written?;
+    // So the rename itself survives a crash. DEST is written either way:
+    // readers see the new file, and the command must run for it.
+    if let Err(error) = std::fs::File::open(dir).and_then(|dir| dir.sync_all()) {
+        tracing::warn!(
+            "{} is written, but syncing its directory failed: {error}",
+            dest.display()
+        );
+    }
+    Ok(true)
 }
 
 /// The start of the name of DEST's temporary files: `.{DEST name}.ssmfs-render-`.
@@ -488,17 +496,6 @@ struct Renderer {
 
 impl Renderer {
     fn new(args: RenderArgs) -> Self {
-        let base = args
-            .root
-            .clone()
-            .or_else(|| {
-                let changes = args.changes.as_ref()?;
-                Some(stream::key(changes).parent()?.to_path_buf())
-            })
-            .or_else(|| match stream::current_ssmfs_mounts().as_slice() {
-                [only] => Some(only.clone()),
-                _ => None,
-            });
         for spec in &args.templates {
             remove_leftover_temps(&spec.dest);
         }
@@ -516,18 +513,42 @@ impl Renderer {
             .collect();
         Self {
             args,
-            base,
+            base: None,
             outputs,
             command_owed: false,
         }
     }
 
+    /// Where a relative path in `file()` starts: --root; else where the
+    /// lines of --changes land (the ssmfs mount holding it, or its
+    /// directory); else the one ssmfs mount of this host. Looked for again
+    /// until found: a mount may come up after render starts.
+    fn base(&mut self) -> Option<PathBuf> {
+        if self.base.is_none() {
+            let mounts = stream::current_ssmfs_mounts();
+            self.base = self
+                .args
+                .root
+                .clone()
+                .or_else(|| {
+                    let changes = stream::key(self.args.changes.as_ref()?);
+                    Some(stream::line_base_of(&changes, &mounts).dir)
+                })
+                .or_else(|| match mounts.as_slice() {
+                    [only] => Some(only.dir.clone()),
+                    _ => None,
+                });
+        }
+        self.base.clone()
+    }
+
     /// Renders every dirty template; returns how many failed.
     fn render_dirty(&mut self, retrying: bool) -> usize {
+        let base = self.base();
         let mut failed = 0;
         for output in self.outputs.iter_mut().filter(|output| output.dirty) {
             output.dirty = false;
-            let (rendered, reads) = render_template(&output.spec, self.base.as_deref());
+            let (rendered, reads) = render_template(&output.spec, base.as_deref());
             output.reads = reads.files;
             let dest = output.spec.dest.display();
             let written = rendered.and_then(|rendered| {
@@ -537,7 +558,17 @@ impl Renderer {
                     output.spec.mode,
                     self.args.owner,
                 )
-                .map_err(|cause| format!("cannot write {dest}: {cause}"))
+                .map_err(|cause| {
+                    let dir = dir_of(&output.spec.dest);
+                    if cause.kind() == std::io::ErrorKind::NotFound && !dir.is_dir() {
+                        format!(
+                            "cannot write {dest}: its directory {} does not exist",
+                            dir.display()
+                        )
+                    } else {
+                        format!("cannot write {dest}: {cause}")
+                    }
+                })
             });
             match written {
                 Ok(changed) => {
@@ -621,8 +652,7 @@ async fn run_command(command: &str, timeout: Duration) -> bool {
         }
         Err(_) => {
             if let Some(pid) = child.id() {
-                // SAFETY: kill with integer arguments only.
-                unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+                super::kill_group(pid as i32, libc::SIGKILL);
             }
             let _ = child.wait().await;
             tracing::warn!(
