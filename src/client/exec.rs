@@ -426,17 +426,7 @@ const HEALTHY_RUN: Duration = Duration::from_secs(60);
 
 pub fn run(args: ExecArgs) -> ExitCode {
     super::not_dumpable();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("ssmfs exec: cannot start: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let code = runtime.block_on(async {
+    let code = super::block_on("exec", async {
         match Supervisor::new(args) {
             Ok(supervisor) => supervisor.run().await,
             Err(error) => {
@@ -445,6 +435,9 @@ pub fn run(args: ExecArgs) -> ExitCode {
             }
         }
     });
+    let Some(code) = code else {
+        return ExitCode::FAILURE;
+    };
     ExitCode::from(code)
 }
 

@@ -10,9 +10,9 @@
 //! signals it; `render` writes Jinja templates into files atomically and
 //! runs a command after them. No value ever reaches a log line.
 
-pub mod exec;
-pub mod render;
-pub mod stream;
+mod exec;
+mod render;
+mod stream;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -109,6 +109,22 @@ fn not_dumpable() {
     }
 }
 
+/// Runs `future` on a runtime of one thread (exec and render wait on
+/// signals, a child and a stream channel: nothing to spread over cores);
+/// `None`, said on stderr, when no runtime can be built.
+fn block_on<F: std::future::Future>(command: &str, future: F) -> Option<F::Output> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => Some(runtime.block_on(future)),
+        Err(error) => {
+            eprintln!("ssmfs {command}: cannot start: {error}");
+            None
+        }
+    }
+}
+
 /// Sends `signal` to the process group `pgid`; whether it was delivered
 /// (false when no process is left in it).
 fn kill_group(pgid: i32, signal: i32) -> bool {
@@ -145,10 +161,6 @@ impl Backoff {
     /// After a success: the next failure waits the first delay again.
     pub fn reset(&mut self) {
         self.next = self.first;
-    }
-
-    pub fn cap(&self) -> Duration {
-        self.cap
     }
 }
 

@@ -666,17 +666,7 @@ async fn run_command(command: &str, timeout: Duration) -> bool {
 
 pub fn run(args: RenderArgs) -> ExitCode {
     super::not_dumpable();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("ssmfs render: cannot start: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async {
+    super::block_on("render", async {
         if args.once {
             let mut renderer = Renderer::new(args);
             let failed = renderer.render_dirty(false);
@@ -697,6 +687,7 @@ pub fn run(args: RenderArgs) -> ExitCode {
             }
         }
     })
+    .unwrap_or(ExitCode::FAILURE)
 }
 
 /// Renders, then renders again as changes come, until SIGTERM or SIGINT.

@@ -310,7 +310,7 @@ mod tests {
             parse("a/b.c-d@x:y deleted\n"),
             Some(Change::Path("/mnt/app/a/b.c-d@x:y".into()))
         );
-        assert_eq!(parse("@dropped\n"), Some(Change::Dropped));
+        assert_eq!(parse(crate::fs::DROPPED_LINE), Some(Change::Dropped));
         // Lines this version cannot read: look at everything again.
         for odd in [
             "",
@@ -344,7 +344,7 @@ mod tests {
         // Outside the part this mount shows: nothing here changed.
         assert_eq!(parse("staging/db 3"), None);
         assert_eq!(parse("production/db 3"), None);
-        assert_eq!(parse("@dropped"), Some(Change::Dropped));
+        assert_eq!(parse(crate::fs::DROPPED_LINE), Some(Change::Dropped));
         assert_eq!(
             LineBase::at("/mnt/app".into()).place("prod/db"),
             Some("/mnt/app/prod/db".into())
