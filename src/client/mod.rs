@@ -10,6 +10,7 @@
 //! signals it; `render` writes Jinja templates into files atomically and
 //! runs a command after them. No value ever reaches a log line.
 
+mod atomic;
 mod exec;
 mod render;
 mod stream;
