@@ -352,6 +352,21 @@ mod tests {
     }
 
     #[test]
+    fn every_open_the_first_too_is_reported_as_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let stream = dir.path().join(CHANGES_NAME);
+        std::fs::write(&stream, b"x 3\ncaf\xe9 4\ny deleted\n").unwrap();
+        let (sender, mut receiver) = unbounded_channel();
+        let base = LineBase::at(dir.path().to_path_buf());
+        std::thread::spawn(move || follow_stream(&stream, &base, &sender));
+        let mut next = || receiver.blocking_recv().unwrap();
+        assert_eq!(next(), Change::Dropped, "what changed before the open");
+        assert_eq!(next(), Change::Path(dir.path().join("x")));
+        assert_eq!(next(), Change::Dropped, "a line that is not UTF-8");
+        assert_eq!(next(), Change::Path(dir.path().join("y")));
+    }
+
+    #[test]
     fn a_change_concerns_its_own_file_and_dropped_all() {
         let used = Path::new("/mnt/app/db");
         assert!(Change::Path("/mnt/app/db".into()).concerns(used));
