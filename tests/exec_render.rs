@@ -125,6 +125,30 @@ fn exec_restarts_the_child_with_the_new_value() {
 }
 
 #[test]
+fn a_restart_kills_what_is_left_of_the_old_process_group() {
+    let mut fixture = Fixture::new();
+    fixture.put("db", "pw-one");
+    let env = format!("DB={}", fixture.path("db").display());
+    // A member of the child's group that ignores SIGTERM; the grace is long,
+    // so only the kill before the new child can end it.
+    let running = start_exec(
+        &fixture,
+        &["--env", &env, "--debounce", "100ms", "--grace", "60s"],
+        "sh -c \"trap '' TERM; exec sleep 1000\" & echo $! >> pids; echo \"$DB\" >> out; exec sleep 1000",
+    );
+    wait_for("the first start", || fixture.lines("pids").len() == 1);
+    let first: i32 = fixture.lines("pids")[0].parse().unwrap();
+    fixture.put("db", "pw-two");
+    fixture.announce("db 2");
+    wait_for("the restart", || fixture.lines("out").len() == 2);
+    // SAFETY: kill with signal 0 only asks whether the process exists.
+    wait_for("the old group's member to be gone", || unsafe {
+        libc::kill(first, 0) != 0
+    });
+    drop(running);
+}
+
+#[test]
 fn ten_rotations_in_a_burst_are_one_restart_and_an_unchanged_value_none() {
     let mut fixture = Fixture::new();
     fixture.put("db", "v0");
@@ -350,6 +374,31 @@ fn render_once_writes_the_output_with_its_mode() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o640);
+}
+
+#[test]
+fn a_missing_dest_directory_is_named() {
+    let fixture = Fixture::new();
+    fixture.put("pw", "s3cret-1");
+    fs::write(fixture.path("t.j2"), "{{ file('pw') }}").unwrap();
+    let root = fixture.dir.path().display().to_string();
+    let status = fixture
+        .start(&[
+            "render",
+            "--once",
+            "--root",
+            &root,
+            "--template",
+            "t.j2:no-such-dir/out.conf",
+        ])
+        .wait(PATIENCE);
+    assert!(!status.success());
+    let log = fixture.log();
+    assert!(
+        log.contains("its directory no-such-dir does not exist"),
+        "{log}"
+    );
+    assert!(!log.contains("s3cret"), "{log}");
 }
 
 #[test]

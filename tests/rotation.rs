@@ -251,6 +251,49 @@ fn exec_restarts_the_child_once_per_rotation_within_the_ttl() {
 }
 
 #[test]
+fn a_subtree_stream_names_paths_from_the_mount_root() {
+    if !have_fuse_and_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let rt = runtime();
+    let ssm = client(&rt, &moto.endpoint);
+    put(
+        &rt,
+        &ssm,
+        "/sub/db/password",
+        "pw-1",
+        ParameterType::SecureString,
+    );
+    let mount = Mount::start(&moto.endpoint, "/sub", &["--ttl", TTL_ARG]);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("starts");
+    // db/@changes still says "db/password 2": relative to the mount root.
+    let changes = mount.path().join("db/@changes").display().to_string();
+    let mut exec = start_exec(
+        dir.path(),
+        &[("DB", mount.path().join("db/password"))],
+        &["--changes", &changes, "--grace", "2s"],
+        &out,
+    );
+    within(Duration::from_secs(20), "the first start", || {
+        lines_of(&out).len() == 1
+    });
+    put(
+        &rt,
+        &ssm,
+        "/sub/db/password",
+        "pw-2",
+        ParameterType::SecureString,
+    );
+    within(ttl_limit(), "the restart with the new value", || {
+        lines_of(&out).len() >= 2
+    });
+    assert_eq!(lines_of(&out), ["pw-1", "pw-2"], "log:\n{}", exec.log());
+    assert!(exec.running(), "exec exited; log:\n{}", exec.log());
+}
+
+#[test]
 fn ten_parameters_rotated_within_a_second_are_one_restart() {
     if !have_fuse_and_moto() {
         return;

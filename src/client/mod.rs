@@ -10,9 +10,10 @@
 //! signals it; `render` writes Jinja templates into files atomically and
 //! runs a command after them. No value ever reaches a log line.
 
-pub mod exec;
-pub mod render;
-pub mod stream;
+mod atomic;
+mod exec;
+mod render;
+mod stream;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -94,6 +95,45 @@ fn init_logging() {
         .try_init();
 }
 
+/// Marks this process non-dumpable: it holds values, so no core file and
+/// no ptrace or /proc/PID/mem by other processes of the same user. Not
+/// `daemon::harden_process`: its RLIMIT_CORE of 0 would be inherited by
+/// exec's child, which is not ours to limit (the flag itself is reset by
+/// the child's execve).
+fn not_dumpable() {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        tracing::warn!(
+            "cannot mark the process non-dumpable: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Runs `future` on a runtime of one thread (exec and render wait on
+/// signals, a child and a stream channel: nothing to spread over cores);
+/// `None`, said on stderr, when no runtime can be built.
+fn block_on<F: std::future::Future>(command: &str, future: F) -> Option<F::Output> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => Some(runtime.block_on(future)),
+        Err(error) => {
+            eprintln!("ssmfs {command}: cannot start: {error}");
+            None
+        }
+    }
+}
+
+/// Sends `signal` to the process group `pgid`; whether it was delivered
+/// (false when no process is left in it).
+fn kill_group(pgid: i32, signal: i32) -> bool {
+    // SAFETY: kill with integer arguments only; a pgid of 0 or less would
+    // mean another group than asked.
+    pgid > 0 && unsafe { libc::kill(-pgid, signal) } == 0
+}
+
 /// Waits that double after each failure up to a cap, so a failure that
 /// lasts is one log line per step rather than a flood.
 #[derive(Debug, Clone)]
@@ -122,10 +162,6 @@ impl Backoff {
     /// After a success: the next failure waits the first delay again.
     pub fn reset(&mut self) {
         self.next = self.first;
-    }
-
-    pub fn cap(&self) -> Duration {
-        self.cap
     }
 }
 

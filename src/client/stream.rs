@@ -2,26 +2,28 @@
 //!
 //! Model: a file is matched to its mount by canonicalizing it and taking
 //! the longest mount point in /proc/self/mountinfo whose type is
-//! `fuse.ssmfs`; each such mount's `<root>/@changes` is opened once, and a
-//! thread per stream turns its lines into `Change`s (a path made absolute
-//! against the stream's directory, or `Dropped`) on one channel. A stream
-//! that ends or fails is reopened with backoff, and the reopen is reported
-//! as `Dropped`, since lines were missed meanwhile. `--changes PATH` replaces
-//! all of this with one stream whose lines are relative to PATH's directory
-//! (how the tests drive it with a FIFO, and a way to follow a subtree's
-//! `DIR/@changes`). Lines carry no values, only names and versions.
+//! `fuse.ssmfs`; each such mount's `<mount point>/@changes` is opened once,
+//! and a thread per stream turns its lines into `Change`s (an absolute
+//! path, or `Dropped`) on one channel. A line names a file relative to the
+//! root of the mount's filesystem, whichever directory's `@changes` was
+//! opened; a bind mount of a subdirectory (mountinfo's root field, e.g.
+//! `/prod`) shows only the lines below it, with that part taken off. Every
+//! open, the first included, is reported as `Dropped`: what changed before
+//! it (between a command's first read and the open, or while a stream was
+//! reopened) is not in the stream. `--changes PATH` replaces all of this
+//! with one stream, whose lines are relative to the ssmfs mount holding
+//! PATH, or to PATH's directory when it is on none (how the tests drive it
+//! with a FIFO). Lines carry no values, only names and versions.
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::{human, Backoff};
-
-/// The file at the root of every ssmfs mount that streams its changes.
-pub const STREAM_NAME: &str = "@changes";
+use crate::fs::{ChangeNote, CHANGES_NAME};
 
 /// The filesystem type ssmfs mounts show in /proc/self/mountinfo.
 const SSMFS_FSTYPE: &str = "fuse.ssmfs";
@@ -47,28 +49,43 @@ impl Change {
     }
 }
 
-/// Reads one line of the stream of the mount at `root`. A line this
-/// version cannot read is taken as `Dropped`: looking again is always safe.
-pub fn parse_line(root: &Path, line: &str) -> Change {
-    let line = line.trim_end_matches(['\n', '\r']);
-    if line == "@dropped" {
-        return Change::Dropped;
+/// Where a stream's lines land: `dir` is the directory their paths are
+/// joined onto (a mount point), `root` the part of the filesystem it shows
+/// (mountinfo's root field: `/` for a whole mount, `/prod` for a bind
+/// mount of the subdirectory `prod`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineBase {
+    pub dir: PathBuf,
+    pub root: PathBuf,
+}
+
+impl LineBase {
+    /// Lines relative to `dir` itself (a stream on no ssmfs mount).
+    pub fn at(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            root: PathBuf::from("/"),
+        }
     }
-    let Some((path, what)) = line.split_once(' ') else {
-        return Change::Dropped;
+
+    /// The file a line's path (relative to the filesystem's root) names
+    /// here; `None` when it is outside the part this mount shows.
+    pub fn place(&self, line_path: &str) -> Option<PathBuf> {
+        let root = self.root.strip_prefix("/").unwrap_or(&self.root);
+        let below = Path::new(line_path).strip_prefix(root).ok()?;
+        Some(self.dir.join(below))
+    }
+}
+
+/// Reads one line of a stream whose lines land at `base`: `None` for a
+/// line about a file this mount does not show. A line this version cannot
+/// read (not UTF-8 either) is taken as `Dropped`: looking again is always
+/// safe.
+pub fn parse_line(base: &LineBase, line: &[u8]) -> Option<Change> {
+    let Some(note) = std::str::from_utf8(line).ok().and_then(ChangeNote::parse) else {
+        return Some(Change::Dropped);
     };
-    let known = what == "deleted" || (!what.is_empty() && what.bytes().all(|b| b.is_ascii_digit()));
-    let relative = Path::new(path);
-    // Only plain names below the root: a `..` or an absolute path would
-    // point outside the mount the stream speaks for.
-    let plain = !path.is_empty()
-        && relative
-            .components()
-            .all(|component| matches!(component, Component::Normal(_)));
-    if !known || !plain {
-        return Change::Dropped;
-    }
-    Change::Path(root.join(relative))
+    base.place(&note.path).map(Change::Path)
 }
 
 /// The form of a path that change lines are compared in: canonical when
@@ -84,36 +101,55 @@ pub fn key(path: &Path) -> PathBuf {
     }
 }
 
-/// The mount points of ssmfs mounts in a /proc/self/mountinfo text.
-pub fn ssmfs_mounts(mountinfo: &str) -> Vec<PathBuf> {
+/// The ssmfs mounts in a /proc/self/mountinfo text: each mount point and
+/// the part of its filesystem it shows.
+pub fn ssmfs_mounts(mountinfo: &str) -> Vec<LineBase> {
     mountinfo
         .lines()
         .filter_map(|line| {
             // "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER"
             let (before, after) = line.split_once(" - ")?;
-            let mountpoint = before.split(' ').nth(4)?;
+            let mut fields = before.split(' ').skip(3);
+            let root = fields.next()?;
+            let mountpoint = fields.next()?;
             let fstype = after.split(' ').next()?;
-            (fstype == SSMFS_FSTYPE).then(|| PathBuf::from(unescape_mountinfo(mountpoint)))
+            (fstype == SSMFS_FSTYPE).then(|| LineBase {
+                dir: PathBuf::from(unescape_mountinfo(mountpoint)),
+                root: PathBuf::from(unescape_mountinfo(root)),
+            })
         })
         .collect()
 }
 
 /// The ssmfs mount holding `canonical` (an absolute canonical path): the
 /// longest mount point that contains it, as the kernel resolves it.
-pub fn mount_root_of(canonical: &Path, mounts: &[PathBuf]) -> Option<PathBuf> {
+pub fn mount_of<'a>(canonical: &Path, mounts: &'a [LineBase]) -> Option<&'a LineBase> {
     mounts
         .iter()
-        .filter(|mount| canonical.starts_with(mount))
-        .max_by_key(|mount| mount.as_os_str().len())
-        .cloned()
+        .filter(|mount| canonical.starts_with(&mount.dir))
+        .max_by_key(|mount| mount.dir.as_os_str().len())
 }
 
-/// The ssmfs mount points of this process's mount namespace (none when
+/// The ssmfs mounts of this process's mount namespace (none when
 /// /proc cannot be read: then no change is followed, which is logged).
-pub fn current_ssmfs_mounts() -> Vec<PathBuf> {
+pub fn current_ssmfs_mounts() -> Vec<LineBase> {
     std::fs::read_to_string("/proc/self/mountinfo")
         .map(|text| ssmfs_mounts(&text))
         .unwrap_or_default()
+}
+
+/// Where the lines of the stream file `stream` (a `key`) land: the ssmfs
+/// mount holding it, whichever directory's stream it is, or its own
+/// directory when it is on none (a FIFO).
+pub fn line_base_of(stream: &Path, mounts: &[LineBase]) -> LineBase {
+    mount_of(stream, mounts).cloned().unwrap_or_else(|| {
+        LineBase::at(
+            stream
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("/")),
+        )
+    })
 }
 
 /// mountinfo writes space, tab, newline and backslash as `\ooo`.
@@ -167,24 +203,21 @@ impl Streams {
         };
         if let Some(stream) = fixed {
             let stream = key(stream);
-            let root = stream
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| PathBuf::from("/"));
-            streams.start(stream, root);
+            let base = line_base_of(&stream, &current_ssmfs_mounts());
+            streams.start(stream, base);
         }
         (streams, receiver)
     }
 
     /// Makes sure the changes of the file at `used` (a `key`) are followed.
-    pub fn follow(&mut self, used: &Path, mounts: &[PathBuf]) {
+    pub fn follow(&mut self, used: &Path, mounts: &[LineBase]) {
         if self.fixed {
             return;
         }
-        match mount_root_of(used, mounts) {
-            Some(root) => {
-                if self.followed.insert(root.clone()) {
-                    self.start(root.join(STREAM_NAME), root);
+        match mount_of(used, mounts) {
+            Some(mount) => {
+                if self.followed.insert(mount.dir.clone()) {
+                    self.start(mount.dir.join(CHANGES_NAME), mount.clone());
                 }
             }
             None => {
@@ -198,11 +231,11 @@ impl Streams {
         }
     }
 
-    fn start(&mut self, stream: PathBuf, root: PathBuf) {
+    fn start(&mut self, stream: PathBuf, base: LineBase) {
         let sender = self.sender.clone();
         let spawned = std::thread::Builder::new()
             .name("ssmfs-changes".into())
-            .spawn(move || follow_stream(&stream, &root, &sender));
+            .spawn(move || follow_stream(&stream, &base, &sender));
         if let Err(error) = spawned {
             tracing::error!(%error, "cannot start a thread to follow changes");
         }
@@ -217,24 +250,25 @@ const HEALTHY_STREAM: Duration = Duration::from_secs(30);
 /// read in a thread of its own: a FUSE file (or a FIFO) has no readiness a
 /// runtime could wait on more cheaply, and the thread costs nothing while
 /// no line comes.
-fn follow_stream(stream: &Path, root: &Path, sender: &UnboundedSender<Change>) {
+fn follow_stream(stream: &Path, base: &LineBase, sender: &UnboundedSender<Change>) {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
-    let mut reopened = false;
     loop {
         let opened_at = Instant::now();
         let outcome = match std::fs::File::open(stream) {
             Ok(file) => {
-                if reopened && sender.send(Change::Dropped).is_err() {
+                // What changed before this open is not in the stream.
+                if sender.send(Change::Dropped).is_err() {
                     return;
                 }
                 let mut reader = BufReader::new(file);
-                let mut line = String::new();
+                let mut line = Vec::new();
                 loop {
                     line.clear();
-                    match reader.read_line(&mut line) {
+                    match reader.read_until(b'\n', &mut line) {
                         Ok(0) => break "ended".to_string(),
                         Ok(_) => {
-                            if sender.send(parse_line(root, &line)).is_err() {
+                            let change = parse_line(base, &line);
+                            if change.is_some_and(|change| sender.send(change).is_err()) {
                                 return;
                             }
                         }
@@ -257,7 +291,6 @@ fn follow_stream(stream: &Path, root: &Path, sender: &UnboundedSender<Change>) {
             human(delay)
         );
         std::thread::sleep(delay);
-        reopened = true;
     }
 }
 
@@ -267,16 +300,17 @@ mod tests {
 
     #[test]
     fn lines_become_absolute_paths_or_dropped() {
-        let root = Path::new("/mnt/app");
+        let base = LineBase::at("/mnt/app".into());
+        let parse = |line: &str| parse_line(&base, line.as_bytes());
         assert_eq!(
-            parse_line(root, "variables/db_password 7\n"),
-            Change::Path("/mnt/app/variables/db_password".into())
+            parse("variables/db_password 7\n"),
+            Some(Change::Path("/mnt/app/variables/db_password".into()))
         );
         assert_eq!(
-            parse_line(root, "a/b.c-d@x:y deleted\n"),
-            Change::Path("/mnt/app/a/b.c-d@x:y".into())
+            parse("a/b.c-d@x:y deleted\n"),
+            Some(Change::Path("/mnt/app/a/b.c-d@x:y".into()))
         );
-        assert_eq!(parse_line(root, "@dropped\n"), Change::Dropped);
+        assert_eq!(parse(crate::fs::DROPPED_LINE), Some(Change::Dropped));
         // Lines this version cannot read: look at everything again.
         for odd in [
             "",
@@ -286,8 +320,50 @@ mod tests {
             "/abs 1",
             "a  1",
         ] {
-            assert_eq!(parse_line(root, odd), Change::Dropped, "{odd:?}");
+            assert_eq!(parse(odd), Some(Change::Dropped), "{odd:?}");
         }
+        assert_eq!(
+            parse_line(&base, b"caf\xe9 1\n"),
+            Some(Change::Dropped),
+            "not UTF-8"
+        );
+    }
+
+    #[test]
+    fn a_bind_mount_of_a_subdirectory_takes_its_root_off_line_paths() {
+        let bind = LineBase {
+            dir: "/secrets".into(),
+            root: "/prod".into(),
+        };
+        let parse = |line: &str| parse_line(&bind, line.as_bytes());
+        assert_eq!(parse("prod/db 3"), Some(Change::Path("/secrets/db".into())));
+        assert_eq!(
+            parse("prod/a/b deleted"),
+            Some(Change::Path("/secrets/a/b".into()))
+        );
+        // Outside the part this mount shows: nothing here changed.
+        assert_eq!(parse("staging/db 3"), None);
+        assert_eq!(parse("production/db 3"), None);
+        assert_eq!(parse(crate::fs::DROPPED_LINE), Some(Change::Dropped));
+        assert_eq!(
+            LineBase::at("/mnt/app".into()).place("prod/db"),
+            Some("/mnt/app/prod/db".into())
+        );
+    }
+
+    #[test]
+    fn every_open_the_first_too_is_reported_as_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let stream = dir.path().join(CHANGES_NAME);
+        std::fs::write(&stream, b"x 3\ncaf\xe9 4\ny deleted\n").unwrap();
+        let (sender, mut receiver) = unbounded_channel();
+        let base = LineBase::at(dir.path().to_path_buf());
+        std::thread::spawn(move || follow_stream(&stream, &base, &sender));
+        let mut next = || receiver.blocking_recv().unwrap();
+        assert_eq!(next(), Change::Dropped, "what changed before the open");
+        assert_eq!(next(), Change::Path(dir.path().join("x")));
+        assert_eq!(next(), Change::Dropped, "a line that is not UTF-8");
+        assert_eq!(next(), Change::Path(dir.path().join("y")));
     }
 
     #[test]
@@ -306,23 +382,40 @@ mod tests {
 41 40 0:41 / /mnt/app/inner rw,nosuid,nodev shared:5 master:2 - fuse.ssmfs ssmfs:/other rw
 42 22 0:42 / /mnt/with\\040space rw - fuse.ssmfs ssmfs:/s rw
 43 22 0:43 / /mnt/app-not rw - fuse.sshfs host:/ rw
+44 22 0:40 /prod /secrets rw - fuse.ssmfs ssmfs:/app rw
 ";
         let mounts = ssmfs_mounts(mountinfo);
+        let dirs: Vec<&Path> = mounts.iter().map(|mount| mount.dir.as_path()).collect();
         assert_eq!(
-            mounts,
+            dirs,
             [
-                PathBuf::from("/mnt/app"),
-                "/mnt/app/inner".into(),
-                "/mnt/with space".into()
+                Path::new("/mnt/app"),
+                Path::new("/mnt/app/inner"),
+                Path::new("/mnt/with space"),
+                Path::new("/secrets"),
             ]
         );
-        let root = |path: &str| mount_root_of(Path::new(path), &mounts);
+        assert_eq!(mounts[3].root, Path::new("/prod"));
+        let root = |path: &str| mount_of(Path::new(path), &mounts).map(|mount| mount.dir.clone());
         assert_eq!(root("/mnt/app/db"), Some("/mnt/app".into()));
         assert_eq!(root("/mnt/app/inner/x/y"), Some("/mnt/app/inner".into()));
         assert_eq!(root("/mnt/with space/k"), Some("/mnt/with space".into()));
         // A sibling whose name merely starts the same is not inside.
         assert_eq!(root("/mnt/app-not/db"), None);
         assert_eq!(root("/etc/passwd"), None);
+        // A subtree's stream speaks for the whole mount; a FIFO for its directory.
+        assert_eq!(
+            line_base_of(Path::new("/mnt/app/db/@changes"), &mounts),
+            LineBase::at("/mnt/app".into())
+        );
+        assert_eq!(
+            line_base_of(Path::new("/secrets/db/@changes"), &mounts),
+            mounts[3]
+        );
+        assert_eq!(
+            line_base_of(Path::new("/tmp/t/@changes"), &mounts),
+            LineBase::at("/tmp/t".into())
+        );
     }
 
     #[test]

@@ -72,6 +72,32 @@ impl ChangeNote {
             ChangeKind::Deleted => format!("{} deleted\n", self.path),
         }
     }
+
+    /// The note a stream line says (the inverse of `line`; the newline is
+    /// optional); `None` for `@dropped` and for any line this version
+    /// cannot read. SSM names hold no space: the first one ends the path.
+    /// Only plain names below the root: a `..` or an absolute path would
+    /// point outside the mount the stream speaks for.
+    pub fn parse(line: &str) -> Option<ChangeNote> {
+        let line = line.strip_suffix('\n').unwrap_or(line);
+        let (path, what) = line.split_once(' ')?;
+        let kind = match what {
+            "deleted" => ChangeKind::Deleted,
+            digits if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => {
+                ChangeKind::Version(digits.parse().ok()?)
+            }
+            _ => return None,
+        };
+        let plain = !path.is_empty()
+            && std::path::Path::new(path)
+                .components()
+                .all(|component| matches!(component, std::path::Component::Normal(_)))
+            && !path.split('/').any(str::is_empty);
+        plain.then(|| ChangeNote {
+            path: path.into(),
+            kind,
+        })
+    }
 }
 
 /// One open stream: which subtree it covers.
@@ -362,5 +388,45 @@ mod tests {
             kind: ChangeKind::Deleted,
         };
         assert_eq!(deleted.line(), "x deleted\n");
+    }
+
+    #[test]
+    fn parse_reads_what_line_writes_and_nothing_else() {
+        for written in [
+            note("db/password"),
+            ChangeNote {
+                path: "a/b.c-d@x:y".into(),
+                kind: ChangeKind::Deleted,
+            },
+            ChangeNote {
+                path: "k".into(),
+                kind: ChangeKind::Version(i64::MAX),
+            },
+        ] {
+            assert_eq!(ChangeNote::parse(&written.line()), Some(written.clone()));
+        }
+        assert_eq!(
+            ChangeNote::parse("x 3"),
+            Some(ChangeNote {
+                path: "x".into(),
+                kind: ChangeKind::Version(3)
+            })
+        );
+        for odd in [
+            DROPPED_LINE,
+            "",
+            "novers",
+            "a/b seven",
+            "../etc/passwd 1",
+            "/abs 1",
+            "a//b 1",
+            "a/ 1",
+            "./a 1",
+            " 1",
+            "a 99999999999999999999",
+            "a  1",
+        ] {
+            assert_eq!(ChangeNote::parse(odd), None, "{odd:?}");
+        }
     }
 }
