@@ -40,6 +40,9 @@ if [ $demo = 0 ]; then
     command -v podman >/dev/null 2>&1 || need_apt+=(podman)
     command -v runc >/dev/null 2>&1 || need_apt+=(runc)
     [ -x /bin/busybox ] || need_apt+=(busybox-static)
+    # A real consumer of a rendered certificate (tests/rotation.rs).
+    command -v nginx >/dev/null 2>&1 || need_apt+=(nginx-light)
+    command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
     command -v lintian >/dev/null 2>&1 || need_apt+=(lintian)
     command -v objcopy >/dev/null 2>&1 || need_apt+=(binutils)
     [ -f /etc/ssl/certs/ca-certificates.crt ] || need_apt+=(ca-certificates)

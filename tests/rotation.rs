@@ -665,3 +665,184 @@ fn exec_and_render_make_no_ssm_call_of_their_own() {
         "two rotations followed by exec and render cost {cost} SSM calls"
     );
 }
+
+/// A self-signed certificate and its key for `CN`, with serial `serial`.
+fn certificate(dir: &Path, serial: u32) -> (String, String) {
+    let (cert, key) = (
+        dir.join(format!("c{serial}.pem")),
+        dir.join(format!("k{serial}.pem")),
+    );
+    let (code, _, err) = run(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=ssmfs-rotation",
+            "-set_serial",
+            &serial.to_string(),
+            "-keyout",
+            key.to_str().unwrap(),
+            "-out",
+            cert.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 0, "openssl: {err}");
+    (
+        fs::read_to_string(cert).unwrap(),
+        fs::read_to_string(key).unwrap(),
+    )
+}
+
+/// The serial of the certificate a TLS server on `port` presents (hex).
+fn served_serial(port: u16) -> Option<String> {
+    let (_, text, _) = run(
+        "sh",
+        &[
+            "-c",
+            &format!(
+                "echo | openssl s_client -connect 127.0.0.1:{port} 2>/dev/null | openssl x509 -noout -serial"
+            ),
+        ],
+    );
+    text.trim().strip_prefix("serial=").map(str::to_string)
+}
+
+/// Stops the nginx started with `conf` when dropped.
+struct Nginx(PathBuf);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = run("nginx", &["-s", "stop", "-c", self.0.to_str().unwrap()]);
+    }
+}
+
+#[test]
+fn nginx_serves_the_rotated_certificate_after_render_reloads_it() {
+    if !have_fuse_and_moto()
+        || !require(
+            which("nginx") && which("openssl"),
+            "nginx and openssl (scripts/setup.sh)",
+        )
+    {
+        return;
+    }
+    let moto = Moto::start();
+    let rt = runtime();
+    let ssm = client(&rt, &moto.endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let (cert1, key1) = certificate(dir.path(), 1001);
+    let (cert2, key2) = certificate(dir.path(), 1002);
+    put(
+        &rt,
+        &ssm,
+        "/web/tls/cert",
+        &cert1,
+        ParameterType::SecureString,
+    );
+    put(
+        &rt,
+        &ssm,
+        "/web/tls/key",
+        &key1,
+        ParameterType::SecureString,
+    );
+    let mount = Mount::start(&moto.endpoint, "/web", &["--ttl", TTL_ARG]);
+    let tls = dir.path().join("tls");
+    fs::create_dir(&tls).unwrap();
+    let template = |name: &str| {
+        let path = dir.path().join(format!("{name}.j2"));
+        let source = mount.path().join("tls").join(name);
+        fs::write(&path, format!("{{{{ file(\"{}\") }}}}", source.display())).unwrap();
+        path
+    };
+    let (cert_template, key_template) = (template("cert"), template("key"));
+    let port = free_loopback_port();
+    let conf = dir.path().join("nginx.conf");
+    fs::write(
+        &conf,
+        format!(
+            "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 16; }}\n\
+             http {{ access_log off; server {{ listen 127.0.0.1:{port} ssl;\n\
+             ssl_certificate {d}/tls/site.crt; ssl_certificate_key {d}/tls/site.key;\n\
+             location / {{ return 200 \"ok\"; }} }} }}\n",
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let spec = |template: &Path, out: &str, mode: &str| {
+        format!("{}:{}:{mode}", template.display(), tls.join(out).display())
+    };
+    let (cert_spec, key_spec) = (
+        spec(&cert_template, "site.crt", "0644"),
+        spec(&key_template, "site.key", "0600"),
+    );
+    let once = ssmfs(
+        &[
+            "render",
+            "--once",
+            "--template",
+            &cert_spec,
+            "--template",
+            &key_spec,
+        ],
+        dir.path().join("once.log"),
+    );
+    assert!(once.wait(Duration::from_secs(30)).success());
+    let (code, _, err) = run("nginx", &["-c", conf.to_str().unwrap()]);
+    assert_eq!(code, 0, "nginx: {err}");
+    let _nginx = Nginx(conf.clone());
+    within(
+        Duration::from_secs(10),
+        "nginx serving the first certificate",
+        || served_serial(port).as_deref() == Some("03E9"),
+    );
+    let reload = format!("nginx -s reload -c {}", conf.display());
+    let render = ssmfs(
+        &[
+            "render",
+            "--template",
+            &cert_spec,
+            "--template",
+            &key_spec,
+            "--command",
+            &reload,
+        ],
+        dir.path().join("render.log"),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    put(
+        &rt,
+        &ssm,
+        "/web/tls/cert",
+        &cert2,
+        ParameterType::SecureString,
+    );
+    put(
+        &rt,
+        &ssm,
+        "/web/tls/key",
+        &key2,
+        ParameterType::SecureString,
+    );
+    within(ttl_limit(), "nginx serving the rotated certificate", || {
+        served_serial(port).as_deref() == Some("03EA")
+    });
+    let log = render.log();
+    assert!(
+        !log.contains("PRIVATE KEY") && !log.contains("BEGIN"),
+        "a value was logged:\n{log}"
+    );
+    assert!(!fs::read_to_string(dir.path().join("error.log"))
+        .unwrap_or_default()
+        .contains("[emerg]"));
+}
+
+fn which(program: &str) -> bool {
+    run("sh", &["-c", &format!("command -v {program}")]).0 == 0
+}
