@@ -442,3 +442,98 @@ fn a_workload_reads_through_restarts_of_the_plugin_and_serving_containers() {
     assert!(top.lines().skip(1).all(|l| !l.starts_with("root")), "{top}");
     let _ = Path::new(&target);
 }
+
+#[test]
+fn ssmfs_exec_is_a_containers_pid_1_and_restarts_its_child_on_a_rotation() {
+    if !have_fuse_and_moto() || !have_podman_and_image() {
+        return;
+    }
+    let moto = Moto::start();
+    let rt = runtime();
+    let ssm = client(&rt, &moto.endpoint);
+    put(&rt, &ssm, "/pid1/db", "v1", ParameterType::SecureString);
+    let mount = Mount::start(
+        &moto.endpoint,
+        "/pid1",
+        &[
+            "--ttl",
+            "3s",
+            "--allow-other",
+            "--file-mode",
+            "0444",
+            "--dir-mode",
+            "0555",
+            "--allow-world-readable",
+        ],
+    );
+    let name = format!("ssmfs-pid1-{}", std::process::id());
+    let pod = Pod {
+        names: vec![name.clone()],
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let volume = format!("{}:/secrets", mount.path().display());
+    // The child: says which value it started with, exits 3 on SIGTERM.
+    let child = "echo \"start $DB\"; trap 'exit 3' TERM; while true; do /bin/busybox sleep 1; done";
+    podman(
+        &[
+            &[
+                "run",
+                "-d",
+                "--name",
+                &name,
+                "--runtime",
+                "runc",
+                "--network",
+                "none",
+                "--user",
+                "0",
+            ][..],
+            &ULIMITS,
+            &[
+                "-v",
+                &volume,
+                "-v",
+                "/bin/busybox:/bin/busybox:ro",
+                &image(),
+            ],
+            &[
+                "exec",
+                "--env",
+                "DB=/secrets/db",
+                "--on-change",
+                "restart",
+                "--grace",
+                "5s",
+            ],
+            &["--", "/bin/busybox", "sh", "-c", child],
+        ]
+        .concat(),
+    );
+    let logs = || run("podman", &["logs", &name]);
+    within(Duration::from_secs(20), "the child's start", || {
+        logs().1.contains("start v1")
+    });
+    // ssmfs is PID 1: it forwards the stop, reaps, and exits with the child's code.
+    let top = podman(&["top", &name, "pid", "comm"]);
+    assert!(
+        top.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["1", "ssmfs"]),
+        "{top}"
+    );
+    put(&rt, &ssm, "/pid1/db", "v2", ParameterType::SecureString);
+    within(
+        Duration::from_secs(20),
+        "the restart with the new value",
+        || logs().1.contains("start v2"),
+    );
+    let (_, out, err) = logs();
+    assert_eq!(out.matches("start ").count(), 2, "one restart: {out}");
+    assert!(
+        !err.contains("v1") && !err.contains("v2"),
+        "a value was logged: {err}"
+    );
+    podman(&["stop", "-t", "10", &name]);
+    let code = podman(&["inspect", &name, "--format", "{{.State.ExitCode}}"]);
+    assert_eq!(code.trim(), "3", "the child's exit code");
+    drop(pod);
+}
