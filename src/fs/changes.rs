@@ -8,7 +8,7 @@
 //! named pipe of its own (a fresh inode per lookup, so each open starts at
 //! "now" and every reader sees every change) that covers that directory's
 //! subtree. The core only numbers streams and says what they cover; the
-//! pipe's write end is opened by the daemon (`crate::daemon::streams`), so
+//! pipe's write end is opened for the daemon (`crate::stream_pipes`), so
 //! the kernel's pipe does the blocking, `poll` and `O_NONBLOCK`, and a warm
 //! read of an ordinary file still never reaches the daemon (no-open mode).
 //!
@@ -42,8 +42,9 @@ pub const DROPPED_LINE: &str = "@dropped\n";
 /// further behind gets `@dropped` (memory stays bounded whatever readers do).
 const CHANGE_BACKLOG: usize = 1024;
 /// While a stream is open, covered values are looked at again at least this
-/// often (and at their next refresh point, if sooner): a value that joined the
-/// cache meanwhile is taken along within this long.
+/// often, and at least four times per TTL (and at their next refresh point,
+/// if sooner): a value that joined the cache meanwhile is taken along well
+/// before it expires.
 const KEEP_FRESH_MAX_SLEEP: Duration = Duration::from_secs(30);
 /// A value whose refresh failed stays due: looked at no more than once a
 /// second, so a failing refresh is not retried in a loop.
@@ -342,6 +343,7 @@ impl<S: ParameterStore> Fs<S> {
             let sleep = next
                 .map(|at| at.saturating_duration_since(now))
                 .unwrap_or(KEEP_FRESH_MAX_SLEEP)
+                .min(self.config.cache.ttl / 4)
                 .clamp(KEEP_FRESH_MIN_SLEEP, KEEP_FRESH_MAX_SLEEP);
             tokio::select! {
                 () = tokio::time::sleep(sleep) => {}
