@@ -370,16 +370,22 @@ mod tests {
         String::from_utf8(text).unwrap()
     }
 
-    async fn settle() {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    type Feeding = tokio::task::JoinHandle<io::Result<()>>;
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_reader_that_falls_behind_gets_one_dropped_line_then_goes_on() {
-        let (mut reader, writer) = pipe();
+    /// A writer feeding a stream of `dir` into a fresh pipe, as just opened
+    /// (with its read-write end, no grace): the read end, where notes go in,
+    /// and the task.
+    fn start_feed(
+        dir: &str,
+    ) -> (
+        std::fs::File,
+        tokio::sync::broadcast::Sender<ChangeNote>,
+        Feeding,
+    ) {
+        let (reader, writer) = pipe();
         let read_write = writer.try_clone().unwrap();
         let (sender, notes) = tokio::sync::broadcast::channel(4096);
-        let stream = StreamSpec::for_dir(crate::fs::STREAM_DIR_INO + 1, "");
+        let stream = StreamSpec::for_dir(crate::fs::STREAM_DIR_INO + 1, dir);
         let task = tokio::spawn(feed(
             stream,
             Some(read_write),
@@ -388,6 +394,16 @@ mod tests {
             Duration::ZERO,
             false,
         ));
+        (reader, sender, task)
+    }
+
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_that_falls_behind_gets_one_dropped_line_then_goes_on() {
+        let (mut reader, sender, task) = start_feed("");
         // 1,000-byte lines: the 64 KiB pipe holds about 65 of them.
         let long = "p".repeat(1000);
         for version in 1..=200 {
@@ -421,18 +437,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stream_writes_only_what_it_covers() {
-        let (mut reader, writer) = pipe();
-        let read_write = writer.try_clone().unwrap();
-        let (sender, notes) = tokio::sync::broadcast::channel(16);
-        let stream = StreamSpec::for_dir(crate::fs::STREAM_DIR_INO + 2, "db");
-        let _task = tokio::spawn(feed(
-            stream,
-            Some(read_write),
-            writer,
-            notes,
-            Duration::ZERO,
-            false,
-        ));
+        let (mut reader, sender, _task) = start_feed("db");
         sender.send(note("db/password", 3)).unwrap();
         sender.send(note("other", 4)).unwrap();
         sender

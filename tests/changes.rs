@@ -62,18 +62,10 @@ fn a_rotation_is_one_line_on_every_open_stream_and_on_its_subtree_only() {
     if !have_fuse_and_moto() {
         return;
     }
-    let moto = Moto::start();
-    let rt = runtime();
-    let ssm = client(&rt, &moto.endpoint);
-    put(
-        &rt,
-        &ssm,
-        "/app/db/password",
-        "first",
-        ParameterType::SecureString,
-    );
-    put(&rt, &ssm, "/app/other", "x1", ParameterType::String);
-    let mount = Mount::start(&moto.endpoint, "/app", &["--ttl", TTL]);
+    let ssm = Ssm::start(&[]);
+    ssm.put("/app/db/password", "first");
+    ssm.put("/app/other", "x1");
+    let mount = Mount::start(&ssm.moto.endpoint, "/app", &["--ttl", TTL]);
     let mnt = mount.path();
     assert_eq!(
         std::fs::read_to_string(mnt.join("db/password")).unwrap(),
@@ -97,14 +89,8 @@ fn a_rotation_is_one_line_on_every_open_stream_and_on_its_subtree_only() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
 
-    put(
-        &rt,
-        &ssm,
-        "/app/db/password",
-        "second",
-        ParameterType::SecureString,
-    );
-    put(&rt, &ssm, "/app/other", "x2", ParameterType::String);
+    ssm.put("/app/db/password", "second");
+    ssm.put("/app/other", "x2");
 
     let mut got = wait_for(&whole, "db/password 2");
     if !got.contains(&"other 2".to_string()) {
@@ -134,17 +120,16 @@ fn a_deleted_parameter_is_a_deleted_line() {
     if !have_fuse_and_moto() {
         return;
     }
-    let moto = Moto::start();
-    let rt = runtime();
-    let ssm = client(&rt, &moto.endpoint);
-    put(&rt, &ssm, "/app/keep", "k", ParameterType::String);
-    put(&rt, &ssm, "/app/gone", "g", ParameterType::String);
-    let mount = Mount::start(&moto.endpoint, "/app", &["--ttl", TTL]);
+    let ssm = Ssm::start(&[]);
+    ssm.put("/app/keep", "k");
+    ssm.put("/app/gone", "g");
+    let mount = Mount::start(&ssm.moto.endpoint, "/app", &["--ttl", TTL]);
     let mnt = mount.path();
     assert_eq!(std::fs::read_to_string(mnt.join("gone")).unwrap(), "g");
     let lines = follow(mnt.join("@changes"));
     std::thread::sleep(Duration::from_millis(300));
-    rt.block_on(ssm.delete_parameter().name("/app/gone").send())
+    ssm.rt
+        .block_on(ssm.client.delete_parameter().name("/app/gone").send())
         .unwrap();
     wait_for(&lines, "gone deleted");
     assert!(!mnt.join("gone").exists());
@@ -155,11 +140,9 @@ fn a_stream_is_a_pipe_nothing_lists_with_eagain_and_poll() {
     if !have_fuse_and_moto() {
         return;
     }
-    let moto = Moto::start();
-    let rt = runtime();
-    let ssm = client(&rt, &moto.endpoint);
-    put(&rt, &ssm, "/app/a", "1", ParameterType::String);
-    let mount = Mount::start(&moto.endpoint, "/app", &["--ttl", TTL]);
+    let ssm = Ssm::start(&[]);
+    ssm.put("/app/a", "1");
+    let mount = Mount::start(&ssm.moto.endpoint, "/app", &["--ttl", TTL]);
     let mnt = mount.path();
     let (code, listing, _) = run("ls", &["-a", mnt.to_str().unwrap()]);
     assert_eq!(code, 0);
@@ -193,7 +176,7 @@ print(os.read(fd, 4096).decode().strip())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(800));
-    put(&rt, &ssm, "/app/a", "2", ParameterType::String);
+    ssm.put("/app/a", "2");
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
     assert_eq!(text, "eagain\nidle\nready\na 2\n");
@@ -204,30 +187,28 @@ fn an_idle_stream_costs_only_the_paced_refresh_of_what_it_covers() {
     if !have_fuse_and_moto() {
         return;
     }
-    let moto = Moto::start();
-    let rt = runtime();
-    let ssm = client(&rt, &moto.endpoint);
+    let ssm = Ssm::start(&[]);
     let names: Vec<(String, String)> = (0..20)
         .map(|i| (format!("/app/k{i:02}"), format!("v{i}")))
         .collect();
-    put_many(&rt, &ssm, names.clone(), ParameterType::String);
-    let mount = Mount::start(&moto.endpoint, "/app", &["--ttl", "4s"]);
+    put_many(&ssm.rt, &ssm.client, names.clone(), ParameterType::String);
+    let mount = Mount::start(&ssm.moto.endpoint, "/app", &["--ttl", "4s"]);
     let mnt = mount.path();
     for (name, value) in &names {
         let path = mnt.join(name.trim_start_matches("/app/"));
         assert_eq!(&std::fs::read_to_string(path).unwrap(), value);
     }
     // No stream: values nobody reads are not refreshed.
-    let before = moto.requests();
+    let before = ssm.moto.requests();
     std::thread::sleep(Duration::from_secs(10));
-    let without = moto.requests() - before;
+    let without = ssm.moto.requests() - before;
     assert_eq!(without, 0, "nothing is refreshed while nobody reads");
     // A blocked reader: the 20 values are refreshed in batches of ten, once
     // per TTL each (about 2 calls per 4 s), and nothing else.
     let lines = follow(mnt.join("@changes"));
-    let before = moto.requests();
+    let before = ssm.moto.requests();
     std::thread::sleep(Duration::from_secs(10));
-    let with = moto.requests() - before;
+    let with = ssm.moto.requests() - before;
     assert!(
         (2..=10).contains(&with),
         "{with} calls in 10 s for 20 values at a 4 s TTL"
@@ -240,12 +221,10 @@ fn a_non_root_reader_through_a_bind_mount_gets_the_stream() {
     if !have_fuse_and_moto() {
         return;
     }
-    let moto = Moto::start();
-    let rt = runtime();
-    let ssm = client(&rt, &moto.endpoint);
-    put(&rt, &ssm, "/app/shared", "one", ParameterType::String);
+    let ssm = Ssm::start(&[]);
+    ssm.put("/app/shared", "one");
     let mount = Mount::start(
-        &moto.endpoint,
+        &ssm.moto.endpoint,
         "/app",
         &[
             "--ttl",
@@ -283,7 +262,7 @@ fn a_non_root_reader_through_a_bind_mount_gets_the_stream() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(800));
-    put(&rt, &ssm, "/app/shared", "two", ParameterType::String);
+    ssm.put("/app/shared", "two");
     let out = reader.wait_with_output().unwrap();
     let _ = run("umount", &["-l", target.to_str().unwrap()]);
     assert_eq!(

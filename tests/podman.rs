@@ -448,12 +448,9 @@ fn ssmfs_exec_is_a_containers_pid_1_and_restarts_its_child_on_a_rotation() {
     if !have_fuse_and_moto() || !have_podman_and_image() {
         return;
     }
-    let moto = Moto::start();
-    let rt = runtime();
-    let ssm = client(&rt, &moto.endpoint);
-    put(&rt, &ssm, "/pid1/db", "v1", ParameterType::SecureString);
+    let ssm = Ssm::start(&[("/pid1/db", "v1")]);
     let mount = Mount::start(
-        &moto.endpoint,
+        &ssm.moto.endpoint,
         "/pid1",
         &[
             "--ttl",
@@ -520,7 +517,7 @@ fn ssmfs_exec_is_a_containers_pid_1_and_restarts_its_child_on_a_rotation() {
             .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["1", "ssmfs"]),
         "{top}"
     );
-    put(&rt, &ssm, "/pid1/db", "v2", ParameterType::SecureString);
+    ssm.put("/pid1/db", "v2");
     within(
         Duration::from_secs(20),
         "the restart with the new value",

@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use aws_sdk_ssm::types::ParameterType;
 use support::*;
 
 const SSMFS: &str = env!("CARGO_BIN_EXE_ssmfs");
@@ -198,17 +197,9 @@ fn exec_restarts_the_child_once_per_rotation_within_the_ttl() {
     if !have_fuse_and_moto() {
         return;
     }
-    let moto = Moto::start();
-    let rt = runtime();
-    let ssm = client(&rt, &moto.endpoint);
-    put(
-        &rt,
-        &ssm,
-        "/rot/db/password",
-        "pw-1",
-        ParameterType::SecureString,
-    );
-    let mount = Mount::start(&moto.endpoint, "/rot", &["--ttl", TTL_ARG]);
+    let ssm = Ssm::start(&[]);
+    ssm.put("/rot/db/password", "pw-1");
+    let mount = Mount::start(&ssm.moto.endpoint, "/rot", &["--ttl", TTL_ARG]);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("starts");
     let mut exec = start_exec(
@@ -224,13 +215,7 @@ fn exec_restarts_the_child_once_per_rotation_within_the_ttl() {
 
     for version in 2..=3 {
         let value = format!("pw-{version}");
-        put(
-            &rt,
-            &ssm,
-            "/rot/db/password",
-            &value,
-            ParameterType::SecureString,
-        );
+        ssm.put("/rot/db/password", &value);
         let took = within(ttl_limit(), "the restart with the new value", || {
             lines_of(&out).len() >= version
         });
@@ -255,17 +240,9 @@ fn a_subtree_stream_names_paths_from_the_mount_root() {
     if !have_fuse_and_moto() {
         return;
     }
-    let moto = Moto::start();
-    let rt = runtime();
-    let ssm = client(&rt, &moto.endpoint);
-    put(
-        &rt,
-        &ssm,
-        "/sub/db/password",
-        "pw-1",
-        ParameterType::SecureString,
-    );
-    let mount = Mount::start(&moto.endpoint, "/sub", &["--ttl", TTL_ARG]);
+    let ssm = Ssm::start(&[]);
+    ssm.put("/sub/db/password", "pw-1");
+    let mount = Mount::start(&ssm.moto.endpoint, "/sub", &["--ttl", TTL_ARG]);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("starts");
     // db/@changes still says "db/password 2": relative to the mount root.
@@ -279,13 +256,7 @@ fn a_subtree_stream_names_paths_from_the_mount_root() {
     within(Duration::from_secs(20), "the first start", || {
         lines_of(&out).len() == 1
     });
-    put(
-        &rt,
-        &ssm,
-        "/sub/db/password",
-        "pw-2",
-        ParameterType::SecureString,
-    );
+    ssm.put("/sub/db/password", "pw-2");
     within(ttl_limit(), "the restart with the new value", || {
         lines_of(&out).len() >= 2
     });
@@ -298,20 +269,12 @@ fn ten_parameters_rotated_within_a_second_are_one_restart() {
     if !have_fuse_and_moto() {
         return;
     }
-    let moto = Moto::start();
+    let ssm = Ssm::start(&[]);
     let queue = Queue::start();
-    let rt = runtime();
-    let ssm = client(&rt, &moto.endpoint);
     for i in 0..10 {
-        put(
-            &rt,
-            &ssm,
-            &format!("/burst/app/k{i}"),
-            "old",
-            ParameterType::SecureString,
-        );
+        ssm.put(&format!("/burst/app/k{i}"), "old");
     }
-    let mount = queue.mount(&moto, "/burst");
+    let mount = queue.mount(&ssm.moto, "/burst");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("starts");
     let names: Vec<String> = (0..10).map(|i| format!("K{i}")).collect();
@@ -329,13 +292,7 @@ fn ten_parameters_rotated_within_a_second_are_one_restart() {
     let started = Instant::now();
     for i in 0..10 {
         let name = format!("/burst/app/k{i}");
-        put(
-            &rt,
-            &ssm,
-            &name,
-            &format!("new{i}"),
-            ParameterType::SecureString,
-        );
+        ssm.put(&name, &format!("new{i}"));
         queue.announce(&name);
         std::thread::sleep(Duration::from_millis(40));
     }
@@ -363,17 +320,9 @@ fn render_renames_the_output_and_runs_the_command_once_per_rotation() {
     if !have_fuse_and_moto() {
         return;
     }
-    let moto = Moto::start();
-    let rt = runtime();
-    let ssm = client(&rt, &moto.endpoint);
-    put(
-        &rt,
-        &ssm,
-        "/rnd/tls/cert",
-        "cert-1",
-        ParameterType::SecureString,
-    );
-    let mount = Mount::start(&moto.endpoint, "/rnd", &["--ttl", TTL_ARG]);
+    let ssm = Ssm::start(&[]);
+    ssm.put("/rnd/tls/cert", "cert-1");
+    let mount = Mount::start(&ssm.moto.endpoint, "/rnd", &["--ttl", TTL_ARG]);
     let dir = tempfile::tempdir().unwrap();
     let outputs = dir.path().join("out");
     fs::create_dir(&outputs).unwrap();
@@ -404,13 +353,7 @@ fn render_renames_the_output_and_runs_the_command_once_per_rotation() {
 
     for version in 2..=3 {
         let value = format!("cert-{version}");
-        put(
-            &rt,
-            &ssm,
-            "/rnd/tls/cert",
-            &value,
-            ParameterType::SecureString,
-        );
+        ssm.put("/rnd/tls/cert", &value);
         let took = within(ttl_limit(), "the rename of the new output", || {
             watched(&events, "MOVED_TO", "site.crt") >= version
         });
@@ -464,18 +407,10 @@ fn readers_of_the_rendered_output_never_see_a_mixed_value_over_200_rotations() {
         return;
     }
     let value = |i: usize| String::from_utf8(vec![b'a' + (i % 26) as u8; SIZE]).unwrap();
-    let moto = Moto::start();
+    let ssm = Ssm::start(&[]);
     let queue = Queue::start();
-    let rt = runtime();
-    let ssm = client(&rt, &moto.endpoint);
-    put(
-        &rt,
-        &ssm,
-        "/mix/big",
-        &value(0),
-        ParameterType::SecureString,
-    );
-    let mount = queue.mount(&moto, "/mix");
+    ssm.put("/mix/big", &value(0));
+    let mount = queue.mount(&ssm.moto, "/mix");
     let dir = tempfile::tempdir().unwrap();
     let template = dir.path().join("big.j2");
     let source = mount.path().join("big");
@@ -530,13 +465,7 @@ fn readers_of_the_rendered_output_never_see_a_mixed_value_over_200_rotations() {
     };
     let started = Instant::now();
     for i in 1..=ROTATIONS {
-        put(
-            &rt,
-            &ssm,
-            "/mix/big",
-            &value(i),
-            ParameterType::SecureString,
-        );
+        ssm.put("/mix/big", &value(i));
         queue.announce("/mix/big");
         let want = b'a' + (i % 26) as u8;
         let rendered = || fs::read(&out).is_ok_and(|b| b.first() == Some(&want));
@@ -576,31 +505,17 @@ fn exec_and_render_make_no_ssm_call_of_their_own() {
     if !have_fuse_and_moto() {
         return;
     }
-    let moto = Moto::start();
+    let ssm = Ssm::start(&[]);
     let queue = Queue::start();
-    let rt = runtime();
-    let ssm = client(&rt, &moto.endpoint);
-    put(
-        &rt,
-        &ssm,
-        "/cost/db/password",
-        "pw-1",
-        ParameterType::SecureString,
-    );
-    put(
-        &rt,
-        &ssm,
-        "/cost/tls/cert",
-        "cert-1",
-        ParameterType::SecureString,
-    );
-    let mount = queue.mount(&moto, "/cost");
+    ssm.put("/cost/db/password", "pw-1");
+    ssm.put("/cost/tls/cert", "cert-1");
+    let mount = queue.mount(&ssm.moto, "/cost");
     let password = mount.path().join("db/password");
     let cert = mount.path().join("tls/cert");
     // What a plain reader of the two files costs; from here on they are cached.
     assert_eq!(fs::read_to_string(&password).unwrap(), "pw-1");
     assert_eq!(fs::read_to_string(&cert).unwrap(), "cert-1");
-    let base = moto.requests();
+    let base = ssm.moto.requests();
 
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("starts");
@@ -629,7 +544,7 @@ fn exec_and_render_make_no_ssm_call_of_their_own() {
     // Both following @changes, idle.
     std::thread::sleep(Duration::from_secs(5));
     assert_eq!(
-        moto.requests() - base,
+        ssm.moto.requests() - base,
         0,
         "exec and render started and idled at no SSM call; logs:\n{}\n{}",
         exec.log(),
@@ -637,21 +552,9 @@ fn exec_and_render_make_no_ssm_call_of_their_own() {
     );
 
     // A rotation of each: the mount's refresh, one call a value at most.
-    put(
-        &rt,
-        &ssm,
-        "/cost/db/password",
-        "pw-2",
-        ParameterType::SecureString,
-    );
-    put(
-        &rt,
-        &ssm,
-        "/cost/tls/cert",
-        "cert-2",
-        ParameterType::SecureString,
-    );
-    let base = moto.requests();
+    ssm.put("/cost/db/password", "pw-2");
+    ssm.put("/cost/tls/cert", "cert-2");
+    let base = ssm.moto.requests();
     queue.announce("/cost/db/password");
     queue.announce("/cost/tls/cert");
     within(EVENT_LIMIT, "the restart and the render", || {
@@ -659,7 +562,7 @@ fn exec_and_render_make_no_ssm_call_of_their_own() {
     });
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(lines_of(&out), ["pw-1", "pw-2"]);
-    let cost = moto.requests() - base;
+    let cost = ssm.moto.requests() - base;
     assert!(
         (1..=2).contains(&cost),
         "two rotations followed by exec and render cost {cost} SSM calls"
@@ -732,27 +635,13 @@ fn nginx_serves_the_rotated_certificate_after_render_reloads_it() {
     {
         return;
     }
-    let moto = Moto::start();
-    let rt = runtime();
-    let ssm = client(&rt, &moto.endpoint);
+    let ssm = Ssm::start(&[]);
     let dir = tempfile::tempdir().unwrap();
     let (cert1, key1) = certificate(dir.path(), 1001);
     let (cert2, key2) = certificate(dir.path(), 1002);
-    put(
-        &rt,
-        &ssm,
-        "/web/tls/cert",
-        &cert1,
-        ParameterType::SecureString,
-    );
-    put(
-        &rt,
-        &ssm,
-        "/web/tls/key",
-        &key1,
-        ParameterType::SecureString,
-    );
-    let mount = Mount::start(&moto.endpoint, "/web", &["--ttl", TTL_ARG]);
+    ssm.put("/web/tls/cert", &cert1);
+    ssm.put("/web/tls/key", &key1);
+    let mount = Mount::start(&ssm.moto.endpoint, "/web", &["--ttl", TTL_ARG]);
     let tls = dir.path().join("tls");
     fs::create_dir(&tls).unwrap();
     let template = |name: &str| {
@@ -816,20 +705,8 @@ fn nginx_serves_the_rotated_certificate_after_render_reloads_it() {
         dir.path().join("render.log"),
     );
     std::thread::sleep(Duration::from_secs(1));
-    put(
-        &rt,
-        &ssm,
-        "/web/tls/cert",
-        &cert2,
-        ParameterType::SecureString,
-    );
-    put(
-        &rt,
-        &ssm,
-        "/web/tls/key",
-        &key2,
-        ParameterType::SecureString,
-    );
+    ssm.put("/web/tls/cert", &cert2);
+    ssm.put("/web/tls/key", &key2);
     within(ttl_limit(), "nginx serving the rotated certificate", || {
         served_serial(port).as_deref() == Some("03EA")
     });

@@ -500,3 +500,35 @@ pub fn lines_of(path: &Path) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// A moto server seeded with SecureStrings, with a runtime and a client to
+/// put more (the start of most tests).
+pub struct Ssm {
+    pub moto: Moto,
+    pub rt: tokio::runtime::Runtime,
+    pub client: aws_sdk_ssm::Client,
+}
+
+impl Ssm {
+    pub fn start(parameters: &[(&str, &str)]) -> Ssm {
+        let moto = Moto::start();
+        let rt = runtime();
+        let client = client(&rt, &moto.endpoint);
+        let ssm = Ssm { moto, rt, client };
+        for (name, value) in parameters {
+            ssm.put(name, value);
+        }
+        ssm
+    }
+
+    /// Puts a new version of `name` (a SecureString).
+    pub fn put(&self, name: &str, value: &str) {
+        put(
+            &self.rt,
+            &self.client,
+            name,
+            value,
+            ParameterType::SecureString,
+        );
+    }
+}
