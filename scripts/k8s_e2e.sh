@@ -11,7 +11,10 @@
 #   K8S_E2E_VOLUME=auto|inline|pv  auto: inline volumes if scenario i mounts
 #                                  one, else static PersistentVolumes
 #   K8S_E2E_LINGER=30s            the chart's linger for the test
-#   SSMFS_BINARY=target/debug/ssmfs  the binary the ssmfs image carries
+#   SSMFS_BINARY=PATH             the binary the ssmfs image carries (default:
+#                                 target/debug/ssmfs, else target/release/ssmfs
+#                                 as the README's demo builds it, else a debug
+#                                 build made here)
 #
 # Scenarios: i an inline volume as docs/KUBERNETES.md shows it; a the pod's
 # own identity (the token STS sees); b 30 task pods one after another on
@@ -132,7 +135,7 @@ ROLE_A=arn:aws:iam::$ACCOUNT:role/team-a
 ROLE_B=arn:aws:iam::$ACCOUNT:role/team-b
 DRIVER=ssmfs.csi.aws-ssm.dev
 LINGER=${K8S_E2E_LINGER:-30s}
-SSMFS_BINARY=${SSMFS_BINARY:-target/debug/ssmfs}
+SSMFS_BINARY=${SSMFS_BINARY:-}
 IMG_PAUSE=localhost/k8s-e2e/pause:1
 IMG_REGISTRAR=localhost/k8s-e2e/registrar:1
 IMG_BUSYBOX=localhost/k8s-e2e/busybox:1
@@ -889,7 +892,19 @@ main() {
 	[ "$(id -u)" = 0 ] || { echo "k8s_e2e: run as root" >&2; exit 1; }
 	local t_start=$SECONDS
 	scripts/setup.sh --k8s-e2e >/dev/null
-	[ -x "$SSMFS_BINARY" ] || { echo "k8s_e2e: no $SSMFS_BINARY (cargo build first)" >&2; exit 1; }
+	if [ -z "$SSMFS_BINARY" ]; then
+		# Whichever build is there (the README's demo makes a release one);
+		# with none, a debug build (the image is stripped either way).
+		for candidate in target/debug/ssmfs target/release/ssmfs; do
+			if [ -x "$candidate" ]; then SSMFS_BINARY=$candidate; break; fi
+		done
+		if [ -z "$SSMFS_BINARY" ]; then
+			echo "k8s_e2e: building target/debug/ssmfs" >&2
+			cargo build --quiet --bin ssmfs
+			SSMFS_BINARY=target/debug/ssmfs
+		fi
+	fi
+	[ -x "$SSMFS_BINARY" ] || { echo "k8s_e2e: no binary at $SSMFS_BINARY (SSMFS_BINARY)" >&2; exit 1; }
 	build_k8s
 	down >/dev/null 2>&1 || true
 	mkdir -p "$LOGS"; rm -f "$LOGS"/*.log "$LOGS"/*.tsv "$LOGS"/*.ms
