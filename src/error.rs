@@ -48,6 +48,9 @@ pub enum FsError {
     /// stream writer with its cause).
     #[error("the change stream cannot be opened")]
     StreamUnavailable,
+    /// `fs::MAX_OPEN_STREAMS` change streams are open on this mount.
+    #[error("too many change streams are open on this mount")]
+    TooManyStreams,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -81,6 +84,7 @@ impl FsError {
             FsError::AccessDenied { .. } | FsError::ListingRefused { .. } => libc::EACCES,
             FsError::Unreachable { cause, .. } => Self::store_errno(cause),
             FsError::StreamUnavailable => libc::EIO,
+            FsError::TooManyStreams => libc::ENFILE,
             FsError::Store(error) => Self::store_errno(error),
         }
     }
@@ -111,6 +115,7 @@ impl FsError {
             | FsError::ListingRefused { .. }
             | FsError::NoAttribute
             | FsError::UnsupportedAttribute
+            | FsError::TooManyStreams
             | FsError::Store(StoreError::NotFound) => Level::DEBUG,
             FsError::Store(_) | FsError::Unreachable { .. } | FsError::StreamUnavailable => {
                 Level::WARN

@@ -1794,3 +1794,28 @@ async fn an_open_stream_keeps_what_it_covers_fresh_in_batches_and_names_each_cha
     pass(12).await;
     assert_eq!(calls(&fs).total(), before);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reader_cannot_open_streams_without_end() {
+    let store = MemoryStore::new();
+    store.put_string("/app/a", "1");
+    let (fs, _invalidations) = mount(store, config("/app"));
+    let mut last = 0;
+    for _ in 0..ssmfs::fs::MAX_OPEN_STREAMS {
+        last = fs
+            .lookup(ROOT_INO, OsStr::new("@changes"))
+            .await
+            .unwrap()
+            .attr
+            .ino;
+    }
+    let refused = fs.lookup(ROOT_INO, OsStr::new("@changes")).await;
+    assert_eq!(
+        refused.map(|_| ()).map_err(|e| e.errno()),
+        Err(libc::ENFILE)
+    );
+    // A stream's last reader leaves: another may open.
+    fs.close_stream(last);
+    assert!(fs.lookup(ROOT_INO, OsStr::new("@changes")).await.is_ok());
+    assert_eq!(calls(&fs).total(), 0, "streams cost no call");
+}

@@ -12,8 +12,7 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use serde_json::json;
 
@@ -35,7 +34,7 @@ pub fn socket_path(run_dir: &Path) -> PathBuf {
 /// socket is) and serves each request on a thread of its own.
 pub fn listen(driver: Arc<Driver>, run_dir: &Path, owner: (u32, u32)) -> std::io::Result<()> {
     let listener = control::listen(&socket_path(run_dir), Some(owner))?;
-    let in_flight = Arc::new(AtomicUsize::new(0));
+    let slots = Arc::new(Slots::default());
     std::thread::Builder::new()
         .name("ssmfs-csi-streams".into())
         .spawn(move || loop {
@@ -47,23 +46,44 @@ pub fn listen(driver: Arc<Driver>, run_dir: &Path, owner: (u32, u32)) -> std::io
                     continue;
                 }
             };
-            if in_flight.fetch_add(1, Ordering::SeqCst) >= MAX_IN_FLIGHT {
-                in_flight.fetch_sub(1, Ordering::SeqCst);
-                answer(&link, Err("too many stream requests at once".into()));
-                continue;
-            }
-            let (driver, in_flight) = (driver.clone(), in_flight.clone());
+            // Past the limit, the next request waits its turn (in the
+            // socket's backlog): slower under a flood, never refused.
+            slots.take();
+            let (driver, worker_slots) = (driver.clone(), slots.clone());
             let spawned = std::thread::Builder::new()
                 .name("ssmfs-csi-stream".into())
                 .spawn(move || {
                     answer(&link, open_for(&driver, &link));
-                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    worker_slots.give_back();
                 });
             if let Err(error) = spawned {
+                slots.give_back();
                 tracing::error!(%error, "cannot serve a stream request");
             }
         })?;
     Ok(())
+}
+
+/// Requests in flight, at most `MAX_IN_FLIGHT`.
+#[derive(Default)]
+struct Slots {
+    taken: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl Slots {
+    fn take(&self) {
+        let mut taken = self.taken.lock().unwrap();
+        while *taken >= MAX_IN_FLIGHT {
+            taken = self.freed.wait(taken).unwrap();
+        }
+        *taken += 1;
+    }
+
+    fn give_back(&self) {
+        *self.taken.lock().unwrap() -= 1;
+        self.freed.notify_one();
+    }
 }
 
 fn answer(link: &OwnedFd, outcome: Result<OwnedFd, String>) {

@@ -38,6 +38,10 @@ pub const STREAM_DIR_NAME: &str = "@stream";
 pub const STREAM_DIR_INO: u64 = 1 << 63;
 /// The line a reader gets when changes were lost before it read them.
 pub const DROPPED_LINE: &str = "@dropped\n";
+/// Streams one mount may have open at once: far more than its readers
+/// need, few enough that a reader that opens them without end cannot run
+/// the daemon out of fds.
+pub const MAX_OPEN_STREAMS: usize = 1024;
 /// Notes queued for streams that are slow to take them; a stream that falls
 /// further behind gets `@dropped` (memory stays bounded whatever readers do).
 const CHANGE_BACKLOG: usize = 1024;
@@ -194,13 +198,22 @@ pub fn is_stream_ino(ino: u64) -> bool {
 
 impl<S: ParameterStore> Fs<S> {
     /// Opens a stream covering the directory `dir_ino` (a lookup of `@changes`).
-    pub(super) fn open_stream(self: &Arc<Self>, dir: &crate::inode::Node) -> StreamSpec {
+    pub(super) fn open_stream(
+        self: &Arc<Self>,
+        dir: &crate::inode::Node,
+    ) -> Result<StreamSpec, crate::error::FsError> {
+        // Each stream holds an fd and a writer task here (and one request to
+        // the CSI plugin, shared by every mount of the node, at its open): a
+        // reader opening stream after stream is stopped at this many.
+        if self.open_streams() >= MAX_OPEN_STREAMS {
+            return Err(crate::error::FsError::TooManyStreams);
+        }
         let spec = StreamSpec {
             ino: 0,
             dir: self.layout.mount_path_of_dir(dir).into(),
             ssm_prefixes: self.layout.ssm_prefixes_of_dir(dir),
         };
-        self.register_stream(|open| {
+        Ok(self.register_stream(|open| {
             // Random, so that only the stream's own daemon (and root) can
             // name its write end: no other tenant's process can guess it.
             let ino = loop {
@@ -210,7 +223,7 @@ impl<S: ParameterStore> Fs<S> {
                 }
             };
             StreamSpec { ino, ..spec }
-        })
+        }))
     }
 
     /// Adds the stream `make` builds (seeing the streams open), and wakes

@@ -28,8 +28,8 @@ mod refresh;
 mod special;
 
 pub use changes::{
-    is_stream_ino, ChangeKind, ChangeNote, StreamSpec, CHANGES_NAME, DROPPED_LINE, STREAM_DIR_INO,
-    STREAM_DIR_NAME,
+    is_stream_ino, ChangeKind, ChangeNote, StreamSpec, CHANGES_NAME, DROPPED_LINE,
+    MAX_OPEN_STREAMS, STREAM_DIR_INO, STREAM_DIR_NAME,
 };
 pub use special::XATTR_NAMES;
 
@@ -270,7 +270,7 @@ impl<S: ParameterStore> Fs<S> {
             return self.lookup_field(&parent, segment).await;
         }
         if segment == CHANGES_NAME {
-            let stream = self.open_stream(&parent);
+            let stream = self.open_stream(&parent)?;
             return Ok(self.attrs.stream(stream.ino));
         }
         let segment = segment.to_str().ok_or(NameError::BadCharacter)?;
