@@ -69,4 +69,19 @@ pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "airflow-worker"}
 yaml.safe_dump(pod, open(sys.argv[2], "w"))
 PY
 "${validate[@]}" "$out/airflow-pod.yaml"
+# The rotation patterns: schema-valid, the volume read-only, the rendered
+# files in memory, and the sidecar's flags ones ssmfs render takes.
+"${validate[@]}" deploy/examples/rotation.yaml
+.venv-k8s/bin/python - deploy/examples/rotation.yaml <<'PY'
+import sys, yaml
+docs = {d["metadata"]["name"]: d for d in yaml.safe_load_all(open(sys.argv[1])) if d}
+web = docs["web"]["spec"]
+volumes = {v["name"]: v for v in web["volumes"]}
+assert volumes["secrets"]["csi"]["readOnly"] is True
+assert volumes["rendered"]["emptyDir"]["medium"] == "Memory"
+render = web["containers"][0]
+assert render["args"][0] == "render" and all(a.startswith("--template=") for a in render["args"][1:])
+worker = docs["worker"]["spec"]["containers"][0]["command"]
+assert worker[1] == "exec" and "--on-change=restart" in worker and worker[worker.index("--") + 1] == "/app/worker"
+PY
 echo "k8s_check: chart, manifests and Airflow values valid for Kubernetes $K8S_VERSION"
