@@ -2,6 +2,7 @@
 # Installs everything ssmfs's tests, demo and benchmark need on a fresh Debian
 # machine: the FUSE 3 userspace tools (fuse3: mount.fuse3, fusermount3), curl,
 # getfattr (attr), rsync, file, lsof and less (real clients the tests run),
+# nginx-light and openssl (a consumer of a rotated certificate),
 # gcc, a project-local Python venv (.venv) with moto's server (SSM, SQS, SNS,
 # EventBridge, Secrets Manager and CloudFormation, as the tests use them) and
 # boto3, and two more (.venv-airflow: Airflow 3; .venv-airflow2: Airflow 2.10)
