@@ -36,6 +36,9 @@ pub struct FuseAdapter<S> {
     runtime: Handle,
     /// Opens the write ends of `@changes` streams (none: @changes answers EIO).
     streams: Option<Arc<StreamPipes>>,
+    /// Asked for at INIT unless the connection was set up without them
+    /// (`handoff::SERIAL_LOOKUPS_ENV`): the reply must match the kernel's.
+    parallel_lookups: bool,
     /// A test hook (`SSMFS_TEST_REQUEST_DELAY_MS`): every request handed to
     /// the core waits this long first, so a test can kill a daemon while
     /// requests are in flight (the supervisor must resend them).
@@ -48,6 +51,11 @@ pub struct FuseAdapter<S> {
 
 impl<S: ParameterStore> FuseAdapter<S> {
     pub fn new(fs: Arc<Fs<S>>, runtime: Handle, streams: Option<Arc<StreamPipes>>) -> Self {
+        let parallel_lookups = std::env::var_os(crate::handoff::SERIAL_LOOKUPS_ENV).is_none();
+        if !parallel_lookups {
+            tracing::warn!("this mount was made by an earlier ssmfs (lookups one at a time): @changes answers EIO until it is mounted again");
+        }
+        let streams = streams.filter(|_| parallel_lookups);
         let test_delay = std::env::var("SSMFS_TEST_REQUEST_DELAY_MS")
             .ok()
             .and_then(|ms| ms.parse().ok())
@@ -60,6 +68,7 @@ impl<S: ParameterStore> FuseAdapter<S> {
             fs,
             runtime,
             streams,
+            parallel_lookups,
             test_delay,
             test_upgrade_max_write,
         }
@@ -207,7 +216,9 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
         // Lookups in one directory run at once (the core is safe for it), and
         // must: a stream's write end is opened by a lookup of this daemon's
         // own while the reader's lookup, in the same directory, waits for it.
-        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        if self.parallel_lookups {
+            let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        }
         // Nothing is ever written: the smallest write size keeps the buffer a
         // reader of /dev/fuse needs small (the supervisor's: --supervise).
         let _ = config.set_max_write(self.test_upgrade_max_write.unwrap_or(4096));

@@ -24,6 +24,13 @@ pub const STREAMS_FD: RawFd = 7;
 /// Set (to `STREAMS_FD`) where the holder keeps streams.
 pub const STREAMS_FD_ENV: &str = "SSMFS_STREAMS_FD";
 
+/// Set to "1" for a daemon that takes over a connection an earlier ssmfs
+/// set up without parallel lookups (FUSE_PARALLEL_DIROPS): its INIT reply
+/// must match the one the kernel accepted, so it asks for none either, and
+/// it answers `@changes` with EIO (its own lookup would wait behind the
+/// reader's) until the mount is made again.
+pub const SERIAL_LOOKUPS_ENV: &str = "SSMFS_SERIAL_LOOKUPS";
+
 /// What a holder of a mount the CSI plugin made finds at start
 /// (`--supervise --adopt-fds`): the FUSE connection, the inode journal, the
 /// session (INIT and reply), its own verdict pipe, and the token (optional).

@@ -48,8 +48,8 @@ use std::time::{Duration, Instant};
 use crate::daemon::{self, MountSettings, Readiness};
 
 use crate::handoff::{
-    holder_count_envs, JOURNAL_FD, MOUNTPOINT_ENV, SERVE_FD, STREAMS_FD, STREAMS_FD_ENV, TOKEN_FD,
-    UPGRADE_ENV, VERDICT_FD,
+    holder_count_envs, JOURNAL_FD, MOUNTPOINT_ENV, SERIAL_LOOKUPS_ENV, SERVE_FD, STREAMS_FD,
+    STREAMS_FD_ENV, TOKEN_FD, UPGRADE_ENV, VERDICT_FD,
 };
 
 /// Why a daemon with other FUSE settings (an upgrade, or a restart after the
@@ -509,6 +509,17 @@ impl KeptStreams {
     }
 }
 
+/// Whether an accepted INIT reply body (`fuse_init_out`: major, minor,
+/// max_readahead, then the flags) granted parallel lookups. Connections an
+/// ssmfs before the change streams set up did not.
+fn has_parallel_lookups(reply: &[u8]) -> bool {
+    const FUSE_PARALLEL_DIROPS: u32 = 1 << 18;
+    reply
+        .get(12..16)
+        .map(|flags| u32::from_ne_bytes(flags.try_into().unwrap()))
+        .is_some_and(|flags| flags & FUSE_PARALLEL_DIROPS != 0)
+}
+
 /// Whether a pipe's write end still has a reader (no EPOLLERR).
 fn has_reader(end: &OwnedFd) -> bool {
     let mut poll = libc::pollfd {
@@ -536,7 +547,18 @@ impl Supervisor {
             verdict_writer.as_raw_fd(),
         );
         let token_fd = self.token.as_ref().map_or(-1, |token| token.as_raw_fd());
+        let serial_lookups = self
+            .shared
+            .relay
+            .lock()
+            .unwrap()
+            .init_reply
+            .as_deref()
+            .is_some_and(|reply| !has_parallel_lookups(reply));
         let mut command = crate::handoff::command_for(&self.binary);
+        if serial_lookups {
+            command.env(SERIAL_LOOKUPS_ENV, "1");
+        }
         command
             .args(&self.settings.daemon_args)
             // Readiness is the supervisor's to report, not the daemon's.
@@ -979,5 +1001,22 @@ fn supervise(
             tracing::info!("unmounted; stopping");
             return (Ok(()), current);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_without_parallel_lookups_is_taken_over_without_them() {
+        let reply = |flags: u32| {
+            let mut body = vec![0u8; 64];
+            body[12..16].copy_from_slice(&flags.to_ne_bytes());
+            body
+        };
+        assert!(has_parallel_lookups(&reply(1 << 18 | 1)));
+        assert!(!has_parallel_lookups(&reply(1)));
+        assert!(!has_parallel_lookups(&[0u8; 8]));
     }
 }
