@@ -51,7 +51,7 @@ pub struct FuseAdapter<S> {
 
 impl<S: ParameterStore> FuseAdapter<S> {
     pub fn new(fs: Arc<Fs<S>>, runtime: Handle, streams: Option<Arc<StreamPipes>>) -> Self {
-        let parallel_lookups = std::env::var_os(crate::handoff::SERIAL_LOOKUPS_ENV).is_none();
+        let parallel_lookups = !serial_lookups_required();
         if !parallel_lookups {
             tracing::warn!("this mount was made by an earlier ssmfs (lookups one at a time): @changes answers EIO until it is mounted again");
         }
@@ -106,6 +106,17 @@ impl<S: ParameterStore> FuseAdapter<S> {
             .instrument(span),
         );
     }
+}
+
+/// Whether this daemon takes over a connection that was set up without
+/// parallel lookups: its holder says so (`handoff::SERIAL_LOOKUPS_ENV`), or
+/// its holder is an ssmfs from before the change streams (it holds the
+/// mount, as every holder does, but keeps no streams), whose connection
+/// was set up by a daemon of its own version.
+fn serial_lookups_required() -> bool {
+    use crate::handoff::{MOUNTPOINT_ENV, SERIAL_LOOKUPS_ENV, STREAMS_FD_ENV};
+    let env = |name| std::env::var_os(name).is_some();
+    env(SERIAL_LOOKUPS_ENV) || (env(MOUNTPOINT_ENV) && !env(STREAMS_FD_ENV))
 }
 
 /// Whether the thread that made a request is one of this process's (FUSE

@@ -28,7 +28,8 @@ pub const STREAMS_FD_ENV: &str = "SSMFS_STREAMS_FD";
 /// set up without parallel lookups (FUSE_PARALLEL_DIROPS): its INIT reply
 /// must match the one the kernel accepted, so it asks for none either, and
 /// it answers `@changes` with EIO (its own lookup would wait behind the
-/// reader's) until the mount is made again.
+/// reader's) until the mount is made again. A holder from before the change
+/// streams sets neither this nor `STREAMS_FD_ENV`: the daemon infers it.
 pub const SERIAL_LOOKUPS_ENV: &str = "SSMFS_SERIAL_LOOKUPS";
 
 /// What a holder of a mount the CSI plugin made finds at start
