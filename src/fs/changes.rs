@@ -120,7 +120,8 @@ pub struct StreamSpec {
 impl StreamSpec {
     /// A stream covering the directory `dir` (relative to the mount root),
     /// keeping nothing fresh: for tests of a stream's writer.
-    pub fn for_dir(ino: u64, dir: &str) -> Self {
+    #[cfg(test)]
+    pub(crate) fn for_dir(ino: u64, dir: &str) -> Self {
         Self {
             ino,
             dir: dir.into(),
