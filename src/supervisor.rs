@@ -34,6 +34,8 @@
 //! whether it serves or why it cannot; a mount whose first daemon cannot
 //! start is refused with that reason, as an unsupervised mount would be.
 
+mod kept_streams;
+
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io;
@@ -46,6 +48,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::daemon::{self, MountSettings, Readiness};
+use kept_streams::KeptStreams;
 
 use crate::handoff::{
     holder_count_envs, JOURNAL_FD, MOUNTPOINT_ENV, SERIAL_LOOKUPS_ENV, SERVE_FD, STREAMS_FD,
@@ -465,50 +468,6 @@ struct Supervisor {
     kept_streams: Arc<KeptStreams>,
 }
 
-/// The write ends of the change streams daemons opened (`stream_pipes`),
-/// with what each covers: while a copy is here, a reader blocked on it sees
-/// no end of file when its daemon dies, and the next daemon writes on it.
-/// A stream whose last reader left is dropped when the next one comes in
-/// or at a handover (its end then reports an error).
-#[derive(Default)]
-struct KeptStreams {
-    streams: Mutex<Vec<(serde_json::Value, OwnedFd)>>,
-}
-
-impl KeptStreams {
-    fn keep(&self, stream: serde_json::Value, end: OwnedFd) {
-        let mut streams = self.streams.lock().unwrap();
-        streams.retain(|(_, end)| has_reader(end));
-        streams.push((stream, end));
-    }
-
-    /// Hands `daemon` every stream that still has a reader.
-    fn hand_to(&self, daemon: &OwnedFd) {
-        let mut streams = self.streams.lock().unwrap();
-        streams.retain(|(_, end)| has_reader(end));
-        for (stream, end) in streams.iter() {
-            if let Err(error) = crate::fd_link::send(daemon, stream, &[end.as_raw_fd()]) {
-                tracing::warn!(%error, "could not hand a change stream to the serving daemon");
-                return;
-            }
-        }
-    }
-
-    /// Takes the streams `daemon` opens, until it exits.
-    fn take_from(self: Arc<Self>, daemon: Arc<OwnedFd>) -> io::Result<()> {
-        std::thread::Builder::new()
-            .name("ssmfs-streams-in".into())
-            .spawn(move || {
-                while let Ok(Some((stream, mut ends))) = crate::fd_link::receive(&daemon) {
-                    if let (Some(end), true) = (ends.pop(), ends.is_empty()) {
-                        self.keep(stream, end);
-                    }
-                }
-            })?;
-        Ok(())
-    }
-}
-
 /// Whether an accepted INIT reply body (`fuse_init_out`: major, minor,
 /// max_readahead, then the flags) granted parallel lookups. Connections an
 /// ssmfs before the change streams set up did not.
@@ -518,18 +477,6 @@ fn has_parallel_lookups(reply: &[u8]) -> bool {
         .get(12..16)
         .map(|flags| u32::from_ne_bytes(flags.try_into().unwrap()))
         .is_some_and(|flags| flags & FUSE_PARALLEL_DIROPS != 0)
-}
-
-/// Whether a pipe's write end still has a reader (no EPOLLERR).
-fn has_reader(end: &OwnedFd) -> bool {
-    let mut poll = libc::pollfd {
-        fd: end.as_raw_fd(),
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, no wait.
-    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
-    ready < 0 || poll.revents & libc::POLLERR == 0
 }
 
 impl Supervisor {
