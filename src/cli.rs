@@ -246,6 +246,17 @@ pub struct Settings {
 /// The arguments of the serving daemon a supervisor starts: the supervisor's
 /// own (mount options expanded), without what only the supervisor uses, and
 /// with `--serve-fd`.
+/// This process's command line, with the part an `--args-fd` holds put in
+/// its place (read once: the fd is closed after).
+pub fn process_args() -> std::io::Result<Vec<OsString>> {
+    static ARGS: std::sync::OnceLock<Result<Vec<OsString>, String>> = std::sync::OnceLock::new();
+    ARGS.get_or_init(|| {
+        crate::handoff::expand_args(std::env::args_os().collect()).map_err(|e| e.to_string())
+    })
+    .clone()
+    .map_err(std::io::Error::other)
+}
+
 pub fn daemon_args(args: Vec<OsString>) -> Result<Vec<OsString>, CliError> {
     let mut out = vec![OsString::from("--serve-fd")];
     let mut iter = expand_mount_options(args)?.into_iter().skip(1);

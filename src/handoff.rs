@@ -108,3 +108,113 @@ pub fn holder_counts() -> Option<[u64; 4]> {
     let [a, b, c, d] = COUNT_ENVS.map(count);
     Some([a?, b?, c?, d?])
 }
+
+/// Names the fd that holds the rest of a command line (`--args-fd=N`,
+/// NUL-separated). The CSI driver starts its holders and daemons this way:
+/// their role, session name, namespace and paths would be in
+/// `/proc/PID/cmdline`, which every local user can read.
+pub const ARGS_FD_FLAG: &str = "--args-fd=";
+
+/// Where an args file is placed: far above the numbers the fd contracts
+/// here use, so the moves between fork and exec never land on it.
+const ARGS_FD_FLOOR: RawFd = 64;
+
+/// A command line in a memfd, for a child that gets `ArgsFile::flag()`.
+pub struct ArgsFile(std::os::fd::OwnedFd);
+
+impl ArgsFile {
+    pub fn new<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::io::Result<Self> {
+        use std::io::Write;
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        use std::os::unix::ffi::OsStrExt;
+        // SAFETY: a NUL-terminated name; the fd returned is owned below.
+        let fd = unsafe { libc::memfd_create(c"ssmfs-args".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: just created, owned here.
+        let memfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut file = std::fs::File::from(memfd);
+        for arg in args {
+            file.write_all(arg.as_ref().as_bytes())?;
+            file.write_all(b"\0")?;
+        }
+        // SAFETY: a valid fd; the copy returned is owned below.
+        let high = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_DUPFD_CLOEXEC, ARGS_FD_FLOOR) };
+        if high < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: just duplicated, owned here.
+        Ok(ArgsFile(unsafe { OwnedFd::from_raw_fd(high) }))
+    }
+
+    pub fn raw(&self) -> RawFd {
+        use std::os::fd::AsRawFd;
+        self.0.as_raw_fd()
+    }
+
+    /// The argument that tells the child where its command line is.
+    pub fn flag(&self) -> String {
+        format!("{ARGS_FD_FLAG}{}", self.raw())
+    }
+
+    /// Between fork and exec (async-signal-safe): lets `raw` through exec.
+    pub fn inherit(raw: RawFd) -> std::io::Result<()> {
+        // SAFETY: fcntl on an fd number is async-signal-safe.
+        if unsafe { libc::fcntl(raw, libc::F_SETFD, 0) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+static ARGS_WERE_HIDDEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The command line with `--args-fd=N` replaced by what fd N holds (which
+/// is then closed).
+pub fn expand_args(args: Vec<std::ffi::OsString>) -> std::io::Result<Vec<std::ffi::OsString>> {
+    use std::io::{Read, Seek};
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStringExt;
+    let mut out = Vec::with_capacity(args.len());
+    for arg in args {
+        let Some(number) = arg.to_str().and_then(|a| a.strip_prefix(ARGS_FD_FLAG)) else {
+            out.push(arg);
+            continue;
+        };
+        let fd: RawFd = number
+            .parse()
+            .ok()
+            .filter(|fd| *fd >= ARGS_FD_FLOOR)
+            .ok_or_else(|| {
+                std::io::Error::other(format!("{ARGS_FD_FLAG}{number}: not an args fd"))
+            })?;
+        // SAFETY: the fd was handed to this process for this; it is
+        // checked (fstat) before use and owned (closed) here.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(std::io::Error::other(format!(
+                "{ARGS_FD_FLAG}{fd}: no such fd"
+            )));
+        }
+        let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.seek(std::io::SeekFrom::Start(0))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        // The last NUL ends the last argument: no empty one after it.
+        let text = bytes.strip_suffix(&[0]).unwrap_or(&bytes);
+        if !text.is_empty() {
+            out.extend(
+                text.split(|b| *b == 0)
+                    .map(|part| std::ffi::OsString::from_vec(part.to_vec())),
+            );
+        }
+        ARGS_WERE_HIDDEN.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(out)
+}
+
+/// Whether this process's own arguments came through `--args-fd`: its
+/// children then get theirs the same way.
+pub fn args_were_hidden() -> bool {
+    ARGS_WERE_HIDDEN.load(std::sync::atomic::Ordering::Relaxed)
+}

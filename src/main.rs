@@ -21,26 +21,31 @@ use tracing_subscriber::EnvFilter;
 const EXIT_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
-    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let args = match ssmfs::cli::process_args() {
+        Ok(args) => args,
+        Err(error) => {
+            eprintln!("ssmfs: {error}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     if let Some(code) = ssmfs::csi::run_subcommand(&args) {
         return code;
     }
     if let Some(code) = ssmfs::client::run_subcommand(&args) {
         return code;
     }
-    let settings = match CliArgs::parse_with_mount_options(std::env::args_os().collect())
-        .and_then(CliArgs::into_settings)
-    {
-        Ok(settings) => settings,
-        Err(CliError::Informational(text)) => {
-            print!("{text}");
-            return ExitCode::SUCCESS;
-        }
-        Err(error) => {
-            eprintln!("ssmfs: {error}");
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
+    let settings =
+        match CliArgs::parse_with_mount_options(args.clone()).and_then(CliArgs::into_settings) {
+            Ok(settings) => settings,
+            Err(CliError::Informational(text)) => {
+                print!("{text}");
+                return ExitCode::SUCCESS;
+            }
+            Err(error) => {
+                eprintln!("ssmfs: {error}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        };
     ssmfs::store::ssm::use_pod_identity(&settings.aws);
     let mut readiness = match prepare(&settings) {
         Ok(Some(readiness)) => readiness,
@@ -133,7 +138,7 @@ fn supervise(settings: Settings, readiness: &mut Readiness) -> anyhow::Result<()
             .with_context(|| format!("mount point {}", settings.mountpoint.display()))?;
         (mountpoint, None)
     };
-    let daemon_args = ssmfs::cli::daemon_args(std::env::args_os().collect())?;
+    let daemon_args = ssmfs::cli::daemon_args(ssmfs::cli::process_args()?)?;
     let supervisor = ssmfs::supervisor::SupervisorSettings {
         mount: MountSettings {
             mountpoint,

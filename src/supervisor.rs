@@ -506,8 +506,19 @@ impl Supervisor {
         if serial_lookups {
             command.env(SERIAL_LOOKUPS_ENV, "1");
         }
+        // A holder the CSI driver started got its options in a memfd; its
+        // daemons do too (the same binary reads them), never on a command
+        // line every local user may read.
+        let hidden = match crate::handoff::args_were_hidden() {
+            true => Some(crate::handoff::ArgsFile::new(&self.settings.daemon_args)?),
+            false => None,
+        };
+        let hidden_fd = hidden.as_ref().map_or(-1, |file| file.raw());
+        match &hidden {
+            Some(file) => command.arg(file.flag()),
+            None => command.args(&self.settings.daemon_args),
+        };
         command
-            .args(&self.settings.daemon_args)
             // Readiness is the supervisor's to report, not the daemon's.
             .env_remove("NOTIFY_SOCKET")
             .env(MOUNTPOINT_ENV, &self.settings.mount.mountpoint)
@@ -548,6 +559,9 @@ impl Supervisor {
                 {
                     return Err(io::Error::last_os_error());
                 }
+                if hidden_fd >= 0 {
+                    crate::handoff::ArgsFile::inherit(hidden_fd)?;
+                }
                 // The daemon goes with the supervisor; it never outlives it.
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 let mut none: libc::sigset_t = std::mem::zeroed();
@@ -558,7 +572,7 @@ impl Supervisor {
         }
         let child = command.spawn()?;
         // Only the daemon holds the write end now: its exit is the pipe's end.
-        drop((theirs, verdict_writer, streams_theirs));
+        drop((theirs, verdict_writer, streams_theirs, hidden));
         self.generation += 1;
         let socket = Arc::new(ours);
         let streams = Arc::new(streams_ours);

@@ -206,17 +206,37 @@ impl Node {
             .count()
     }
 
-    /// Pids of this node's processes whose command line contains `needle`.
+    /// Pids of this node's processes whose command line contains `needle`:
+    /// those started with its directory, and their descendants (holders and
+    /// daemons get their options through an fd, not their command line).
     fn pids(&self, needle: &str) -> Vec<u32> {
         let root = self.root.path().display().to_string();
-        std::fs::read_dir("/proc")
+        let cmdline = |pid: u32| {
+            let bytes = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&bytes).replace('\0', " ")
+        };
+        let all: Vec<u32> = std::fs::read_dir("/proc")
             .unwrap()
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|pid| {
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-                cmdline.contains(&root) && cmdline.contains(needle)
-            })
+            .collect();
+        let mut ours: Vec<u32> = all
+            .iter()
+            .copied()
+            .filter(|pid| cmdline(*pid).contains(&root))
+            .collect();
+        loop {
+            let children: Vec<u32> = all
+                .iter()
+                .copied()
+                .filter(|pid| !ours.contains(pid) && ours.contains(&parent_of(*pid)))
+                .collect();
+            if children.is_empty() {
+                break;
+            }
+            ours.extend(children);
+        }
+        ours.into_iter()
+            .filter(|pid| cmdline(*pid).contains(needle))
             .collect()
     }
 }
@@ -584,16 +604,61 @@ fn the_serving_side_runs_unprivileged() {
         std::fs::read_to_string(target.join("db")).unwrap(),
         "db-secret"
     );
-    let serving: Vec<u32> = [
-        node.pids("csi-serve"),
-        node.pids("--adopt-fds"),
-        node.pids("--serve-fd"),
-    ]
-    .concat();
+    // Everything but the plugin: the serving side, the holder, the daemon.
+    let plugin = node.plugin.as_ref().map(|child| child.id());
+    let serving: Vec<u32> = node
+        .pids("")
+        .into_iter()
+        .filter(|pid| Some(*pid) != plugin)
+        .collect();
     assert!(
         serving.len() >= 3,
         "serving side, holder and daemon: {serving:?}"
     );
+    // Issue 31: the role, the session name (namespace and service account),
+    // the path and the key were in every holder's and daemon's
+    // /proc/PID/cmdline, and the path in the mount source.
+    let key = std::fs::read_dir(node.path("state/mounts"))
+        .unwrap()
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_suffix(".json")
+                .map(String::from)
+        })
+        .next()
+        .expect("a mount record");
+    let secret_words = [
+        ROLE,
+        "airflow-worker",
+        "ssmfs-airflow",
+        ":/k8s",
+        key.as_str(),
+    ];
+    for pid in node.pids("") {
+        for what in ["cmdline", "environ"] {
+            let bytes = std::fs::read(format!("/proc/{pid}/{what}")).unwrap_or_default();
+            let text = String::from_utf8_lossy(&bytes);
+            for word in secret_words {
+                assert!(
+                    !text.contains(word),
+                    "pid {pid}'s {what} tells {word:?}: {text}"
+                );
+            }
+        }
+    }
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for line in mountinfo.lines().filter(|l| l.contains("fuse.ssmfs")) {
+        for word in secret_words {
+            assert!(!line.contains(word), "mountinfo tells {word:?}: {line}");
+        }
+        assert_eq!(
+            line.split(' ').rev().nth(1),
+            Some("ssmfs"),
+            "the mount source: {line}"
+        );
+    }
     for pid in serving {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         let field = |name: &str| {
@@ -1111,14 +1176,6 @@ fn refused(
     assert!(!target.exists(), "{named}: the target was left");
 }
 
-const TEAM_B: PodSpec<'static> = PodSpec {
-    namespace: "team-b",
-    name: "b-1",
-    uid: "uid-b",
-    service_account: "worker",
-    token: Some(TOKEN),
-};
-
 #[test]
 fn a_tenant_cannot_choose_the_node_credentials_an_endpoint_or_a_role_inside_airflow_kwargs() {
     let Some((_moto, gate)) = setup() else { return };
@@ -1233,7 +1290,7 @@ fn the_node_credentials_go_where_the_admin_says() {
         "u2",
         &elsewhere,
         &POD,
-        tonic::Code::InvalidArgument,
+        tonic::Code::PermissionDenied,
         "fixed",
     );
     // Nor the other half of a pair the class sets, which would drop it.
@@ -1246,7 +1303,7 @@ fn the_node_credentials_go_where_the_admin_says() {
         "u2",
         &kwargs,
         &POD,
-        tonic::Code::InvalidArgument,
+        tonic::Code::PermissionDenied,
         "fixed",
     );
     let own_role = [("class", "shared"), ("roleArn", ROLE)];
@@ -1255,7 +1312,7 @@ fn the_node_credentials_go_where_the_admin_says() {
         "u2",
         &own_role,
         &POD,
-        tonic::Code::InvalidArgument,
+        tonic::Code::PermissionDenied,
         "fixed",
     );
     // A namespace the flag names may ask for them itself.
@@ -1448,77 +1505,78 @@ fn a_namespace_cannot_fill_the_node() {
         &gate,
         &[
             "--max-mounts-per-namespace",
-            "2",
+            "4",
             "--max-mounts",
-            "3",
+            "6",
             "--linger",
             "1h",
         ],
     );
-    let with_ttl = |ttl: &'static str| {
+    let attrs = |path: &'static str, ttl: &'static str| {
         vec![
-            ("path", "/k8s"),
+            ("path", path),
             ("roleArn", ROLE),
             ("region", "us-east-1"),
             ("ttl", ttl),
         ]
     };
-    let pod = |uid: &'static str| PodSpec {
+    let in_ns = |namespace: &'static str, uid: &'static str| PodSpec {
+        namespace,
         uid,
         name: uid,
         ..POD
     };
-    let first = node.target("p1", "secrets");
-    node.publish(request("v1", &first, &with_ttl("1s"), &pod("p1")))
-        .unwrap();
-    node.publish(request(
-        "v2",
-        &node.target("p2", "secrets"),
-        &with_ttl("2s"),
-        &pod("p2"),
-    ))
-    .unwrap();
-    let exhausted = tonic::Code::ResourceExhausted;
-    refused(
-        &node,
-        "p3",
-        &with_ttl("3s"),
-        &pod("p3"),
-        exhausted,
-        "--max-mounts-per-namespace",
-    );
-    assert_eq!(node.shared_mounts(), 2);
-    // Another namespace is not held back by this one.
-    node.publish(request(
-        "vb",
-        &node.target("pb", "secrets"),
-        &with_ttl("1s"),
-        &TEAM_B,
-    ))
-    .unwrap();
-    let team_c = PodSpec {
-        namespace: "team-c",
-        uid: "pc",
-        ..TEAM_B
+    let publish = |uid: &'static str, namespace, attributes: &[(&str, &str)]| {
+        let target = node.target(uid, "secrets");
+        node.publish(request(uid, &target, attributes, &in_ns(namespace, uid)))
+            .map(|()| target)
     };
+    let exhausted = tonic::Code::ResourceExhausted;
+    // Tuning variants of one source do not multiply (the third is refused).
+    let a1 = publish("a1", "airflow", &attrs("/k8s", "1s")).unwrap();
+    let a2 = publish("a2", "airflow", &attrs("/k8s", "2s")).unwrap();
     refused(
         &node,
-        "pc",
-        &with_ttl("1s"),
-        &team_c,
+        "a3",
+        &attrs("/k8s", "3s"),
+        &in_ns("airflow", "a3"),
+        exhausted,
+        "--max-variants-per-source",
+    );
+    publish("a3", "airflow", &attrs("/other", "1s")).unwrap();
+    publish("a4", "airflow", &attrs("/other", "2s")).unwrap();
+    publish("b1", "team-b", &attrs("/k8s", "1s")).unwrap();
+    publish("b2", "team-b", &attrs("/k8s", "2s")).unwrap();
+    assert_eq!(node.shared_mounts(), 6);
+    // The node is full, airflow is over its fair share (6 / 3 = 2): a third
+    // namespace's first mount still goes in, with nothing idle to evict.
+    publish("c1", "team-c", &attrs("/k8s", "1s")).unwrap();
+    assert_eq!(node.shared_mounts(), 7);
+    // Its second waits for room, which the largest holder's idle mounts
+    // give (and the smaller holder's are kept).
+    refused(
+        &node,
+        "c2",
+        &attrs("/k8s", "2s"),
+        &in_ns("team-c", "c2"),
         exhausted,
         "--max-mounts",
     );
-    // A mount no pod uses any more makes room (its linger is cut short).
-    node.unpublish("v1", &first).unwrap();
-    node.publish(request(
-        "v3",
-        &node.target("p3", "secrets"),
-        &with_ttl("3s"),
-        &pod("p3"),
-    ))
-    .unwrap();
-    assert_eq!(node.shared_mounts(), 3);
+    node.unpublish("a1", &a1).unwrap();
+    node.unpublish("a2", &a2).unwrap();
+    publish("c2", "team-c", &attrs("/k8s", "2s")).unwrap();
+    assert_eq!(node.shared_mounts(), 6, "airflow's two idle mounts went");
+    // A namespace at its share cannot take others' idle mounts.
+    node.unpublish("c1", &node.target("c1", "secrets")).unwrap();
+    refused(
+        &node,
+        "b3",
+        &attrs("/b", "1s"),
+        &in_ns("team-b", "b3"),
+        exhausted,
+        "--max-mounts",
+    );
+    assert_eq!(node.shared_mounts(), 6, "team-c's idle mount stayed");
 }
 
 #[test]
@@ -1709,4 +1767,82 @@ fn a_pod_follows_its_volumes_change_stream() {
         "stderr: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Issue 31: a target ending in `/` whose last component is a link out of
+/// kubelet's pods directory, a link above the target, and a target in
+/// another pod's directory were all published. The target is now resolved
+/// once, below the pods directory, following no link, and mounted through
+/// that resolution; unpublish goes the same way.
+#[test]
+fn a_target_is_resolved_once_without_links_and_only_in_its_pods_directory() {
+    let Some((_moto, gate)) = setup() else { return };
+    let node = Node::start(&gate, &[]);
+    let outside = node.path("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let mounted_outside = || {
+        ssmfs::csi::sys::mounts()
+            .unwrap()
+            .iter()
+            .any(|m| m.mount_point.starts_with(&outside))
+    };
+    // 1. A trailing slash after a link to a directory outside.
+    let target = node.target("uid-1", "secrets");
+    std::os::unix::fs::symlink(&outside, &target).unwrap();
+    let mut slash = request("vol-1", &target, ATTRS, &POD);
+    slash.target_path.push('/');
+    let status = node.publish(slash).unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("ends with /"), "{status:?}");
+    assert!(!mounted_outside(), "mounted through the link");
+    // 2. A link above the target: the volume's directory points outside.
+    let volume_dir = target.parent().unwrap().to_path_buf();
+    std::fs::remove_file(&target).unwrap();
+    std::fs::remove_dir(&volume_dir).unwrap();
+    std::os::unix::fs::symlink(&outside, &volume_dir).unwrap();
+    let status = node
+        .publish(request("vol-1", &target, ATTRS, &POD))
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("symlink"), "{status:?}");
+    assert!(
+        !mounted_outside(),
+        "mounted through a link above the target"
+    );
+    assert!(
+        !outside.join("mount").exists(),
+        "created a directory outside"
+    );
+    // Unpublish does not follow it either: a mount there stays.
+    std::fs::create_dir_all(outside.join("mount")).unwrap();
+    let held = outside.join("mount");
+    assert_eq!(
+        run("mount", &["-t", "tmpfs", "tmpfs", held.to_str().unwrap()]).0,
+        0
+    );
+    let status = node.unpublish("vol-1", &target).unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        ssmfs::daemon::is_mount_point(&held),
+        "unmounted through a link"
+    );
+    let _ = ssmfs::daemon::lazy_unmount(&held);
+    // 3. A target in another pod's directory than the request's pod.uid.
+    let other = node.target("uid-2", "secrets");
+    let mut stolen = request("vol-2", &other, ATTRS, &POD);
+    stolen
+        .volume_context
+        .insert("csi.storage.k8s.io/pod.uid".into(), "uid-1".into());
+    let status = node.publish(stolen).unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("uid-1"), "{status:?}");
+    assert_eq!(node.all_mounts(), 0, "something was mounted");
+    // The same request in its own pod's directory is published.
+    node.publish(request("vol-2", &other, ATTRS, &POD)).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(other.join("db")).unwrap(),
+        "db-secret"
+    );
+    node.unpublish("vol-2", &other).unwrap();
+    assert!(!other.exists(), "the target was left");
 }

@@ -17,6 +17,7 @@ pub mod authority;
 pub use crate::fd_link as control;
 pub mod error;
 pub mod node;
+pub mod policy;
 pub mod serve;
 pub mod streams;
 pub mod sys;
@@ -96,6 +97,11 @@ pub struct PluginArgs {
     /// serving container, so 64 stays well inside its memory limit.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_mounts: u32,
+    /// Most shared mounts of one namespace that differ only in tuning
+    /// attributes (TTLs, rate, owner, modes): two allow a rollout from one
+    /// setting to the next; more would only multiply daemons for one source.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_variants_per_source: u32,
     /// Where EKS Pod Identity's agent answers (volumes with usePodIdentity).
     #[arg(long, default_value = crate::store::ssm::POD_IDENTITY_AGENT_URL)]
     pub pod_identity_agent_url: String,
@@ -194,35 +200,44 @@ fn run_plugin(args: PluginArgs) -> anyhow::Result<()> {
         );
     }
     let endpoint = socket_path(&args.endpoint);
-    let mut defaults = match &args.attributes_dir {
-        Some(dir) => volume::AttributeDefaults::load(dir)
+    let (defaults, classes) = match &args.attributes_dir {
+        Some(dir) => policy::load_attributes(dir)
             .map_err(|why| anyhow::anyhow!("--attributes-dir: {why}"))?,
-        None => volume::AttributeDefaults::default(),
+        None => Default::default(),
     };
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("--state-dir {}", args.state_dir.display()))?;
     sys::make_private(&args.state_dir)
         .with_context(|| format!("--state-dir {}", args.state_dir.display()))?;
-    defaults.key_salt = sys::node_secret(&args.state_dir.join("key.salt"))
+    let key_salt = sys::node_secret(&args.state_dir.join("key.salt"))
         .with_context(|| format!("--state-dir {}: key.salt", args.state_dir.display()))?;
-    defaults.node_identity_namespaces = args
-        .node_identity_namespaces
-        .iter()
-        .map(|ns| ns.trim().to_string())
-        .filter(|ns| !ns.is_empty())
-        .collect();
+    // The whole policy, in one place: nothing is filled in later.
+    let policy = policy::Policy {
+        pods_dir: args.pods_dir,
+        defaults,
+        classes,
+        node_identity_namespaces: args
+            .node_identity_namespaces
+            .iter()
+            .map(|ns| ns.trim().to_string())
+            .filter(|ns| !ns.is_empty())
+            .collect(),
+        key_salt,
+        caps: policy::Caps {
+            per_namespace: args.max_mounts_per_namespace as usize,
+            node: args.max_mounts as usize,
+            variants: args.max_variants_per_source as usize,
+        },
+    };
     let driver = node::Driver::new(node::DriverSettings {
         driver_name: args.driver_name,
         node_id: args.node_id,
         state_dir: args.state_dir.clone(),
         run_dir: args.run_dir,
-        pods_dir: args.pods_dir,
         serve_user: args.serve_user,
         external_serve: args.external_serve,
         linger: args.linger,
-        defaults,
-        max_mounts_per_namespace: args.max_mounts_per_namespace as usize,
-        max_mounts: args.max_mounts as usize,
+        policy,
         pod_identity_agent_url: args.pod_identity_agent_url,
     });
     std::fs::create_dir_all(&args.state_dir)

@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status};
 
 use super::control;
 use super::error::CsiError;
+use super::policy::{self, Policy, Room};
 use super::serve::ConnectionFds;
 use super::sys::{self, ServeUser};
 use super::volume::{Identity, Pod, Publish};
@@ -38,16 +39,12 @@ pub struct DriverSettings {
     pub node_id: String,
     pub state_dir: PathBuf,
     pub run_dir: PathBuf,
-    pub pods_dir: PathBuf,
     pub serve_user: ServeUser,
     /// The serving side runs elsewhere (a second container): do not start it.
     pub external_serve: bool,
     pub linger: Duration,
-    pub defaults: super::volume::AttributeDefaults,
-    /// Shared mounts one namespace may hold (`--max-mounts-per-namespace`).
-    pub max_mounts_per_namespace: usize,
-    /// Shared mounts on the node (`--max-mounts`).
-    pub max_mounts: usize,
+    /// The tenant policy: attributes, classes, identities and caps.
+    pub policy: Policy,
     /// EKS Pod Identity's agent (`--pod-identity-agent-url`).
     pub pod_identity_agent_url: String,
 }
@@ -210,8 +207,61 @@ impl ServingBinary {
     }
 }
 
+/// What /proc says of a process, to tell a serving side from a recycled pid.
+struct ServingRecord {
+    uid: u32,
+    /// Clock ticks after boot (`/proc/PID/stat`'s 22nd field): no two
+    /// processes with one pid share it.
+    started: u64,
+    zombie: bool,
+}
+
+impl ServingRecord {
+    fn of(pid: u32) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name may hold spaces and parentheses: fields count
+        // from the last ')'.
+        let after_name = &stat[stat.rfind(')')? + 1..];
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let state = *fields.first()?;
+        let started = fields.get(19)?.parse().ok()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let uid = status
+            .lines()
+            .find_map(|line| line.strip_prefix("Uid:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        Some(ServingRecord {
+            uid,
+            started,
+            zombie: state == "Z",
+        })
+    }
+
+    /// `PID STARTED` as the plugin writes it; an older plugin's bare pid
+    /// cannot be told from a recycled one, so it is not trusted.
+    fn parse(record: &str) -> Option<(u32, u64)> {
+        let mut fields = record.split_whitespace();
+        let pid = fields.next()?.parse().ok()?;
+        let started = fields.next()?.parse().ok()?;
+        Some((pid, started))
+    }
+}
+
+/// The first 12 hex digits of HMAC-SHA256(salt, key): a log label.
+pub fn label(salt: &[u8], key: &str) -> String {
+    use hmac::{KeyInit, Mac};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(salt).expect("any key length");
+    mac.update(key.as_bytes());
+    hex::encode(mac.finalize().into_bytes())[..12].to_string()
+}
+
 pub struct Driver {
     settings: DriverSettings,
+    /// Drawn at start: log labels of mounts (`label`).
+    label_salt: [u8; 16],
     mounts: Mutex<HashMap<String, SharedMount>>,
     link: Mutex<Link>,
     /// Publishes and unpublishes of one target one at a time (kubelet
@@ -238,6 +288,7 @@ impl Driver {
     pub fn new(settings: DriverSettings) -> Arc<Self> {
         Arc::new(Driver {
             settings,
+            label_salt: rand::random(),
             mounts: Mutex::new(HashMap::new()),
             link: Mutex::new(Link::default()),
             targets_busy: tokio::sync::Mutex::new(HashMap::new()),
@@ -252,11 +303,11 @@ impl Driver {
         self.settings.state_dir.join("mounts")
     }
 
-    /// How logs and metrics name a shared mount: the start of its key,
-    /// which is its directory's name (an HMAC under the node's secret, so it
-    /// tells nothing another tenant could compute).
+    /// How logs and metrics name a shared mount: a digest of its key under
+    /// a secret drawn at this plugin's start, so a label tells nothing
+    /// about the key and changes at each start.
     fn label(&self, key: &str) -> String {
-        key.chars().take(12).collect()
+        label(&self.label_salt, key)
     }
 
     pub fn control_socket(run_dir: &Path) -> PathBuf {
@@ -275,9 +326,40 @@ impl Driver {
         }
     }
 
-    fn forget(&self, key: &str) {
+    /// Detaches what an unusable record says is mounted, and forgets it.
+    fn detach_record(&self, key: &str, record: &Value) {
+        let pods_dir = &self.settings.policy.pods_dir;
+        for target in record["targets"].as_array().into_iter().flatten() {
+            let Some(path) = target["target"].as_str().map(PathBuf::from) else {
+                continue;
+            };
+            if path.starts_with(pods_dir) && daemon::is_mount_point(&path) {
+                let _ = daemon::lazy_unmount(&path);
+            }
+        }
+        let mountpoint = self.recorded_mountpoint(key, record);
+        if daemon::is_mount_point(&mountpoint) {
+            let _ = daemon::lazy_unmount(&mountpoint);
+        }
+        self.forget(key, &mountpoint);
+    }
+
+    fn forget(&self, key: &str, mountpoint: &Path) {
         let _ = std::fs::remove_file(self.mounts_dir().join(format!("{key}.json")));
-        let _ = std::fs::remove_dir(self.mounts_dir().join(key));
+        if mountpoint.parent() == Some(self.mounts_dir().as_path()) {
+            let _ = std::fs::remove_dir(mountpoint);
+        }
+    }
+
+    /// Where a record says its shared mount is: a directory right below
+    /// the mounts directory (an older plugin named it by the key).
+    fn recorded_mountpoint(&self, key: &str, record: &Value) -> PathBuf {
+        record["mountpoint"]
+            .as_str()
+            .map(PathBuf::from)
+            .filter(|path| path.parent() == Some(self.mounts_dir().as_path()))
+            .filter(|path| path.file_name().is_some_and(|n| n != ".." && n != "."))
+            .unwrap_or_else(|| self.mounts_dir().join(key))
     }
 
     /// Rebuilds the shared mounts from the state directory and mountinfo:
@@ -317,8 +399,14 @@ impl Driver {
                 let _ = std::fs::remove_file(&path);
                 continue;
             };
-            let mountpoint = self.mounts_dir().join(&key);
-            let identity = Identity::from_json(&record["identity"]).unwrap_or(Identity::Node);
+            let mountpoint = self.recorded_mountpoint(&key, &record);
+            let Some(identity) = Identity::from_json(&record["identity"]) else {
+                // Never guessed: recovering it as the node's identity would
+                // hand the node's credentials to whoever wrote the record.
+                tracing::error!(mount = %self.label(&key), "the mount record's identity does not parse; not recovering it (its mount and targets are detached)");
+                self.detach_record(&key, &record);
+                continue;
+            };
             let namespace = record["namespace"].as_str().unwrap_or_default().to_string();
             let options: BTreeMap<String, String> =
                 serde_json::from_value(record["options"].clone()).unwrap_or_default();
@@ -340,7 +428,7 @@ impl Driver {
                         .into(),
                 };
                 let pod_gone =
-                    !pod.uid.is_empty() && !self.settings.pods_dir.join(&pod.uid).exists();
+                    !pod.uid.is_empty() && !self.settings.policy.pods_dir.join(&pod.uid).exists();
                 if !is_mounted(&path) {
                     continue;
                 }
@@ -362,7 +450,7 @@ impl Driver {
                 if is_mounted(&mountpoint) {
                     let _ = daemon::lazy_unmount(&mountpoint);
                 }
-                self.forget(&key);
+                self.forget(&key, &mountpoint);
                 continue;
             }
             // The recorded command line (its metrics port with it), or one
@@ -391,7 +479,9 @@ impl Driver {
         // Dead ssmfs mounts in pods' directories nobody records any more.
         for entry in &mounted {
             if entry.fstype == "fuse.ssmfs"
-                && entry.mount_point.starts_with(&self.settings.pods_dir)
+                && entry
+                    .mount_point
+                    .starts_with(&self.settings.policy.pods_dir)
                 && sys::is_dead_mount(&entry.mount_point)
             {
                 tracing::info!(target = %entry.mount_point.display(), "detaching a dead target");
@@ -497,20 +587,25 @@ impl Driver {
         self.settings.state_dir.join("serve.pid")
     }
 
-    /// A serving side an earlier plugin started, still alive.
+    /// A serving side an earlier plugin started, still alive: the recorded
+    /// pid, run by the serving uid, started when recorded, from an ssmfs
+    /// binary. A local user's process that catches a recycled pid (with
+    /// "csi-serve" in its arguments, say) matches none of these, so the
+    /// plugin does not wait on it.
     fn surviving_serving_side(&self) -> Option<u32> {
-        let pid: u32 = std::fs::read_to_string(self.serve_pid_file())
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let zombie = status
-            .lines()
-            .any(|l| l.starts_with("State:") && l.contains('Z'));
-        (cmdline.contains("csi-serve") && !zombie).then_some(pid)
+        let record = std::fs::read_to_string(self.serve_pid_file()).ok()?;
+        let (pid, started) = ServingRecord::parse(&record)?;
+        let process = ServingRecord::of(pid)?;
+        let binary_name = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+        let from_ssmfs = binary_name
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("ssmfs"));
+        (process.uid == self.settings.serve_user.uid
+            && process.started == started
+            && !process.zombie
+            && from_ssmfs)
+            .then_some(pid)
     }
 
     /// One-host layout: starts the serving side, and again whenever it ends.
@@ -532,7 +627,12 @@ impl Driver {
             let failure = match self.spawn_serving_side(&binary) {
                 Ok(mut child) => {
                     let pid = child.id();
-                    let _ = std::fs::write(self.serve_pid_file(), format!("{pid}\n"));
+                    if let Some(process) = ServingRecord::of(pid) {
+                        let _ = std::fs::write(
+                            self.serve_pid_file(),
+                            format!("{pid} {}\n", process.started),
+                        );
+                    }
                     *self.serve_failure.lock().unwrap() = None;
                     let status = child.wait().ok();
                     tracing::warn!(pid, ?status, "the serving side ended; starting another");
@@ -767,7 +867,7 @@ impl Driver {
             let mount = mounts.remove(key).expect("listed above");
             tracing::warn!(mount = %self.label(key), pods = mount.targets.len(), "no process held the shared mount any more; detaching it and its targets (their next publish mounts anew)");
             mount.detach();
-            self.forget(key);
+            self.forget(key, &mount.mountpoint);
         }
     }
 
@@ -858,7 +958,7 @@ impl Driver {
         }
         if let Some(mount) = mounts.remove(key) {
             mount.detach();
-            self.forget(key);
+            self.forget(key, &mount.mountpoint);
         }
     }
 
@@ -882,13 +982,15 @@ impl Driver {
 
     /// Mounts a new shared mount and waits until its first daemon serves.
     fn create_shared(&self, publish: &Publish) -> Result<SharedMount, CsiError> {
-        let mountpoint = self.mounts_dir().join(&publish.key);
+        // A random name: mountinfo, which every local user reads, shows the
+        // mount point; it must not show the key. The record links the two.
+        let mountpoint = self
+            .mounts_dir()
+            .join(hex::encode(rand::random::<[u8; 12]>()));
         std::fs::create_dir_all(&mountpoint)
             .map_err(|e| internal("creating the shared mount point", e))?;
-        let fsname = match publish.options.get("path") {
-            Some(path) => format!("ssmfs:{path}"),
-            None => "ssmfs:airflow".into(),
-        };
+        // Nothing of the path or identity: mountinfo is world-readable.
+        let fsname = "ssmfs".to_string();
         let settings = MountSettings {
             mountpoint: mountpoint.clone(),
             fsname,
@@ -901,7 +1003,7 @@ impl Driver {
             if mounted {
                 let _ = daemon::lazy_unmount(&mountpoint);
             }
-            self.forget(&publish.key);
+            self.forget(&publish.key, &mountpoint);
         };
         let fuse = daemon::mount_device(&settings).map_err(|e| {
             cleanup(false);
@@ -1001,7 +1103,7 @@ impl Driver {
     }
 
     fn publish(&self, request: NodePublishVolumeRequest) -> Result<(), CsiError> {
-        let publish = Publish::parse(&request, &self.settings.pods_dir, &self.settings.defaults)?;
+        let publish = Publish::parse(&request, &self.settings.policy)?;
         let key_busy = self
             .keys_busy
             .lock()
@@ -1020,64 +1122,93 @@ impl Driver {
         published
     }
 
-    /// Whether one more shared mount for `namespace` fits the caps; idle
-    /// (lingering) mounts make room first, the longest idle first.
-    fn make_room(&self, namespace: &str) -> Result<Reservation<'_>, CsiError> {
-        let settings = &self.settings;
+    /// What the caps see: the shared mounts and those being created.
+    fn counts(
+        mounts: &HashMap<String, SharedMount>,
+        creating: &HashMap<String, usize>,
+    ) -> policy::Counts {
+        policy::Counts {
+            mounts: mounts
+                .iter()
+                .filter(|(_, m)| !m.removing)
+                .map(|(key, m)| policy::Held {
+                    key: key.clone(),
+                    namespace: m.namespace.clone(),
+                    identity: m.identity.clone(),
+                    options: m.options.clone(),
+                    idle_since: m.idle_since.filter(|_| m.targets.is_empty()),
+                    live: m.fds.is_some(),
+                })
+                .collect(),
+            creating: creating.iter().map(|(ns, n)| (ns.clone(), *n)).collect(),
+        }
+    }
+
+    /// Reserves room for `publish`'s new shared mount under the caps
+    /// (`policy::room`), removing the idle mounts the policy names first.
+    fn make_room(&self, publish: &Publish) -> Result<Reservation<'_>, CsiError> {
         loop {
             let evict = {
+                // Checked and reserved under the locks, so that two
+                // publishes cannot both take the last place.
                 let mounts = self.mounts.lock().unwrap();
                 let mut creating = self.creating.lock().unwrap();
-                let pending = creating.get(namespace).copied().unwrap_or(0);
-                let in_namespace =
-                    mounts.values().filter(|m| m.namespace == namespace).count() + pending;
-                let over_namespace = in_namespace >= settings.max_mounts_per_namespace;
-                let over_node =
-                    mounts.len() + creating.values().sum::<usize>() >= settings.max_mounts;
-                if !over_namespace && !over_node {
-                    *creating.entry(namespace.to_string()).or_default() += 1;
-                    return Ok(Reservation {
-                        driver: self,
-                        namespace: namespace.to_string(),
-                    });
-                }
-                let idle = mounts
-                    .iter()
-                    .filter(|(_, m)| m.targets.is_empty() && !m.removing)
-                    .filter(|(_, m)| !over_namespace || m.namespace == namespace)
-                    .filter_map(|(key, m)| Some((m.idle_since?, key.clone())))
-                    .min();
-                match idle {
-                    Some((_, key)) => key,
-                    None if over_namespace => {
-                        return Err(CsiError::ResourceExhausted(format!(
-                            "namespace {namespace:?} holds {in_namespace} shared mounts on this node, the most --max-mounts-per-namespace allows ({}): volumes with the same identity and attributes share one",
-                            settings.max_mounts_per_namespace
-                        )))
+                let counts = Self::counts(&mounts, &creating);
+                match policy::room_for(publish, &self.settings.policy, &counts)? {
+                    Room::Free | Room::Shared => {
+                        let namespace = publish.pod.namespace.clone();
+                        *creating.entry(namespace.clone()).or_default() += 1;
+                        return Ok(Reservation {
+                            driver: self,
+                            namespace,
+                        });
                     }
-                    None => {
-                        return Err(CsiError::ResourceExhausted(format!(
-                            "this node holds {} shared mounts, the most --max-mounts allows",
-                            settings.max_mounts
-                        )))
-                    }
+                    Room::Evict(keys) => keys,
                 }
             };
-            self.remove_shared(&evict, "to make room under the caps");
+            for key in evict {
+                self.remove_shared(&key, "to make room under the caps");
+            }
+        }
+    }
+
+    /// Opens a target's parent below the pods directory, following no
+    /// link; `None` if the parent does not exist.
+    fn resolve_target(&self, target: &Path) -> Result<Option<sys::Target>, CsiError> {
+        match sys::Target::resolve(&self.settings.policy.pods_dir, target) {
+            Ok(resolved) => Ok(Some(resolved)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(match error.raw_os_error() {
+                Some(libc::ELOOP) | Some(libc::EXDEV) | Some(libc::ENOTDIR) => {
+                    CsiError::invalid(format!(
+                        "target_path {} passes through a symlink or leaves the pods directory; refusing to mount through it",
+                        target.display()
+                    ))
+                }
+                _ => internal("opening target_path's directory", error),
+            }),
         }
     }
 
     fn publish_parsed(&self, publish: &Publish) -> Result<(), CsiError> {
         let target = &publish.target;
         let started = Instant::now();
-        match std::fs::symlink_metadata(target) {
+        let resolved = self.resolve_target(target)?.ok_or_else(|| {
+            CsiError::invalid(format!(
+                "cannot create target_path {}: its parent directory does not exist",
+                target.display()
+            ))
+        })?;
+        // The last component, looked up in the parent opened above.
+        let by_fd = resolved.path();
+        match std::fs::symlink_metadata(&by_fd) {
             Ok(meta) if meta.file_type().is_symlink() => {
                 return Err(CsiError::invalid(format!(
                     "target_path {} is a symlink; refusing to mount through it",
                     target.display()
                 )))
             }
-            Ok(_) if sys::is_dead_mount(target) => {}
+            Ok(_) if sys::is_dead_mount(&by_fd) => {}
             Ok(meta) if !meta.is_dir() => {
                 return Err(CsiError::invalid(format!(
                     "target_path {} exists and is not a directory",
@@ -1119,24 +1250,14 @@ impl Driver {
                 mount.targets.remove(target);
             }
         }
-        if sys::is_dead_mount(target) || daemon::is_mount_point(target) {
-            let _ = daemon::lazy_unmount(target);
-        }
+        // A dead or stale mount left there (not a mount point: EINVAL).
+        let _ = resolved.unmount();
         let live = mounts
             .get(&publish.key)
             .is_some_and(|mount| mount.fds.is_some() && !mount.removing);
         let warm = live;
         if let Some(mount) = mounts.get(&publish.key).filter(|_| live) {
-            // The key is a digest: compare what it stands for before
-            // binding another pod to this mount.
-            if mount.identity != publish.identity || mount.options != publish.options {
-                return Err(CsiError::system(
-                    "comparing the shared mount's identity",
-                    std::io::Error::other(
-                        "a mount of another identity or other attributes has this key",
-                    ),
-                ));
-            }
+            policy::check_same_mount(&mount.identity, &mount.options, publish)?;
         }
         if !live {
             if let Some(dead) = mounts.remove(&publish.key) {
@@ -1145,7 +1266,7 @@ impl Driver {
             // Mounting waits on the serving side, which reports through
             // the link thread: the map is not held meanwhile.
             drop(mounts);
-            let reserved = self.make_room(&publish.pod.namespace)?;
+            let reserved = self.make_room(publish)?;
             let created = self.create_shared(publish)?;
             mounts = self.mounts.lock().unwrap();
             mounts.insert(publish.key.clone(), created);
@@ -1159,9 +1280,8 @@ impl Driver {
                 let _ = sys::refresh(file, token.as_bytes());
             }
         }
-        let created_target = match std::fs::create_dir(target) {
-            Ok(()) => true,
-            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => false,
+        let created_target = match resolved.create_dir() {
+            Ok(created) => created,
             Err(error) => {
                 let status = CsiError::invalid(format!(
                     "cannot create target_path {}: {error} (its parent must exist)",
@@ -1171,9 +1291,9 @@ impl Driver {
                 return Err(status);
             }
         };
-        if let Err(error) = sys::bind_read_only(&mount.mountpoint, target) {
+        if let Err(error) = resolved.bind_read_only(&mount.mountpoint) {
             if created_target {
-                let _ = std::fs::remove_dir(target);
+                let _ = resolved.remove_dir();
             }
             self.settle_idle(&publish.key, mount);
             return Err(internal("bind-mounting the volume", error));
@@ -1215,21 +1335,31 @@ impl Driver {
         if request.target_path.is_empty() {
             return Err(CsiError::invalid("target_path is missing"));
         }
-        let target = PathBuf::from(&request.target_path);
-        super::volume::check_target(&target, &self.settings.pods_dir)?;
-        if std::fs::symlink_metadata(&target).is_ok_and(|meta| meta.file_type().is_symlink()) {
-            return Err(CsiError::invalid(format!(
-                "target_path {} is a symlink; refusing to unmount through it",
-                target.display()
-            )));
-        }
-        if daemon::is_mount_point(&target) || sys::is_dead_mount(&target) {
-            daemon::lazy_unmount(&target).map_err(|e| internal("unmounting the target", e))?;
-        }
-        match std::fs::remove_dir(&target) {
-            Ok(()) => {}
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => return Err(internal("removing target_path", error)),
+        let target = policy::check_target(&request.target_path, &self.settings.policy.pods_dir)?;
+        // None: gone with its pod directory, so nothing is mounted there.
+        let resolved = self.resolve_target(&target)?;
+        if let Some(resolved) = &resolved {
+            let by_fd = resolved.path();
+            if std::fs::symlink_metadata(&by_fd).is_ok_and(|meta| meta.file_type().is_symlink()) {
+                return Err(CsiError::invalid(format!(
+                    "target_path {} is a symlink; refusing to unmount through it",
+                    target.display()
+                )));
+            }
+            match resolved.unmount() {
+                // EINVAL: nothing is mounted there; ENOENT: nor is it there.
+                Err(error)
+                    if !matches!(error.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) =>
+                {
+                    return Err(internal("unmounting the target", error))
+                }
+                _ => {}
+            }
+            match resolved.remove_dir() {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => return Err(internal("removing target_path", error)),
+            }
         }
         let mut mounts = self.mounts.lock().unwrap();
         let owner = mounts
@@ -1287,7 +1417,7 @@ impl Driver {
             .lock()
             .unwrap()
             .tell_all(&json!({"op": "stop", "id": key}));
-        self.forget(key);
+        self.forget(key, &mount.mountpoint);
         tracing::info!(mount = %self.label(key), reason = why, "removed an idle shared mount");
     }
 

@@ -122,6 +122,13 @@ pub fn check_ready(path: &std::path::Path) -> anyhow::Result<()> {
     }
 }
 
+/// A mount's name in this side's log: never its key, and another one at
+/// each start (`node::label` under a secret drawn now).
+fn log_label(key: &str) -> String {
+    static SALT: std::sync::LazyLock<[u8; 16]> = std::sync::LazyLock::new(rand::random);
+    super::node::label(&*SALT, key)
+}
+
 fn tell(state: &Mutex<State>, message: Value, fds: &[i32]) {
     let link = state.lock().unwrap().link.clone();
     if let Some(link) = link {
@@ -156,9 +163,13 @@ fn spawn_holder(fds: &ConnectionFds, args: &[String]) -> io::Result<(Child, std:
         placed.push((token.as_raw_fd(), HOLDER_TOKEN_FD));
     }
     let mut command = crate::handoff::command_for(&crate::handoff::executable()?);
+    // Its options (role, session name, paths) in a memfd, not in its
+    // /proc/PID/cmdline, which every local user reads.
+    let hidden = crate::handoff::ArgsFile::new(args)?;
+    let hidden_fd = hidden.raw();
     command
         .args(["--supervise", "--adopt-fds", "--foreground"])
-        .args(args);
+        .arg(hidden.flag());
     // Its daemons ask the plugin for their streams' ends (they may not walk
     // into their own mounts).
     if let Some(socket) = STREAM_SOCKET.get() {
@@ -181,6 +192,7 @@ fn spawn_holder(fds: &ConnectionFds, args: &[String]) -> io::Result<(Child, std:
                     return Err(io::Error::last_os_error());
                 }
             }
+            crate::handoff::ArgsFile::inherit(hidden_fd)?;
             // A holder goes with its serving side: the plugin's copies keep
             // the connection, and the next serving side resumes it.
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
@@ -188,7 +200,7 @@ fn spawn_holder(fds: &ConnectionFds, args: &[String]) -> io::Result<(Child, std:
         });
     }
     let child = command.spawn()?;
-    drop(verdict_writer);
+    drop((verdict_writer, hidden));
     Ok((child, verdict))
 }
 
@@ -204,7 +216,7 @@ fn start(state: &Arc<Mutex<State>>, id: String, args: Vec<String>, fds: Connecti
     guard.released.remove(&id);
     match spawn_holder(&fds, &args) {
         Ok((holder, verdict)) => {
-            tracing::info!(volume = %id, pid = holder.id(), "holder started");
+            tracing::info!(volume = %log_label(&id), pid = holder.id(), "holder started");
             guard.held.insert(id.clone(), Held { fds, args, holder });
             drop(guard);
             let state = state.clone();
@@ -244,7 +256,7 @@ fn reap(state: Arc<Mutex<State>>) {
             ended
         };
         for (id, status) in ended {
-            tracing::info!(volume = %id, %status, "holder ended");
+            tracing::info!(volume = %log_label(&id), %status, "holder ended");
             tell(
                 &state,
                 json!({"op": "ended", "id": id, "status": status}),
@@ -390,7 +402,7 @@ fn handle(state: &Arc<Mutex<State>>, message: Value, fds: Vec<OwnedFd>) {
                 unsafe { libc::kill(held.holder.id() as i32, libc::SIGTERM) };
                 let _ = held.holder.wait();
                 if handover {
-                    tracing::info!(volume = %id, "holder stopped; a younger serving side takes the mount over");
+                    tracing::info!(volume = %log_label(&id), "holder stopped; a younger serving side takes the mount over");
                     guard.released.insert(id.clone(), (held.fds, held.args));
                 }
             }

@@ -6,7 +6,7 @@
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 /// An anonymous memory file: gone with the last process that holds it.
@@ -114,38 +114,165 @@ fn c_path(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)
 }
 
-/// Mounts `source` (a shared mount) at `target`, read-only, nosuid, nodev.
-pub fn bind_read_only(source: &Path, target: &Path) -> io::Result<()> {
-    let (source, target) = (c_path(source)?, c_path(target)?);
-    // SAFETY: valid NUL-terminated paths; null fstype and data are allowed
-    // for bind mounts and remounts.
-    unsafe {
-        if libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND,
-            std::ptr::null(),
-        ) != 0
+/// `openat2` below `dir`, following no symlink on the way: the walk cannot
+/// leave `dir` nor be led elsewhere by a link a pod placed.
+pub fn open_beneath(dir: &OwnedFd, relative: &Path, flags: i32) -> io::Result<OwnedFd> {
+    let relative = c_path(relative)?;
+    // SAFETY: an all-zero open_how is valid; the fields are set below.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: a valid dirfd, a NUL-terminated path and an open_how of the size given.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            relative.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just opened, owned here.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// A pod's target, resolved once below kubelet's pods directory without
+/// following any symlink, and then mounted, unmounted and removed through
+/// its parent's fd: a pod that swaps a component for a link meanwhile
+/// changes nothing (the checks of the path and the mount are one).
+pub struct Target {
+    parent: OwnedFd,
+    name: CString,
+}
+
+impl Target {
+    /// Opens the target's parent; `target` lies below `pods_dir` (checked).
+    pub fn resolve(pods_dir: &Path, target: &Path) -> io::Result<Self> {
+        let below = target
+            .strip_prefix(pods_dir)
+            .map_err(|_| io::Error::other("not below the pods directory"))?;
+        let name = below
+            .file_name()
+            .ok_or_else(|| io::Error::other("no last component"))?;
+        let parent_below = below.parent().filter(|p| !p.as_os_str().is_empty());
+        // The pods directory itself is the admin's (it may be a link, as
+        // /var/lib/kubelet often is); everything below it is a pod's.
+        let pods = std::fs::File::open(pods_dir)?;
+        let pods = OwnedFd::from(pods);
+        let parent = match parent_below {
+            Some(parent) => open_beneath(&pods, parent, libc::O_PATH | libc::O_DIRECTORY)?,
+            None => pods,
+        };
+        Ok(Target {
+            parent,
+            name: CString::new(name.as_bytes()).map_err(io::Error::other)?,
+        })
+    }
+
+    /// The target through the parent's fd, for calls that take a path
+    /// (only the last component is then looked up by name).
+    pub fn path(&self) -> PathBuf {
+        let mut path = format!("/proc/self/fd/{}/", self.parent.as_raw_fd()).into_bytes();
+        path.extend_from_slice(self.name.as_bytes());
+        PathBuf::from(std::ffi::OsString::from_vec(path))
+    }
+
+    /// Creates the target directory; `Ok(false)` if it was there.
+    pub fn create_dir(&self) -> io::Result<bool> {
+        // SAFETY: a valid dirfd and NUL-terminated name.
+        if unsafe { libc::mkdirat(self.parent.as_raw_fd(), self.name.as_ptr(), 0o750) } == 0 {
+            return Ok(true);
+        }
+        match io::Error::last_os_error() {
+            error if error.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            error => Err(error),
+        }
+    }
+
+    /// Removes the (empty) target directory.
+    pub fn remove_dir(&self) -> io::Result<()> {
+        // SAFETY: a valid dirfd and NUL-terminated name.
+        if unsafe {
+            libc::unlinkat(
+                self.parent.as_raw_fd(),
+                self.name.as_ptr(),
+                libc::AT_REMOVEDIR,
+            )
+        } != 0
         {
             return Err(io::Error::last_os_error());
         }
-        let flags =
-            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
-        if libc::mount(
-            std::ptr::null(),
-            target.as_ptr(),
-            std::ptr::null(),
-            flags,
-            std::ptr::null(),
-        ) != 0
-        {
-            let error = io::Error::last_os_error();
-            libc::umount2(target.as_ptr(), libc::MNT_DETACH);
-            return Err(error);
-        }
+        Ok(())
     }
-    Ok(())
+
+    /// Detaches whatever is mounted on the target, never through a link.
+    pub fn unmount(&self) -> io::Result<()> {
+        let path = c_path(&self.path())?;
+        // SAFETY: a NUL-terminated path.
+        if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Mounts a read-only, nosuid, nodev copy of `source` (a shared mount)
+    /// on the target directory, which must be a directory and no link. The
+    /// copy is made read-only before it is attached: no moment is writable.
+    pub fn bind_read_only(&self, source: &Path) -> io::Result<()> {
+        let directory = {
+            let name = Path::new(std::ffi::OsStr::from_bytes(self.name.as_bytes()));
+            open_beneath(&self.parent, name, libc::O_PATH | libc::O_DIRECTORY)?
+        };
+        let source = c_path(source)?;
+        // SAFETY: a NUL-terminated path; the fd returned is owned below.
+        let tree = unsafe {
+            libc::syscall(
+                libc::SYS_open_tree,
+                libc::AT_FDCWD,
+                source.as_ptr(),
+                libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC,
+            )
+        };
+        if tree < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: just opened, owned here.
+        let tree = unsafe { OwnedFd::from_raw_fd(tree as i32) };
+        // SAFETY: an all-zero mount_attr is valid; the fields are set below.
+        let mut attr: libc::mount_attr = unsafe { std::mem::zeroed() };
+        attr.attr_set = libc::MOUNT_ATTR_RDONLY | libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
+        let empty = c"";
+        // SAFETY: valid fds, an empty NUL-terminated path and a mount_attr
+        // of the size given.
+        unsafe {
+            if libc::syscall(
+                libc::SYS_mount_setattr,
+                tree.as_raw_fd(),
+                empty.as_ptr(),
+                libc::AT_EMPTY_PATH,
+                &attr as *const libc::mount_attr,
+                std::mem::size_of::<libc::mount_attr>(),
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::syscall(
+                libc::SYS_move_mount,
+                tree.as_raw_fd(),
+                empty.as_ptr(),
+                directory.as_raw_fd(),
+                empty.as_ptr(),
+                libc::MOVE_MOUNT_F_EMPTY_PATH | libc::MOVE_MOUNT_T_EMPTY_PATH,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One line of /proc/self/mountinfo.

@@ -1,13 +1,15 @@
 //! What a NodePublishVolume asks for, checked before anything is mounted:
 //! the target, the access mode, the pod and its identity, and the volume
-//! attributes, turned into the serving daemon's command line. Two requests
+//! attributes (under the admin's rules in `policy`), turned into the serving
+//! daemon's options. Two requests
 //! with the same identity and the same options get the same key: they share
 //! one mount, one cache and one set of SSM calls.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use super::error::CsiError;
+use super::policy::Policy;
 use bpfman_csi::v1::volume_capability::{access_mode::Mode, AccessType};
 use bpfman_csi::v1::NodePublishVolumeRequest;
 use zeroize::Zeroizing;
@@ -18,7 +20,7 @@ pub const TOKEN_AUDIENCE: &str = "sts.amazonaws.com";
 const KUBELET_PREFIX: &str = "csi.storage.k8s.io/";
 
 /// The attributes a volume may set, with the daemon flag each becomes.
-const ATTRIBUTES: &[(&str, &str)] = &[
+pub const ATTRIBUTES: &[(&str, &str)] = &[
     ("path", ""),
     ("airflowKwargs", "--airflow-kwargs"),
     ("region", "--region"),
@@ -38,7 +40,7 @@ const ATTRIBUTES: &[(&str, &str)] = &[
 ];
 
 /// Pairs where a volume's own choice drops the other one it inherited.
-const EITHER_OR: [(&str, &str); 4] = [
+pub const EITHER_OR: [(&str, &str); 4] = [
     ("path", "airflowKwargs"),
     ("roleArn", "useNodeIdentity"),
     ("roleArn", "usePodIdentity"),
@@ -47,147 +49,6 @@ const EITHER_OR: [(&str, &str); 4] = [
 
 /// The audience of the token EKS Pod Identity's agent takes.
 pub const POD_IDENTITY_AUDIENCE: &str = "pods.eks.amazonaws.com";
-
-/// Keys of Airflow's backend kwargs that decide whose credentials the
-/// daemon's calls carry or where they go: a tenant's volume may not set
-/// them (they would send the node's signed calls anywhere, or pick a
-/// profile of the node's); only the cluster admin's classes and defaults may.
-const ADMIN_ONLY_KWARGS: [&str; 3] = ["role_arn", "profile_name", "endpoint_url"];
-
-/// The cluster admin's policy for volumes (`--attributes-dir` and the
-/// plugin's flags): `defaults.json` fills in what any volume leaves out;
-/// `classes.json` holds named sets a volume picks with `class`, and what a
-/// class sets is fixed (a volume of it may not set that attribute itself);
-/// the node's credentials go only to volumes of a class that sets
-/// `useNodeIdentity`, or to namespaces named by `--node-identity-namespaces`.
-#[derive(Debug, Default, Clone)]
-pub struct AttributeDefaults {
-    pub base: BTreeMap<String, String>,
-    pub classes: BTreeMap<String, BTreeMap<String, String>>,
-    pub node_identity_namespaces: std::collections::BTreeSet<String>,
-    /// The node's secret for shared-mount keys (`--state-dir`'s `key.salt`):
-    /// a key computed without it cannot be searched for offline.
-    pub key_salt: Vec<u8>,
-}
-
-impl AttributeDefaults {
-    /// Reads `dir/defaults.json` and `dir/classes.json` (either may be
-    /// missing), refusing unknown attribute names.
-    pub fn load(dir: &Path) -> Result<Self, String> {
-        let read = |name: &str| -> Result<Option<serde_json::Value>, String> {
-            let path = dir.join(name);
-            match std::fs::read(&path) {
-                Ok(bytes) => serde_json::from_slice(&bytes)
-                    .map(Some)
-                    .map_err(|e| format!("{}: {e}", path.display())),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(format!("{}: {e}", path.display())),
-            }
-        };
-        let strings =
-            |what: &str, value: serde_json::Value| -> Result<BTreeMap<String, String>, String> {
-                let map: BTreeMap<String, String> = serde_json::from_value(value)
-                    .map_err(|_| format!("{what}: expected an object of strings"))?;
-                if let Some(bad) = map
-                    .keys()
-                    .find(|k| *k == "class" || !ATTRIBUTES.iter().any(|(n, _)| n == k))
-                {
-                    return Err(format!(
-                        "{what}: {bad:?} is not a volume attribute a default may set"
-                    ));
-                }
-                Ok(map)
-            };
-        let base = match read("defaults.json")? {
-            Some(value) => strings("defaults.json", value)?,
-            None => BTreeMap::new(),
-        };
-        if base.contains_key("useNodeIdentity") {
-            return Err("defaults.json: useNodeIdentity would give every volume the node's credentials and let it pick what to read with them; set it in a class (whose attributes volumes cannot change)".into());
-        }
-        let mut classes = BTreeMap::new();
-        if let Some(value) = read("classes.json")? {
-            let all: BTreeMap<String, serde_json::Value> = serde_json::from_value(value)
-                .map_err(|_| "classes.json: expected an object of classes".to_string())?;
-            for (name, class) in all {
-                let class = strings(&format!("classes.json, class {name}"), class)?;
-                // The node's credentials read what the admin chose, never
-                // what a volume of the class would pick.
-                if class.get("useNodeIdentity").map(String::as_str) == Some("true")
-                    && !class.contains_key("path")
-                    && !class.contains_key("airflowKwargs")
-                {
-                    return Err(format!(
-                        "classes.json, class {name}: useNodeIdentity needs path or airflowKwargs in the same class, so that its volumes read what the class says"
-                    ));
-                }
-                classes.insert(name.clone(), class);
-            }
-        }
-        Ok(AttributeDefaults {
-            base,
-            classes,
-            node_identity_namespaces: Default::default(),
-            key_salt: Vec::new(),
-        })
-    }
-
-    /// The volume's attributes over its class's over the defaults.
-    fn apply(&self, own: BTreeMap<String, String>) -> Result<BTreeMap<String, String>, CsiError> {
-        let class = match own.get("class") {
-            Some(name) => Some((
-                name,
-                self.classes.get(name).ok_or_else(|| {
-                    let known: Vec<&str> = self.classes.keys().map(String::as_str).collect();
-                    invalid(format!(
-                        "volume attribute class: no class {name:?} on this node (known: {})",
-                        if known.is_empty() {
-                            "none".to_string()
-                        } else {
-                            known.join(", ")
-                        }
-                    ))
-                })?,
-            )),
-            None => None,
-        };
-        if let Some((name, class)) = class {
-            // Fixed: the volume may set neither what the class sets nor the
-            // other half of a pair it sets (which would drop the class's).
-            let fixed = own.keys().find(|key| {
-                class.contains_key(*key)
-                    || EITHER_OR.iter().any(|(one, other)| {
-                        (key.as_str() == *one && class.contains_key(*other))
-                            || (key.as_str() == *other && class.contains_key(*one))
-                    })
-            });
-            if let Some(fixed) = fixed {
-                return Err(invalid(format!(
-                    "volume attribute {fixed}: class {name:?} sets it (or what it would replace), and a class's attributes are fixed by the cluster admin"
-                )));
-            }
-        }
-        // Each layer's choice of one of a pair drops the other from below.
-        let overlay = |merged: &mut BTreeMap<String, String>, layer: &BTreeMap<String, String>| {
-            for (one, other) in EITHER_OR {
-                if layer.contains_key(one) {
-                    merged.remove(other);
-                }
-                if layer.contains_key(other) {
-                    merged.remove(one);
-                }
-            }
-            merged.extend(layer.iter().map(|(k, v)| (k.clone(), v.clone())));
-        };
-        let mut merged = self.base.clone();
-        if let Some((_, class)) = class {
-            overlay(&mut merged, class);
-        }
-        overlay(&mut merged, &own);
-        merged.remove("class");
-        Ok(merged)
-    }
-}
 
 /// Files and directories belong to root's group with group read: the
 /// official Airflow image runs as uid 50000 in group 0.
@@ -252,43 +113,13 @@ fn invalid(message: impl Into<String>) -> CsiError {
     CsiError::invalid(message)
 }
 
-/// Whether `target` lies inside `pods_dir` (lexically: no `..`, absolute).
-fn inside(target: &Path, pods_dir: &Path) -> bool {
-    target.is_absolute()
-        && !target
-            .components()
-            .any(|part| matches!(part, Component::ParentDir | Component::CurDir))
-        && target.starts_with(pods_dir)
-        && target != pods_dir
-}
-
-/// A target path must lie inside kubelet's pods directory: publish and
-/// unpublish mount and unmount nothing else.
-pub fn check_target(target: &Path, pods_dir: &Path) -> Result<(), CsiError> {
-    if !inside(target, pods_dir) {
-        return Err(invalid(format!(
-            "target_path {} is outside the kubelet's pods directory {} (--pods-dir)",
-            target.display(),
-            pods_dir.display()
-        )));
-    }
-    Ok(())
-}
-
 impl Publish {
-    pub fn parse(
-        request: &NodePublishVolumeRequest,
-        pods_dir: &Path,
-        defaults: &AttributeDefaults,
-    ) -> Result<Self, CsiError> {
+    /// Checks the request under `policy`'s attribute rules (not its caps).
+    pub fn parse(request: &NodePublishVolumeRequest, policy: &Policy) -> Result<Self, CsiError> {
         if request.volume_id.is_empty() {
             return Err(invalid("volume_id is missing"));
         }
-        if request.target_path.is_empty() {
-            return Err(invalid("target_path is missing"));
-        }
-        let target = PathBuf::from(&request.target_path);
-        check_target(&target, pods_dir)?;
+        let target = super::policy::check_target(&request.target_path, &policy.pods_dir)?;
         let capability = request
             .volume_capability
             .as_ref()
@@ -350,8 +181,9 @@ impl Publish {
             .filter(|(key, _)| !key.starts_with(KUBELET_PREFIX))
             .map(|(key, value)| (key.clone(), value.clone()))
             .collect();
-        check_tenant_choices(&own, &pod, defaults)?;
-        let options = defaults.apply(own)?;
+        super::policy::check_pod_of_target(&target, &policy.pods_dir, &pod)?;
+        policy.check_tenant_choices(&own, &pod)?;
+        let options = policy.apply(own)?;
         if options.contains_key("path") == options.contains_key("airflowKwargs") {
             return Err(invalid(
                 "set exactly one of the volume attributes path (an SSM path such as /airflow) and airflowKwargs (the JSON of AIRFLOW__SECRETS__BACKEND_KWARGS)",
@@ -405,7 +237,7 @@ impl Publish {
             }
         };
         check_values(&options)?;
-        let key = shared_key(&defaults.key_salt, &identity, &options);
+        let key = shared_key(&policy.key_salt, &identity, &options);
         Ok(Publish {
             volume_id: request.volume_id.clone(),
             target,
@@ -496,36 +328,6 @@ fn flag(options: &BTreeMap<String, String>, name: &str) -> Result<bool, CsiError
             "volume attribute {name}: {other:?} is neither \"true\" nor \"false\""
         ))),
     }
-}
-
-/// What a tenant's own attributes may not choose: the node's credentials
-/// (unless the admin allows its namespace), or, inside airflowKwargs,
-/// whose credentials the calls carry and where they go.
-fn check_tenant_choices(
-    own: &BTreeMap<String, String>,
-    pod: &Pod,
-    policy: &AttributeDefaults,
-) -> Result<(), CsiError> {
-    if own.get("useNodeIdentity").map(String::as_str) == Some("true")
-        && (pod.namespace.is_empty() || !policy.node_identity_namespaces.contains(&pod.namespace))
-    {
-        return Err(CsiError::PermissionDenied(format!(
-            "volume attribute useNodeIdentity: the node's credentials are not allowed for namespace {:?} (the cluster admin allows them per namespace with --node-identity-namespaces, or in a volume class)",
-            pod.namespace
-        )));
-    }
-    if let Some(kwargs) = own.get("airflowKwargs") {
-        let parsed: serde_json::Value = serde_json::from_str(kwargs).unwrap_or_default();
-        if let Some(key) = ADMIN_ONLY_KWARGS
-            .iter()
-            .find(|key| parsed.get(**key).is_some_and(|v| !v.is_null()))
-        {
-            return Err(CsiError::PermissionDenied(format!(
-                "volume attribute airflowKwargs: {key} decides whose credentials or which endpoint the daemon uses; only the cluster admin sets it (in a volume class)"
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// The token kubelet issued for `audience`, whose subject must be the
@@ -703,86 +505,5 @@ impl Identity {
             service_account: value["serviceAccount"].as_str()?.to_string(),
             role_arn: value["roleArn"].as_str()?.to_string(),
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    #[test]
-    fn a_class_is_fixed_and_a_volume_wins_over_the_defaults() {
-        let defaults = AttributeDefaults {
-            base: map(&[("region", "eu-west-1"), ("ttl", "5m"), ("path", "/shared")]),
-            classes: [(
-                "airflow".to_string(),
-                map(&[("airflowKwargs", "{}"), ("ttl", "1m"), ("uid", "50000")]),
-            )]
-            .into_iter()
-            .collect(),
-            ..Default::default()
-        };
-        let merged = defaults
-            .apply(map(&[("class", "airflow"), ("gid", "1000")]))
-            .unwrap();
-        assert_eq!(
-            merged,
-            map(&[
-                ("region", "eu-west-1"),
-                ("ttl", "1m"),
-                ("airflowKwargs", "{}"),
-                ("uid", "50000"),
-                ("gid", "1000")
-            ]),
-            "the class's airflowKwargs drops the defaults' path"
-        );
-        let fixed = defaults
-            .apply(map(&[("class", "airflow"), ("uid", "1000")]))
-            .unwrap_err();
-        assert!(fixed.to_string().contains("uid"), "{fixed}");
-        let own_path = defaults.apply(map(&[("path", "/mine")])).unwrap();
-        assert_eq!(own_path.get("path").map(String::as_str), Some("/mine"));
-        assert_eq!(own_path.get("ttl").map(String::as_str), Some("5m"));
-        let unknown = defaults.apply(map(&[("class", "nope")])).unwrap_err();
-        assert!(unknown.to_string().contains("airflow"), "{unknown}");
-    }
-
-    #[test]
-    fn defaults_files_name_only_volume_attributes() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("defaults.json"),
-            r#"{"region": "us-east-1"}"#,
-        )
-        .unwrap();
-        std::fs::write(dir.path().join("classes.json"), r#"{"a": {"ttl": "1m"}}"#).unwrap();
-        let loaded = AttributeDefaults::load(dir.path()).unwrap();
-        assert_eq!(loaded.classes["a"]["ttl"], "1m");
-        std::fs::write(
-            dir.path().join("classes.json"),
-            r#"{"a": {"colour": "blue"}}"#,
-        )
-        .unwrap();
-        let error = AttributeDefaults::load(dir.path()).unwrap_err();
-        assert!(error.contains("colour"), "{error}");
-        // The node's credentials come with what they read, in the class.
-        std::fs::write(
-            dir.path().join("classes.json"),
-            r#"{"open": {"useNodeIdentity": "true", "region": "eu-west-1"}}"#,
-        )
-        .unwrap();
-        let error = AttributeDefaults::load(dir.path()).unwrap_err();
-        assert!(error.contains("path or airflowKwargs"), "{error}");
-        assert!(AttributeDefaults::load(Path::new("/nonexistent"))
-            .unwrap()
-            .base
-            .is_empty());
     }
 }

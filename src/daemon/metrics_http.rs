@@ -8,11 +8,15 @@ use super::DaemonError;
 use crate::fs::Fs;
 use crate::store::ParameterStore;
 
-/// Scrapes answered at once; more are closed (an idle connection must not
-/// hold an fd forever: the plugin's metrics listen on the host network).
+/// Connections served at once: a scraper needs one; the bound keeps a
+/// flood of connections from taking an fd and a task each.
 const MAX_CONNECTIONS: usize = 16;
-/// How long a connection may take to send its request.
-const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a connection may take to send its request: a scraper sends it
+/// at once.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// The whole life of a connection, request, rendering and reply: a peer
+/// that reads slowly cannot hold a place longer.
+const CONNECTION_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves Prometheus text on `addr` until the process ends.
 pub async fn serve_metrics<S: ParameterStore>(
@@ -36,7 +40,13 @@ where
     let render = Arc::new(render);
     let one_at_a_time = Arc::new(tokio::sync::Mutex::new(()));
     let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    // Connections still waiting for their request, oldest first: when all
+    // places are taken, the oldest of these gives its place to the newest,
+    // so idle connections cannot keep a scraper out.
+    type Waiting = std::collections::VecDeque<(u64, Option<tokio::task::AbortHandle>)>;
+    let waiting: Arc<std::sync::Mutex<Waiting>> = Default::default();
     tokio::spawn(async move {
+        let mut next_id = 0u64;
         loop {
             let (mut stream, _) = match listener.accept().await {
                 Ok(accepted) => accepted,
@@ -46,31 +56,68 @@ where
                     continue;
                 }
             };
-            // Past the bound, a connection is closed at once, not queued.
-            let Ok(permit) = connections.clone().try_acquire_owned() else {
-                continue;
-            };
-            let (render, one_at_a_time) = (render.clone(), one_at_a_time.clone());
-            tokio::spawn(async move {
-                let _permit = permit;
-                let mut request = [0u8; 1024];
-                let asked = tokio::time::timeout(REQUEST_TIMEOUT, stream.read(&mut request));
-                if !matches!(asked.await, Ok(Ok(n)) if n > 0) {
-                    return;
+            let permit = match connections.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    let oldest = {
+                        let mut list = waiting.lock().unwrap();
+                        let at = list.iter().position(|(_, task)| task.is_some());
+                        at.and_then(|at| list.remove(at)).and_then(|(_, task)| task)
+                    };
+                    let Some(task) = oldest else {
+                        // Every place is answering a request: this one goes.
+                        continue;
+                    };
+                    task.abort();
+                    let freed = connections.clone().acquire_owned();
+                    match tokio::time::timeout(std::time::Duration::from_millis(100), freed).await {
+                        Ok(Ok(permit)) => permit,
+                        _ => continue,
+                    }
                 }
-                let body = {
-                    let _turn = one_at_a_time.lock().await;
-                    tokio::task::spawn_blocking(move || render())
-                        .await
-                        .unwrap_or_default()
+            };
+            next_id += 1;
+            let id = next_id;
+            let (render, one_at_a_time, waiting_list) =
+                (render.clone(), one_at_a_time.clone(), waiting.clone());
+            let task = tokio::spawn(async move {
+                let _permit = permit;
+                let serve = async {
+                    let mut request = [0u8; 1024];
+                    let asked = tokio::time::timeout(REQUEST_TIMEOUT, stream.read(&mut request));
+                    let asked = matches!(asked.await, Ok(Ok(n)) if n > 0);
+                    {
+                        // Out of the waiting list; if the accept loop has
+                        // not put it there yet, a mark tells it not to.
+                        let mut list = waiting_list.lock().unwrap();
+                        match list.iter().position(|(other, _)| *other == id) {
+                            Some(at) => drop(list.remove(at)),
+                            None => list.push_back((id, None)),
+                        }
+                    }
+                    if !asked {
+                        return;
+                    }
+                    let body = {
+                        let _turn = one_at_a_time.lock().await;
+                        tokio::task::spawn_blocking(move || render())
+                            .await
+                            .unwrap_or_default()
+                    };
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = stream.write_all(head.as_bytes()).await;
+                    let _ = stream.write_all(body.as_bytes()).await;
                 };
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = stream.write_all(head.as_bytes()).await;
-                let _ = stream.write_all(body.as_bytes()).await;
+                let _ = tokio::time::timeout(CONNECTION_DEADLINE, serve).await;
             });
+            let mut list = waiting.lock().unwrap();
+            match list.iter().position(|(other, _)| *other == id) {
+                Some(at) => drop(list.remove(at)),
+                None => list.push_back((id, Some(task.abort_handle()))),
+            }
         }
     });
     Ok(())

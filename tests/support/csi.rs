@@ -115,6 +115,7 @@ impl Drop for Gate {
     }
 }
 
+#[derive(Clone, Copy)]
 pub struct PodSpec<'a> {
     pub namespace: &'a str,
     pub name: &'a str,
@@ -141,10 +142,21 @@ pub fn request(
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
+    // As kubelet sends it: the pod whose directory holds the target
+    // (`PODS/<uid>/volumes/...`); a test of that rule edits the request.
+    let components: Vec<String> = target
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    let uid = components
+        .iter()
+        .position(|c| c == "volumes")
+        .and_then(|at| at.checked_sub(1))
+        .map_or(pod.uid, |at| components[at].as_str());
     for (key, value) in [
         ("csi.storage.k8s.io/pod.namespace", pod.namespace),
         ("csi.storage.k8s.io/pod.name", pod.name),
-        ("csi.storage.k8s.io/pod.uid", pod.uid),
+        ("csi.storage.k8s.io/pod.uid", uid),
         (
             "csi.storage.k8s.io/serviceAccount.name",
             pod.service_account,
