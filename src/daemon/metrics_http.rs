@@ -122,3 +122,48 @@ where
     });
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// Issue 31: 16 idle connections kept Prometheus' scrapes out (each new
+    /// connection was closed at once while they waited out their timeout).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_connections_cannot_keep_a_scrape_out() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        serve_text(addr, || "ssmfs_up 1\n".to_string())
+            .await
+            .unwrap();
+        let scraped = tokio::task::spawn_blocking(move || {
+            let idle: Vec<std::net::TcpStream> = (0..MAX_CONNECTIONS * 2)
+                .map(|_| std::net::TcpStream::connect(addr).unwrap())
+                .collect();
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            let started = std::time::Instant::now();
+            let mut scraper = std::net::TcpStream::connect(addr).unwrap();
+            scraper
+                .set_read_timeout(Some(std::time::Duration::from_secs(1)))
+                .unwrap();
+            scraper.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+            let mut reply = String::new();
+            let _ = scraper.read_to_string(&mut reply);
+            drop(idle);
+            (reply, started.elapsed())
+        })
+        .await
+        .unwrap();
+        let (reply, took) = scraped;
+        assert!(
+            reply.contains("ssmfs_up 1"),
+            "no page in {took:?}: {reply:?}"
+        );
+        assert!(took < std::time::Duration::from_secs(1), "{took:?}");
+    }
+}
