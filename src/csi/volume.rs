@@ -22,6 +22,7 @@ const ATTRIBUTES: &[(&str, &str)] = &[
     ("path", ""),
     ("airflowKwargs", "--airflow-kwargs"),
     ("region", "--region"),
+    ("failoverRegion", "--failover-region"),
     ("ttl", "--ttl"),
     ("negativeTtl", "--negative-ttl"),
     ("staleTtl", "--stale-ttl"),
@@ -615,7 +616,7 @@ fn check_values(options: &BTreeMap<String, String>) -> Result<(), CsiError> {
                     .map(|_| "region_name is not an AWS region name (such as eu-west-1)".into()),
                 _ => Some("not a JSON object (the kwargs of Airflow's backend)".into()),
             },
-            "region" if !is_region(value) => Some(format!(
+            "region" | "failoverRegion" if !is_region(value) => Some(format!(
                 "{value:?} is not an AWS region name (such as eu-west-1)"
             )),
             "roleArn" if !value.starts_with("arn:") => {
