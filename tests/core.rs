@@ -1826,7 +1826,9 @@ async fn a_reader_cannot_open_streams_without_end() {
 
 /// Two regions over the in-memory store: `/fo/a` and `/fo/b` in both, with
 /// values telling the regions apart.
-fn two_regions(retry_after: Duration) -> (Arc<Fs<Failover<Resilient<MemoryStore>>>>, Arc<Metrics>) {
+type TwoRegionsFs = Arc<Fs<Failover<Resilient<MemoryStore>>>>;
+
+fn two_regions(retry_after: Duration) -> (TwoRegionsFs, Arc<Metrics>) {
     let (east, west) = (MemoryStore::new(), MemoryStore::new());
     for name in ["a", "b"] {
         east.put_string(&format!("/fo/{name}"), &format!("{name} from us-east-1"));

@@ -16,7 +16,10 @@
 //!
 //! The two regions hold separate copies (SSM does not replicate across
 //! regions; its user does), so what the failover region answers is its
-//! replica's value, perhaps older. Each region's store is its own
+//! replica's value, perhaps older. A pinned version (`NAME:3`) is asked of
+//! the primary alone: SSM numbers versions per region, so the replica's
+//! version 3 may be another value (and a version is cached for good). Each
+//! region's store is its own
 //! `Resilient`: its own pacing (each region has its own quota), retries and
 //! call counts.
 //!
@@ -32,6 +35,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{Batch, Page, Parameter, ParameterStore, StoreError};
+use crate::names;
 
 /// Marks a page token the failover region issued. SSM's tokens are base64,
 /// which has no `:`, so no primary token starts with it.
@@ -131,12 +135,15 @@ impl<S: ParameterStore> Failover<S> {
         }
     }
 
-    async fn call<'a, T, F, Fut>(&'a self, ask: F) -> Result<T, StoreError>
+    /// `ask` of the primary, or of the failover region while the primary
+    /// fails; of the primary alone when `pinned` (a version number is a
+    /// region's own).
+    async fn call<'a, T, F, Fut>(&'a self, pinned: bool, ask: F) -> Result<T, StoreError>
     where
         F: Fn(&'a S) -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
     {
-        let Some(failover) = &self.failover else {
+        let Some(failover) = self.failover.as_ref().filter(|_| !pinned) else {
             return ask(&self.primary).await;
         };
         if !self.to_primary() {
@@ -191,11 +198,13 @@ impl<S: ParameterStore> Failover<S> {
 
 impl<S: ParameterStore> ParameterStore for Failover<S> {
     async fn get(&self, name: &str) -> Result<Parameter, StoreError> {
-        self.call(|store| store.get(name)).await
+        self.call(names::pins_version(name), |store| store.get(name))
+            .await
     }
 
     async fn get_many(&self, names: &[&str]) -> Result<Batch, StoreError> {
-        self.call(|store| store.get_many(names)).await
+        let pinned = names.iter().any(|name| crate::names::pins_version(name));
+        self.call(pinned, |store| store.get_many(names)).await
     }
 
     async fn list_page(
@@ -317,6 +326,24 @@ mod tests {
             StoreError::NotFound
         );
         assert_eq!(gets(&store), (1, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pinned_version_is_asked_of_the_primary_alone() {
+        let store = regions();
+        store
+            .primary()
+            .fail_every_call(Some(StoreError::Unavailable("503".into())));
+        assert!(matches!(
+            store.get("/a:1").await,
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(store.get_many(&["/a", "/a:1"]).await.is_err());
+        assert_eq!(gets(&store), (1, 0));
+        assert_eq!(store.failover().unwrap().counts().total(), 0);
+        // A label is the user's name, replicated with the value: it fails over.
+        store.failover().unwrap().label("/a", "prod", 1);
+        assert_eq!(store.get("/a:prod").await.unwrap().value.expose(), b"west");
     }
 
     #[tokio::test(start_paused = true)]
