@@ -756,6 +756,24 @@ mod tests {
     }
 
     #[test]
+    fn a_failover_region_becomes_the_daemons_flag_and_is_checked() {
+        let options = map(&[("path", "/a"), ("failoverRegion", "us-west-2")]);
+        check_values(&options).unwrap();
+        let args = daemon_args(&Identity::Node, &options, Path::new("/mnt"));
+        assert!(args.contains(&"--failover-region=us-west-2".to_string()));
+        let typo = map(&[("path", "/a"), ("failoverRegion", "us-west")]);
+        let error = check_values(&typo).unwrap_err().to_string();
+        assert!(error.contains("failoverRegion"), "{error}");
+        let itself = map(&[
+            ("path", "/a"),
+            ("region", "us-west-2"),
+            ("failoverRegion", "us-west-2"),
+        ]);
+        let error = check_values(&itself).unwrap_err().to_string();
+        assert!(error.contains("is the primary region"), "{error}");
+    }
+
+    #[test]
     fn defaults_files_name_only_volume_attributes() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
