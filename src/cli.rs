@@ -168,12 +168,12 @@ pub struct CliArgs {
     /// past the retries): same credentials, the replica you keep there.
     #[arg(long, value_name = "REGION", help_heading = "AWS")]
     pub failover_region: Option<String>,
-    /// The failover region's SSM endpoint [default: the region's own].
+    /// The failover region's SSM endpoint [default: the region's own]. Unused
+    /// without --failover-region, so an environment may set it for every mount.
     #[arg(
         long,
         value_name = "URL",
         env = "SSMFS_FAILOVER_ENDPOINT_URL",
-        requires = "failover_region",
         help_heading = "AWS"
     )]
     pub failover_endpoint_url: Option<String>,
@@ -716,7 +716,7 @@ mod tests {
         ]);
         assert!(itself.unwrap_err().contains("is the primary region"));
         let alone = parse(&["ssmfs", "--failover-endpoint-url=http://x", "/a", "/mnt/x"]);
-        assert!(alone.unwrap_err().contains("--failover-region"));
+        assert!(alone.unwrap().aws.failover.is_none(), "unused");
     }
 
     #[test]
