@@ -164,6 +164,23 @@ pub struct CliArgs {
     /// Retries of a throttled or failed call.
     #[arg(long, default_value_t = config::DEFAULT_MAX_RETRIES, help_heading = "AWS")]
     pub max_retries: u32,
+    /// A second region asked while the primary fails (5xx, timeouts, throttling
+    /// past the retries): same credentials, the replica you keep there.
+    #[arg(long, value_name = "REGION", help_heading = "AWS")]
+    pub failover_region: Option<String>,
+    /// The failover region's SSM endpoint [default: the region's own]. Unused
+    /// without --failover-region, so an environment may set it for every mount.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "SSMFS_FAILOVER_ENDPOINT_URL",
+        help_heading = "AWS"
+    )]
+    pub failover_endpoint_url: Option<String>,
+    /// How long a failing primary region is left alone (calls go to the
+    /// failover region) before it is tried again.
+    #[arg(long, default_value = "10s", value_parser = config::parse_duration, allow_hyphen_values = true, help_heading = "AWS")]
+    pub failover_retry_after: Duration,
 
     // ----- change events -----
     /// SQS queue (URL) that receives SSM's "Parameter Store Change" events from
@@ -333,6 +350,8 @@ pub enum CliError {
     WorldReadable(u16),
     #[error("--threads must be at least 1")]
     NoThreads,
+    #[error("--failover-region {0} is the primary region; name another one")]
+    FailoverToItself(String),
     #[error("--cache-entries and --cache-bytes must be at least 1")]
     EmptyCache,
     #[error("--restart-deadline must be at least {MIN_RESTART_DEADLINE:?}: starting a daemon takes a few hundred milliseconds")]
@@ -527,6 +546,18 @@ impl CliArgs {
             endpoint_url = endpoint_url.or(airflow.endpoint_url);
             role_arn = role_arn.or(airflow.role_arn);
         }
+        if let (Some(failover), Some(primary)) = (&self.failover_region, &region) {
+            if failover == primary {
+                return Err(CliError::FailoverToItself(failover.clone()));
+            }
+        }
+        let failover = self
+            .failover_region
+            .map(|region| crate::store::ssm::FailoverOptions {
+                region,
+                endpoint_url: self.failover_endpoint_url,
+                retry_after: self.failover_retry_after,
+            });
         let aws = AwsOptions {
             region,
             profile,
@@ -539,6 +570,7 @@ impl CliArgs {
             session_name: Some(self.role_session_name),
             no_decrypt: self.no_decrypt,
             attempt_timeout: self.request_timeout,
+            failover,
         };
         Ok(Settings {
             fs,
@@ -660,6 +692,42 @@ mod tests {
         assert!(bad.unwrap_err().contains("is not a queue URL"));
         let bad = parse(&["ssmfs", "--events-topic", "ssm-changes", "/a", "/mnt/x"]);
         assert!(bad.unwrap_err().contains("is not an SNS topic ARN"));
+    }
+
+    #[test]
+    fn a_failover_region_from_flags_and_mount_options() {
+        assert!(parse(&["ssmfs", "/a", "/mnt/x"])
+            .unwrap()
+            .aws
+            .failover
+            .is_none());
+        let s = parse(&[
+            "ssmfs",
+            "/a",
+            "/mnt/x",
+            "-o",
+            "region=us-east-1,failover_region=us-west-2,failover_retry_after=2s",
+        ])
+        .unwrap();
+        let failover = s.aws.failover.unwrap();
+        assert_eq!(failover.region, "us-west-2");
+        assert_eq!(failover.retry_after, Duration::from_secs(2));
+        assert_eq!(failover.endpoint_url, None);
+        let s = parse(&["ssmfs", "--failover-region", "eu-west-1", "/a", "/mnt/x"]).unwrap();
+        assert_eq!(
+            s.aws.failover.unwrap().retry_after,
+            config::DEFAULT_FAILOVER_RETRY_AFTER
+        );
+        let itself = parse(&[
+            "ssmfs",
+            "--region=eu-west-1",
+            "--failover-region=eu-west-1",
+            "/a",
+            "/mnt/x",
+        ]);
+        assert!(itself.unwrap_err().contains("is the primary region"));
+        let alone = parse(&["ssmfs", "--failover-endpoint-url=http://x", "/a", "/mnt/x"]);
+        assert!(alone.unwrap().aws.failover.is_none(), "unused");
     }
 
     #[test]

@@ -46,6 +46,11 @@ pub const DEFAULT_SSM_QUOTA_TPS: u32 = 40;
 /// the fleet: half, leaving the other half to Airflow's schedulers, CI and
 /// deploy tools that share the account.
 pub const EVENTS_QUOTA_SHARE: f64 = 0.5;
+/// How long a failing primary region rests before it is tried again
+/// (`--failover-retry-after`): a region back from an outage gets its readers
+/// back within 10 s, while one still down costs a single failed call per 10 s
+/// rather than every read paying its retries and deadline first.
+pub const DEFAULT_FAILOVER_RETRY_AFTER: Duration = Duration::from_secs(10);
 /// Retries of throttled or failed calls. Three retries with backoff ride out a
 /// throttling burst while keeping a cold read well inside the request timeout.
 pub const DEFAULT_MAX_RETRIES: u32 = 3;

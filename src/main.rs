@@ -13,6 +13,7 @@ use ssmfs::cli::{CliArgs, CliError, Settings};
 use ssmfs::daemon::{self, Forked, MountSettings, Readiness};
 use ssmfs::events;
 use ssmfs::fs::Fs;
+use ssmfs::store::failover::Failover;
 use ssmfs::store::resilient::Resilient;
 use ssmfs::store::ssm::{load_aws_config, SsmStore};
 use tracing_subscriber::EnvFilter;
@@ -157,6 +158,47 @@ fn supervise(settings: Settings, readiness: &mut Readiness) -> anyhow::Result<()
     Ok(())
 }
 
+/// The primary region's store, and the failover region's if there is one:
+/// each paced, retried and counted on its own.
+fn regions(
+    sdk_config: &aws_config::SdkConfig,
+    settings: &Settings,
+    metrics: &Arc<ssmfs::metrics::Metrics>,
+) -> anyhow::Result<Failover<Resilient<SsmStore>>> {
+    let request = &settings.fs.request;
+    let primary_region = sdk_config
+        .region()
+        .map_or_else(|| "unknown".to_string(), |r| r.to_string());
+    let primary = Resilient::new(
+        SsmStore::new(sdk_config, &settings.aws),
+        request.clone(),
+        metrics.clone(),
+    )
+    .in_region("primary", &primary_region);
+    let Some(failover) = &settings.aws.failover else {
+        return Ok(Failover::single(primary));
+    };
+    if failover.region == primary_region {
+        anyhow::bail!(
+            "--failover-region {} is the primary region; name another one",
+            failover.region
+        );
+    }
+    tracing::info!(
+        primary = %primary_region,
+        failover = %failover.region,
+        retry_after = ?failover.retry_after,
+        "calls go to the failover region while the primary fails"
+    );
+    let secondary = Resilient::new(
+        SsmStore::failover(sdk_config, &settings.aws, failover),
+        request.clone(),
+        metrics.clone(),
+    )
+    .in_region("failover", &failover.region);
+    Ok(Failover::new(primary, secondary, failover.retry_after))
+}
+
 fn run(settings: Settings, readiness: &mut Readiness) -> anyhow::Result<()> {
     let supervised = settings.serve_fd;
     // A supervised daemon must not look at the mount point: the mount is
@@ -180,8 +222,7 @@ fn run(settings: Settings, readiness: &mut Readiness) -> anyhow::Result<()> {
     };
     let metrics = daemon::new_metrics();
     let sdk_config = runtime.block_on(load_aws_config(&settings.aws))?;
-    let store = SsmStore::new(&sdk_config, &settings.aws);
-    let store = Resilient::new(store, settings.fs.request.clone(), metrics.clone());
+    let store = regions(&sdk_config, &settings, &metrics)?;
     let prefix = settings.fs.prefix.clone();
     let served_prefixes = settings.fs.served_prefixes();
     let (fs, invalidations) = if settings.serve_fd {
@@ -189,7 +230,7 @@ fn run(settings: Settings, readiness: &mut Readiness) -> anyhow::Result<()> {
         // SAFETY: the supervisor passed the journal on this fd for us to own.
         let journal = unsafe { std::fs::File::from_raw_fd(ssmfs::handoff::JOURNAL_FD) };
         let sole_writer = !ssmfs::handoff::started_by_upgrade();
-        let inodes = Fs::<Resilient<SsmStore>>::inode_table(&settings.fs)
+        let inodes = Fs::<Failover<Resilient<SsmStore>>>::inode_table(&settings.fs)
             .with_journal(journal, sole_writer)
             .context("the supervisor's inode journal")?;
         Fs::with_inodes(store, settings.fs, metrics, inodes)

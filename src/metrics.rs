@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the FUSE latency histogram buckets: from a cached
@@ -99,6 +99,8 @@ pub struct Metrics {
     started: std::time::Instant,
     call_rate: Mutex<CallRate>,
     api_calls: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// SSM calls by (role, region): `primary` or `failover`, and its name.
+    region_calls: Mutex<BTreeMap<(&'static str, Arc<str>), u64>>,
     fuse_requests: Mutex<BTreeMap<&'static str, Histogram<{ LATENCY_BUCKETS.len() }>>>,
     pub retries: AtomicU64,
     pub throttles: AtomicU64,
@@ -130,6 +132,7 @@ impl Default for Metrics {
             started: std::time::Instant::now(),
             call_rate: Mutex::default(),
             api_calls: Mutex::default(),
+            region_calls: Mutex::default(),
             fuse_requests: Mutex::default(),
             retries: AtomicU64::default(),
             throttles: AtomicU64::default(),
@@ -190,6 +193,27 @@ impl Metrics {
             .sum()
     }
 
+    /// One SSM call (an attempt) sent to `region`, in its `role`
+    /// (`primary`, or `failover` with --failover-region).
+    pub fn region_call(&self, role: &'static str, region: &Arc<str>) {
+        *self
+            .region_calls
+            .lock()
+            .unwrap()
+            .entry((role, region.clone()))
+            .or_default() += 1;
+    }
+
+    /// SSM calls sent to the region in `role`, whichever region that is.
+    pub fn region_calls(&self, role: &str) -> u64 {
+        let calls = self.region_calls.lock().unwrap();
+        calls
+            .iter()
+            .filter(|((r, _), _)| *r == role)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
     pub fn fuse_request(&self, operation: &'static str, elapsed: Duration) {
         let mut requests = self.fuse_requests.lock().unwrap();
         let histogram = requests.entry(operation).or_default();
@@ -214,6 +238,16 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "ssmfs_api_calls_total{{operation=\"{operation}\",outcome=\"{outcome}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP ssmfs_region_api_calls_total SSM API calls by region: the primary, and the failover region (--failover-region).\n");
+        out.push_str("# TYPE ssmfs_region_api_calls_total counter\n");
+        for ((role, region), n) in self.region_calls.lock().unwrap().iter() {
+            // A region is a flag's text: quoted as Prometheus label values are.
+            let region = region.replace('\\', "\\\\").replace('"', "\\\"");
+            let _ = writeln!(
+                out,
+                "ssmfs_region_api_calls_total{{role=\"{role}\",region=\"{region}\"}} {n}"
             );
         }
         let counters: [(&str, &str, &AtomicU64); 14] = [

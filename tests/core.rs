@@ -10,9 +10,10 @@ use ssmfs::config::{CacheConfig, FsConfig, RequestConfig};
 use ssmfs::fs::{Entry, FileKind, Fs, Invalidation};
 use ssmfs::inode::ROOT_INO;
 use ssmfs::metrics::Metrics;
+use ssmfs::store::failover::Failover;
 use ssmfs::store::memory::{CallCounts, MemoryStore};
 use ssmfs::store::resilient::Resilient;
-use ssmfs::store::{ParameterKind, StoreError};
+use ssmfs::store::{ParameterKind, ParameterStore, StoreError};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 type TestFs = Arc<Fs<Resilient<MemoryStore>>>;
@@ -62,7 +63,7 @@ fn calls(fs: &TestFs) -> CallCounts {
     fs.store().inner().counts()
 }
 
-async fn walk(fs: &TestFs, path: &str) -> Result<Entry, i32> {
+async fn walk<S: ParameterStore>(fs: &Arc<Fs<S>>, path: &str) -> Result<Entry, i32> {
     let mut ino = ROOT_INO;
     let mut last = None;
     for segment in path.split('/') {
@@ -76,7 +77,7 @@ async fn walk(fs: &TestFs, path: &str) -> Result<Entry, i32> {
     Ok(last.expect("non-empty path"))
 }
 
-async fn cat(fs: &TestFs, path: &str) -> Result<Vec<u8>, i32> {
+async fn cat<S: ParameterStore>(fs: &Arc<Fs<S>>, path: &str) -> Result<Vec<u8>, i32> {
     let entry = walk(fs, path).await?;
     let data = fs
         .read(entry.attr.ino, 0, 1 << 20)
@@ -92,8 +93,8 @@ async fn cat(fs: &TestFs, path: &str) -> Result<Vec<u8>, i32> {
 
 /// Reads a directory handle in small batches, continuing from the last
 /// offset as the kernel does.
-fn read_whole_dir(
-    fs: &TestFs,
+fn read_whole_dir<S: ParameterStore>(
+    fs: &Arc<Fs<S>>,
     handle: u64,
 ) -> Result<Vec<(u64, ssmfs::fs::DirItem)>, ssmfs::error::FsError> {
     let mut items = Vec::new();
@@ -107,7 +108,10 @@ fn read_whole_dir(
     }
 }
 
-async fn ls(fs: &TestFs, path: &str) -> Result<Vec<(String, FileKind)>, i32> {
+async fn ls<S: ParameterStore>(
+    fs: &Arc<Fs<S>>,
+    path: &str,
+) -> Result<Vec<(String, FileKind)>, i32> {
     let ino = if path.is_empty() {
         ROOT_INO
     } else {
@@ -1818,4 +1822,125 @@ async fn a_reader_cannot_open_streams_without_end() {
     fs.close_stream(last);
     assert!(fs.lookup(ROOT_INO, OsStr::new("@changes")).await.is_ok());
     assert_eq!(calls(&fs).total(), 0, "streams cost no call");
+}
+
+/// Two regions over the in-memory store: `/fo/a` and `/fo/b` in both, with
+/// values telling the regions apart.
+type TwoRegionsFs = Arc<Fs<Failover<Resilient<MemoryStore>>>>;
+
+fn two_regions(retry_after: Duration) -> (TwoRegionsFs, Arc<Metrics>) {
+    let (east, west) = (MemoryStore::new(), MemoryStore::new());
+    for name in ["a", "b"] {
+        east.put_string(&format!("/fo/{name}"), &format!("{name} from us-east-1"));
+        west.put_string(&format!("/fo/{name}"), &format!("{name} from us-west-2"));
+    }
+    let config = config("/fo");
+    let metrics = Arc::new(Metrics::default());
+    let region = |store, role, name| {
+        Resilient::new(store, config.request.clone(), metrics.clone()).in_region(role, name)
+    };
+    let store = Failover::new(
+        region(east, "primary", "us-east-1"),
+        region(west, "failover", "us-west-2"),
+        retry_after,
+    );
+    let (fs, _invalidations) = Fs::new(store, config, metrics.clone());
+    (fs, metrics)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_regional_outage_is_read_through_the_failover_region_and_reads_return_after_the_back_off()
+{
+    let rest = Duration::from_secs(10);
+    let (fs, metrics) = two_regions(rest);
+    let east = || fs.store().primary().inner().counts();
+    let west = || fs.store().failover().unwrap().inner().counts();
+    // Cached from the primary before the outage.
+    assert_eq!(cat(&fs, "a").await.unwrap(), b"a from us-east-1");
+    let before = east().total();
+    assert_eq!(west().total(), 0);
+
+    fs.store()
+        .primary()
+        .inner()
+        .fail_every_call(Some(StoreError::Unavailable("503".into())));
+    // Past the TTL the refresh of `a` fails over: the replica's value.
+    tokio::time::advance(Duration::from_secs(301)).await;
+    assert_eq!(cat(&fs, "a").await.unwrap(), b"a from us-west-2");
+    assert_eq!(
+        east().total() - before,
+        u64::from(RequestConfig::default().max_retries) + 1,
+        "one call to the primary (its retries included), then it rests"
+    );
+    let primary_calls = east().total();
+    // Listings and cold reads go straight to the failover region.
+    let listed = ls(&fs, "").await.unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(cat(&fs, "b").await.unwrap(), b"b from us-west-2");
+    assert_eq!(east().total(), primary_calls, "the primary rests");
+    assert!(west().total() >= 2, "{:?}", west());
+    // An answer about a parameter is the failover region's to give while
+    // the primary rests, and costs the primary nothing.
+    assert_eq!(walk(&fs, "missing").await.unwrap_err(), libc::ENOENT);
+    assert_eq!(east().total(), primary_calls);
+
+    // Both regions down: the cached values are served stale, as ever.
+    fs.store()
+        .failover()
+        .unwrap()
+        .inner()
+        .fail_every_call(Some(StoreError::Unavailable("503".into())));
+    tokio::time::advance(Duration::from_secs(301)).await;
+    assert_eq!(cat(&fs, "b").await.unwrap(), b"b from us-west-2");
+    assert!(
+        metrics
+            .stale_serves
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+
+    // Both answer again: after the back-off, reads return to the primary
+    // (a cold one first; values read from the replica are kept for their TTL
+    // like any other, then refreshed from the primary).
+    fs.store().primary().inner().fail_every_call(None);
+    fs.store().failover().unwrap().inner().fail_every_call(None);
+    fs.store()
+        .primary()
+        .inner()
+        .put_string("/fo/c", "c from us-east-1");
+    fs.store()
+        .failover()
+        .unwrap()
+        .inner()
+        .put_string("/fo/c", "c from us-west-2");
+    tokio::time::advance(rest).await;
+    assert_eq!(cat(&fs, "c").await.unwrap(), b"c from us-east-1");
+    tokio::time::advance(Duration::from_secs(301)).await;
+    let failover_calls = west().total();
+    assert_eq!(cat(&fs, "a").await.unwrap(), b"a from us-east-1");
+    assert_eq!(cat(&fs, "b").await.unwrap(), b"b from us-east-1");
+    assert_eq!(
+        west().total(),
+        failover_calls,
+        "nothing more from the replica"
+    );
+    assert_eq!(
+        metrics.region_calls("primary"),
+        east().total(),
+        "every call counted in its region"
+    );
+    assert_eq!(metrics.region_calls("failover"), west().total());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_denied_or_missing_parameter_does_not_fail_over() {
+    let (fs, _metrics) = two_regions(Duration::from_secs(10));
+    fs.store()
+        .primary()
+        .inner()
+        .fail_name("/fo/a", StoreError::access_denied("not for you"));
+    assert_eq!(walk(&fs, "a").await.unwrap_err(), libc::EACCES);
+    assert_eq!(walk(&fs, "nope").await.unwrap_err(), libc::ENOENT);
+    assert_eq!(fs.store().failover().unwrap().inner().counts().total(), 0);
+    assert!(!fs.store().on_failover());
 }

@@ -24,6 +24,7 @@ pub const ATTRIBUTES: &[(&str, &str)] = &[
     ("path", ""),
     ("airflowKwargs", "--airflow-kwargs"),
     ("region", "--region"),
+    ("failoverRegion", "--failover-region"),
     ("ttl", "--ttl"),
     ("negativeTtl", "--negative-ttl"),
     ("staleTtl", "--stale-ttl"),
@@ -417,7 +418,7 @@ fn check_values(options: &BTreeMap<String, String>) -> Result<(), CsiError> {
                     .map(|_| "region_name is not an AWS region name (such as eu-west-1)".into()),
                 _ => Some("not a JSON object (the kwargs of Airflow's backend)".into()),
             },
-            "region" if !is_region(value) => Some(format!(
+            "region" | "failoverRegion" if !is_region(value) => Some(format!(
                 "{value:?} is not an AWS region name (such as eu-west-1)"
             )),
             "roleArn" if !value.starts_with("arn:") => {
@@ -505,5 +506,35 @@ impl Identity {
             service_account: value["serviceAccount"].as_str()?.to_string(),
             role_arn: value["roleArn"].as_str()?.to_string(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_failover_region_becomes_the_daemons_flag_and_is_checked() {
+        let options = map(&[("path", "/a"), ("failoverRegion", "us-west-2")]);
+        check_values(&options).unwrap();
+        let args = daemon_args(&Identity::Node, &options, Path::new("/mnt"));
+        assert!(args.contains(&"--failover-region=us-west-2".to_string()));
+        let typo = map(&[("path", "/a"), ("failoverRegion", "us-west")]);
+        let error = check_values(&typo).unwrap_err().to_string();
+        assert!(error.contains("failoverRegion"), "{error}");
+        let itself = map(&[
+            ("path", "/a"),
+            ("region", "us-west-2"),
+            ("failoverRegion", "us-west-2"),
+        ]);
+        let error = check_values(&itself).unwrap_err().to_string();
+        assert!(error.contains("is the primary region"), "{error}");
     }
 }

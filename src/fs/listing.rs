@@ -123,8 +123,18 @@ impl<S: ParameterStore> Fs<S> {
         mut token: Option<String>,
     ) -> Result<DirEntry, StoreError> {
         let mut parameters = Vec::new();
+        let mut started_over = false;
         loop {
-            let page = self.page(path, token).await?;
+            let page = match self.page(path, token.clone()).await {
+                // The token no longer holds (it expired, or the region that
+                // issued it is failing: `store::failover`): start over, once.
+                Err(StoreError::InvalidNextToken) if token.is_some() && !started_over => {
+                    started_over = true;
+                    (names, parameters, token) = (Vec::new(), Vec::new(), None);
+                    continue;
+                }
+                other => other?,
+            };
             names.extend(page.parameters.iter().map(|p| p.name.clone()));
             token = page.next_token.clone();
             parameters.extend(page.values());

@@ -6,9 +6,10 @@
 //! GetParametersByPath call: how directories are listed, ten names to a page,
 //! with values).
 //! Implementations: `ssm` (aws-sdk-ssm), `memory` (counted and fault-injected,
-//! for tests and the demo) and `resilient` (pacing, retries and deadlines
-//! around any store).
+//! for tests and the demo), `resilient` (pacing, retries and deadlines
+//! around any store) and `failover` (a second region while the first fails).
 
+pub mod failover;
 pub mod memory;
 pub mod resilient;
 pub mod ssm;

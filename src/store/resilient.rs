@@ -8,7 +8,8 @@
 //! 5xx, connection errors) are retried with exponential backoff and full
 //! jitter, at most `max_retries` times, and the whole call including retries
 //! must finish within `timeout` or fails with `Timeout`. Every attempt is
-//! counted in the metrics by operation and outcome.
+//! counted in the metrics by operation and outcome, and by region when the
+//! store is told which one it talks to (`in_region`).
 //!
 //! Throttling is different for a reader who waits: SSM answers, just not yet
 //! (a fleet booting at once shares 40 TPS), so a call made for a reader keeps
@@ -144,6 +145,8 @@ pub struct Resilient<S> {
     config: RequestConfig,
     pacer: Pacer,
     metrics: Arc<Metrics>,
+    /// (role, region name) for `ssmfs_region_api_calls_total`, if known.
+    region: Option<(&'static str, Arc<str>)>,
 }
 
 fn outcome<T>(result: &Result<T, StoreError>) -> &'static str {
@@ -168,7 +171,15 @@ impl<S: ParameterStore> Resilient<S> {
             config,
             pacer,
             metrics,
+            region: None,
         }
+    }
+
+    /// Counts this store's calls as calls to `region` in `role` (`primary`
+    /// or `failover`).
+    pub fn in_region(mut self, role: &'static str, region: &str) -> Self {
+        self.region = Some((role, region.into()));
+        self
     }
 
     pub fn inner(&self) -> &S {
@@ -200,6 +211,9 @@ impl<S: ParameterStore> Resilient<S> {
                 self.pacer.wait_turn(unattended.is_some()).await;
                 let result = attempt().await;
                 self.metrics.api_call(operation, outcome(&result));
+                if let Some((role, region)) = &self.region {
+                    self.metrics.region_call(role, region);
+                }
                 result
             };
             let result = tokio::time::timeout(remaining, turn)

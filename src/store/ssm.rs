@@ -45,6 +45,19 @@ pub struct AwsOptions {
     pub no_decrypt: bool,
     /// Upper bound on one HTTP attempt; `resilient` bounds the whole call.
     pub attempt_timeout: Duration,
+    /// A second region asked while this one fails (`store::failover`).
+    pub failover: Option<FailoverOptions>,
+}
+
+/// The failover region: same credentials, another region.
+#[derive(Debug, Clone)]
+pub struct FailoverOptions {
+    pub region: String,
+    /// Its SSM endpoint; `None`: the region's own. `--endpoint-url` and
+    /// `AWS_ENDPOINT_URL(_SSM)` name the primary's and do not apply here.
+    pub endpoint_url: Option<String>,
+    /// How long the failing primary rests before it is tried again.
+    pub retry_after: Duration,
 }
 
 /// Where EKS Pod Identity's agent answers on every EKS node.
@@ -155,6 +168,25 @@ impl SsmStore {
         if let Some(url) = &options.endpoint_url {
             ssm_config = ssm_config.endpoint_url(url);
         }
+        Self::with_config(ssm_config, options)
+    }
+
+    /// The failover region's client: built as `new` builds the primary's,
+    /// with the same credentials, in `failover.region`, at
+    /// `failover.endpoint_url` or else the region's own endpoint (never the
+    /// primary's override, which names an endpoint of the primary region).
+    pub fn failover(
+        sdk_config: &SdkConfig,
+        options: &AwsOptions,
+        failover: &FailoverOptions,
+    ) -> Self {
+        let mut ssm_config = aws_sdk_ssm::config::Builder::from(sdk_config)
+            .region(Region::new(failover.region.clone()));
+        ssm_config.set_endpoint_url(failover.endpoint_url.clone());
+        Self::with_config(ssm_config, options)
+    }
+
+    fn with_config(ssm_config: aws_sdk_ssm::config::Builder, options: &AwsOptions) -> Self {
         Self {
             client: Client::from_conf(ssm_config.build()),
             decrypt: !options.no_decrypt,

@@ -30,6 +30,20 @@ pub fn have_fuse_and_moto() -> bool {
         && require(moto_bin().exists(), "moto (.venv/bin/moto_server)")
 }
 
+/// For tests whose point needs a real mount and real SSM servers: a missing
+/// component fails the test, naming it, rather than skipping it.
+pub fn must_have_fuse_and_moto() {
+    assert!(
+        Path::new("/dev/fuse").exists() && unsafe { libc::geteuid() } == 0,
+        "this test needs /dev/fuse and root; run scripts/setup.sh as root"
+    );
+    assert!(
+        moto_bin().exists(),
+        "this test needs moto ({}); run scripts/setup.sh",
+        moto_bin().display()
+    );
+}
+
 fn moto_bin() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/moto_server")
 }
@@ -181,10 +195,19 @@ pub fn runtime() -> tokio::runtime::Runtime {
 }
 
 pub fn client(rt: &tokio::runtime::Runtime, endpoint: &str) -> aws_sdk_ssm::Client {
+    client_in(rt, endpoint, "us-east-1")
+}
+
+/// A client signing for `region` (moto keeps one store per region).
+pub fn client_in(
+    rt: &tokio::runtime::Runtime,
+    endpoint: &str,
+    region: &str,
+) -> aws_sdk_ssm::Client {
     let creds = aws_sdk_ssm::config::Credentials::new("testing", "testing", None, None, "test");
     let config = aws_sdk_ssm::Config::builder()
         .behavior_version(aws_sdk_ssm::config::BehaviorVersion::latest())
-        .region(aws_sdk_ssm::config::Region::new("us-east-1"))
+        .region(aws_sdk_ssm::config::Region::new(region.to_string()))
         .credentials_provider(creds)
         .endpoint_url(endpoint)
         .build();
