@@ -34,8 +34,12 @@ struct Node {
 }
 
 impl Node {
+    /// A node of this build, or of the build SSMFS_CSI_TEST_BINARY names
+    /// (to check that a test fails on an earlier release).
     fn start(gate: &Gate, extra: &[&str]) -> Node {
-        Self::start_binary(gate, extra, PathBuf::from(env!("CARGO_BIN_EXE_ssmfs")))
+        let binary = std::env::var_os("SSMFS_CSI_TEST_BINARY")
+            .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_ssmfs")), PathBuf::from);
+        Self::start_binary(gate, extra, binary)
     }
 
     /// A node whose plugin runs `binary`.
@@ -1306,6 +1310,26 @@ fn the_node_credentials_go_where_the_admin_says() {
         tonic::Code::PermissionDenied,
         "fixed",
     );
+    // Issue 31: what the class does not set is not the tenant's either
+    // (the class opens nothing): a rate, a topic, a region of its own.
+    for added in [
+        ("maxTps", "1000"),
+        (
+            "eventsTopic",
+            "arn:aws:sns:us-east-1:999999999999:elsewhere",
+        ),
+        ("failoverRegion", "us-west-2"),
+    ] {
+        let attributes = [("class", "shared"), added];
+        refused(
+            &node,
+            "u2",
+            &attributes,
+            &POD,
+            tonic::Code::PermissionDenied,
+            added.0,
+        );
+    }
     let own_role = [("class", "shared"), ("roleArn", ROLE)];
     refused(
         &node,
