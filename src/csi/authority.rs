@@ -163,6 +163,7 @@ impl<S> AnyAuthority<S> {
                 self.emit(block)?;
             }
         }
+        debug_assert!(self.ready.len() <= MAX_READY, "{}", self.ready.len());
         Ok(())
     }
 
@@ -656,6 +657,7 @@ mod tests {
 
     /// A frame as h2's server codec reads it.
     #[derive(Debug, PartialEq)]
+    #[allow(clippy::large_enum_variant)] // a test's few frames
     enum Seen {
         Headers {
             stream: u32,
