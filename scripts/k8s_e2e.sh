@@ -7,7 +7,7 @@
 #   K8S_E2E_KEEP=1 ...            leave the cluster up at the end (stop: scripts/k8s_e2e.sh down)
 #   scripts/k8s_e2e.sh down       stop whatever a kept or interrupted run left
 #   scripts/k8s_e2e.sh scenarios  run K8S_E2E_SCENARIOS again on a kept cluster
-#   K8S_E2E_SCENARIOS="i a b c f g e d" (the default, in that order)
+#   K8S_E2E_SCENARIOS="i a b c f g r e d" (the default, in that order)
 #   K8S_E2E_VOLUME=auto|inline|pv  auto: inline volumes if scenario i mounts
 #                                  one, else static PersistentVolumes
 #   K8S_E2E_LINGER=30s            the chart's linger for the test
@@ -20,7 +20,8 @@
 # own identity (the token STS sees); b 30 task pods one after another on
 # the same 20 secrets (SSM calls, create->Ready against emptyDir pods);
 # c deletion (unpublish, target, linger); f refusals (a bad attribute, a
-# role of another namespace); g two namespaces, two mounts; e kubelet's
+# role of another namespace); g two namespaces, two mounts; r a rotation
+# followed in pods (@changes, ssmfs exec), put to pod log; e kubelet's
 # republishes over 3 minutes; d a reader through helm upgrade, kubelet and
 # containerd restarts and the plugin pod's deletion.
 #
@@ -464,11 +465,14 @@ FILES=$(for i in $(seq -w 1 20); do printf '/mnt/s/secret-%s ' "$i"; done)
 # VOLUME_MODE inline: a CSI inline (ephemeral) volume in the pod spec; pv: a
 # static PersistentVolume (ReadOnlyMany) and its claim, made before the pod.
 VOLUME_MODE=${K8S_E2E_VOLUME:-auto}
+volume_source() { # NAME ATTRS: the pod's volume "s" as VOLUME_MODE has it
+	if [ "$2" = emptyDir ]; then echo "emptyDir: {}"
+	elif [ "$VOLUME_MODE" = pv ]; then echo "persistentVolumeClaim: {claimName: $1, readOnly: true}"
+	else echo "csi: {driver: $DRIVER, readOnly: true, volumeAttributes: $2}"; fi
+}
 pod_yaml() { # NAME NAMESPACE SERVICE_ACCOUNT ATTRS SCRIPT
 	local volume
-	if [ "$4" = emptyDir ]; then volume="emptyDir: {}"
-	elif [ "$VOLUME_MODE" = pv ]; then volume="persistentVolumeClaim: {claimName: $1, readOnly: true}"
-	else volume="csi: {driver: $DRIVER, readOnly: true, volumeAttributes: $4}"; fi
+	volume=$(volume_source "$1" "$4")
 	cat <<-YAML
 	apiVersion: v1
 	kind: Pod
@@ -806,6 +810,111 @@ scenario_g() {
 	release_volume team-a team-a; release_volume team-b team-b
 }
 
+# r. A rotation followed in pods (docs/KUBERNETES.md, "When a secret rotates,
+# in a pod"): a busybox pod reads its volume's @changes and, on each line,
+# the file again; a second pod has `ssmfs exec` (the project's image) as its
+# entrypoint, its child's environment from the volume, restarted on each
+# change. Three new versions are put in moto; each pod must show each, and
+# the time from the put's answer to the line in the pod's log (the
+# container runtime's timestamp) is measured. The volume's TTL is 2 s: with
+# a stream open, the daemon refreshes what the stream covers before the TTL
+# runs out, so a rotation shows within about the TTL and a second.
+ROTATED=/e2e/rotate/db
+put_param() { # NAME VALUE: the time (ms) moto answered the put, and the new version
+	AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing .venv/bin/python - "http://127.0.0.1:$MOTO_PORT" "$1" "$2" <<-'PY'
+	import sys, time, boto3
+	ssm = boto3.client("ssm", endpoint_url=sys.argv[1], region_name="us-east-1")
+	answer = ssm.put_parameter(Name=sys.argv[2], Value=sys.argv[3], Type="SecureString", Overwrite=True)
+	print(int(time.time() * 1000), answer["Version"])
+	PY
+}
+log_line_ms() { # NAMESPACE POD PATTERN: when the pod's first log line matching PATTERN was logged (ms)
+	local ts
+	ts=$(pod_log_raw "$1" "$2" | grep -m1 -- "$3" | cut -d' ' -f1)
+	[ -n "$ts" ] && date -d "$ts" +%s%3N
+}
+# Opens the stream before it says WATCHING; the host puts only after that.
+WATCH_SCRIPT="trap 'exit 0' TERM
+v=; read -r v < /mnt/s/db || true; echo \"VALUE=\$v\"
+exec 3< /mnt/s/@changes
+echo WATCHING
+while read -r path version <&3; do
+  v=; read -r v < \"/mnt/s/\$path\" || true
+  echo \"CHANGE \$path \$version VALUE=\$v\"
+done
+echo 'STREAM ENDED'
+sleep 3600 & wait"
+exec_pod_yaml() { # NAME NAMESPACE SERVICE_ACCOUNT ATTRS
+	# The ssmfs image holds ssmfs alone: an init container copies busybox
+	# (static) into an emptyDir for the child to be.
+	cat <<-YAML
+	apiVersion: v1
+	kind: Pod
+	metadata: {name: $1, namespace: $2}
+	spec:
+	  serviceAccountName: $3
+	  automountServiceAccountToken: false
+	  restartPolicy: Never
+	  terminationGracePeriodSeconds: 5
+	  initContainers:
+	  - name: tools
+	    image: $IMG_BUSYBOX
+	    imagePullPolicy: Never
+	    command: [/bin/busybox, cp, /bin/busybox, /tools/busybox]
+	    volumeMounts: [{name: tools, mountPath: /tools}]
+	  containers:
+	  - name: c
+	    image: localhost/ssmfs:e2e-1
+	    imagePullPolicy: Never
+	    securityContext: {runAsUser: 0}
+	    args: [exec, --env, DB=/mnt/s/db, --on-change, restart, --grace, 2s, --,
+	           /tools/busybox, sh, -c, 'echo "CHILD DB=\$DB"; exec /tools/busybox sleep 3600']
+	    volumeMounts: [{name: s, mountPath: /mnt/s, readOnly: true}, {name: tools, mountPath: /tools, readOnly: true}]
+	  volumes:
+	  - name: s
+	    $(volume_source "$1" "$4")
+	  - name: tools
+	    emptyDir: {}
+	YAML
+}
+scenario_r() {
+	local attrs_r t v ts n lat_watch="" lat_exec="" missed=""
+	attrs_r=$(attrs $ROLE_AIRFLOW /e2e/rotate '"ttl": "2s"')
+	put_param $ROTATED initial >/dev/null
+	create_pod rotation-watch airflow airflow-worker "$attrs_r" "$WATCH_SCRIPT"
+	prepare_volume rotation-exec airflow "$attrs_r"
+	exec_pod_yaml rotation-exec airflow airflow-worker "$attrs_r" | kubectl create -f - >/dev/null
+	wait_ready airflow rotation-watch; wait_ready airflow rotation-exec
+	wait_for 20 "the watcher's stream" log_has airflow rotation-watch WATCHING
+	wait_for 20 "exec's first child" log_has airflow rotation-exec 'CHILD DB=initial'
+	local first
+	first="$(pod_log airflow rotation-watch | grep -o 'VALUE=.*' | head -1), exec's child $(pod_log airflow rotation-exec | grep -o 'CHILD DB=.*' | head -1)"
+	for n in 1 2 3; do
+		read -r t v < <(put_param $ROTATED "rotated-$n")
+		if wait_for 20 "the watcher's line for version $v" log_has airflow rotation-watch "CHANGE db $v VALUE=rotated-$n"; then
+			ts=$(log_line_ms airflow rotation-watch "CHANGE db $v VALUE=rotated-$n")
+			lat_watch+="$((ts - t)) "
+		else
+			missed+="watcher v$v; "
+		fi
+		if wait_for 30 "exec's child with version $v" log_has airflow rotation-exec "CHILD DB=rotated-$n"; then
+			ts=$(log_line_ms airflow rotation-exec "CHILD DB=rotated-$n")
+			lat_exec+="$((ts - t)) "
+		else
+			missed+="exec v$v; "
+		fi
+	done
+	pod_log airflow rotation-watch >"$LOGS/r_watch.log"
+	pod_log airflow rotation-exec >"$LOGS/r_exec.log"
+	local ended=""
+	log_has airflow rotation-watch 'STREAM ENDED' && ended="the watcher's stream ended; "
+	kubectl -n airflow delete pod rotation-watch rotation-exec --wait=true --timeout=60s >/dev/null
+	release_volume rotation-watch airflow; release_volume rotation-exec airflow
+	local verdict=PASS
+	[ -z "$missed" ] && [ -z "$ended" ] || verdict=FAIL
+	result r $verdict "started with $first; 3 puts: @changes line + new value in the watcher after ${lat_watch% } ms (put answered -> pod log), exec restarted its child with the new env after ${lat_exec% } ms (ttl 2s, debounce 500ms); ${missed:+missed: $missed}${ended}"
+}
+
 # d. A reader through the driver's upgrade and restarts.
 phase_stats() { # FROM TO (UTC ISO times): failed reads, longest read
 	pod_log_raw airflow reader | awk -v a="$1" -v b="$2" '
@@ -871,7 +980,7 @@ scenario_d() {
 
 run_scenarios() {
 	local sc
-	for sc in ${K8S_E2E_SCENARIOS:-i a b c f g e d}; do
+	for sc in ${K8S_E2E_SCENARIOS:-i a b c f g r e d}; do
 		log "scenario $sc"
 		( set -e; scenario_$sc ) &
 		wait $! || result $sc FAIL "aborted (see $LOGS and the lines above)"

@@ -14,9 +14,13 @@ use std::path::Path;
 
 use serde_json::Value;
 
-/// Fds one message may carry: a connection's four.
+/// Fds one message may carry: a connection's four. A packet with more is
+/// refused whole, and the kernel closes what it could not pass.
 const MAX_FDS: usize = 8;
-/// Bigger than any message (daemon arguments of one volume).
+/// Bigger than any message (daemon arguments of one volume), and what one
+/// `receive` takes whatever the peer sends: a longer packet is refused
+/// (MSG_TRUNC), never read in parts. The parsed value is bounded with it,
+/// and so is its depth (serde_json stops at 128 levels).
 const MAX_MESSAGE: usize = 256 * 1024;
 
 fn socket() -> io::Result<OwnedFd> {
@@ -119,6 +123,12 @@ pub fn connect(path: &Path) -> io::Result<OwnedFd> {
 /// Sends one message with `fds` attached.
 pub fn send(socket: &OwnedFd, message: &Value, fds: &[RawFd]) -> io::Result<()> {
     let body = serde_json::to_vec(message).map_err(io::Error::other)?;
+    send_bytes(socket, &body, fds)
+}
+
+/// One packet of any bytes with `fds` attached (what a hostile peer sends,
+/// in the tests).
+fn send_bytes(socket: &OwnedFd, body: &[u8], fds: &[RawFd]) -> io::Result<()> {
     let mut iov = libc::iovec {
         iov_base: body.as_ptr() as *mut libc::c_void,
         iov_len: body.len(),
@@ -157,7 +167,11 @@ pub fn send(socket: &OwnedFd, message: &Value, fds: &[RawFd]) -> io::Result<()> 
 }
 
 /// The next message and the fds that came with it; `None` once the peer
-/// closed its end.
+/// closed its end (or sent an empty packet without fds, which reads the
+/// same). A packet is whole or absent (SOCK_SEQPACKET): a message cut
+/// short cannot arrive, and garbage, a packet past `MAX_MESSAGE` or one with
+/// more than `MAX_FDS` fds is an error, its fds closed. Blocks only while
+/// the peer, connected, sends nothing.
 pub fn receive(socket: &OwnedFd) -> io::Result<Option<(Value, Vec<OwnedFd>)>> {
     let mut body = vec![0u8; MAX_MESSAGE];
     let mut iov = libc::iovec {
@@ -215,4 +229,170 @@ pub fn receive(socket: &OwnedFd) -> io::Result<Option<(Value, Vec<OwnedFd>)>> {
     }
     let message = serde_json::from_slice(&body[..received]).map_err(io::Error::other)?;
     Ok(Some((message, fds)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: a valid array for two fds.
+        let made = unsafe {
+            libc::socketpair(
+                libc::AF_UNIX,
+                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+                0,
+                fds.as_mut_ptr(),
+            )
+        };
+        assert_eq!(made, 0, "{}", io::Error::last_os_error());
+        // A receive that would block fails instead (EAGAIN) after a while:
+        // a test can see a stall rather than hang. Room for packets past
+        // the limit, so the kernel does not refuse them first.
+        let wait = libc::timeval {
+            tv_sec: 5,
+            tv_usec: 0,
+        };
+        let room: libc::c_int = 4 * MAX_MESSAGE as libc::c_int;
+        // SAFETY: valid sockets and option values of the right sizes.
+        unsafe {
+            libc::setsockopt(
+                fds[1],
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&wait as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+            libc::setsockopt(
+                fds[0],
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&room as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            );
+            (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+        }
+    }
+
+    /// A pipe's read end and `n` copies of its write end: once every copy
+    /// is closed, wherever it went, the read end sees the end of file.
+    fn witnessed_fds(n: usize) -> (std::fs::File, Vec<OwnedFd>) {
+        let mut ends = [0; 2];
+        // SAFETY: a valid array for two fds.
+        assert_eq!(
+            unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) },
+            0
+        );
+        // SAFETY: new fds we own.
+        let (read, write) =
+            unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
+        let copies = (0..n).map(|_| write.try_clone().unwrap()).collect();
+        (std::fs::File::from(read), copies)
+    }
+
+    /// Whether every write end of `read`'s pipe is closed (not blocking: a
+    /// leaked copy would keep the pipe open).
+    fn all_closed(read: &std::fs::File) -> bool {
+        let mut poll = libc::pollfd {
+            fd: read.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut poll, 1, 0) };
+        poll.revents & libc::POLLHUP != 0
+    }
+
+    fn hostile_body() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..2048),
+            // Near JSON: a message as the plugin gets them, cut or bent.
+            (
+                r#"\{"op": ?"(have|hello|started|open-stream)", ?"id": ?"[a-z0-9]{0,8}"(, ?"ino": ?-?[0-9]{1,25})?\}"#,
+                any::<prop::sample::Index>(),
+                0usize..3,
+            )
+                .prop_map(|(text, cut, how)| {
+                    let bytes = text.into_bytes();
+                    match how {
+                        0 => bytes,
+                        1 => bytes[..cut.index(bytes.len() + 1)].to_vec(),
+                        _ => [bytes.as_slice(), b"\xff\x00"].concat(),
+                    }
+                }),
+            // Deep nesting, past serde_json's limit.
+            (1usize..20_000).prop_map(|depth| "[".repeat(depth).into_bytes()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any packet, with any number of fds: a message and exactly its
+        /// fds only when the bytes are JSON and the fds within the limit;
+        /// otherwise an error, at once, and every fd that came is closed.
+        #[test]
+        fn any_packet_is_a_message_or_an_error_and_never_leaks_an_fd(
+            body in hostile_body(),
+            fd_count in prop_oneof![Just(0usize), 1usize..=MAX_FDS, MAX_FDS + 1..MAX_FDS + 8],
+        ) {
+            let (ours, theirs) = pair();
+            let (witness, copies) = witnessed_fds(fd_count);
+            let raw: Vec<RawFd> = copies.iter().map(|fd| fd.as_raw_fd()).collect();
+            send_bytes(&ours, &body, &raw).unwrap();
+            drop(copies);
+            let started = std::time::Instant::now();
+            let received = receive(&theirs);
+            prop_assert!(started.elapsed() < std::time::Duration::from_secs(2));
+            let json = serde_json::from_slice::<Value>(&body).is_ok();
+            match received {
+                Ok(Some((message, fds))) => {
+                    prop_assert!(json && fd_count <= MAX_FDS);
+                    prop_assert_eq!(message, serde_json::from_slice::<Value>(&body).unwrap());
+                    prop_assert_eq!(fds.len(), fd_count);
+                }
+                Ok(None) => prop_assert!(body.is_empty() && fd_count == 0),
+                Err(error) => {
+                    prop_assert!(!json || fd_count > MAX_FDS, "{}", error);
+                    prop_assert!(error.raw_os_error().is_none(), "not the socket's: {}", error);
+                }
+            }
+            prop_assert!(all_closed(&witness), "an fd that came was kept");
+        }
+    }
+
+    #[test]
+    fn a_packet_past_the_limit_is_refused_whole_and_the_next_is_read() {
+        let (ours, theirs) = pair();
+        let exact = format!("\"{}\"", "a".repeat(MAX_MESSAGE - 2));
+        send_bytes(&ours, exact.as_bytes(), &[]).unwrap();
+        let (message, _) = receive(&theirs).unwrap().unwrap();
+        assert_eq!(message.as_str().unwrap().len(), MAX_MESSAGE - 2);
+        let (witness, copies) = witnessed_fds(2);
+        let raw: Vec<RawFd> = copies.iter().map(|fd| fd.as_raw_fd()).collect();
+        // Its first MAX_MESSAGE bytes alone would be a valid message.
+        let long = format!("{{\"op\": \"stop\"}}{}", " ".repeat(MAX_MESSAGE));
+        send_bytes(&ours, long.as_bytes(), &raw).unwrap();
+        drop(copies);
+        let error = receive(&theirs).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData, "{error}");
+        assert!(all_closed(&witness), "the refused packet's fds were kept");
+        // The rest of the long packet is not read as a message of its own.
+        send(&ours, &serde_json::json!({"op": "hello"}), &[]).unwrap();
+        let (message, _) = receive(&theirs).unwrap().unwrap();
+        assert_eq!(message["op"], "hello");
+    }
+
+    #[test]
+    fn a_peer_that_goes_is_the_end_not_a_wait() {
+        let (ours, theirs) = pair();
+        send(&ours, &serde_json::json!({"op": "hello"}), &[]).unwrap();
+        drop(ours);
+        assert!(receive(&theirs).unwrap().is_some(), "what came before");
+        let started = std::time::Instant::now();
+        assert!(receive(&theirs).unwrap().is_none());
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    }
 }

@@ -1870,3 +1870,126 @@ fn a_target_is_resolved_once_without_links_and_only_in_its_pods_directory() {
     node.unpublish("vol-2", &other).unwrap();
     assert!(!other.exists(), "the target was left");
 }
+
+/// Hostile bytes on the plugin's socket (issue 31): 1,000 connections of
+/// garbage, cut prefaces, bad HPACK, lying frame lengths and header blocks
+/// past the limits, 50 of them left open and silent; then kubelet's
+/// publish is answered, the plugin lives, and its memory has not grown
+/// with them.
+#[test]
+fn a_thousand_malformed_connections_leave_the_plugin_serving() {
+    use rand::{Rng, SeedableRng};
+    use std::io::Write;
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        out.extend([kind, flags]);
+        out.extend(stream.to_be_bytes());
+        out.extend(payload);
+        out
+    }
+    fn rss_kib(pid: u32) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+    let Some((_moto, gate)) = setup() else { return };
+    let mut node = Node::start(&gate, &[]);
+    let pid = node.plugin.as_ref().unwrap().id();
+    let socket = node.path("csi.sock");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(31);
+    let settings = frame(0x4, 0, 0, &[]);
+    let valid_block = fluke_hpack::Encoder::new().encode(vec![
+        (&b":method"[..], &b"POST"[..]),
+        (b":path", b"/csi.v1.Node/NodePublishVolume"),
+        (b":authority", b"/var/lib/kubelet/plugins/x/csi.sock"),
+    ]);
+    // Warm up (the first connections allocate the runtime's pools), then measure.
+    node.try_probe().unwrap();
+    let rss_before = rss_kib(pid);
+    let started = Instant::now();
+    let mut open = Vec::new();
+    let mut kinds = [0u32; 8];
+    for n in 0..1000 {
+        let random: Vec<u8> = (0..rng.gen_range(0..600)).map(|_| rng.gen()).collect();
+        let kind = n % 8;
+        kinds[kind] += 1;
+        let wire: Vec<u8> = match kind {
+            // Garbage from the first byte.
+            0 => random,
+            // A preface cut short.
+            1 => PREFACE[..rng.gen_range(0..PREFACE.len())].to_vec(),
+            // A header block of garbage.
+            2 => [PREFACE, &settings, &frame(0x1, 0x5, 1, &random)].concat(),
+            // HPACK integers that overflow, and an index past every table.
+            3 => {
+                let mut block = vec![0x1f];
+                block.extend(std::iter::repeat_n(0xff, rng.gen_range(1..40)));
+                block.extend([0x7f, 0xff, 0xff, 0xff, 0xff, 0x0f, 0xff, 0xff]);
+                [PREFACE, &settings, &frame(0x1, 0x5, 1, &block)].concat()
+            }
+            // A frame length past what the server accepts.
+            4 => {
+                let mut lying = frame(0x1, 0x4, 1, &random);
+                lying[..3].copy_from_slice(&[0xff, 0xff, 0xff]);
+                [PREFACE, &settings, &lying].concat()
+            }
+            // A header block of CONTINUATIONs past the limit.
+            5 => {
+                let mut wire = [PREFACE, &settings, &frame(0x1, 0, 1, &valid_block)].concat();
+                for _ in 0..6 {
+                    wire.extend(frame(0x9, 0, 1, &vec![0x40; 16_000]));
+                }
+                wire
+            }
+            // A valid request's block cut anywhere, then the connection ends.
+            6 => {
+                let cut = rng.gen_range(0..valid_block.len());
+                let whole = [PREFACE, &settings, &frame(0x1, 0x5, 1, &valid_block)].concat();
+                whole[..PREFACE.len() + settings.len() + 9 + cut].to_vec()
+            }
+            // Nothing at all.
+            _ => Vec::new(),
+        };
+        let mut stream = std::os::unix::net::UnixStream::connect(&socket)
+            .unwrap_or_else(|e| panic!("connection {n} refused: {e}\n{}", node.log_text()));
+        stream
+            .set_write_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        // The server may close first (a write then fails): what it read is enough.
+        let _ = stream.write_all(&wire);
+        if n % 20 == 0 {
+            open.push(stream);
+        }
+    }
+    let sent = started.elapsed();
+    // kubelet's publish, with the 50 silent connections still open.
+    let target = node.target("uid-1", "secrets");
+    node.publish(request("vol-1", &target, ATTRS, &POD))
+        .unwrap_or_else(|e| panic!("publish after the flood: {e}\n{}", node.log_text()));
+    assert_eq!(
+        std::fs::read_to_string(target.join("db")).unwrap(),
+        "db-secret"
+    );
+    assert!(
+        node.plugin.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "the plugin exited:\n{}",
+        node.log_text()
+    );
+    drop(open);
+    std::thread::sleep(Duration::from_millis(200));
+    let rss_after = rss_kib(pid);
+    eprintln!(
+        "1,000 malformed connections ({kinds:?} of each kind) sent in {sent:?}; publish ok; \
+         plugin RSS {rss_before} -> {rss_after} KiB"
+    );
+    assert!(
+        rss_after < rss_before + 32 * 1024,
+        "the plugin grew from {rss_before} to {rss_after} KiB"
+    );
+    assert!(sent < Duration::from_secs(20), "{sent:?}");
+    assert_eq!(node.try_probe(), Some(true));
+    // A panic in a connection's task would be caught by tokio and leave
+    // the plugin up: only its log would tell.
+    assert!(!node.log_text().contains("panicked"), "{}", node.log_text());
+}
