@@ -129,6 +129,7 @@ SSMFS_STATE=/var/lib/ssmfs-csi
 SSMFS_RUN=/run/ssmfs-csi
 CTR_SOCK=$RUN/containerd.sock
 ETCD_PORT=23790 API_PORT=6443 MOTO_PORT=5077 GATE_PORT=5078
+POD_GATEWAY=10.244.0.1            # the bridge's address (host-local's first)
 ISSUER=https://oidc.k8s-e2e.invalid
 ACCOUNT=123456789012
 ROLE_AIRFLOW=arn:aws:iam::$ACCOUNT:role/airflow-workers
@@ -369,8 +370,8 @@ start_cluster() {
 	log "cluster up"
 }
 configure_containerd() {
-	# A bridge on a private /24 with no route out and no NAT: pods reach only
-	# each other (the driver's pods use the host's network and loopback).
+	# A bridge on a private /24 with no route out and no NAT: pods reach
+	# each other and the host at the gateway (the STS gate listens there).
 	cat >/etc/cni/net.d/10-k8s-e2e.conflist <<-JSON
 	{"cniVersion": "0.4.0", "name": "k8s-e2e", "plugins": [
 	  {"type": "bridge", "bridge": "k8se2e0", "isGateway": true, "ipMasq": false,
@@ -424,7 +425,9 @@ start_aws() {
 	 "$ROLE_A": "system:serviceaccount:team-a:app",
 	 "$ROLE_B": "system:serviceaccount:team-b:app"}
 	JSON
-	start_bg sts-gate .venv/bin/python scripts/k8s_e2e/sts_gate.py $GATE_PORT http://127.0.0.1:$MOTO_PORT \
+	# On every address: the driver's pods (on the pod network, not the
+	# host's) reach it at the bridge's gateway, $POD_GATEWAY.
+	GATE_HOST=0.0.0.0 start_bg sts-gate .venv/bin/python scripts/k8s_e2e/sts_gate.py $GATE_PORT http://127.0.0.1:$MOTO_PORT \
 		"$RUN/trust.json" "$DATA/pki/sa.pub" $ISSUER
 	wait_for 30 "the gate" curl -sf http://127.0.0.1:$GATE_PORT/records
 	AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing .venv/bin/python - "http://127.0.0.1:$MOTO_PORT" <<-'PY'
@@ -446,7 +449,7 @@ helm_values() { # IMAGE_TAG
 	echo --set image.repository=localhost/ssmfs --set image.tag="$1" --set image.pullPolicy=Never \
 		--set registrar.image=$IMG_REGISTRAR --set registrar.pullPolicy=Never \
 		--set linger=$LINGER --set logLevel=debug --set defaultAttributes.region=us-east-1 \
-		--set awsEndpoints.ssm=http://127.0.0.1:$GATE_PORT --set awsEndpoints.sts=http://127.0.0.1:$GATE_PORT
+		--set awsEndpoints.ssm=http://$POD_GATEWAY:$GATE_PORT --set awsEndpoints.sts=http://$POD_GATEWAY:$GATE_PORT
 }
 install_driver() {
 	log "helm install (image localhost/ssmfs:e2e-1, linger $LINGER)"

@@ -230,9 +230,10 @@ pub struct CliArgs {
     /// Write logs to this file instead of stderr (background mode: instead of syslog).
     #[arg(long, help_heading = "Logging")]
     pub log_file: Option<PathBuf>,
-    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9108).
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9108), or
+    /// on a unix socket (unix:/run/ssmfs/metrics.sock).
     #[arg(long, help_heading = "Logging")]
-    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub metrics_addr: Option<crate::daemon::metrics_http::MetricsAddr>,
 }
 
 /// Everything `main` needs, in plain types.
@@ -251,7 +252,7 @@ pub struct Settings {
     pub threads: usize,
     pub mlock: bool,
     pub log_file: Option<PathBuf>,
-    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub metrics_addr: Option<crate::daemon::metrics_http::MetricsAddr>,
     pub events: Option<EventsSource>,
     pub supervise: bool,
     pub pid_file: Option<PathBuf>,

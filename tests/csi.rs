@@ -540,6 +540,15 @@ fn pods_with_one_identity_share_a_warm_mount_and_others_do_not() {
         metrics.contains("ssmfs_api_calls_total{mount="),
         "per-mount calls: {metrics}"
     );
+    // Gathered from unix sockets in the run directory: the serving side
+    // needs no network shared with the plugin (and no port to race for).
+    for record in std::fs::read_dir(node.path("state/mounts")).unwrap() {
+        let path = record.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(text.contains("--metrics-addr=unix:"), "{text}");
+        }
+    }
     let assumed = gate.counts().0;
     assert_eq!(
         assumed.get(ROLE),
@@ -653,7 +662,9 @@ fn the_serving_side_runs_unprivileged() {
         }
     }
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    for line in mountinfo.lines().filter(|l| l.contains("fuse.ssmfs")) {
+    let root = node.root.path().display().to_string();
+    let ours = |line: &&str| line.contains("fuse.ssmfs") && line.contains(&root);
+    for line in mountinfo.lines().filter(ours) {
         for word in secret_words {
             assert!(!line.contains(word), "mountinfo tells {word:?}: {line}");
         }

@@ -20,6 +20,7 @@ counted by operation. GET /records answers
 import base64
 import hashlib
 import json
+import os
 import sys
 import threading
 import time
@@ -155,4 +156,6 @@ class Server(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
-Server(("127.0.0.1", int(port)), Gate).serve_forever()
+# GATE_HOST: where the driver's pods reach it (the pod network's gateway,
+# now that they do not share the host's loopback).
+Server((os.environ.get("GATE_HOST", "127.0.0.1"), int(port)), Gate).serve_forever()

@@ -311,8 +311,9 @@ async fn serve_metrics(
     driver: Arc<node::Driver>,
     addr: std::net::SocketAddr,
 ) -> anyhow::Result<()> {
+    use crate::daemon::metrics_http::{serve_text, MetricsAddr};
     use anyhow::Context;
-    crate::daemon::metrics_http::serve_text(addr, move || driver.metrics())
+    serve_text(MetricsAddr::Tcp(addr), move || driver.metrics())
         .await
         .with_context(|| format!("--metrics-addr {addr}"))
 }

@@ -310,6 +310,12 @@ impl Driver {
         label(&self.label_salt, key)
     }
 
+    /// Where the daemons' metrics sockets are: the serving user's (0700),
+    /// in root's run directory.
+    fn metrics_dir(&self) -> PathBuf {
+        self.settings.run_dir.join("metrics")
+    }
+
     pub fn control_socket(run_dir: &Path) -> PathBuf {
         run_dir.join("control.sock")
     }
@@ -503,6 +509,10 @@ impl Driver {
             &self.settings.run_dir,
             std::fs::Permissions::from_mode(0o755),
         )?;
+        let metrics = self.metrics_dir();
+        std::fs::create_dir_all(&metrics)?;
+        std::os::unix::fs::chown(&metrics, Some(user.uid), Some(user.gid))?;
+        std::fs::set_permissions(&metrics, std::fs::Permissions::from_mode(0o700))?;
         let socket = Self::control_socket(&self.settings.run_dir);
         let listener = control::listen(&socket, Some((user.uid, user.gid)))?;
         super::streams::listen(self.clone(), &self.settings.run_dir, (user.uid, user.gid))?;
@@ -1042,14 +1052,13 @@ impl Driver {
                 ),
             );
         }
-        // Its daemon's own metrics, on loopback, for the plugin to gather.
-        if let Some(port) = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .ok()
-            .map(|addr| addr.port())
-        {
-            args.insert(0, format!("--metrics-addr=127.0.0.1:{port}"));
-        }
+        // Its daemon's own metrics, on a unix socket in the run directory
+        // for the plugin to gather: no port to race for, and no network
+        // the serving side must share with the plugin.
+        let socket = self
+            .metrics_dir()
+            .join(format!("{}.sock", hex::encode(rand::random::<[u8; 12]>())));
+        args.insert(0, format!("--metrics-addr=unix:{}", socket.display()));
         let deadline = Instant::now() + START_TIMEOUT;
         let started = (|| {
             let (link_id, socket) = self.link_socket(deadline)?;
@@ -1418,6 +1427,7 @@ impl Driver {
             .unwrap()
             .tell_all(&json!({"op": "stop", "id": key}));
         self.forget(key, &mount.mountpoint);
+        remove_metrics_socket(&mount.args);
         tracing::info!(mount = %self.label(key), reason = why, "removed an idle shared mount");
     }
 
@@ -1502,33 +1512,24 @@ impl Driver {
 type TargetTurn = tokio::sync::OwnedMutexGuard<()>;
 
 /// A daemon's metrics page, over loopback (one second at most).
-fn fetch_metrics(addr: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let addr: std::net::SocketAddr = addr.parse().ok()?;
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .ok()?;
-    // Bounded in size and in time: another process may have bound the port
-    // (a daemon whose port was taken serves without metrics).
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let mut response = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        let n = stream.read(&mut chunk).ok()?;
-        if n == 0 {
-            break;
-        }
-        response.extend_from_slice(&chunk[..n]);
-        if response.len() > MAX_DAEMON_METRICS || Instant::now() > deadline {
-            return None;
+/// Removes a gone daemon's metrics socket (a unix socket in the run
+/// directory; never any other file).
+fn remove_metrics_socket(args: &[String]) {
+    use std::os::unix::fs::FileTypeExt;
+    let socket = args
+        .iter()
+        .find_map(|arg| arg.strip_prefix("--metrics-addr=unix:"))
+        .map(Path::new);
+    if let Some(socket) = socket {
+        if std::fs::symlink_metadata(socket).is_ok_and(|m| m.file_type().is_socket()) {
+            let _ = std::fs::remove_file(socket);
         }
     }
-    let response = String::from_utf8(response).ok()?;
-    response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
+}
+
+fn fetch_metrics(addr: &str) -> Option<String> {
+    let addr = addr.parse().ok()?;
+    crate::daemon::metrics_http::fetch(&addr, MAX_DAEMON_METRICS)
 }
 
 /// A daemon's metrics page is a few KiB; past this it is not one.

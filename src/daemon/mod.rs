@@ -53,7 +53,7 @@ pub enum DaemonError {
     Signals(std::io::Error),
     #[error("--metrics-addr {addr}: {cause}")]
     MetricsAddr {
-        addr: std::net::SocketAddr,
+        addr: metrics_http::MetricsAddr,
         cause: std::io::Error,
     },
     #[error("cannot fork into the background: {0}")]
