@@ -21,7 +21,7 @@ out=$(mktemp -d); trap 'rm -rf "$out"' EXIT
 "$helm" template ssmfs-csi "$chart" --namespace kube-system -f "$chart/ci/all-values.yaml" > "$out/all.yaml"
 # The rendered DaemonSet must carry what the values set.
 grep -q -- '--linger=30m' "$out/all.yaml"
-grep -q 'runAsUser: 10001' "$out/all.yaml"
+grep -q -- '--serve-user=10001:10001' "$out/all.yaml"
 grep -q 'eventsTopic' "$out/all.yaml"
 grep -q 'path: /run/ssmfs-csi-airflow' "$out/all.yaml"
 grep -q 'AWS_ENDPOINT_URL_STS' "$out/all.yaml"  # awsEndpoints reach the containers
@@ -30,7 +30,7 @@ grep -q 'runAsUser: 0' "$out/default.yaml"  # the plugin mounts: root, whatever 
 grep -q -- '--node-identity-namespaces=platform,ops' "$out/all.yaml"
 grep -q -- '--max-mounts-per-namespace=4' "$out/all.yaml"
 grep -q 'audience: pods.eks.amazonaws.com' "$out/default.yaml"
-grep -q 'runAsUser: 64721' "$out/default.yaml"  # the serving side's own uid, not nobody
+grep -q -- '--serve-user=64721:64721' "$out/default.yaml"  # the serving side's own uid, not nobody
 "${validate[@]}" "$out/default.yaml" "$out/all.yaml" deploy/kubernetes/*.yaml
 # The upgrade guarantee rests on the layout: two DaemonSets with distinct
 # selectors, the plugin's without surge, the serving side's surging, never
@@ -50,6 +50,14 @@ for source in (sys.argv[1], sys.argv[2], "deploy/kubernetes"):
     container = serve["spec"]["template"]["spec"]["containers"][0]
     assert "--check-ready" in container["readinessProbe"]["exec"]["command"], source
     assert not container["securityContext"].get("privileged"), source
+    # Root for an instant, able only to change its ids (it reads the link
+    # key, then becomes --serve-user); never the host's network.
+    caps = container["securityContext"]["capabilities"]
+    assert caps["drop"] == ["ALL"] and sorted(caps.get("add", [])) == ["SETGID", "SETUID"], (source, caps)
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False, source
+    assert any(a.startswith("--serve-user=") for a in container["args"]), source
+    for ds in (node, serve):
+        assert not ds["spec"]["template"]["spec"].get("hostNetwork"), source
     names = [c["name"] for c in node["spec"]["template"]["spec"]["containers"]]
     assert names == ["plugin", "node-driver-registrar"], (source, names)
 PY

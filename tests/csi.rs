@@ -117,7 +117,13 @@ impl Node {
     }
 
     /// A serving side of its own (as a second container runs it), as root.
+    /// A serving side in a container of its own: started as root, it reads
+    /// the link key and becomes the serving user (who may write the ready
+    /// file's directory, as the chart's emptyDir lets it).
     fn start_serve(&self, ready_file: &Path) -> Child {
+        let ready_dir = ready_file.parent().unwrap();
+        std::fs::create_dir_all(ready_dir).unwrap();
+        std::os::unix::fs::chown(ready_dir, Some(64721), Some(64721)).unwrap();
         self.command("csi-serve")
             .arg("--run-dir")
             .arg(self.path("run"))
@@ -828,9 +834,21 @@ fn reads_survive_the_serving_side_killed_the_plugin_killed_and_the_plugin_upgrad
     std::thread::sleep(Duration::from_secs(1));
     node.kill_plugin(libc::SIGKILL);
     std::thread::sleep(Duration::from_secs(1));
+    let connected = |node: &Node| {
+        node.log_text()
+            .matches("a serving side is connected")
+            .count()
+    };
+    let before = connected(&node);
     node.start_plugin();
-    // The adopted plugin holds the fds again: the serving side may go now.
-    std::thread::sleep(Duration::from_secs(1));
+    // Once the serving side is back on the link, the plugin holds the fds
+    // again (it sent them first): the serving side may go now.
+    within(
+        Duration::from_secs(20),
+        "the serving side reconnects",
+        || connected(&node) > before,
+    );
+    std::thread::sleep(Duration::from_millis(200));
     let serve = node.pids("csi-serve");
     unsafe { libc::kill(serve[0] as i32, libc::SIGKILL) };
     let (reads, failures, wrong, errors) = finish_readers(readers);
@@ -1055,7 +1073,7 @@ fn volume_classes_fill_in_what_a_volume_leaves_out() {
 fn a_surge_serving_side_takes_over_while_the_plugin_is_replaced() {
     let Some((_moto, gate)) = setup() else { return };
     let mut node = Node::start(&gate, &["--external-serve"]);
-    let (ready_old, ready_new) = (node.path("old.ready"), node.path("new.ready"));
+    let (ready_old, ready_new) = (node.path("ready/old"), node.path("ready/new"));
     let mut old = node.start_serve(&ready_old);
     within(
         Duration::from_secs(10),
@@ -1438,6 +1456,52 @@ except OSError:
         node.log_text().contains("refused a control connection"),
         "no refusal logged"
     );
+    // Issue 31: a holder or daemon runs as the serving uid too. Without the
+    // link key (which only csi-serve reads), claiming to be the youngest
+    // serving side gets nothing either, with no proof, a wrong one, or a
+    // silent wait.
+    let as_serving_user = |script: &str| {
+        run(
+            "setpriv",
+            &[
+                "--reuid=64721",
+                "--regid=64721",
+                "--clear-groups",
+                python.to_str().unwrap(),
+                "-c",
+                script,
+                socket.to_str().unwrap(),
+            ],
+        )
+    };
+    let wrong_key = claim.replace(
+        r#"s.sendmsg([json.dumps({"op": "hello""#,
+        r#"s.sendmsg([json.dumps({"op": "auth", "key": "00" * 32}).encode()]); s.sendmsg([json.dumps({"op": "hello""#,
+    );
+    let (code, out, err) = as_serving_user(&wrong_key);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "closed", "the serving uid got: {out}");
+    assert!(
+        node.log_text()
+            .contains("only csi-serve holds the link key"),
+        "no refusal of the serving uid logged"
+    );
+    // Without any key it is taken for a serving side of an earlier release
+    // (an upgrade): it may say what it holds, and is handed nothing, however
+    // young it claims to be; a new mount still goes to the real one.
+    let (code, out, err) = as_serving_user(claim);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.trim() == "no answer" || out.trim() == "closed",
+        "the serving uid without a key got: {out}"
+    );
+    let other = node.target("uid-2", "secrets");
+    node.publish(request("vol-2", &other, SHORT_TTL_ATTRS, &POD))
+        .unwrap();
+    assert!(std::fs::read_to_string(other.join("db")).is_ok());
+    // The key is root's alone.
+    let key = std::fs::metadata(node.path("run/link.key")).unwrap();
+    assert_eq!((key.uid(), key.mode() & 0o777), (0, 0o600));
     // Reads go on: the real serving side was not displaced.
     assert_eq!(
         std::fs::read_to_string(target.join("db")).unwrap(),

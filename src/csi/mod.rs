@@ -125,6 +125,10 @@ pub struct ServeArgs {
     /// in an image without a shell).
     #[arg(long, requires = "ready_file")]
     pub check_ready: bool,
+    /// UID:GID this side becomes when started as root (its own container:
+    /// it reads the plugin's link key first). The plugin's --serve-user.
+    #[arg(long, default_value = sys::DEFAULT_SERVE_USER)]
+    pub serve_user: sys::ServeUser,
 }
 
 /// `Some(exit code)` when `args` name a CSI subcommand.
@@ -140,7 +144,9 @@ pub fn run_subcommand(args: &[OsString]) -> Option<ExitCode> {
             Some(file) if a.check_ready => serve::check_ready(&file),
             ready_file => {
                 init_logging();
-                serve::run(node::Driver::control_socket(&a.run_dir), ready_file)
+                serve::link_key(&a.run_dir, a.serve_user).and_then(|key| {
+                    serve::run(node::Driver::control_socket(&a.run_dir), ready_file, key)
+                })
             }
         }),
         _ => return None,

@@ -133,6 +133,18 @@ struct Linked {
     /// When that serving side started: the youngest serves everything, so
     /// a DaemonSet's surge pod takes over from the pod it replaces.
     born: u64,
+    /// It proved itself with the link key. One that did not (a serving side
+    /// of an earlier release, during an upgrade) may say what it holds and
+    /// hand it over, but is never handed a connection.
+    keyed: bool,
+}
+
+/// How a serving side's connection began.
+enum LinkProof {
+    /// Its first message carried the link key.
+    Key,
+    /// Its first message (given back here) was another: an earlier release.
+    EarlierRelease(Value, Vec<std::os::fd::OwnedFd>),
 }
 
 #[derive(Default)]
@@ -151,6 +163,7 @@ impl Link {
     fn current(&self) -> Option<(u64, Arc<std::os::fd::OwnedFd>)> {
         self.linked
             .iter()
+            .filter(|(_, linked)| linked.keyed)
             .max_by_key(|(id, linked)| (linked.born, **id))
             .map(|(id, linked)| (*id, linked.socket.clone()))
     }
@@ -258,8 +271,26 @@ pub fn label(salt: &[u8], key: &str) -> String {
     hex::encode(mac.finalize().into_bytes())[..12].to_string()
 }
 
+/// How long a connecting serving side has to prove itself (its first
+/// message, the link key): a silent peer holds a place no longer.
+const LINK_PROOF_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where the plugin keeps the link key: root's (0600) in the run
+/// directory, which the serving container also mounts; csi-serve reads it
+/// as root before it drops to the serving user, or gets it on an fd.
+pub fn link_key_path(run_dir: &Path) -> PathBuf {
+    run_dir.join("link.key")
+}
+
+/// The environment variable naming the fd a csi-serve the plugin started
+/// reads the link key from.
+pub const LINK_KEY_FD_ENV: &str = "SSMFS_LINK_KEY_FD";
+
 pub struct Driver {
     settings: DriverSettings,
+    /// What a serving side proves itself with: holders and daemons run as
+    /// the same uid, but never see it (`serve::link_key`).
+    link_key: std::sync::OnceLock<zeroize::Zeroizing<Vec<u8>>>,
     /// Drawn at start: log labels of mounts (`label`).
     label_salt: [u8; 16],
     mounts: Mutex<HashMap<String, SharedMount>>,
@@ -288,6 +319,7 @@ impl Driver {
     pub fn new(settings: DriverSettings) -> Arc<Self> {
         Arc::new(Driver {
             settings,
+            link_key: std::sync::OnceLock::new(),
             label_salt: rand::random(),
             mounts: Mutex::new(HashMap::new()),
             link: Mutex::new(Link::default()),
@@ -513,6 +545,8 @@ impl Driver {
         std::fs::create_dir_all(&metrics)?;
         std::os::unix::fs::chown(&metrics, Some(user.uid), Some(user.gid))?;
         std::fs::set_permissions(&metrics, std::fs::Permissions::from_mode(0o700))?;
+        let key = sys::node_secret(&link_key_path(&self.settings.run_dir))?;
+        let _ = self.link_key.set(zeroize::Zeroizing::new(key));
         let socket = Self::control_socket(&self.settings.run_dir);
         let listener = control::listen(&socket, Some((user.uid, user.gid)))?;
         super::streams::listen(self.clone(), &self.settings.run_dir, (user.uid, user.gid))?;
@@ -533,7 +567,10 @@ impl Driver {
                         let spawned = std::thread::Builder::new()
                             .name("ssmfs-csi-linked".into())
                             .spawn(move || {
-                                driver.serve_link(Arc::new(link));
+                                match driver.check_link_key(&link) {
+                                    Ok(proof) => driver.serve_link(Arc::new(link), proof),
+                                    Err(refusal) => tracing::warn!("{refusal}"),
+                                }
                                 open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                             });
                         if let Err(error) = spawned {
@@ -591,6 +628,48 @@ impl Driver {
             ));
         }
         Ok(())
+    }
+
+    /// A serving side's first message proves it holds the link key: the
+    /// serving uid alone does not tell csi-serve from its holders and
+    /// daemons, which run as that uid too but never get the key.
+    fn check_link_key(&self, link: &std::os::fd::OwnedFd) -> Result<LinkProof, String> {
+        let peer = sys::peer_credentials(link)
+            .map(|p| format!("pid {} uid {}", p.pid, p.uid))
+            .unwrap_or_else(|_| "an unknown peer".into());
+        let refused = |why: &str| {
+            format!("refused a control connection from {peer}: {why}; only csi-serve holds the link key")
+        };
+        sys::set_receive_timeout(link, Some(LINK_PROOF_TIMEOUT))
+            .map_err(|e| refused(&e.to_string()))?;
+        let first = control::receive(link);
+        sys::set_receive_timeout(link, None).map_err(|e| refused(&e.to_string()))?;
+        let (message, fds) = match first {
+            Ok(Some(received)) => received,
+            Ok(None) => return Err(refused("it closed before proving itself")),
+            Err(error) => return Err(refused(&format!("no proof ({error})"))),
+        };
+        let expected = self
+            .link_key
+            .get()
+            .ok_or_else(|| refused("no link key yet"))?;
+        if message["op"] != "auth" {
+            // A serving side of an earlier release speaks first of what it
+            // holds: it may go on, but is never handed a connection.
+            return Ok(LinkProof::EarlierRelease(message, fds));
+        }
+        let given = message["key"]
+            .as_str()
+            .and_then(|key| hex::decode(key).ok())
+            .map(zeroize::Zeroizing::new);
+        let matches = given.is_some_and(|given| {
+            use subtle::ConstantTimeEq;
+            given.len() == expected.len() && bool::from(given.ct_eq(expected))
+        });
+        if !matches || !fds.is_empty() {
+            return Err(refused("its first message is not the link key"));
+        }
+        Ok(LinkProof::Key)
     }
 
     fn serve_pid_file(&self) -> PathBuf {
@@ -695,6 +774,14 @@ impl Driver {
         let writable = c(&self.settings.run_dir)?;
         let (dev_null, dev_fuse) = (c(Path::new("/dev/null"))?, c(Path::new("/dev/fuse"))?);
         let binary_fd = binary.file.as_raw_fd();
+        // The link key on an fd of its own: never in its environment or on
+        // its command line, and gone (closed) once it has read it.
+        let key = self
+            .link_key
+            .get()
+            .ok_or_else(|| std::io::Error::other("no link key yet"))?;
+        let key_file = crate::handoff::ArgsFile::new(&[hex::encode(&**key)])?;
+        let key_fd = key_file.raw();
         // The binary the plugin opened, through its fd: never its path, which
         // the serving user may not be allowed to resolve.
         let mut command = std::process::Command::new(format!("/proc/self/fd/{EXECUTABLE_FD}"));
@@ -704,6 +791,7 @@ impl Driver {
             .arg("--run-dir")
             .arg(&self.settings.run_dir)
             .env(EXECUTABLE_FD_ENV, EXECUTABLE_FD.to_string())
+            .env(LINK_KEY_FD_ENV, key_fd.to_string())
             .current_dir("/");
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
@@ -718,28 +806,41 @@ impl Driver {
                 if placed < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                crate::handoff::ArgsFile::inherit(key_fd)?;
                 // Its own session: a kill of the plugin leaves it serving.
                 libc::setsid();
                 sys::enter_serving_sandbox(user, &writable, &dev_null, &dev_fuse)
             });
         }
         let child = command.spawn()?;
+        drop(key_file);
         tracing::info!(pid = child.id(), uid = user.uid, "serving side started");
         Ok(child)
     }
 
     /// One connection from a serving side, until it closes.
-    fn serve_link(self: &Arc<Self>, socket: Arc<std::os::fd::OwnedFd>) {
+    fn serve_link(self: &Arc<Self>, socket: Arc<std::os::fd::OwnedFd>, proof: LinkProof) {
         let id = {
             let mut link = self.link.lock().unwrap();
             link.next_id += 1;
             link.next_id
         };
+        let keyed = matches!(proof, LinkProof::Key);
+        let mut first = match proof {
+            LinkProof::Key => None,
+            LinkProof::EarlierRelease(message, fds) => {
+                tracing::warn!(link = id, "a serving side without the link key (an earlier release) is connected: it may hold and hand over mounts, never be handed one");
+                Some((message, fds))
+            }
+        };
         let mut had = 0;
         loop {
-            let (message, fds) = match control::receive(&socket) {
-                Ok(Some(received)) => received,
-                Ok(None) | Err(_) => break,
+            let received = match first.take() {
+                Some(first) => Some(first),
+                None => control::receive(&socket).ok().flatten(),
+            };
+            let Some((message, fds)) = received else {
+                break;
             };
             let key = message["id"].as_str().unwrap_or_default().to_string();
             match message["op"].as_str() {
@@ -778,6 +879,7 @@ impl Driver {
                             Linked {
                                 socket: socket.clone(),
                                 born,
+                                keyed,
                             },
                         );
                         *link.first_hello.get_or_insert_with(Instant::now)

@@ -298,7 +298,78 @@ fn exit_on_terminate() -> io::Result<()> {
 /// The plugin's stream socket, beside its control socket.
 static STREAM_SOCKET: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
-pub fn run(socket: PathBuf, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
+/// The link key this serving side proves itself with: from the fd the
+/// plugin that started it names (`LINK_KEY_FD_ENV`), or, started as root
+/// in a container of its own, from the root-only file in the run directory,
+/// after which it becomes `user` for good. Its holders and daemons, of the
+/// same uid, never get it: it is read before any of them exists and kept
+/// in this non-dumpable process alone.
+pub fn link_key(
+    run_dir: &std::path::Path,
+    user: super::sys::ServeUser,
+) -> anyhow::Result<zeroize::Zeroizing<Vec<u8>>> {
+    use anyhow::Context;
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    if let Ok(number) = std::env::var(super::node::LINK_KEY_FD_ENV) {
+        std::env::remove_var(super::node::LINK_KEY_FD_ENV);
+        let fd: i32 = number.parse().context("the link key's fd")?;
+        // SAFETY: the plugin placed this fd for us; it is owned (and
+        // closed) here.
+        let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+        use std::io::Seek;
+        file.seek(std::io::SeekFrom::Start(0))?;
+        let mut text = zeroize::Zeroizing::new(Vec::new());
+        file.read_to_end(&mut text)?;
+        let text = std::str::from_utf8(&text).context("the link key")?;
+        let key = hex::decode(text.trim_end_matches('\0')).context("the link key")?;
+        return Ok(zeroize::Zeroizing::new(key));
+    }
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!(
+            "csi-serve has no link key: start it as root (it reads {} and becomes --serve-user at once) or from the plugin",
+            super::node::link_key_path(run_dir).display()
+        );
+    }
+    let path = super::node::link_key_path(run_dir);
+    let mut said = false;
+    let key = loop {
+        match std::fs::read(&path) {
+            Ok(key) if key.len() == 32 => break zeroize::Zeroizing::new(key),
+            _ if !said => {
+                tracing::info!(path = %path.display(), "waiting for the plugin's link key");
+                said = true;
+            }
+            _ => {}
+        }
+        std::thread::sleep(RECONNECT_PAUSE);
+    };
+    // Its holders run this binary through an fd opened as root, as the
+    // plugin's serving side does: the path may be one the serving user
+    // cannot resolve.
+    use crate::handoff::{EXECUTABLE_FD, EXECUTABLE_FD_ENV};
+    if std::env::var_os(EXECUTABLE_FD_ENV).is_none() {
+        let binary = std::fs::File::open("/proc/self/exe").context("opening its own binary")?;
+        // SAFETY: dup2 onto a fixed number; the copy is not close-on-exec.
+        if unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&binary), EXECUTABLE_FD) } < 0 {
+            return Err(std::io::Error::last_os_error()).context("placing its own binary");
+        }
+        std::env::set_var(EXECUTABLE_FD_ENV, EXECUTABLE_FD.to_string());
+    }
+    super::sys::become_serving_user(user).context("becoming the serving user")?;
+    tracing::info!(
+        uid = user.uid,
+        "read the link key; serving as the serving user"
+    );
+    Ok(key)
+}
+
+pub fn run(
+    socket: PathBuf,
+    ready_file: Option<PathBuf>,
+    key: zeroize::Zeroizing<Vec<u8>>,
+) -> anyhow::Result<()> {
     if let Some(run_dir) = socket.parent() {
         let _ = STREAM_SOCKET.set(super::streams::socket_path(run_dir));
     }
@@ -341,6 +412,12 @@ pub fn run(socket: PathBuf, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
             }
         };
         waiting_said = false;
+        // First, the proof that this is csi-serve and not one of its holders.
+        let proof = json!({"op": "auth", "key": hex::encode(&*key)});
+        if control::send(&link, &proof, &[]).is_err() {
+            std::thread::sleep(RECONNECT_PAUSE);
+            continue;
+        }
         {
             // What we hold, with copies of its fds: a restarted plugin
             // needs them to keep each connection across our own restart.

@@ -153,29 +153,13 @@ fn open_stream_end(mountpoint: &Path, ino: u64) -> std::io::Result<OwnedFd> {
         .read(true)
         .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
         .open(mountpoint)?;
-    let relative = std::ffi::CString::new(format!("{STREAM_DIR_NAME}/{ino}")).unwrap();
-    // SAFETY: an all-zero open_how is valid; the fields are set below.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
-    how.resolve = libc::RESOLVE_BENEATH
-        | libc::RESOLVE_NO_SYMLINKS
-        | libc::RESOLVE_NO_MAGICLINKS
-        | libc::RESOLVE_NO_XDEV;
-    // SAFETY: a valid dirfd, NUL-terminated path and open_how of the size given.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            root.as_raw_fd(),
-            relative.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: just opened, owned here.
-    let end = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    let relative = PathBuf::from(format!("{STREAM_DIR_NAME}/{ino}"));
+    let end = super::sys::open_beneath_with(
+        &OwnedFd::from(root),
+        &relative,
+        libc::O_RDWR | libc::O_NONBLOCK | libc::O_NOCTTY,
+        libc::RESOLVE_NO_XDEV,
+    )?;
     let file = std::fs::File::from(end);
     if !file.metadata()?.file_type().is_fifo() {
         return Err(std::io::Error::other("not a change stream (no named pipe)"));

@@ -62,6 +62,29 @@ pub fn node_secret(path: &Path) -> io::Result<Vec<u8>> {
     Ok(secret.to_vec())
 }
 
+/// Sets (or clears, with `None`) how long a read on `socket` waits.
+pub fn set_receive_timeout(socket: &OwnedFd, wait: Option<std::time::Duration>) -> io::Result<()> {
+    let wait = wait.unwrap_or_default();
+    let value = libc::timeval {
+        tv_sec: wait.as_secs() as libc::time_t,
+        tv_usec: wait.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: a valid socket and an option value of the right size.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&value as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    if set != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Makes the directory `path` root's alone (mode 0700).
 pub fn make_private(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
@@ -117,11 +140,23 @@ fn c_path(path: &Path) -> io::Result<CString> {
 /// `openat2` below `dir`, following no symlink on the way: the walk cannot
 /// leave `dir` nor be led elsewhere by a link a pod placed.
 pub fn open_beneath(dir: &OwnedFd, relative: &Path, flags: i32) -> io::Result<OwnedFd> {
+    open_beneath_with(dir, relative, flags, 0)
+}
+
+/// `open_beneath`, with more `RESOLVE_*` flags (`RESOLVE_NO_XDEV`: not
+/// into another mount either).
+pub fn open_beneath_with(
+    dir: &OwnedFd,
+    relative: &Path,
+    flags: i32,
+    resolve: u64,
+) -> io::Result<OwnedFd> {
     let relative = c_path(relative)?;
     // SAFETY: an all-zero open_how is valid; the fields are set below.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     how.flags = (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64;
-    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    how.resolve =
+        libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS | resolve;
     // SAFETY: a valid dirfd, a NUL-terminated path and an open_how of the size given.
     let fd = unsafe {
         libc::syscall(
@@ -366,6 +401,27 @@ impl std::str::FromStr for ServeUser {
 /// which node daemons such as node-exporter share. The Helm chart and the
 /// Debian package use the same number.
 pub const DEFAULT_SERVE_USER: &str = "64721:64721";
+
+/// For a csi-serve started as root (its own container): becomes `user`
+/// for good, with no supplementary groups, no capabilities and
+/// `NO_NEW_PRIVS`, once it has read what only root may read.
+pub fn become_serving_user(user: ServeUser) -> io::Result<()> {
+    // SAFETY: plain system calls on this process.
+    unsafe {
+        if libc::setgroups(0, std::ptr::null()) != 0
+            || libc::setgid(user.gid) != 0
+            || libc::setuid(user.uid) != 0
+            || libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    // setuid from root to another uid clears every capability; check it.
+    if unsafe { libc::geteuid() } == 0 || unsafe { libc::setuid(0) } == 0 {
+        return Err(io::Error::other("still root after dropping privileges"));
+    }
+    Ok(())
+}
 
 /// Bind-mounts `source` on `target`; async-signal-safe.
 unsafe fn bind(source: &CString, target: &CString) -> bool {
