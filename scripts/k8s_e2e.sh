@@ -915,7 +915,7 @@ scenario_r() {
 	release_volume rotation-watch airflow; release_volume rotation-exec airflow
 	local verdict=PASS
 	[ -z "$missed" ] && [ -z "$ended" ] || verdict=FAIL
-	result r $verdict "started with $first; 3 puts: @changes line + new value in the watcher after ${lat_watch% } ms (put answered -> pod log), exec restarted its child with the new env after ${lat_exec% } ms (ttl 2s, debounce 500ms); ${missed:+missed: $missed}${ended}"
+	result r $verdict "started with $first; 3 puts: @changes line + new value in the watcher after ${lat_watch% } ms (put answered -> pod log), exec restarted its child with the new env after ${lat_exec% } ms (ttl 2s, debounce 500ms)${missed:+; missed: ${missed%; }}${ended:+; ${ended%; }}"
 }
 
 # d. A reader through the driver's upgrade and restarts.

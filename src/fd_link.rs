@@ -120,6 +120,29 @@ pub fn connect(path: &Path) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Makes a `receive` on `socket` that waits longer than `wait` fail
+/// (EAGAIN), for a peer that must speak first and at once.
+pub fn set_receive_timeout(socket: &OwnedFd, wait: std::time::Duration) -> io::Result<()> {
+    let wait = libc::timeval {
+        tv_sec: wait.as_secs() as libc::time_t,
+        tv_usec: wait.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: a valid socket and a timeval of the right size.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&wait as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Sends one message with `fds` attached.
 pub fn send(socket: &OwnedFd, message: &Value, fds: &[RawFd]) -> io::Result<()> {
     let body = serde_json::to_vec(message).map_err(io::Error::other)?;
@@ -248,32 +271,26 @@ mod tests {
             )
         };
         assert_eq!(made, 0, "{}", io::Error::last_os_error());
+        // SAFETY: new fds we own.
+        let (ours, theirs) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         // A receive that would block fails instead (EAGAIN) after a while:
-        // a test can see a stall rather than hang. Room for packets past
-        // the limit, so the kernel does not refuse them first.
-        let wait = libc::timeval {
-            tv_sec: 5,
-            tv_usec: 0,
-        };
+        // a test can see a stall rather than hang.
+        set_receive_timeout(&theirs, std::time::Duration::from_secs(5)).unwrap();
+        // Room for packets past the limit, so the kernel does not refuse
+        // them first.
         let room: libc::c_int = 4 * MAX_MESSAGE as libc::c_int;
-        // SAFETY: valid sockets and option values of the right sizes.
+        // SAFETY: a valid socket and an int option.
         unsafe {
             libc::setsockopt(
-                fds[1],
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&wait as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            );
-            libc::setsockopt(
-                fds[0],
+                ours.as_raw_fd(),
                 libc::SOL_SOCKET,
                 libc::SO_SNDBUF,
                 (&room as *const libc::c_int).cast(),
                 std::mem::size_of::<libc::c_int>() as u32,
             );
-            (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
         }
+        (ours, theirs)
     }
 
     /// A pipe's read end and `n` copies of its write end: once every copy

@@ -2068,3 +2068,77 @@ fn a_thousand_malformed_connections_leave_the_plugin_serving() {
     // the plugin up: only its log would tell.
     assert!(!node.log_text().contains("panicked"), "{}", node.log_text());
 }
+
+/// Connections to the plugin's stream socket that never send a request,
+/// more than it serves at once (as the serving user or root may make
+/// them): they are dropped after a few seconds, and a pod's `@changes`
+/// opens and follows a rotation meanwhile. Before, each held its slot for
+/// good and every stream of the node waited.
+#[test]
+fn silent_peers_on_the_stream_socket_do_not_hold_up_a_pods_changes() {
+    let Some((moto, gate)) = setup() else { return };
+    let node = Node::start(&gate, &[]);
+    let target = node.target("uid-1", "secrets");
+    node.publish(request("vol-1", &target, SHORT_TTL_ATTRS, &POD))
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(target.join("db")).unwrap(),
+        "db-secret"
+    );
+    // 32 slots, one more accepted and waiting for a slot, one in the
+    // backlog (a 35th connect would wait for room in it).
+    let socket = node.path("run").join("streams.sock");
+    let silent: Vec<_> = (0..34)
+        .map(|_| ssmfs::fd_link::connect(&socket).unwrap())
+        .collect();
+    let started = Instant::now();
+    let reader = Command::new("timeout")
+        .args(["30", "head", "-n1"])
+        .arg(target.join("@changes"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // When the stream opens is not known here: a new version every second
+    // until the reader has a line.
+    let rt = runtime();
+    let ssm = client(&rt, &moto.endpoint);
+    let reader = std::thread::spawn(move || reader.wait_with_output());
+    let mut n = 2;
+    while !reader.is_finished() && started.elapsed() < Duration::from_secs(32) {
+        put(
+            &rt,
+            &ssm,
+            "/k8s/db",
+            &format!("db-secret-{n}"),
+            ParameterType::SecureString,
+        );
+        n += 1;
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    // Without a line, `head` may be stuck in the lookup of `@changes`
+    // (uninterruptible once the daemon has it): fail without waiting for
+    // it; the node's drop kills the daemon, which frees it.
+    assert!(
+        reader.is_finished(),
+        "no change stream opened in {:?}:\n{}",
+        started.elapsed(),
+        node.log_text()
+    );
+    let out = reader.join().unwrap();
+    drop(silent);
+    let line = out
+        .as_ref()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    eprintln!(
+        "with 34 silent peers, a change line after {:?}: {line:?}",
+        started.elapsed()
+    );
+    assert!(
+        line.starts_with("db ") && line.ends_with('\n'),
+        "no change line ({:?}):\n{}",
+        out.map(|o| String::from_utf8_lossy(&o.stderr).to_string()),
+        node.log_text()
+    );
+}

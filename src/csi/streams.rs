@@ -24,6 +24,8 @@ use crate::fs::{STREAM_DIR_INO, STREAM_DIR_NAME};
 /// Requests served at once: each waits for a daemon's answer to a lookup,
 /// and a stuck daemon must not take every thread the plugin can start.
 const MAX_IN_FLIGHT: usize = 32;
+/// How long a connected peer has to send its request.
+const REQUEST_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The socket's path in the plugin's run directory.
 pub fn socket_path(run_dir: &Path) -> PathBuf {
@@ -106,6 +108,10 @@ fn open_for(driver: &Driver, link: &OwnedFd) -> Result<OwnedFd, String> {
     if peer.uid != serving && peer.uid != 0 {
         return Err(format!("only the serving user (uid {serving}) may ask"));
     }
+    // A daemon sends its request as soon as it connects: a peer that stays
+    // silent would hold one of the MAX_IN_FLIGHT slots for good, and 32 of
+    // them every stream of the node.
+    control::set_receive_timeout(link, REQUEST_WAIT).map_err(|e| e.to_string())?;
     let (request, _) = control::receive(link)
         .map_err(|e| e.to_string())?
         .ok_or("no request")?;
