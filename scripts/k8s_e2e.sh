@@ -807,7 +807,7 @@ scenario_g() {
 	local verdict=FAIL
 	[ "$va" = VALUE=team-a-value ] && [ "$vb" = VALUE=team-b-value ] && [ -n "$ka" ] && [ -n "$kb" ] && [ "$ka" != "$kb" ] &&
 		mounted "$ka" && mounted "$kb" && verdict=PASS
-	result g $verdict "team-a read $va via shared mount ${ka: -64:12}, team-b read $vb via ${kb: -64:12}; roles granted: $subs"
+	result g $verdict "team-a read $va via shared mount ${ka##*/}, team-b read $vb via ${kb##*/}; roles granted: $subs"
 	kubectl -n team-a delete pod team-a --wait=false >/dev/null
 	kubectl -n team-b delete pod team-b --wait=false >/dev/null
 	release_volume team-a team-a; release_volume team-b team-b
