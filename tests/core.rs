@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ssmfs::config::{CacheConfig, FsConfig, RequestConfig};
+use ssmfs::fs::ROOT_INO;
 use ssmfs::fs::{Entry, FileKind, Fs, Invalidation};
-use ssmfs::inode::ROOT_INO;
 use ssmfs::metrics::Metrics;
 use ssmfs::store::failover::Failover;
 use ssmfs::store::memory::{CallCounts, MemoryStore};
@@ -96,7 +96,7 @@ async fn cat<S: ParameterStore>(fs: &Arc<Fs<S>>, path: &str) -> Result<Vec<u8>, 
 fn read_whole_dir<S: ParameterStore>(
     fs: &Arc<Fs<S>>,
     handle: u64,
-) -> Result<Vec<(u64, ssmfs::fs::DirItem)>, ssmfs::error::FsError> {
+) -> Result<Vec<(u64, ssmfs::fs::DirItem)>, ssmfs::fs::FsError> {
     let mut items = Vec::new();
     loop {
         let offset = items.last().map_or(0, |(o, _)| *o);

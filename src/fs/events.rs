@@ -36,9 +36,9 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use super::{Fs, Invalidation};
-use crate::cache::ChildKind;
 use crate::change::{Operation, ParameterEvent};
-use crate::inode::Role;
+use crate::fs::cache::ChildKind;
+use crate::fs::inode::Role;
 use crate::metrics::Metrics;
 use crate::names;
 use crate::store::resilient::once_in_background;

@@ -16,9 +16,9 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use super::{Fs, Invalidation, ListingFlight};
-use crate::cache::{ChildKind, DirEntry, Known, Resume};
-use crate::error::FsError;
-use crate::inode::Role;
+use crate::fs::cache::{ChildKind, DirEntry, Known, Resume};
+use crate::fs::error::FsError;
+use crate::fs::inode::Role;
 use crate::metrics::Metrics;
 use crate::names;
 use crate::store::{Parameter, ParameterStore, StoreError, MAX_PAGE};

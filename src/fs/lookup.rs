@@ -34,8 +34,8 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use super::Fs;
-use crate::cache::{ChildKind, DirEntry, Known, Validity, ValueEntry};
-use crate::error::FsError;
+use crate::fs::cache::{ChildKind, DirEntry, Known, Validity, ValueEntry};
+use crate::fs::error::FsError;
 use crate::metrics::Metrics;
 use crate::names;
 use crate::store::{Parameter, ParameterStore, StoreError};

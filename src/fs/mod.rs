@@ -18,6 +18,11 @@
 //! `stale_ttl` (one warning per entry); anything never cached answers EIO
 //! within the request deadline.
 
+pub mod cache;
+pub mod error;
+pub mod inode;
+pub mod views;
+
 mod attr;
 mod changes;
 mod events;
@@ -31,6 +36,8 @@ pub use changes::{
     is_stream_ino, ChangeKind, ChangeNote, StreamSpec, CHANGES_NAME, DROPPED_LINE,
     MAX_OPEN_STREAMS, STREAM_DIR_INO, STREAM_DIR_NAME,
 };
+pub use error::FsError;
+pub use inode::ROOT_INO;
 pub use special::XATTR_NAMES;
 
 use std::collections::{HashMap, HashSet};
@@ -47,10 +54,9 @@ pub use attr::{Attr, Entry, FileKind};
 use layout::{Child, Layout};
 use lookup::Resolved;
 
-use crate::cache::{Cache, Change, ChildKind, DirEntry, Known, SingleFlight, ValueEntry};
 use crate::config::FsConfig;
-use crate::error::FsError;
-use crate::inode::{InodeTable, Node, Role, ROOT_INO};
+use crate::fs::cache::{Cache, Change, ChildKind, DirEntry, Known, SingleFlight, ValueEntry};
+use crate::fs::inode::{InodeTable, Node, Role};
 use crate::metrics::{Gauges, Metrics};
 use crate::names::{self, NameError, SHADOWED_VALUE_NAME};
 use crate::store::{Parameter, ParameterStore, StoreError};

@@ -32,7 +32,7 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use super::{Fs, STALE_RECHECK};
-use crate::cache::{Known, ValueEntry};
+use crate::fs::cache::{Known, ValueEntry};
 use crate::metrics::Metrics;
 use crate::names;
 use crate::store::resilient::in_background;

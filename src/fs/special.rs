@@ -6,7 +6,7 @@
 //! A selector is one GetParameter of `NAME:SELECTOR`, cached like any value
 //! under that name: a version never changes, so it is kept for as long as
 //! memory allows; a label can move, so it follows the TTL. A view is a
-//! directory whose fields are computed from the value (`crate::views`) at
+//! directory whose fields are computed from the value (`crate::fs::views`) at
 //! each lookup and read: no call beyond the value's own. Attributes come with
 //! the cached parameter: no call either.
 
@@ -16,13 +16,13 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use super::{Entry, Fs, ReadData};
-use crate::cache::ValueEntry;
-use crate::error::FsError;
-use crate::inode::{Node, Role};
+use crate::fs::cache::ValueEntry;
+use crate::fs::error::FsError;
+use crate::fs::inode::{Node, Role};
+use crate::fs::views;
 use crate::names::{self, Special, View};
 use crate::secret::SecretBytes;
 use crate::store::{Parameter, ParameterStore};
-use crate::views;
 
 /// The attributes every file has, for `listxattr` and `getfattr -d`.
 pub const XATTR_NAMES: [&str; 7] = [
