@@ -23,16 +23,16 @@ pub mod error;
 pub mod inode;
 pub mod views;
 
+mod apply_events;
 mod attr;
-mod changes;
-mod events;
+mod change_streams;
 mod layout;
 mod listing;
 mod lookup;
 mod refresh;
 mod special;
 
-pub use changes::{
+pub use change_streams::{
     is_stream_ino, ChangeKind, ChangeNote, StreamSpec, CHANGES_NAME, DROPPED_LINE,
     MAX_OPEN_STREAMS, STREAM_DIR_INO, STREAM_DIR_NAME,
 };
@@ -149,16 +149,16 @@ pub struct Fs<S> {
     /// SSM failures (outages, throttling) in a row, for backing off.
     failures_in_a_row: AtomicU32,
     batches_refusal_logged: AtomicBool,
-    /// Names change events asked to fetch again (see `events`).
-    pending_events: Mutex<events::PendingEvents>,
+    /// Names change events asked to fetch again (see `apply_events`).
+    pending_events: Mutex<apply_events::PendingEvents>,
     /// Ids of events applied lately, so a redelivered one costs nothing.
     seen_event_ids: Mutex<lru::LruCache<String, ()>>,
-    /// Since when, and when last, the event queue answered (see `events`).
+    /// Since when, and when last, the event queue answered (see `apply_events`).
     events_live: Mutex<Option<(Instant, Instant)>>,
     /// Paths whose listing SSM would not decrypt, logged once each.
     undecryptable_logged: Mutex<lru::LruCache<String, ()>>,
     /// The change streams readers have open (`@changes`).
-    streams: changes::Streams,
+    streams: change_streams::Streams,
 }
 
 impl<S: ParameterStore> Fs<S> {
@@ -203,15 +203,15 @@ impl<S: ParameterStore> Fs<S> {
             refreshing: Mutex::new(HashSet::new()),
             failures_in_a_row: AtomicU32::new(0),
             batches_refusal_logged: AtomicBool::new(false),
-            pending_events: Mutex::new(events::PendingEvents::new(config.events.hosts)),
+            pending_events: Mutex::new(apply_events::PendingEvents::new(config.events.hosts)),
             seen_event_ids: Mutex::new(lru::LruCache::new(
-                std::num::NonZeroUsize::new(events::REMEMBERED_EVENT_IDS).unwrap(),
+                std::num::NonZeroUsize::new(apply_events::REMEMBERED_EVENT_IDS).unwrap(),
             )),
             events_live: Mutex::new(None),
             undecryptable_logged: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(UNDECRYPTABLE_PATHS_LOGGED).unwrap(),
             )),
-            streams: changes::Streams::new(),
+            streams: change_streams::Streams::new(),
             config,
         };
         (Arc::new(fs), receiver)

@@ -1,4 +1,7 @@
-//! Applying change events (see `crate::events`): which names to ask SSM about
+//! Applying change events inside the core (one of three "events" things:
+//! `crate::change` is the model of a change, `crate::events` the SQS/SNS
+//! transport that delivers them, and this module what the core does with
+//! them): which names to ask SSM about
 //! again, and what the listings and the kernel must learn from the answers.
 //!
 //! An event about a name this host knows nothing of (no cached value, no

@@ -1,5 +1,7 @@
-//! The change stream (`@changes`): what the core publishes when it learns
-//! that a file changed, and the streams readers have open.
+//! The change streams (`@changes`): what the core publishes when it learns
+//! that a file changed, and the streams readers have open. Not to be confused
+//! with change events (`crate::change`, `crate::events`, `fs::apply_events`):
+//! those are what SSM tells the core; streams are what the core tells readers.
 //!
 //! Model: every change the core records (a new version seen by a refresh, an
 //! event or a read; a name that appeared; a name that vanished) becomes one
