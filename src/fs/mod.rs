@@ -31,6 +31,7 @@ mod listing;
 mod lookup;
 mod refresh;
 mod special;
+mod superblock;
 
 pub use change_streams::{
     is_stream_ino, ChangeKind, ChangeNote, StreamSpec, CHANGES_NAME, DROPPED_LINE,
@@ -39,10 +40,11 @@ pub use change_streams::{
 pub use error::FsError;
 pub use inode::ROOT_INO;
 pub use special::XATTR_NAMES;
+pub use superblock::Invalidation;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -53,18 +55,14 @@ use attr::Attrs;
 pub use attr::{Attr, Entry, FileKind};
 use layout::{Child, Layout};
 use lookup::Resolved;
+use superblock::Superblock;
 
 use crate::config::FsConfig;
-use crate::fs::cache::{Cache, Change, ChildKind, DirEntry, Known, SingleFlight, ValueEntry};
+use crate::fs::cache::{ChildKind, DirEntry, Known, ValueEntry};
 use crate::fs::inode::{InodeTable, Node, Role};
 use crate::metrics::{Gauges, Metrics};
 use crate::names::{self, NameError, SHADOWED_VALUE_NAME};
 use crate::store::{Parameter, ParameterStore, StoreError};
-
-/// While SSM is failing, a stale entry is served this long before the next
-/// attempt to refresh it, so readers are not each held up by a failing call;
-/// doubled for each further failure in a row (see `refresh::outage_recheck`).
-const STALE_RECHECK: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct DirItem {
@@ -107,58 +105,22 @@ impl ReadData {
     }
 }
 
-/// The kinds of listing call that run once for all concurrent askers of a path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum ListingFlight {
-    Probe,
-    Whole,
-    Extend,
-}
-
-/// What the kernel must forget, sent to whoever owns the FUSE notifier.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Invalidation {
-    /// Drop the inode's cached attributes and data.
-    Inode(u64),
-    /// Drop the directory entry `name` in `parent`.
-    Entry { parent: u64, name: String },
-    /// Tell the change streams, once the invalidations sent before it are
-    /// done: a reader acting on the line then reads the new value.
-    Announce(ChangeNote),
-}
-
-/// Paths remembered as logged for a refused decryption: a handful in
-/// practice; past this many the oldest may be logged again.
-const UNDECRYPTABLE_PATHS_LOGGED: usize = 1024;
-
 pub struct Fs<S> {
     store: S,
-    cache: Cache,
-    inodes: InodeTable,
-    layout: Layout,
+    /// The cache, the inodes, the calls under way and the kernel's channel.
+    superblock: Superblock,
     attrs: Attrs,
     config: FsConfig,
     metrics: Arc<Metrics>,
-    value_flights: SingleFlight<String, Result<ValueEntry, StoreError>>,
-    dir_flights: SingleFlight<(String, ListingFlight), Result<DirEntry, StoreError>>,
-    dir_handles: Mutex<HashMap<u64, Arc<Vec<DirItem>>>>,
-    next_handle: AtomicU64,
-    invalidations: mpsc::UnboundedSender<Invalidation>,
-    /// Names a refresh is under way for (at most a few batches' worth).
-    refreshing: Mutex<HashSet<Arc<str>>>,
-    /// SSM failures (outages, throttling) in a row, for backing off.
-    failures_in_a_row: AtomicU32,
-    batches_refusal_logged: AtomicBool,
-    /// Names change events asked to fetch again (see `apply_events`).
-    pending_events: Mutex<apply_events::PendingEvents>,
-    /// Ids of events applied lately, so a redelivered one costs nothing.
-    seen_event_ids: Mutex<lru::LruCache<String, ()>>,
-    /// Since when, and when last, the event queue answered (see `apply_events`).
-    events_live: Mutex<Option<(Instant, Instant)>>,
-    /// Paths whose listing SSM would not decrypt, logged once each.
-    undecryptable_logged: Mutex<lru::LruCache<String, ()>>,
-    /// The change streams readers have open (`@changes`).
-    streams: change_streams::Streams,
+    dir_handles: DirHandles,
+    /// Change events waiting to be applied (see `apply_events`).
+    events: apply_events::EventState,
+}
+
+/// The listings opendir took, by handle, kept for the handle's life.
+struct DirHandles {
+    open: Mutex<HashMap<u64, Arc<Vec<DirItem>>>>,
+    next: AtomicU64,
 }
 
 impl<S: ParameterStore> Fs<S> {
@@ -184,37 +146,22 @@ impl<S: ParameterStore> Fs<S> {
         metrics: Arc<Metrics>,
         inodes: InodeTable,
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<Invalidation>) {
-        let (sender, receiver) = mpsc::unbounded_channel();
-        let layout = Layout::new(&config);
+        let (superblock, invalidations) = Superblock::new(&config, metrics.clone(), inodes);
         let fs = Fs {
             store,
-            cache: Cache::new(config.cache.clone(), metrics.clone()),
-            inodes,
-            layout,
+            superblock,
             attrs: Attrs::new(&config),
             metrics,
-            value_flights: SingleFlight::default(),
-            dir_flights: SingleFlight::default(),
-            dir_handles: Mutex::new(HashMap::new()),
-            // Random: a restarted daemon (--supervise) must not hand out a
-            // handle the kernel still holds from its predecessor.
-            next_handle: AtomicU64::new(u64::from(rand::random::<u32>()) << 24 | 1),
-            invalidations: sender,
-            refreshing: Mutex::new(HashSet::new()),
-            failures_in_a_row: AtomicU32::new(0),
-            batches_refusal_logged: AtomicBool::new(false),
-            pending_events: Mutex::new(apply_events::PendingEvents::new(config.events.hosts)),
-            seen_event_ids: Mutex::new(lru::LruCache::new(
-                std::num::NonZeroUsize::new(apply_events::REMEMBERED_EVENT_IDS).unwrap(),
-            )),
-            events_live: Mutex::new(None),
-            undecryptable_logged: Mutex::new(lru::LruCache::new(
-                std::num::NonZeroUsize::new(UNDECRYPTABLE_PATHS_LOGGED).unwrap(),
-            )),
-            streams: change_streams::Streams::new(),
+            dir_handles: DirHandles {
+                open: Mutex::new(HashMap::new()),
+                // Random: a restarted daemon (--supervise) must not hand out a
+                // handle the kernel still holds from its predecessor.
+                next: AtomicU64::new(u64::from(rand::random::<u32>()) << 24 | 1),
+            },
+            events: apply_events::EventState::new(config.events.hosts),
             config,
         };
-        (Arc::new(fs), receiver)
+        (Arc::new(fs), invalidations)
     }
 
     pub fn store(&self) -> &S {
@@ -227,7 +174,7 @@ impl<S: ParameterStore> Fs<S> {
     /// first page. A refused listing (a role with GetParameter alone) or
     /// throttling still mounts; anything that would break every read does not.
     pub async fn check_access(self: &Arc<Self>) -> Result<(), FsError> {
-        let path = self.layout.first_path().to_string();
+        let path = self.superblock.layout().first_path().to_string();
         // Not patient with throttling: a throttled fleet mounts at once and
         // its readers wait instead (the mount must not wait minutes).
         match crate::store::resilient::in_background(self.probe_dir(&path)).await {
@@ -247,18 +194,18 @@ impl<S: ParameterStore> Fs<S> {
     }
 
     pub fn gauges(&self) -> Gauges {
-        let usage = self.cache.usage();
+        let usage = self.superblock.cache().usage();
         Gauges {
             cache_entries: usage.values + usage.dirs,
             cache_notes: usage.notes,
             cache_bytes: usage.value_bytes,
-            inodes: self.inodes.len(),
+            inodes: self.superblock.inodes().len(),
         }
     }
 
     /// Values currently held in the cache.
     pub fn cached_values(&self) -> usize {
-        self.cache.usage().values
+        self.superblock.cache().usage().values
     }
 
     // ----- FUSE operations -----
@@ -280,18 +227,23 @@ impl<S: ParameterStore> Fs<S> {
             return Ok(self.attrs.stream(stream.ino));
         }
         let segment = segment.to_str().ok_or(NameError::BadCharacter)?;
-        match self.layout.classify(&parent, segment) {
+        match self.superblock.layout().classify(&parent, segment) {
             Child::Excluded => Err(FsError::NotFound),
             Child::Area(area) => {
-                let ino = self.inodes.remember(ROOT_INO, &area.prefix, Role::Area);
+                let ino = self
+                    .superblock
+                    .inodes()
+                    .remember(ROOT_INO, &area.prefix, Role::Area);
                 Ok(self.attrs.dir(ino, self.config.cache.ttl))
             }
             Child::OwnValue => {
                 let entry = self.value(&parent.name).await?;
                 let parameter = self.present(&entry, &parent.name)?;
-                let ino = self
-                    .inodes
-                    .remember(parent_ino, &parent.name, Role::ShadowedValue);
+                let ino = self.superblock.inodes().remember(
+                    parent_ino,
+                    &parent.name,
+                    Role::ShadowedValue,
+                );
                 Ok(self.file_entry(ino, &parameter, &entry))
             }
             Child::Name => {
@@ -304,7 +256,10 @@ impl<S: ParameterStore> Fs<S> {
                 if let Ok(name) = names::child_name(&parent.name, segment) {
                     let entry = self.value(&name).await?;
                     if let Some(parameter) = entry.parameter().cloned() {
-                        let ino = self.inodes.remember(parent_ino, &name, Role::File);
+                        let ino = self
+                            .superblock
+                            .inodes()
+                            .remember(parent_ino, &name, Role::File);
                         return Ok(self.file_entry(ino, &parameter, &entry));
                     }
                 }
@@ -322,27 +277,42 @@ impl<S: ParameterStore> Fs<S> {
     ) -> Result<Entry, FsError> {
         match self.resolve(parent, name).await? {
             Resolved::Dir(validity) => {
-                let ino = self.inodes.remember(parent_ino, name, Role::Dir);
+                let ino = self
+                    .superblock
+                    .inodes()
+                    .remember(parent_ino, name, Role::Dir);
                 Ok(self.attrs.dir(ino, validity.kernel_ttl(Instant::now())))
             }
             Resolved::UnlistedDir => {
-                let ino = self.inodes.remember(parent_ino, name, Role::Dir);
+                let ino = self
+                    .superblock
+                    .inodes()
+                    .remember(parent_ino, name, Role::Dir);
                 Ok(self.attrs.dir(ino, self.config.cache.negative_ttl))
             }
             Resolved::File(parameter, validity) => {
                 let ino = if *parameter.name == *name {
-                    self.inodes
-                        .remember_shared(parent_ino, &parameter.name, Role::File)
+                    self.superblock.inodes().remember_shared(
+                        parent_ino,
+                        &parameter.name,
+                        Role::File,
+                    )
                 } else {
-                    self.inodes.remember(parent_ino, name, Role::File)
+                    self.superblock
+                        .inodes()
+                        .remember(parent_ino, name, Role::File)
                 };
-                self.inodes
+                self.superblock
+                    .inodes()
                     .set_reported_version(ino, Some(parameter.version));
                 Ok(self.attrs.file(ino, &parameter, &validity))
             }
             Resolved::Missing => Err(FsError::NotFound),
             Resolved::Denied if self.listed_as_file(parent, name) => {
-                let ino = self.inodes.remember(parent_ino, name, Role::File);
+                let ino = self
+                    .superblock
+                    .inodes()
+                    .remember(parent_ino, name, Role::File);
                 Ok(self
                     .attrs
                     .unreadable_file(ino, self.config.cache.negative_ttl))
@@ -355,7 +325,8 @@ impl<S: ParameterStore> Fs<S> {
 
     /// Whether the cached listing of `parent` names `name` as a parameter.
     fn listed_as_file(&self, parent: &str, name: &str) -> bool {
-        self.cache
+        self.superblock
+            .cache()
             .dir(parent)
             .is_some_and(|d| d.children.get(names::base_name(name)) == Some(&ChildKind::File))
     }
@@ -401,7 +372,7 @@ impl<S: ParameterStore> Fs<S> {
         }
         let entry = self.value(&node.name).await?;
         let current = self.present(&entry, &node.name)?;
-        let parameter = self.version_for_read(&node, &entry, current);
+        let parameter = self.superblock.version_for_read(&node, &entry, current);
         let len = parameter.value.len();
         Ok(ReadData::new(
             ReadSource::Value(parameter),
@@ -409,31 +380,6 @@ impl<S: ParameterStore> Fs<S> {
             offset,
             size,
         ))
-    }
-
-    /// Serve the version whose size the kernel holds, so a read never mixes or
-    /// truncates two versions; if that one is gone, serve the new one whole and
-    /// make the kernel fetch its size again.
-    fn version_for_read(
-        &self,
-        node: &Node,
-        entry: &ValueEntry,
-        current: Arc<Parameter>,
-    ) -> Arc<Parameter> {
-        match node.reported_version {
-            Some(version) if version != current.version => {
-                match entry.previous.clone().filter(|p| p.version == version) {
-                    Some(previous) => previous,
-                    None => {
-                        self.send(Invalidation::Inode(node.ino));
-                        self.inodes
-                            .set_reported_version(node.ino, Some(current.version));
-                        current
-                    }
-                }
-            }
-            _ => current,
-        }
     }
 
     /// Lists the directory once and keeps that listing for the handle's life,
@@ -449,6 +395,7 @@ impl<S: ParameterStore> Fs<S> {
     pub async fn reopen_dir(self: &Arc<Self>, ino: u64, handle: u64) -> Result<(), FsError> {
         let items = self.dir_items(ino).await?;
         self.dir_handles
+            .open
             .lock()
             .unwrap()
             .insert(handle, Arc::new(items));
@@ -482,18 +429,23 @@ impl<S: ParameterStore> Fs<S> {
             );
             return Ok(items);
         }
-        if let Some(areas) = self.layout.root_items(&node) {
+        if let Some(areas) = self.superblock.layout().root_items(&node) {
             items.extend(areas.iter().map(|area| DirItem {
-                ino: self.inodes.number(&area.prefix, Role::Area),
+                ino: self.superblock.inodes().number(&area.prefix, Role::Area),
                 kind: FileKind::Dir,
                 name: area.folder.clone(),
             }));
             return Ok(items);
         }
         let listing = self.listing(&node.name).await?;
-        if self.layout.shows_own_value(&node) && self.has_own_value(&node.name, &listing).await {
+        if self.superblock.layout().shows_own_value(&node)
+            && self.has_own_value(&node.name, &listing).await
+        {
             items.push(DirItem {
-                ino: self.inodes.number(&node.name, Role::ShadowedValue),
+                ino: self
+                    .superblock
+                    .inodes()
+                    .number(&node.name, Role::ShadowedValue),
                 kind: FileKind::File,
                 name: SHADOWED_VALUE_NAME.into(),
             });
@@ -501,14 +453,17 @@ impl<S: ParameterStore> Fs<S> {
         for (child, kind) in listing
             .children
             .iter()
-            .filter(|(child, _)| self.layout.admits(&node, child))
+            .filter(|(child, _)| self.superblock.layout().admits(&node, child))
         {
             let (role, kind) = match kind {
                 ChildKind::Dir => (Role::Dir, FileKind::Dir),
                 ChildKind::File => (Role::File, FileKind::File),
             };
             items.push(DirItem {
-                ino: self.inodes.number(&names::join(&node.name, child), role),
+                ino: self
+                    .superblock
+                    .inodes()
+                    .number(&names::join(&node.name, child), role),
                 kind,
                 name: child.to_string(),
             });
@@ -518,7 +473,7 @@ impl<S: ParameterStore> Fs<S> {
 
     /// Whether the directory `path` is itself a parameter (shown as `@value`).
     async fn has_own_value(self: &Arc<Self>, path: &str, listing: &DirEntry) -> bool {
-        match self.cache.value(path) {
+        match self.superblock.cache().value(path) {
             Some(entry) => entry.parameter().is_some(),
             None => match listing.own_parameter {
                 Some(known) => known,
@@ -532,8 +487,9 @@ impl<S: ParameterStore> Fs<S> {
     }
 
     fn new_dir_handle(&self, items: Vec<DirItem>) -> u64 {
-        let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        let handle = self.dir_handles.next.fetch_add(1, Ordering::Relaxed);
         self.dir_handles
+            .open
             .lock()
             .unwrap()
             .insert(handle, Arc::new(items));
@@ -551,6 +507,7 @@ impl<S: ParameterStore> Fs<S> {
     ) -> Result<Vec<(u64, DirItem)>, FsError> {
         let items = self
             .dir_handles
+            .open
             .lock()
             .unwrap()
             .get(&handle)
@@ -566,7 +523,7 @@ impl<S: ParameterStore> Fs<S> {
     }
 
     pub fn releasedir(&self, handle: u64) {
-        self.dir_handles.lock().unwrap().remove(&handle);
+        self.dir_handles.open.lock().unwrap().remove(&handle);
     }
 
     pub fn forget(&self, ino: u64, count: u64) {
@@ -574,28 +531,21 @@ impl<S: ParameterStore> Fs<S> {
         if is_stream_ino(ino) {
             return;
         }
-        self.inodes.forget(ino, count);
+        self.superblock.inodes().forget(ino, count);
     }
 
     /// Drops every cached answer, here and in the kernel (SIGHUP).
     pub fn drop_caches(&self) {
-        self.cache.clear();
-        crate::heap::release_freed();
-        for node in self.inodes.all() {
-            if node.ino != ROOT_INO {
-                self.send(Invalidation::Entry {
-                    parent: node.parent,
-                    name: names::base_name(&node.name).to_string(),
-                });
-            }
-            self.send(Invalidation::Inode(node.ino));
-        }
+        self.superblock.drop_caches();
     }
 
     // ----- nodes and values -----
 
     fn node(&self, ino: u64) -> Result<Node, FsError> {
-        self.inodes.get(ino).ok_or(FsError::UnknownInode(ino))
+        self.superblock
+            .inodes()
+            .get(ino)
+            .ok_or(FsError::UnknownInode(ino))
     }
 
     fn dir_node(&self, ino: u64) -> Result<Node, FsError> {
@@ -618,7 +568,8 @@ impl<S: ParameterStore> Fs<S> {
     }
 
     fn file_entry(&self, ino: u64, parameter: &Parameter, entry: &ValueEntry) -> Entry {
-        self.inodes
+        self.superblock
+            .inodes()
             .set_reported_version(ino, Some(parameter.version));
         self.attrs.file(ino, parameter, &entry.validity)
     }
@@ -627,7 +578,7 @@ impl<S: ParameterStore> Fs<S> {
     /// through an outage.
     async fn value(self: &Arc<Self>, name: &str) -> Result<ValueEntry, FsError> {
         let now = Instant::now();
-        let cached = self.cache.value(name);
+        let cached = self.superblock.cache().value(name);
         if let Some(entry) = cached.as_ref().filter(|e| e.validity.is_fresh(now)) {
             Metrics::inc(&self.metrics.cache_hits);
             self.refresh_if_due(&cached, name);
@@ -636,7 +587,9 @@ impl<S: ParameterStore> Fs<S> {
         // While SSM keeps failing, an expired value is served as it is and
         // retried with the next refresh batch, not by a call of its own.
         if let Some(entry) = cached.as_ref().filter(|e| {
-            self.in_outage() && e.parameter().is_some() && e.validity.may_serve_stale(now)
+            self.superblock.in_outage()
+                && e.parameter().is_some()
+                && e.validity.may_serve_stale(now)
         }) {
             self.retry_later(name);
             return Ok(entry.clone());
@@ -647,7 +600,7 @@ impl<S: ParameterStore> Fs<S> {
             Err(error) if error.is_outage() => {
                 match cached.filter(|e| e.validity.may_serve_stale(now)) {
                     Some(entry) => {
-                        self.note_stale(name, &error);
+                        self.superblock.note_stale(name, &error);
                         Ok(entry)
                     }
                     None => Err(error.into()),
@@ -657,34 +610,22 @@ impl<S: ParameterStore> Fs<S> {
         }
     }
 
-    fn note_stale(&self, name: &str, error: &StoreError) {
-        self.note_stale_for(name, error, self.outage_recheck());
-    }
-
-    /// Serves `name`'s cached answers until `recheck` from now.
-    fn note_stale_for(&self, name: &str, error: &StoreError, recheck: Duration) {
-        Metrics::inc(&self.metrics.stale_serves);
-        self.cache
-            .extend_stale_dir(names::parent_name(name), recheck);
-        self.cache.extend_stale_dir(name, recheck);
-        if self.cache.extend_stale_value(name, recheck) {
-            tracing::warn!(parameter = name, %error, "SSM is not answering; serving the cached answer past its TTL");
-        }
-    }
-
     /// One GetParameter (or a GetParameters that also refreshes values due
     /// soon), shared by every concurrent caller for the name.
     async fn fetch_value(self: &Arc<Self>, name: &str) -> Result<ValueEntry, StoreError> {
-        self.value_flights
+        self.superblock
+            .value_flights()
             .run(name.to_string(), || async {
                 if let Some(fetched) = self.fetch_with_companions(name).await {
                     return fetched;
                 }
-                let entry = self.record_value(name, self.get_known(name).await?);
+                let entry = self
+                    .superblock
+                    .record_value(name, self.get_known(name).await?);
                 if !crate::store::resilient::is_background() {
                     // Fetched for a reader: worth one refresh, even if the next
                     // reads are answered by the kernel and never seen here.
-                    self.cache.mark_read(name);
+                    self.superblock.cache().mark_read(name);
                 }
                 Ok(entry)
             })
@@ -696,76 +637,12 @@ impl<S: ParameterStore> Fs<S> {
     async fn get_known(&self, name: &str) -> Result<Known, StoreError> {
         match self.store.get(name).await {
             Ok(parameter) => {
-                self.note_answer();
+                self.superblock.note_answer();
                 Ok(Known::Present(Arc::new(parameter)))
             }
             Err(StoreError::NotFound) => Ok(Known::Absent),
             Err(StoreError::AccessDenied { .. }) => Ok(Known::Denied),
             Err(error) => Err(error),
         }
-    }
-
-    fn record_value(&self, name: &str, known: Known) -> ValueEntry {
-        if matches!(known, Known::Denied) {
-            let already = self
-                .cache
-                .value(name)
-                .is_some_and(|e| matches!(e.known, Known::Denied));
-            if !already {
-                tracing::warn!(
-                    parameter = name,
-                    "SSM denied access to this parameter (IAM or KMS); answering EACCES"
-                );
-            }
-        }
-        let (change, entry) = self.cache.put_value(name, known);
-        match change {
-            Change::None => {}
-            Change::NewVersion => {
-                for role in [Role::File, Role::ShadowedValue] {
-                    if let Some(ino) = self.inodes.find(name, role) {
-                        self.send(Invalidation::Inode(ino));
-                    }
-                }
-                if let Some(old) = &entry.previous {
-                    self.invalidate_views(name, old);
-                }
-            }
-            Change::Appeared | Change::Disappeared => {
-                for parent in self.dir_inodes(names::parent_name(name)) {
-                    self.send(Invalidation::Entry {
-                        parent,
-                        name: names::base_name(name).to_string(),
-                    });
-                }
-            }
-        }
-        // After the invalidations: a stream reader who reacts to the line at
-        // once must find the kernel's old copy gone (see `Invalidation::Announce`).
-        match (&change, &entry.known) {
-            (Change::NewVersion | Change::Appeared, Known::Present(parameter)) => {
-                self.publish_change(name, ChangeKind::Version(parameter.version));
-            }
-            (Change::Disappeared, Known::Absent) => self.publish_change(name, ChangeKind::Deleted),
-            _ => {}
-        }
-        entry
-    }
-
-    /// Tells the change streams about `note` once the kernel has dropped
-    /// what it replaces: behind the invalidations already sent.
-    fn announce(&self, note: ChangeNote) {
-        if let Err(mpsc::error::SendError(Invalidation::Announce(note))) =
-            self.invalidations.send(Invalidation::Announce(note))
-        {
-            // No kernel to tell (the core without a mount): announce now.
-            self.streams.publish(note);
-        }
-    }
-
-    fn send(&self, invalidation: Invalidation) {
-        Metrics::inc(&self.metrics.invalidations);
-        // The receiver is gone only during shutdown, when nothing needs telling.
-        let _ = self.invalidations.send(invalidation);
     }
 }
