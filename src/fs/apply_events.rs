@@ -38,10 +38,10 @@ use std::time::{Duration, SystemTime};
 use rand::Rng;
 use tokio::time::Instant;
 
-use super::Fs;
+use super::cache::ChildKind;
+use super::filesystem::Fs;
+use super::inode::Role;
 use crate::change::{Operation, ParameterEvent};
-use crate::fs::cache::ChildKind;
-use crate::fs::inode::Role;
 use crate::metrics::Metrics;
 use crate::names;
 use crate::store::resilient::once_in_background;

@@ -25,8 +25,8 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use super::Fs;
-use crate::fs::inode::Role;
+use super::filesystem::Fs;
+use super::inode::Role;
 use crate::store::{ParameterStore, MAX_BATCH};
 
 /// The name of the stream file in every directory (`@` is never in an SSM name).
@@ -203,13 +203,13 @@ impl<S: ParameterStore> Fs<S> {
     /// Opens a stream covering the directory `dir_ino` (a lookup of `@changes`).
     pub(super) fn open_stream(
         self: &Arc<Self>,
-        dir: &crate::fs::inode::Node,
-    ) -> Result<StreamSpec, crate::fs::error::FsError> {
+        dir: &super::inode::Node,
+    ) -> Result<StreamSpec, super::error::FsError> {
         // Each stream holds an fd and a writer task here (and one request to
         // the CSI plugin, shared by every mount of the node, at its open): a
         // reader opening stream after stream is stopped at this many.
         if self.open_streams() >= MAX_OPEN_STREAMS {
-            return Err(crate::fs::error::FsError::TooManyStreams);
+            return Err(super::error::FsError::TooManyStreams);
         }
         let spec = StreamSpec {
             ino: 0,
@@ -253,9 +253,9 @@ impl<S: ParameterStore> Fs<S> {
         &self,
         parent: u64,
         segment: &std::ffi::OsStr,
-    ) -> Result<super::Entry, crate::fs::error::FsError> {
-        use crate::fs::error::FsError;
-        if parent == crate::fs::inode::ROOT_INO && segment == STREAM_DIR_NAME {
+    ) -> Result<super::attr::Entry, super::error::FsError> {
+        use super::error::FsError;
+        if parent == super::inode::ROOT_INO && segment == STREAM_DIR_NAME {
             return Ok(self.attrs.dir(STREAM_DIR_INO, Duration::ZERO));
         }
         let ino = segment.to_str().and_then(|s| s.parse::<u64>().ok());

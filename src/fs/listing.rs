@@ -14,10 +14,10 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
+use super::cache::{DirEntry, Resume};
+use super::error::FsError;
+use super::filesystem::Fs;
 use super::superblock::ListingFlight;
-use super::Fs;
-use crate::fs::cache::{DirEntry, Resume};
-use crate::fs::error::FsError;
 use crate::metrics::Metrics;
 use crate::names;
 use crate::store::{ParameterStore, StoreError, MAX_PAGE};

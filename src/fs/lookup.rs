@@ -33,9 +33,9 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::Fs;
-use crate::fs::cache::{ChildKind, DirEntry, Known, Validity, ValueEntry};
-use crate::fs::error::FsError;
+use super::cache::{ChildKind, DirEntry, Known, Validity, ValueEntry};
+use super::error::FsError;
+use super::filesystem::Fs;
 use crate::metrics::Metrics;
 use crate::names;
 use crate::store::{Parameter, ParameterStore, StoreError};

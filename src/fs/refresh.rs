@@ -29,8 +29,8 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::Fs;
-use crate::fs::cache::{Known, ValueEntry};
+use super::cache::{Known, ValueEntry};
+use super::filesystem::Fs;
 use crate::metrics::Metrics;
 use crate::names;
 use crate::store::resilient::in_background;

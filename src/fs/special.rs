@@ -15,11 +15,12 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::{Entry, Fs, ReadData};
-use crate::fs::cache::ValueEntry;
-use crate::fs::error::FsError;
-use crate::fs::inode::{Node, Role};
-use crate::fs::views;
+use super::attr::Entry;
+use super::cache::ValueEntry;
+use super::error::FsError;
+use super::filesystem::{Fs, ReadData};
+use super::inode::{Node, Role};
+use super::views;
 use crate::names::{self, Special, View};
 use crate::secret::SecretBytes;
 use crate::store::{Parameter, ParameterStore};
