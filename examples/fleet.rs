@@ -31,7 +31,7 @@ use ssmfs::fs::{Fs, Invalidation};
 use ssmfs::metrics::Metrics;
 use ssmfs::store::memory::MemoryStore;
 use ssmfs::store::resilient::Resilient;
-use ssmfs::store::{Batch, Page, Parameter, ParameterStore, StoreError};
+use ssmfs::store::{Batch, Page, PageContent, Parameter, ParameterStore, StoreError};
 use tokio::time::Instant;
 
 /// One SSM round trip, as seen from an EC2 host in the same region.
@@ -203,21 +203,12 @@ impl ParameterStore for Link {
         path: &str,
         max_results: usize,
         next_token: Option<String>,
-    ) -> Result<Page, StoreError> {
-        self.0.admit(Api::ByPath).await?;
-        self.0.store.list_page(path, max_results, next_token).await
-    }
-
-    async fn list_names_page(
-        &self,
-        path: &str,
-        max_results: usize,
-        next_token: Option<String>,
+        content: PageContent,
     ) -> Result<Page, StoreError> {
         self.0.admit(Api::ByPath).await?;
         self.0
             .store
-            .list_names_page(path, max_results, next_token)
+            .list_page(path, max_results, next_token, content)
             .await
     }
 }

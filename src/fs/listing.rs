@@ -20,7 +20,7 @@ use super::filesystem::Fs;
 use super::superblock::ListingFlight;
 use crate::metrics::Metrics;
 use crate::names;
-use crate::store::{ParameterStore, StoreError, MAX_PAGE};
+use crate::store::{PageContent, ParameterStore, StoreError, MAX_PAGE};
 
 /// Whether SSM's refusal names the listing action itself (IAM does not
 /// grant ssm:GetParametersByPath there): asking without decryption would
@@ -235,13 +235,21 @@ impl<S: ParameterStore> Fs<S> {
                 "GetParametersByPath is not supported for Secrets Manager references",
             ));
         }
-        match self.store.list_page(path, MAX_PAGE, token.clone()).await {
+        match self
+            .store
+            .list_page(path, MAX_PAGE, token.clone(), PageContent::Values)
+            .await
+        {
             // One parameter on the page is under a KMS key this caller may not
             // use (SSM refuses the whole page then), or listing is not allowed
             // at all: the names alone tell which.
             Err(refused @ StoreError::AccessDenied { .. }) if !refuses_listing_itself(&refused) => {
                 // Boxed: a rare path, kept out of every listing future's layout.
-                let names_only = Box::pin(self.store.list_names_page(path, MAX_PAGE, token));
+                let names_only =
+                    Box::pin(
+                        self.store
+                            .list_page(path, MAX_PAGE, token, PageContent::NamesOnly),
+                    );
                 match names_only.await {
                     Ok(page) => {
                         self.superblock.note_undecryptable_page(path);
