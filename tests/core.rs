@@ -1051,7 +1051,7 @@ mod events {
         config
     }
 
-    fn event(name: &str, operation: &str, time: SystemTime) -> ParameterEvent {
+    pub(super) fn event(name: &str, operation: &str, time: SystemTime) -> ParameterEvent {
         match parse(&event_json(name, operation, time)) {
             Ok(Message::Event(event)) => event,
             other => panic!("{other:?}"),
@@ -1943,4 +1943,68 @@ async fn a_denied_or_missing_parameter_does_not_fail_over() {
     assert_eq!(walk(&fs, "nope").await.unwrap_err(), libc::ENOENT);
     assert_eq!(fs.store().failover().unwrap().inner().counts().total(), 0);
     assert!(!fs.store().on_failover());
+}
+
+/// Found by the reference model: a directory's listing read again past its
+/// TTL kept the old listing's word that the directory had no value of its
+/// own, so `@value` stayed hidden after the directory gained one.
+#[tokio::test(start_paused = true)]
+async fn a_value_a_directory_gains_shows_as_value_after_the_ttl() {
+    let store = MemoryStore::new();
+    store.put_string("/m/b/a/b", "below");
+    let (fs, _inval) = mount(store, config("/m"));
+    assert_eq!(
+        ls(&fs, "b").await.unwrap(),
+        [("a".to_string(), FileKind::Dir)]
+    );
+    fs.store().inner().put_string("/m/b", "own");
+    tokio::time::advance(Duration::from_secs(301)).await;
+    // Refreshed as a value below `b`: `b` is still a directory without a call.
+    let companion = events::event("/m/b/a/b", "Update", std::time::SystemTime::now());
+    fs.apply_events(vec![companion]).await;
+    assert_eq!(
+        ls(&fs, "b").await.unwrap(),
+        [
+            ("@value".to_string(), FileKind::File),
+            ("a".to_string(), FileKind::Dir)
+        ]
+    );
+    assert_eq!(cat(&fs, "b/@value").await.unwrap(), b"own");
+}
+
+/// Found by the reference model: past its TTL, a listing that named a file
+/// whose value has gone since made a lookup answer ENOENT without asking
+/// whether the name had become a directory, until the parent was listed again.
+#[tokio::test(start_paused = true)]
+async fn a_file_that_became_a_directory_is_found_after_the_ttl() {
+    let store = MemoryStore::new();
+    store.put_string("/m/a", "file");
+    let (fs, _inval) = mount(store, config("/m"));
+    assert_eq!(walk(&fs, "b").await.err(), Some(libc::ENOENT));
+    // The second sibling looked up reads the root's listing: `a` is a file.
+    assert_eq!(cat(&fs, "a").await.unwrap(), b"file");
+    fs.store().inner().delete("/m/a");
+    fs.store().inner().put_string("/m/a/a", "below");
+    tokio::time::advance(Duration::from_secs(301)).await;
+    assert_eq!(walk(&fs, "a").await.unwrap().attr.kind, FileKind::Dir);
+    assert_eq!(cat(&fs, "a/a").await.unwrap(), b"below");
+}
+
+/// Found by the reference model: an event for a name in a directory a stale
+/// listing lacked cached that directory as new, holding that name alone, so
+/// its other names answered ENOENT for a TTL.
+#[tokio::test(start_paused = true)]
+async fn an_event_below_a_directory_a_stale_listing_lacks_hides_no_sibling() {
+    let store = MemoryStore::new();
+    store.put_string("/m/b/a", "");
+    let (fs, _inval) = mount(store, config("/m"));
+    assert_eq!(walk(&fs, "b/a/b").await.err(), Some(libc::ENOTDIR));
+    assert_eq!(walk(&fs, "a/a").await.err(), Some(libc::ENOENT));
+    fs.store().inner().put_string("/m/a/a", "one");
+    fs.store().inner().put_string("/m/a/b", "two");
+    tokio::time::advance(Duration::from_secs(301)).await;
+    let update = events::event("/m/a/a", "Update", std::time::SystemTime::now());
+    fs.apply_events(vec![update]).await;
+    assert_eq!(cat(&fs, "a/b").await.unwrap(), b"two");
+    assert_eq!(cat(&fs, "a/a").await.unwrap(), b"one");
 }

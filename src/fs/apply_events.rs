@@ -446,9 +446,16 @@ impl<S: ParameterStore> Fs<S> {
                 Some(false) => return, // the rest of the way up already knows
                 Some(true) => {
                     self.superblock.drop_kernel_entry(child);
-                    if was_absent {
-                        // The directories below are new: each holds just the
-                        // next one down, cached so a delete can empty them.
+                    // Absent from a fresh listing, the directories below are
+                    // new: each holds just the next one down, cached so a
+                    // delete can empty them. A stale listing's absence says
+                    // nothing: they may hold names gained since.
+                    let listing_fresh = self
+                        .superblock
+                        .cache()
+                        .dir(dir)
+                        .is_some_and(|d| d.validity.is_fresh(Instant::now()));
+                    if was_absent && listing_fresh {
                         for (path, below, below_kind) in unlisted.drain(..) {
                             let children = [(Box::from(below), below_kind)].into_iter().collect();
                             self.superblock.cache().put_dir(

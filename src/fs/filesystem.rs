@@ -440,7 +440,14 @@ impl<S: ParameterStore> Fs<S> {
 
     /// Whether the directory `path` is itself a parameter (shown as `@value`).
     async fn has_own_value(self: &Arc<Self>, path: &str, listing: &DirEntry) -> bool {
-        match self.superblock.cache().value(path) {
+        // An expired entry older than the listing says nothing: the
+        // directory may have gained (or lost) its value since.
+        let now = Instant::now();
+        let cached =
+            self.superblock.cache().value(path).filter(|e| {
+                e.validity.is_fresh(now) || e.validity.fetched >= listing.validity.fetched
+            });
+        match cached {
             Some(entry) => entry.parameter().is_some(),
             None => match listing.own_parameter {
                 Some(known) => known,

@@ -145,8 +145,13 @@ impl Knowledge {
             // Only a complete listing rules out names below it on a later page.
             // A stale one still does for a value kept fresh by refreshes: a hot
             // file's directory listing is not re-read every TTL for it.
+            // A stale one does not vouch for the absence of a value it
+            // listed: that file may have become a directory since.
             Some((parent, ChildKind::File)) if parent.complete => {
-                return self.own_value.as_ref().map(value_resolution)
+                match self.own_value.as_ref().map(value_resolution) {
+                    Some(Resolved::Missing) if self.parent_stale => {}
+                    resolved => return resolved,
+                }
             }
             None if self.parent_is_complete() && self.absence_trusted => {
                 return Some(Resolved::Missing)
@@ -271,6 +276,16 @@ pub(super) fn conclude(
     let found = known.has_value();
     let value_first_done = matches!(plan, Plan::ValueFirst { .. });
     if value_first_done && !found && !value_failed && known.own_dir.is_none() && !listing_refused {
+        return Conclusion::ProbeDir;
+    }
+    // A file a stale listing named is gone: ask whether it became a directory.
+    let listed_file_gone = known.parent_stale
+        && known.listed_in_complete_parent(base)
+        && matches!(
+            known.own_value.as_ref().map(value_resolution),
+            Some(Resolved::Missing)
+        );
+    if listed_file_gone && known.own_dir.is_none() && !listing_refused && !known.name_unlistable {
         return Conclusion::ProbeDir;
     }
     let name_unlisted = known.name_unlistable && known.needs_dir_probe(base);

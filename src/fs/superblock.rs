@@ -369,8 +369,16 @@ impl Superblock {
         own_parameter: Option<bool>,
     ) -> DirEntry {
         let complete = resume.is_none();
-        let own_parameter =
-            own_parameter.or_else(|| self.cache.dir(path).and_then(|d| d.own_parameter));
+        // What an earlier listing knew of the path's own value holds only
+        // while that listing is fresh: past its TTL the path may have gained
+        // (or lost) a value, and `@value` must not stay hidden (or shown).
+        let now = Instant::now();
+        let own_parameter = own_parameter.or_else(|| {
+            self.cache
+                .dir(path)
+                .filter(|d| d.validity.is_fresh(now))
+                .and_then(|d| d.own_parameter)
+        });
         if complete {
             if let Some(old) = self.cache.dir(path).filter(|d| d.complete) {
                 let changed = old
