@@ -17,6 +17,14 @@
 //! When SSM fails with an outage, a cached answer is served stale for up to
 //! `stale_ttl` (one warning per entry); anything never cached answers EIO
 //! within the request deadline.
+//!
+//! Map: `filesystem` (`Fs`, the request handlers) decides what to ask the
+//! store; `superblock` owns what the core knows (the passive containers
+//! `cache` and `inode`) and records every answer; the handlers' other files
+//! are `lookup`, `listing`, `refresh`, `special` (with `views`),
+//! `apply_events` and `change_streams`; `attr` and `layout` shape answers;
+//! `error` is the one error at the FUSE boundary. This module defines nothing
+//! itself, so no submodule imports from its parent.
 
 pub mod cache;
 pub mod error;
