@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use ssmfs::config::FsConfig;
 use ssmfs::fs::Fs;
-use ssmfs::inode::ROOT_INO;
+use ssmfs::fs::ROOT_INO;
 use ssmfs::metrics::Metrics;
 use ssmfs::store::memory::MemoryStore;
 use ssmfs::store::resilient::Resilient;

@@ -26,12 +26,12 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use ssmfs::config::{CacheConfig, EventsPacing, FsConfig, RequestConfig};
 use ssmfs::events::{Operation, ParameterEvent};
+use ssmfs::fs::ROOT_INO;
 use ssmfs::fs::{Fs, Invalidation};
-use ssmfs::inode::ROOT_INO;
 use ssmfs::metrics::Metrics;
 use ssmfs::store::memory::MemoryStore;
 use ssmfs::store::resilient::Resilient;
-use ssmfs::store::{Batch, Page, Parameter, ParameterStore, StoreError};
+use ssmfs::store::{Batch, Page, PageContent, Parameter, ParameterStore, StoreError};
 use tokio::time::Instant;
 
 /// One SSM round trip, as seen from an EC2 host in the same region.
@@ -203,21 +203,12 @@ impl ParameterStore for Link {
         path: &str,
         max_results: usize,
         next_token: Option<String>,
-    ) -> Result<Page, StoreError> {
-        self.0.admit(Api::ByPath).await?;
-        self.0.store.list_page(path, max_results, next_token).await
-    }
-
-    async fn list_names_page(
-        &self,
-        path: &str,
-        max_results: usize,
-        next_token: Option<String>,
+        content: PageContent,
     ) -> Result<Page, StoreError> {
         self.0.admit(Api::ByPath).await?;
         self.0
             .store
-            .list_names_page(path, max_results, next_token)
+            .list_page(path, max_results, next_token, content)
             .await
     }
 }

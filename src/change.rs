@@ -1,4 +1,6 @@
-//! The model of a change: what SSM says happened to one parameter, as the
+//! The model of a change (one of three "events" things: `events` is the
+//! SQS/SNS transport, `fs::apply_events` applies changes inside the core):
+//! what SSM says happened to one parameter, as the
 //! filesystem core applies it. It knows no transport: `events` reads these
 //! from SQS (directly, or through SNS) above the core, and `fs` applies them
 //! below it, so neither layer knows the other's details.

@@ -96,7 +96,7 @@ impl Default for RequestConfig {
     }
 }
 
-/// How the refetches change events cause are spread (see `fs::events`).
+/// How the refetches change events cause are spread (see `fs::apply_events`).
 #[derive(Debug, Clone)]
 pub struct EventsPacing {
     /// How many hosts receive each event: `--events-hosts`, or in topic mode
@@ -109,7 +109,7 @@ pub struct EventsPacing {
 impl Default for EventsPacing {
     fn default() -> Self {
         Self {
-            // Unknown: throttling feedback widens the spread (see `fs::events`).
+            // Unknown: throttling feedback widens the spread (see `fs::apply_events`).
             hosts: 1,
             quota_tps: DEFAULT_SSM_QUOTA_TPS,
         }

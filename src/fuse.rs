@@ -26,7 +26,7 @@ use fuser::{
 use tokio::runtime::Handle;
 use tracing::{Instrument, Level};
 
-use crate::error::FsError;
+use crate::fs::error::FsError;
 use crate::fs::{Attr, FileKind, Fs, STREAM_DIR_INO, STREAM_DIR_NAME};
 use crate::store::ParameterStore;
 use crate::stream_pipes::StreamPipes;
@@ -237,7 +237,7 @@ impl<S: ParameterStore> Filesystem for FuseAdapter<S> {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let own_stream_end = ((parent.0 == crate::inode::ROOT_INO && name == STREAM_DIR_NAME)
+        let own_stream_end = ((parent.0 == crate::fs::inode::ROOT_INO && name == STREAM_DIR_NAME)
             || parent.0 == STREAM_DIR_INO)
             // Root too: the CSI plugin opens the end for an unprivileged daemon.
             && (is_own_thread(req.pid()) || req.uid() == 0);

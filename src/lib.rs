@@ -2,8 +2,9 @@
 //!
 //! Layers, top to bottom: `cli` (flags) -> `daemon` (mount, signals, readiness)
 //! -> `fuse` (thin fuser adapter, with `stream_pipes`, the write ends of the
-//! `@changes` pipes it opens through the mount) -> `fs` (the async core) -> `cache` and
-//! `inode` -> `store` (the SSM API, or an in-memory double). `events` (the
+//! `@changes` pipes it opens through the mount) -> `fs` (the async core, which owns
+//! its passive containers `fs::cache`, `fs::inode`, `fs::views` and its error
+//! `fs::error`) -> `store` (the SSM API, or an in-memory double). `events` (the
 //! SQS/SNS transport) sits above `fs` and hands it `change`s, the model of a
 //! change both share; `supervisor` holds FUSE connections above `daemon`, and
 //! both read the fds and environment of a handover from `handoff`. `client`
@@ -11,25 +12,21 @@
 //! filesystem and follows its `@changes` stream, never calling AWS.
 
 pub mod airflow;
-pub mod cache;
 pub mod change;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod csi;
 pub mod daemon;
-pub mod error;
 pub mod events;
 pub mod fd_link;
 pub mod fs;
 pub mod fuse;
 pub mod handoff;
 pub mod heap;
-pub mod inode;
 pub mod metrics;
 pub mod names;
 pub mod secret;
 pub mod store;
 pub mod stream_pipes;
 pub mod supervisor;
-pub mod views;

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ssmfs::config::{CacheConfig, FsConfig, RequestConfig};
+use ssmfs::fs::ROOT_INO;
 use ssmfs::fs::{Entry, FileKind, Fs, Invalidation};
-use ssmfs::inode::ROOT_INO;
 use ssmfs::metrics::Metrics;
 use ssmfs::store::failover::Failover;
 use ssmfs::store::memory::{CallCounts, MemoryStore};
@@ -96,7 +96,7 @@ async fn cat<S: ParameterStore>(fs: &Arc<Fs<S>>, path: &str) -> Result<Vec<u8>, 
 fn read_whole_dir<S: ParameterStore>(
     fs: &Arc<Fs<S>>,
     handle: u64,
-) -> Result<Vec<(u64, ssmfs::fs::DirItem)>, ssmfs::error::FsError> {
+) -> Result<Vec<(u64, ssmfs::fs::DirItem)>, ssmfs::fs::FsError> {
     let mut items = Vec::new();
     loop {
         let offset = items.last().map_or(0, |(o, _)| *o);
@@ -797,6 +797,460 @@ mod model {
                 assert_eq!(seen, expected(&params));
             });
         }
+
+        #[test]
+        fn random_operations_answer_as_modelled(
+            initial in small_tree(),
+            ops in prop::collection::vec(operation(), 1..40),
+            small_cache in any::<bool>(),
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            runtime.block_on(run_operations(initial, ops, small_cache));
+        }
+    }
+
+    // ----- the reference model of operations (after mountpoint-s3's reftests) -----
+    //
+    // SSM is the truth; the core caches it for a TTL. So the model keeps every
+    // state of the store since the last moment the core must agree with it
+    // exactly (the mount, or a clock advanced past every TTL), and accepts an
+    // answer that some state in that window gives. A file's kind (from a
+    // listing) and its bytes (from its value) are cached apart, so each may
+    // come from a different state of the window. An update event narrows that:
+    // after one, the name's bytes are the store's latest.
+
+    /// The names the operations touch: few, so that a name and names below
+    /// it (a directory with its own value) meet often.
+    const NAMES: [&str; 8] = ["a", "b", "a/a", "a/b", "b/a", "a/a/a", "a/b/a", "b/a/b"];
+    const VALUES: [&str; 4] = ["", "v1", "value two", "a longer value, three"];
+
+    fn small_tree() -> impl Strategy<Value = BTreeMap<String, Vec<u8>>> {
+        let entry = (0..NAMES.len(), 0..VALUES.len())
+            .prop_map(|(n, v)| (format!("/m/{}", NAMES[n]), VALUES[v].as_bytes().to_vec()));
+        prop::collection::vec(entry, 0..6).prop_map(|entries| entries.into_iter().collect())
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Someone puts a value in SSM (a create or an update).
+        Put(usize, usize),
+        /// Someone deletes a parameter in SSM.
+        Delete(usize),
+        /// A change event for the name arrives, saying what SSM now holds.
+        Event(usize),
+        /// The clock moves on this many seconds.
+        Advance(u64),
+        /// `cat` of a path: every component looked up, then read whole.
+        Read(usize),
+        /// A path looked up, then its attributes and one extended attribute.
+        Stat(usize),
+        /// `ls` of a directory path.
+        List(usize),
+    }
+
+    /// Paths below the mount the queries ask about: every name, and its `@value`.
+    fn paths() -> Vec<String> {
+        NAMES
+            .iter()
+            .flat_map(|n| [n.to_string(), format!("{n}/@value")])
+            .collect()
+    }
+
+    fn operation() -> impl Strategy<Value = Op> {
+        let name = 0..NAMES.len();
+        let path = 0..NAMES.len() * 2;
+        prop_oneof![
+            3 => (name.clone(), 0..VALUES.len()).prop_map(|(n, v)| Op::Put(n, v)),
+            2 => name.clone().prop_map(Op::Delete),
+            2 => name.prop_map(Op::Event),
+            // Within the negative TTL, past it, past the TTL.
+            2 => prop::sample::select(vec![1u64, 31, 301]).prop_map(Op::Advance),
+            4 => path.clone().prop_map(Op::Read),
+            3 => path.prop_map(Op::Stat),
+            // The root, and each name as a directory.
+            2 => (0..=NAMES.len()).prop_map(Op::List),
+        ]
+    }
+
+    /// What one path is in one state of the store.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Answer {
+        File(Vec<u8>),
+        Dir,
+        Missing,
+    }
+
+    fn answer_in(tree: &BTreeMap<String, Vec<u8>>, path: &str) -> Answer {
+        if let Some(bytes) = tree.get(path) {
+            return Answer::File(bytes.clone());
+        }
+        let below = format!("{path}/");
+        if path.is_empty() || tree.keys().any(|k| k.starts_with(&below)) {
+            return Answer::Dir;
+        }
+        Answer::Missing
+    }
+
+    /// The entries of the directory `path` in one state's tree.
+    fn entries_in(tree: &BTreeMap<String, Vec<u8>>, path: &str) -> BTreeMap<String, FileKind> {
+        let below = if path.is_empty() {
+            String::new()
+        } else {
+            format!("{path}/")
+        };
+        tree.keys()
+            .filter_map(|k| k.strip_prefix(&below))
+            .map(|rest| match rest.split_once('/') {
+                Some((child, _)) => (child.to_string(), FileKind::Dir),
+                None => (rest.to_string(), FileKind::File),
+            })
+            .collect()
+    }
+
+    /// The parameter whose value a path's file shows.
+    fn parameter_of(path: &str) -> String {
+        format!("/m/{}", path.strip_suffix("/@value").unwrap_or(path))
+    }
+
+    struct Model {
+        /// What SSM holds now.
+        remote: BTreeMap<String, Vec<u8>>,
+        /// Each state of SSM since the core last had to agree exactly, as the
+        /// tree the mount shows (`expected`), oldest first; the last is now.
+        window: Vec<BTreeMap<String, Vec<u8>>>,
+        /// Values of SSM in that window, by parameter name.
+        values_seen: BTreeMap<String, Vec<Vec<u8>>>,
+        /// Names an update event made the core fetch again: their bytes are
+        /// the latest until SSM changes them again.
+        fetched_by_event: std::collections::BTreeSet<String>,
+        /// Names a delete event was applied for in the window: the cached
+        /// listings above them lose every directory the delete emptied, even
+        /// one that keeps (or has since gained) a value of its own, until the
+        /// listing is read again (a known gap of `fs::apply_events`).
+        deleted_by_event: Vec<String>,
+    }
+
+    impl Model {
+        fn new(remote: BTreeMap<String, Vec<u8>>) -> Self {
+            let mut model = Model {
+                window: Vec::new(),
+                values_seen: BTreeMap::new(),
+                fetched_by_event: Default::default(),
+                deleted_by_event: Vec::new(),
+                remote,
+            };
+            model.settle();
+            model
+        }
+
+        /// The core must now agree with SSM exactly.
+        fn settle(&mut self) {
+            self.window = vec![expected(&self.remote)];
+            self.values_seen = self
+                .remote
+                .iter()
+                .map(|(k, v)| (k.clone(), vec![v.clone()]))
+                .collect();
+            self.deleted_by_event.clear();
+        }
+
+        /// Whether `path` is a directory above a name a delete event removed.
+        fn emptied_by_event(&self, path: &str) -> bool {
+            let below = format!("/m/{path}/");
+            self.deleted_by_event
+                .iter()
+                .any(|name| name.starts_with(&below))
+        }
+
+        fn changed(&mut self, name: &str) {
+            self.fetched_by_event.remove(name);
+            self.window.push(expected(&self.remote));
+            if let Some(value) = self.remote.get(name) {
+                self.values_seen
+                    .entry(name.to_string())
+                    .or_default()
+                    .push(value.clone());
+            }
+        }
+
+        fn check(&self, path: &str, got: &Answer) {
+            let allowed: Vec<Answer> = self.window.iter().map(|t| answer_in(t, path)).collect();
+            let parameter = parameter_of(path);
+            let ok = match got {
+                // Kind and bytes each from some state in the window.
+                Answer::File(bytes) => {
+                    let bytes_ok = match self.fetched_by_event.contains(&parameter) {
+                        true => self.remote.get(&parameter) == Some(bytes),
+                        false => self
+                            .values_seen
+                            .get(&parameter)
+                            .is_some_and(|v| v.contains(bytes)),
+                    };
+                    // `@value` is looked up in a directory the core still
+                    // holds while it fetches the value: its kind is the directory's.
+                    let as_own_value = path.strip_suffix("/@value").is_some_and(|dir| {
+                        self.window.iter().any(|t| answer_in(t, dir) == Answer::Dir)
+                    });
+                    bytes_ok
+                        && (as_own_value
+                            || self.has_own_value(path)
+                            || allowed.iter().any(|a| matches!(a, Answer::File(_))))
+                }
+                Answer::Missing => {
+                    // A listing (within its TTL) names a file whose value has
+                    // gone since: the file is missing until the listing is read again.
+                    let file_gone = allowed.iter().any(|a| matches!(a, Answer::File(_)))
+                        && allowed.iter().any(|a| !matches!(a, Answer::File(_)));
+                    allowed.contains(got)
+                        || file_gone
+                        || self.below_own_value(path)
+                        || self.emptied_by_event(path.strip_suffix("/@value").unwrap_or(path))
+                }
+                Answer::Dir => allowed.contains(got),
+            };
+            assert!(
+                ok,
+                "{path}: got {got:?}, allowed {allowed:?} (values {:?})",
+                self.values_seen.get(&parameter)
+            );
+        }
+
+        /// Whether `path` is, in some state of the window, a directory with
+        /// a value of its own. A lookup past the parent's TTL trusts the
+        /// parent's listing that it is a file and asks for the value alone,
+        /// so a file that gained names below it stays a file (those names out
+        /// of reach) until the parent is listed again: by design, a probe per
+        /// lookup saved (see `fs::lookup`).
+        fn has_own_value(&self, path: &str) -> bool {
+            let own = format!("{path}/@value");
+            self.window.iter().any(|t| t.contains_key(&own))
+        }
+
+        /// Whether a directory above `path` has a value of its own, so may
+        /// still be shown as a file (`has_own_value`).
+        fn below_own_value(&self, path: &str) -> bool {
+            let mut above = path;
+            while let Some((parent, _)) = above.rsplit_once('/') {
+                if self.has_own_value(parent) {
+                    return true;
+                }
+                above = parent;
+            }
+            false
+        }
+
+        fn check_listing(&self, path: &str, got: &Result<BTreeMap<String, FileKind>, i32>) {
+            let allowed: Vec<_> = self
+                .window
+                .iter()
+                .filter(|t| answer_in(t, path) == Answer::Dir)
+                .map(|t| entries_in(t, path))
+                .collect();
+            let Ok(got) = got else {
+                let missing = self
+                    .window
+                    .iter()
+                    .any(|t| answer_in(t, path) != Answer::Dir)
+                    || self.emptied_by_event(path)
+                    || self.has_own_value(path)
+                    || self.below_own_value(path);
+                assert!(missing, "ls {path}: {got:?}, allowed {allowed:?}");
+                return;
+            };
+            if self.window.len() == 1 {
+                assert_eq!(Some(got), allowed.first(), "ls {path}");
+                return;
+            }
+            // Mid-window a cached listing may have learned some changes and not
+            // others: every entry from some state, and none that all states keep missing.
+            for (name, kind) in got {
+                // A directory from one state, a value from another: a name
+                // a lookup found a value for is listed as a file.
+                let child = if path.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{path}/{name}")
+                };
+                let a_value =
+                    *kind == FileKind::File && self.values_seen.contains_key(&parameter_of(&child));
+                assert!(
+                    a_value || allowed.iter().any(|e| e.get(name) == Some(kind)),
+                    "ls {path}: {name} {kind:?}, allowed {allowed:?}"
+                );
+            }
+            if allowed.len() == self.window.len() {
+                let everywhere = allowed
+                    .iter()
+                    .skip(1)
+                    .fold(allowed[0].clone(), |mut all, e| {
+                        all.retain(|n, k| e.get(n) == Some(k));
+                        all
+                    });
+                for (name, kind) in everywhere {
+                    let child = if path.is_empty() {
+                        name.clone()
+                    } else {
+                        format!("{path}/{name}")
+                    };
+                    assert!(
+                        got.get(&name).is_some() || self.emptied_by_event(&child),
+                        "ls {path}: lacks {name} {kind:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// What a path is, through the core: looked up component by component.
+    async fn query(fs: &TestFs, path: &str, read: bool) -> Answer {
+        let entry = match walk(fs, path).await {
+            Ok(entry) => entry,
+            Err(errno) if errno == libc::ENOENT || errno == libc::ENOTDIR => {
+                return Answer::Missing
+            }
+            Err(errno) => panic!("{path}: errno {errno}"),
+        };
+        if entry.attr.kind == FileKind::Dir {
+            return Answer::Dir;
+        }
+        let ino = entry.attr.ino;
+        if !read {
+            let attr = fs
+                .getattr(ino)
+                .await
+                .unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert_eq!(attr.attr.kind, FileKind::File, "{path}");
+            let kind = fs.xattr(ino, OsStr::new("user.ssm.type")).await;
+            assert_eq!(kind.ok().as_deref(), Some(&b"String"[..]), "{path}");
+            // The size the kernel is told, as bytes of some state's value.
+            return Answer::File(vec![0; attr.attr.size as usize]);
+        }
+        let data = fs
+            .read(ino, 0, 1 << 16)
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(
+            data.bytes().len() as u64,
+            entry.attr.size,
+            "{path}: st_size"
+        );
+        Answer::File(data.bytes().to_vec())
+    }
+
+    /// Lets the refreshes spawned by the last operation finish, as a
+    /// mount's idle moments do.
+    async fn settle_tasks() {
+        for _ in 0..8 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    async fn run_operations(initial: BTreeMap<String, Vec<u8>>, ops: Vec<Op>, small_cache: bool) {
+        let store = MemoryStore::new();
+        for (name, value) in &initial {
+            store.put(name, value.clone(), ParameterKind::String);
+        }
+        let mut config = config("/m");
+        if small_cache {
+            config.cache.max_entries = 3;
+        }
+        let (fs, _invalidations) = mount(store, config);
+        let mut model = Model::new(initial);
+        let paths = paths();
+        for op in ops {
+            match op {
+                Op::Put(n, v) => {
+                    let name = format!("/m/{}", NAMES[n]);
+                    let value = VALUES[v].as_bytes().to_vec();
+                    fs.store()
+                        .inner()
+                        .put(&name, value.clone(), ParameterKind::String);
+                    model.remote.insert(name.clone(), value);
+                    model.changed(&name);
+                }
+                Op::Delete(n) => {
+                    let name = format!("/m/{}", NAMES[n]);
+                    fs.store().inner().delete(&name);
+                    if model.remote.remove(&name).is_some() {
+                        model.changed(&name);
+                    }
+                }
+                Op::Event(n) => {
+                    // As SSM sends them: an update of a parameter that is
+                    // there, a delete of one that was.
+                    let name = format!("/m/{}", NAMES[n]);
+                    let present = model.remote.contains_key(&name);
+                    if !present && !model.values_seen.contains_key(&name) {
+                        continue;
+                    }
+                    let operation = if present { "Update" } else { "Delete" };
+                    let event =
+                        super::events::event(&name, operation, std::time::SystemTime::now());
+                    fs.apply_events(vec![event]).await;
+                    if present {
+                        model.fetched_by_event.insert(name);
+                    } else {
+                        model.deleted_by_event.push(name);
+                    }
+                }
+                Op::Advance(seconds) => {
+                    settle_tasks().await;
+                    tokio::time::advance(Duration::from_secs(seconds)).await;
+                    if seconds > 300 {
+                        model.settle();
+                        // Past the TTL nothing cached answers: neither do
+                        // event-fetched values need a rule of their own.
+                        model.fetched_by_event.clear();
+                    }
+                }
+                Op::Read(p) => {
+                    let got = query(&fs, &paths[p], true).await;
+                    model.check(&paths[p], &got);
+                }
+                Op::Stat(p) => {
+                    let path = &paths[p];
+                    let got = query(&fs, path, false).await;
+                    // Only the size is known here: compare it with the sizes allowed.
+                    let got = match got {
+                        Answer::File(zeros) => {
+                            let parameter = parameter_of(path);
+                            let size_of = |v: &Vec<u8>| v.len() == zeros.len();
+                            let candidates: Vec<Vec<u8>> = match model
+                                .fetched_by_event
+                                .contains(&parameter)
+                            {
+                                true => model.remote.get(&parameter).cloned().into_iter().collect(),
+                                false => model
+                                    .values_seen
+                                    .get(&parameter)
+                                    .cloned()
+                                    .unwrap_or_default(),
+                            };
+                            // Stand in the value of that size, if one is allowed.
+                            Answer::File(candidates.into_iter().find(size_of).unwrap_or(zeros))
+                        }
+                        other => other,
+                    };
+                    model.check(path, &got);
+                }
+                Op::List(d) => {
+                    let path = if d == 0 {
+                        String::new()
+                    } else {
+                        NAMES[d - 1].to_string()
+                    };
+                    let got = ls(&fs, &path)
+                        .await
+                        .map(|items| items.into_iter().collect());
+                    model.check_listing(&path, &got);
+                }
+            }
+            settle_tasks().await;
+        }
     }
 }
 
@@ -1051,7 +1505,7 @@ mod events {
         config
     }
 
-    fn event(name: &str, operation: &str, time: SystemTime) -> ParameterEvent {
+    pub(super) fn event(name: &str, operation: &str, time: SystemTime) -> ParameterEvent {
         match parse(&event_json(name, operation, time)) {
             Ok(Message::Event(event)) => event,
             other => panic!("{other:?}"),
@@ -1943,4 +2397,68 @@ async fn a_denied_or_missing_parameter_does_not_fail_over() {
     assert_eq!(walk(&fs, "nope").await.unwrap_err(), libc::ENOENT);
     assert_eq!(fs.store().failover().unwrap().inner().counts().total(), 0);
     assert!(!fs.store().on_failover());
+}
+
+/// Found by the reference model: a directory's listing read again past its
+/// TTL kept the old listing's word that the directory had no value of its
+/// own, so `@value` stayed hidden after the directory gained one.
+#[tokio::test(start_paused = true)]
+async fn a_value_a_directory_gains_shows_as_value_after_the_ttl() {
+    let store = MemoryStore::new();
+    store.put_string("/m/b/a/b", "below");
+    let (fs, _inval) = mount(store, config("/m"));
+    assert_eq!(
+        ls(&fs, "b").await.unwrap(),
+        [("a".to_string(), FileKind::Dir)]
+    );
+    fs.store().inner().put_string("/m/b", "own");
+    tokio::time::advance(Duration::from_secs(301)).await;
+    // Refreshed as a value below `b`: `b` is still a directory without a call.
+    let companion = events::event("/m/b/a/b", "Update", std::time::SystemTime::now());
+    fs.apply_events(vec![companion]).await;
+    assert_eq!(
+        ls(&fs, "b").await.unwrap(),
+        [
+            ("@value".to_string(), FileKind::File),
+            ("a".to_string(), FileKind::Dir)
+        ]
+    );
+    assert_eq!(cat(&fs, "b/@value").await.unwrap(), b"own");
+}
+
+/// Found by the reference model: past its TTL, a listing that named a file
+/// whose value has gone since made a lookup answer ENOENT without asking
+/// whether the name had become a directory, until the parent was listed again.
+#[tokio::test(start_paused = true)]
+async fn a_file_that_became_a_directory_is_found_after_the_ttl() {
+    let store = MemoryStore::new();
+    store.put_string("/m/a", "file");
+    let (fs, _inval) = mount(store, config("/m"));
+    assert_eq!(walk(&fs, "b").await.err(), Some(libc::ENOENT));
+    // The second sibling looked up reads the root's listing: `a` is a file.
+    assert_eq!(cat(&fs, "a").await.unwrap(), b"file");
+    fs.store().inner().delete("/m/a");
+    fs.store().inner().put_string("/m/a/a", "below");
+    tokio::time::advance(Duration::from_secs(301)).await;
+    assert_eq!(walk(&fs, "a").await.unwrap().attr.kind, FileKind::Dir);
+    assert_eq!(cat(&fs, "a/a").await.unwrap(), b"below");
+}
+
+/// Found by the reference model: an event for a name in a directory a stale
+/// listing lacked cached that directory as new, holding that name alone, so
+/// its other names answered ENOENT for a TTL.
+#[tokio::test(start_paused = true)]
+async fn an_event_below_a_directory_a_stale_listing_lacks_hides_no_sibling() {
+    let store = MemoryStore::new();
+    store.put_string("/m/b/a", "");
+    let (fs, _inval) = mount(store, config("/m"));
+    assert_eq!(walk(&fs, "b/a/b").await.err(), Some(libc::ENOTDIR));
+    assert_eq!(walk(&fs, "a/a").await.err(), Some(libc::ENOENT));
+    fs.store().inner().put_string("/m/a/a", "one");
+    fs.store().inner().put_string("/m/a/b", "two");
+    tokio::time::advance(Duration::from_secs(301)).await;
+    let update = events::event("/m/a/a", "Update", std::time::SystemTime::now());
+    fs.apply_events(vec![update]).await;
+    assert_eq!(cat(&fs, "a/b").await.unwrap(), b"two");
+    assert_eq!(cat(&fs, "a/a").await.unwrap(), b"one");
 }

@@ -1,4 +1,6 @@
-//! Parameter change events: SSM's "Parameter Store Change" events, delivered
+//! The change-event transport (one of three "events" things: `crate::change`
+//! is the model of a change, `fs::apply_events` applies changes inside the
+//! core, and this module receives them). Parameter change events: SSM's "Parameter Store Change" events, delivered
 //! by EventBridge to an SQS queue (directly, or through an SNS topic, raw or in
 //! SNS's envelope), turned into refreshes of exactly the names that changed.
 //!
@@ -158,7 +160,7 @@ pub trait EventQueue: Send + Sync + 'static {
 }
 
 /// The longest sleep between looks for paced refetches that came due (see
-/// `fs::events`); a refetch due sooner is made when it is due.
+/// `fs::apply_events`); a refetch due sooner is made when it is due.
 const PACING_TICK: Duration = Duration::from_millis(250);
 /// How often the fleet's size is counted again (one GetTopicAttributes).
 const HOSTS_RECOUNT: Duration = Duration::from_secs(3600);

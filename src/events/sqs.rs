@@ -243,7 +243,7 @@ pub fn own_queue_prefix(host: &str, mount_key: &str) -> String {
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .take(40)
         .collect();
-    let hash = crate::inode::stable_hash(mount_key.bytes());
+    let hash = crate::fs::inode::stable_hash(mount_key.bytes());
     format!("ssmfs-{host}-{:08x}-", hash as u32)
 }
 

@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use crate::cache::Validity;
 use crate::config::FsConfig;
+use crate::fs::cache::Validity;
 use crate::store::Parameter;
 
 /// Reported as the block size: values are small, one page covers them.

@@ -8,7 +8,7 @@
 
 use crate::airflow::Area;
 use crate::config::FsConfig;
-use crate::inode::{Node, Role, ROOT_INO};
+use crate::fs::inode::{Node, Role, ROOT_INO};
 use crate::names::{self, SHADOWED_VALUE_NAME};
 
 pub(super) enum Layout {

@@ -33,9 +33,9 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::Fs;
-use crate::cache::{ChildKind, DirEntry, Known, Validity, ValueEntry};
-use crate::error::FsError;
+use super::cache::{ChildKind, DirEntry, Known, Validity, ValueEntry};
+use super::error::FsError;
+use super::filesystem::Fs;
 use crate::metrics::Metrics;
 use crate::names;
 use crate::store::{Parameter, ParameterStore, StoreError};
@@ -145,8 +145,13 @@ impl Knowledge {
             // Only a complete listing rules out names below it on a later page.
             // A stale one still does for a value kept fresh by refreshes: a hot
             // file's directory listing is not re-read every TTL for it.
+            // A stale one does not vouch for the absence of a value it
+            // listed: that file may have become a directory since.
             Some((parent, ChildKind::File)) if parent.complete => {
-                return self.own_value.as_ref().map(value_resolution)
+                match self.own_value.as_ref().map(value_resolution) {
+                    Some(Resolved::Missing) if self.parent_stale => {}
+                    resolved => return resolved,
+                }
             }
             None if self.parent_is_complete() && self.absence_trusted => {
                 return Some(Resolved::Missing)
@@ -273,6 +278,16 @@ pub(super) fn conclude(
     if value_first_done && !found && !value_failed && known.own_dir.is_none() && !listing_refused {
         return Conclusion::ProbeDir;
     }
+    // A file a stale listing named is gone: ask whether it became a directory.
+    let listed_file_gone = known.parent_stale
+        && known.listed_in_complete_parent(base)
+        && matches!(
+            known.own_value.as_ref().map(value_resolution),
+            Some(Resolved::Missing)
+        );
+    if listed_file_gone && known.own_dir.is_none() && !listing_refused && !known.name_unlistable {
+        return Conclusion::ProbeDir;
+    }
     let name_unlisted = known.name_unlistable && known.needs_dir_probe(base);
     if listing_refused || name_unlisted || (value_first_done && found) {
         return Conclusion::Resolved(match known.own_value.as_ref().map(value_resolution) {
@@ -291,21 +306,25 @@ impl<S: ParameterStore> Fs<S> {
         usable: impl Fn(&Validity) -> bool,
     ) -> Knowledge {
         let now = Instant::now();
-        let parent_dir = self.cache.dir(parent);
+        let parent_dir = self.superblock.cache().dir(parent);
         let parent_fresh = parent_dir.as_ref().is_some_and(|d| usable(&d.validity));
         let absence_trusted = parent_dir
             .as_ref()
             .is_some_and(|d| self.absence_still_trusted(&d.validity, now));
-        let own_value = self.cache.value(name).filter(|v| usable(&v.validity));
+        let own_value = self
+            .superblock
+            .cache()
+            .value(name)
+            .filter(|v| usable(&v.validity));
         Knowledge {
             absence_trusted,
-            parent_large: self.cache.extended_lately(parent, now),
+            parent_large: self.superblock.cache().extended_lately(parent, now),
             fresh_value_below: (!parent_fresh)
                 .then(|| self.fresh_value_below(name, now))
                 .flatten(),
             parent_stale: parent_dir.is_some() && !parent_fresh,
             parent_dir,
-            own_dir: self.cache.dir(name).filter(|d| {
+            own_dir: self.superblock.cache().dir(name).filter(|d| {
                 // "Nothing below" is an absence like any other: beside a value
                 // it holds for the TTL (a file stays a file), alone only for
                 // the absence window, so a new directory shows up as a new
@@ -318,7 +337,7 @@ impl<S: ParameterStore> Fs<S> {
             own_value,
             name_unlistable: self.listing_refused(name, now),
             parent_unlistable: self.listing_refused(parent, now),
-            siblings_probed: self.cache.probes_below(parent),
+            siblings_probed: self.superblock.cache().probes_below(parent),
         }
     }
 
@@ -332,19 +351,20 @@ impl<S: ParameterStore> Fs<S> {
     /// as the last listing of `dir` (of any age) names them: `dir` is still a
     /// directory, without listing anything again.
     fn fresh_value_below(&self, dir: &str, now: Instant) -> Option<Validity> {
-        let listing = self.cache.dir(dir)?;
+        let listing = self.superblock.cache().dir(dir)?;
         listing.children.iter().find_map(|(child, kind)| {
             let name = names::join(dir, child);
             match kind {
                 ChildKind::File => self
-                    .cache
+                    .superblock
+                    .cache()
                     .value(&name)
                     .filter(|v| v.parameter().is_some() && v.validity.is_fresh(now))
                     .map(|v| v.validity),
-                ChildKind::Dir => self.cache.dir(&name).and_then(|sub| {
+                ChildKind::Dir => self.superblock.cache().dir(&name).and_then(|sub| {
                     sub.children.iter().find_map(|(leaf, kind)| {
                         (*kind == ChildKind::File)
-                            .then(|| self.cache.value(&names::join(&name, leaf)))
+                            .then(|| self.superblock.cache().value(&names::join(&name, leaf)))
                             .flatten()
                             .filter(|v| v.parameter().is_some() && v.validity.is_fresh(now))
                             .map(|v| v.validity)
@@ -371,7 +391,7 @@ impl<S: ParameterStore> Fs<S> {
         }
         // While SSM keeps failing, what may be served stale is, and the value
         // is retried with the next refresh batch instead of by a call now.
-        if self.in_outage() {
+        if self.superblock.in_outage() {
             let stale = self.knowledge(parent, name, |v| v.may_serve_stale(now));
             if let Some(resolved) = stale.decide(base).filter(serves_stale) {
                 match resolved {
@@ -385,7 +405,7 @@ impl<S: ParameterStore> Fs<S> {
         if step == Plan::ExtendParent {
             if let Ok(listing) = self.extend_listing(parent, PAGES_PER_LOOKUP).await {
                 if !listing.complete {
-                    self.cache.note_extended(parent);
+                    self.superblock.cache().note_extended(parent);
                 }
                 known.absence_trusted = listing.complete;
                 known.parent_dir = Some(listing);
@@ -398,7 +418,7 @@ impl<S: ParameterStore> Fs<S> {
             }
         }
         if !known.parent_is_complete() && !known.listed_in_complete_parent(base) {
-            self.cache.count_probe(parent);
+            self.superblock.cache().count_probe(parent);
         }
         let (value, dir) = match step {
             Plan::Ask { value, dir } => (value, dir),
@@ -450,7 +470,7 @@ impl<S: ParameterStore> Fs<S> {
                 let stale = self.knowledge(parent, name, |v| v.may_serve_stale(now));
                 match stale.decide(base).filter(serves_stale) {
                     Some(resolved) => {
-                        self.note_stale(name, &error);
+                        self.superblock.note_stale(name, &error);
                         Ok(resolved)
                     }
                     None => Err(error.into()),

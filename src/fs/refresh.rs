@@ -26,17 +26,15 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
-use rand::Rng;
 use tokio::time::Instant;
 
-use super::{Fs, STALE_RECHECK};
-use crate::cache::{Known, ValueEntry};
+use super::cache::{Known, ValueEntry};
+use super::filesystem::Fs;
 use crate::metrics::Metrics;
 use crate::names;
 use crate::store::resilient::in_background;
-use crate::store::{ParameterStore, StoreError, MAX_BATCH};
+use crate::store::{ParameterStore, StoreError};
 
 impl<S: ParameterStore> Fs<S> {
     /// Called on every reader's cache hit: notes the read, and starts a
@@ -45,29 +43,24 @@ impl<S: ParameterStore> Fs<S> {
         let Some(entry) = entry.as_ref().filter(|e| e.parameter().is_some()) else {
             return;
         };
-        self.cache.mark_read(name);
+        self.superblock.cache().mark_read(name);
         if entry.validity.wants_refresh(Instant::now()) {
             self.refresh_soon(name);
         }
     }
 
-    /// How far ahead of their own refresh point values join a batch.
-    fn refresh_horizon(&self) -> Duration {
-        self.config.cache.ttl / 4
-    }
-
     pub(super) fn refresh_soon(self: &Arc<Self>, name: &str) {
         let mut batch = vec![Arc::<str>::from(name)];
-        if !self.refreshing.lock().unwrap().insert(batch[0].clone()) {
+        if !self.superblock.start_refresh(&batch[0]) {
             return;
         }
         if !names::has_selector(name) {
-            batch.extend(self.take_companions(&batch));
+            batch.extend(self.superblock.take_companions(&batch));
         }
         let fs = self.clone();
         tokio::spawn(async move {
             in_background(fs.refresh(&batch)).await;
-            fs.release(&batch);
+            fs.superblock.release(&batch);
         });
     }
 
@@ -75,35 +68,8 @@ impl<S: ParameterStore> Fs<S> {
     /// TTL, and is retried with the next refresh batch, not by a call now.
     pub(super) fn retry_later(self: &Arc<Self>, name: &str) {
         Metrics::inc(&self.metrics.stale_serves);
-        self.cache.mark_read(name);
+        self.superblock.cache().mark_read(name);
         self.refresh_soon(name);
-    }
-
-    /// Read values due within the refresh horizon to fill a GetParameters
-    /// of `names` up to ten, none of them already being refreshed; marked as
-    /// being refreshed (`release` them after the call). None while SSM
-    /// refuses GetParameters.
-    pub(super) fn take_companions(&self, names: &[Arc<str>]) -> Vec<Arc<str>> {
-        let room = MAX_BATCH.saturating_sub(names.len());
-        if room == 0 || self.cache.batches_refused(Instant::now()) {
-            return Vec::new();
-        }
-        let mut refreshing = self.refreshing.lock().unwrap();
-        let companions =
-            self.cache
-                .due_for_refresh(Instant::now(), self.refresh_horizon(), room, |other| {
-                    names.iter().any(|n| &**n == other) || refreshing.contains(other)
-                });
-        refreshing.extend(companions.iter().cloned());
-        companions
-    }
-
-    /// Names whose refresh is over.
-    pub(super) fn release(&self, names: &[Arc<str>]) {
-        let mut refreshing = self.refreshing.lock().unwrap();
-        for name in names {
-            refreshing.remove(name);
-        }
     }
 
     async fn refresh(self: &Arc<Self>, batch: &[Arc<str>]) {
@@ -111,9 +77,9 @@ impl<S: ParameterStore> Fs<S> {
             match self.get_batch(batch).await {
                 Ok(()) => return,
                 Err(error) if error.is_outage() => {
-                    let recheck = self.outage_recheck();
+                    let recheck = self.superblock.outage_recheck();
                     for name in batch {
-                        self.note_stale_for(name, &error, recheck);
+                        self.superblock.note_stale_for(name, &error, recheck);
                     }
                     return;
                 }
@@ -123,7 +89,7 @@ impl<S: ParameterStore> Fs<S> {
         for name in batch {
             if let Err(error) = self.fetch_value(name).await {
                 if error.is_outage() {
-                    self.note_stale(name, &error);
+                    self.superblock.note_stale(name, &error);
                 }
             }
         }
@@ -139,22 +105,23 @@ impl<S: ParameterStore> Fs<S> {
     ) -> Option<Result<ValueEntry, StoreError>> {
         let now = Instant::now();
         let known = self
-            .cache
+            .superblock
+            .cache()
             .value(name)
             .is_some_and(|e| e.parameter().is_some());
-        if !known || self.cache.batches_refused(now) || names::has_selector(name) {
+        if !known || self.superblock.cache().batches_refused(now) || names::has_selector(name) {
             return None;
         }
         let mut batch = vec![Arc::<str>::from(name)];
-        let companions = self.take_companions(&batch);
+        let companions = self.superblock.take_companions(&batch);
         if companions.is_empty() {
             return None;
         }
         batch.extend(companions);
         let fetched = self.get_batch(&batch).await;
-        self.release(&batch[1..]);
+        self.superblock.release(&batch[1..]);
         match fetched {
-            Ok(()) => self.cache.value(name).map(Ok),
+            Ok(()) => self.superblock.cache().value(name).map(Ok),
             Err(error) if error.is_outage() => Some(Err(error)),
             Err(_) => None,
         }
@@ -163,60 +130,33 @@ impl<S: ParameterStore> Fs<S> {
     /// One GetParameters for `batch`, its answers recorded. A refusal is
     /// remembered (and logged once): later refreshes go name by name.
     pub(super) async fn get_batch(&self, batch: &[Arc<str>]) -> Result<(), StoreError> {
-        if self.cache.batches_refused(Instant::now()) {
+        if self.superblock.cache().batches_refused(Instant::now()) {
             return Err(StoreError::access_denied("GetParameters refused earlier"));
         }
         let names: Vec<&str> = batch.iter().map(|n| &**n).collect();
         match self.store.get_many(&names).await {
             Ok(answer) => {
-                self.note_answer();
+                self.superblock.note_answer();
                 Metrics::inc(&self.metrics.refresh_batches);
                 self.metrics
                     .refreshed_values
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
                 for parameter in answer.found {
                     let name = parameter.name.clone();
-                    self.record_value(&name, Known::Present(Arc::new(parameter)));
+                    self.superblock
+                        .record_value(&name, Known::Present(Arc::new(parameter)));
                 }
                 for name in answer.missing {
-                    self.record_value(&name, Known::Absent);
+                    self.superblock.record_value(&name, Known::Absent);
                 }
                 Ok(())
             }
             // IAM denies GetParameters (or one name in it).
             Err(error @ StoreError::AccessDenied { .. }) => {
-                self.cache.refuse_batches();
-                if !self.batches_refusal_logged.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        "SSM denied GetParameters (ssm:GetParameters not granted, or one of the names is denied); refreshing values one GetParameter each"
-                    );
-                }
+                self.superblock.refuse_batches();
                 Err(error)
             }
             Err(error) => Err(error),
         }
-    }
-
-    /// Whether SSM's last answer was a failure (throttling or an outage).
-    pub(super) fn in_outage(&self) -> bool {
-        self.failures_in_a_row.load(Ordering::Relaxed) > 0
-    }
-
-    /// SSM answered: the next failure starts the backoff afresh.
-    pub(super) fn note_answer(&self) {
-        self.failures_in_a_row.store(0, Ordering::Relaxed);
-    }
-
-    /// How long to serve stale answers before asking SSM again, after one more
-    /// failure: 10 s, doubled per failure in a row, at most the TTL, +-25%.
-    pub(super) fn outage_recheck(&self) -> Duration {
-        let failures = self
-            .failures_in_a_row
-            .fetch_add(1, Ordering::Relaxed)
-            .min(16);
-        let backoff = STALE_RECHECK
-            .saturating_mul(1 << failures)
-            .min(self.config.cache.ttl.max(STALE_RECHECK));
-        backoff.mul_f64(rand::thread_rng().gen_range(0.75..1.25))
     }
 }

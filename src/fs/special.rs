@@ -6,7 +6,7 @@
 //! A selector is one GetParameter of `NAME:SELECTOR`, cached like any value
 //! under that name: a version never changes, so it is kept for as long as
 //! memory allows; a label can move, so it follows the TTL. A view is a
-//! directory whose fields are computed from the value (`crate::views`) at
+//! directory whose fields are computed from the value (`crate::fs::views`) at
 //! each lookup and read: no call beyond the value's own. Attributes come with
 //! the cached parameter: no call either.
 
@@ -15,14 +15,15 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::{Entry, Fs, ReadData};
-use crate::cache::ValueEntry;
-use crate::error::FsError;
-use crate::inode::{Node, Role};
+use super::attr::Entry;
+use super::cache::ValueEntry;
+use super::error::FsError;
+use super::filesystem::{Fs, ReadData};
+use super::inode::{Node, Role};
+use super::views;
 use crate::names::{self, Special, View};
 use crate::secret::SecretBytes;
 use crate::store::{Parameter, ParameterStore};
-use crate::views;
 
 /// The attributes every file has, for `listxattr` and `getfattr -d`.
 pub const XATTR_NAMES: [&str; 7] = [
@@ -62,13 +63,19 @@ impl<S: ParameterStore> Fs<S> {
         let parameter = self.present(&entry, &value_name)?;
         match special.view {
             None => {
-                let ino = self.inodes.remember(parent_ino, &value_name, Role::File);
+                let ino = self
+                    .superblock
+                    .inodes()
+                    .remember(parent_ino, &value_name, Role::File);
                 Ok(self.file_entry(ino, &parameter, &entry))
             }
             Some(view) => {
                 views::fields(view, parameter.value.expose()).ok_or(FsError::NotFound)?;
                 let view_name = format!("{value_name}{}", view.suffix());
-                let ino = self.inodes.remember(parent_ino, &view_name, Role::View);
+                let ino = self
+                    .superblock
+                    .inodes()
+                    .remember(parent_ino, &view_name, Role::View);
                 Ok(self
                     .attrs
                     .dir(ino, entry.validity.kernel_ttl(Instant::now())))
@@ -96,7 +103,9 @@ impl<S: ParameterStore> Fs<S> {
         let key = segment.to_str().ok_or(FsError::NotFound)?;
         self.field_entry(&view.name, key, || {
             let field_name = format!("{}/{key}", view.name);
-            self.inodes.remember(view.ino, &field_name, Role::Field)
+            self.superblock
+                .inodes()
+                .remember(view.ino, &field_name, Role::Field)
         })
         .await
     }
@@ -120,7 +129,8 @@ impl<S: ParameterStore> Fs<S> {
             .find(|(name, _)| name == key)
             .ok_or(FsError::NotFound)?;
         let ino = ino();
-        self.inodes
+        self.superblock
+            .inodes()
             .set_reported_version(ino, Some(parameter.version));
         Ok(self
             .attrs
@@ -138,7 +148,7 @@ impl<S: ParameterStore> Fs<S> {
         let (value_name, view) = split_view(view_name).ok_or(FsError::NotFound)?;
         let entry = self.value(value_name).await?;
         let current = self.present(&entry, value_name)?;
-        let parameter = self.version_for_read(node, &entry, current);
+        let parameter = self.superblock.version_for_read(node, &entry, current);
         let (_, bytes) = views::fields(view, parameter.value.expose())
             .and_then(|fields| fields.into_iter().find(|(name, _)| name == key))
             .ok_or(FsError::NotFound)?;
@@ -155,32 +165,12 @@ impl<S: ParameterStore> Fs<S> {
             .into_iter()
             .map(|(key, _)| {
                 let ino = self
-                    .inodes
+                    .superblock
+                    .inodes()
                     .number(&format!("{}/{key}", view.name), Role::Field);
                 (key, ino)
             })
             .collect())
-    }
-
-    /// Tells the kernel to drop the views of `name` (its value changed):
-    /// each view's fields of the version it showed.
-    pub(super) fn invalidate_views(&self, name: &str, old: &Parameter) {
-        for view in [View::Json, View::Conn] {
-            let view_name = format!("{name}{}", view.suffix());
-            let Some(view_ino) = self.inodes.find(&view_name, Role::View) else {
-                continue;
-            };
-            self.send(super::Invalidation::Inode(view_ino));
-            for (key, _) in views::fields(view, old.value.expose()).unwrap_or_default() {
-                if let Some(ino) = self.inodes.find(&format!("{view_name}/{key}"), Role::Field) {
-                    self.send(super::Invalidation::Inode(ino));
-                }
-                self.send(super::Invalidation::Entry {
-                    parent: view_ino,
-                    name: key,
-                });
-            }
-        }
     }
 
     /// The name of the value whose metadata a node shows, if it has one.

@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Batch, Page, Parameter, ParameterStore, StoreError};
+use super::{Batch, Page, PageContent, Parameter, ParameterStore, StoreError};
 use crate::names;
 
 /// Marks a page token the failover region issued. SSM's tokens are base64,
@@ -212,21 +212,10 @@ impl<S: ParameterStore> ParameterStore for Failover<S> {
         path: &str,
         max_results: usize,
         next_token: Option<String>,
+        content: PageContent,
     ) -> Result<Page, StoreError> {
         self.page(next_token, |store, token| {
-            store.list_page(path, max_results, token)
-        })
-        .await
-    }
-
-    async fn list_names_page(
-        &self,
-        path: &str,
-        max_results: usize,
-        next_token: Option<String>,
-    ) -> Result<Page, StoreError> {
-        self.page(next_token, |store, token| {
-            store.list_names_page(path, max_results, token)
+            store.list_page(path, max_results, token, content)
         })
         .await
     }
@@ -371,7 +360,10 @@ mod tests {
                 store.failover().unwrap().counts().list_page,
             )
         };
-        let first = store.list_page("/d", 10, None).await.unwrap();
+        let first = store
+            .list_page("/d", 10, None, PageContent::Values)
+            .await
+            .unwrap();
         let primary_token = first.next_token.clone();
         assert!(primary_token.is_some());
 
@@ -381,16 +373,22 @@ mod tests {
             .primary()
             .fail_every_call(Some(StoreError::Unavailable("503".into())));
         let error = store
-            .list_page("/d", 10, primary_token.clone())
+            .list_page("/d", 10, primary_token.clone(), PageContent::Values)
             .await
             .unwrap_err();
         assert_eq!(error, StoreError::InvalidNextToken);
         assert_eq!(lists(&store), (2, 0));
-        let again = store.list_page("/d", 10, primary_token).await.unwrap_err();
+        let again = store
+            .list_page("/d", 10, primary_token, PageContent::Values)
+            .await
+            .unwrap_err();
         assert_eq!(again, StoreError::InvalidNextToken, "resting: not asked");
         assert_eq!(lists(&store), (2, 0));
 
-        let mut page = store.list_page("/d", 10, None).await.unwrap();
+        let mut page = store
+            .list_page("/d", 10, None, PageContent::Values)
+            .await
+            .unwrap();
         let mut seen = page.parameters.len();
         // The primary is back, and its rest over: the failover region's
         // listing still ends there.
@@ -398,14 +396,20 @@ mod tests {
         tokio::time::advance(REST).await;
         while let Some(token) = page.next_token.take() {
             assert!(token.starts_with(FAILOVER_TOKEN_MARK), "{token}");
-            page = store.list_page("/d", 10, Some(token)).await.unwrap();
+            page = store
+                .list_page("/d", 10, Some(token), PageContent::Values)
+                .await
+                .unwrap();
             assert!(page.parameters.iter().all(|p| p.value.expose() == b"west"));
             seen += page.parameters.len();
         }
         assert_eq!(seen, 25);
         assert_eq!(lists(&store), (2, 3));
         // A new listing goes to the primary.
-        let page = store.list_page("/d", 10, None).await.unwrap();
+        let page = store
+            .list_page("/d", 10, None, PageContent::Values)
+            .await
+            .unwrap();
         assert_eq!(page.parameters[0].value.expose(), b"east");
         assert_eq!(lists(&store), (3, 3));
     }

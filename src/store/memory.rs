@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use super::{Batch, Page, Parameter, ParameterKind, ParameterStore, StoreError, MAX_PAGE};
+use super::{
+    Batch, Page, PageContent, Parameter, ParameterKind, ParameterStore, StoreError, MAX_PAGE,
+};
 use crate::names;
 use crate::secret::SecretBytes;
 
@@ -251,18 +253,13 @@ impl ParameterStore for MemoryStore {
         path: &str,
         max_results: usize,
         next_token: Option<String>,
+        content: PageContent,
     ) -> Result<Page, StoreError> {
-        self.by_path(path, max_results, next_token, true).await
-    }
-
-    async fn list_names_page(
-        &self,
-        path: &str,
-        max_results: usize,
-        next_token: Option<String>,
-    ) -> Result<Page, StoreError> {
-        let mut page = self.by_path(path, max_results, next_token, false).await?;
-        page.names_only = true;
+        let decrypting = content == PageContent::Values;
+        let mut page = self
+            .by_path(path, max_results, next_token, decrypting)
+            .await?;
+        page.names_only = !decrypting;
         Ok(page)
     }
 
@@ -334,7 +331,10 @@ mod tests {
         let mut token = None;
         let mut seen = 0;
         loop {
-            let page = store.list_page("/d", 10, token).await.unwrap();
+            let page = store
+                .list_page("/d", 10, token, PageContent::Values)
+                .await
+                .unwrap();
             assert!(page.parameters.len() <= 10);
             seen += page.parameters.len();
             token = page.next_token;

@@ -106,12 +106,21 @@ impl From<Modified> for SystemTime {
     }
 }
 
+/// What a listing page is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageContent {
+    /// Names, metadata and values (decrypted, where the store decrypts).
+    Values,
+    /// Names and metadata alone, listed without decryption.
+    NamesOnly,
+}
+
 /// One page of a listing below a path.
 #[derive(Debug, Default)]
 pub struct Page {
     pub parameters: Vec<Parameter>,
     pub next_token: Option<String>,
-    /// Listed without decryption (`list_names_page`): the names and metadata
+    /// Listed without decryption (`PageContent::NamesOnly`): the names and metadata
     /// hold, the values do not (a SecureString's is ciphertext), so none is
     /// kept.
     pub names_only: bool,
@@ -200,22 +209,16 @@ pub trait ParameterStore: Send + Sync + 'static {
     fn get_many(&self, names: &[&str]) -> impl Future<Output = Result<Batch, StoreError>> + Send;
 
     /// GetParametersByPath with `Recursive=true`: one page of every parameter
-    /// strictly below `path`, at most `max_results` (<= `MAX_PAGE`) of them.
+    /// strictly below `path`, at most `max_results` (<= `MAX_PAGE`) of them,
+    /// with their values, or without decryption (`PageContent::NamesOnly`):
+    /// SSM refuses a decrypting page whole when one parameter on it is under
+    /// a KMS key the caller may not use; a names-only page is not refused.
     fn list_page(
         &self,
         path: &str,
         max_results: usize,
         next_token: Option<String>,
-    ) -> impl Future<Output = Result<Page, StoreError>> + Send;
-
-    /// GetParametersByPath like `list_page` but without decryption: names and
-    /// metadata only. SSM refuses a decrypting page whole when one parameter
-    /// on it is under a KMS key the caller may not use; this page is not.
-    fn list_names_page(
-        &self,
-        path: &str,
-        max_results: usize,
-        next_token: Option<String>,
+        content: PageContent,
     ) -> impl Future<Output = Result<Page, StoreError>> + Send;
 
     /// The ARN of the parameter `name`, once the store knows the account and

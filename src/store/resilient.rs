@@ -25,7 +25,7 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::time::Instant;
 
-use super::{Batch, Page, Parameter, ParameterStore, StoreError};
+use super::{Batch, Page, PageContent, Parameter, ParameterStore, StoreError};
 use crate::config::RequestConfig;
 use crate::metrics::Metrics;
 
@@ -257,22 +257,11 @@ impl<S: ParameterStore> ParameterStore for Resilient<S> {
         path: &str,
         max_results: usize,
         next_token: Option<String>,
-    ) -> Result<Page, StoreError> {
-        self.call("GetParametersByPath", || {
-            self.inner.list_page(path, max_results, next_token.clone())
-        })
-        .await
-    }
-
-    async fn list_names_page(
-        &self,
-        path: &str,
-        max_results: usize,
-        next_token: Option<String>,
+        content: PageContent,
     ) -> Result<Page, StoreError> {
         self.call("GetParametersByPath", || {
             self.inner
-                .list_names_page(path, max_results, next_token.clone())
+                .list_page(path, max_results, next_token.clone(), content)
         })
         .await
     }

@@ -370,19 +370,12 @@ impl ParameterStore for SsmStore {
         path: &str,
         max_results: usize,
         next_token: Option<String>,
+        content: super::PageContent,
     ) -> Result<Page, StoreError> {
-        self.by_path(path, max_results, next_token, self.decrypt)
-            .await
-    }
-
-    async fn list_names_page(
-        &self,
-        path: &str,
-        max_results: usize,
-        next_token: Option<String>,
-    ) -> Result<Page, StoreError> {
-        let mut page = self.by_path(path, max_results, next_token, false).await?;
-        page.names_only = true;
+        let names_only = content == super::PageContent::NamesOnly;
+        let decrypt = self.decrypt && !names_only;
+        let mut page = self.by_path(path, max_results, next_token, decrypt).await?;
+        page.names_only = names_only;
         Ok(page)
     }
 

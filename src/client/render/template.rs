@@ -11,9 +11,9 @@ use zeroize::Zeroizing;
 
 use super::TemplateSpec;
 use crate::client::stream;
+use crate::fs::views;
 use crate::names::View;
 use crate::secret::SecretBytes;
-use crate::views;
 
 /// What one render read: for change lines, for redaction, and the read
 /// that failed.

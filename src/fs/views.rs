@@ -12,7 +12,6 @@
 //! Airflow would accept as a connection of no type) has no view. Every field's bytes are a
 //! `SecretBytes`, zeroed when dropped.
 
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::names::View;
@@ -58,7 +57,7 @@ fn json_fields(text: &str) -> Option<Vec<(String, SecretBytes)>> {
 /// A JSON object read without copying its values: keys in order, each value
 /// as the raw text of the input.
 mod indexmap_like {
-    use super::RawValue;
+    use serde_json::value::RawValue;
 
     pub struct Object<'a>(pub Vec<(String, &'a RawValue)>);
 

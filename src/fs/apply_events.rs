@@ -1,4 +1,7 @@
-//! Applying change events (see `crate::events`): which names to ask SSM about
+//! Applying change events inside the core (one of three "events" things:
+//! `crate::change` is the model of a change, `crate::events` the SQS/SNS
+//! transport that delivers them, and this module what the core does with
+//! them): which names to ask SSM about
 //! again, and what the listings and the kernel must learn from the answers.
 //!
 //! An event about a name this host knows nothing of (no cached value, no
@@ -29,16 +32,16 @@
 //! of the TTL, which still bounds staleness.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use rand::Rng;
 use tokio::time::Instant;
 
-use super::{Fs, Invalidation};
-use crate::cache::ChildKind;
+use super::cache::ChildKind;
+use super::filesystem::Fs;
+use super::inode::Role;
 use crate::change::{Operation, ParameterEvent};
-use crate::inode::Role;
 use crate::metrics::Metrics;
 use crate::names;
 use crate::store::resilient::once_in_background;
@@ -58,7 +61,7 @@ const EVENT_RETRY_CAP: Duration = Duration::from_secs(120);
 /// most 20 s, so a live listener answers at least three times in it.
 const EVENTS_LIVE_WINDOW: Duration = Duration::from_secs(60);
 /// How many recent event ids are remembered to drop redeliveries.
-pub(super) const REMEMBERED_EVENT_IDS: usize = 4096;
+const REMEMBERED_EVENT_IDS: usize = 4096;
 
 /// A herd of refetches SSM absorbs without spreading: its token bucket holds
 /// a second's worth of calls.
@@ -79,10 +82,31 @@ fn draw_due(now: Instant, spread: Duration) -> Instant {
     now + spread.mul_f64(rand::thread_rng().gen::<f64>())
 }
 
+/// What the core keeps about change events: the names waiting to be fetched
+/// again, the ids applied lately (so a redelivered one costs nothing), and
+/// since when, and when last, the event queue answered.
+pub(super) struct EventState {
+    pending: Mutex<PendingEvents>,
+    seen_ids: Mutex<lru::LruCache<String, ()>>,
+    live: Mutex<Option<(Instant, Instant)>>,
+}
+
+impl EventState {
+    pub(super) fn new(hosts: u32) -> Self {
+        Self {
+            pending: Mutex::new(PendingEvents::new(hosts)),
+            seen_ids: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(REMEMBERED_EVENT_IDS).unwrap(),
+            )),
+            live: Mutex::new(None),
+        }
+    }
+}
+
 /// Names waiting to be fetched again, each with its earliest event's time
 /// (for the lag metric) and when its paced refetch is due, and when to try
 /// again after an outage.
-pub(super) struct PendingEvents {
+struct PendingEvents {
     names: HashMap<Arc<str>, (Option<SystemTime>, Instant)>,
     retry_at: Option<Instant>,
     failures_in_a_row: u32,
@@ -93,7 +117,7 @@ pub(super) struct PendingEvents {
 }
 
 impl PendingEvents {
-    pub(super) fn new(hosts: u32) -> Self {
+    fn new(hosts: u32) -> Self {
         Self {
             names: HashMap::new(),
             retry_at: None,
@@ -140,7 +164,7 @@ impl<S: ParameterStore> Fs<S> {
             }
             Metrics::inc(&self.metrics.events_applied);
             let now = Instant::now();
-            let mut pending = self.pending_events.lock().unwrap();
+            let mut pending = self.events.pending.lock().unwrap();
             let spread = self.event_spread(&pending);
             for name in names {
                 let due = draw_due(now, spread);
@@ -161,11 +185,11 @@ impl<S: ParameterStore> Fs<S> {
     /// as it is); nothing for a redelivery, a name outside the mount, or a
     /// change that touches nothing cached here.
     fn names_to_fetch(&self, event: &ParameterEvent) -> Vec<Arc<str>> {
-        if !self.remember_event(event) || !self.layout.covers(&event.name) {
+        if !self.remember_event(event) || !self.superblock.layout().covers(&event.name) {
             return Vec::new();
         }
         match event.operation {
-            Operation::Label => self.cache.labelled_names(&event.name),
+            Operation::Label => self.superblock.cache().labelled_names(&event.name),
             _ if self.wants_change(event) => vec![Arc::from(event.name.as_str())],
             _ => Vec::new(),
         }
@@ -176,7 +200,8 @@ impl<S: ParameterStore> Fs<S> {
         let Some(id) = &event.id else {
             return true;
         };
-        self.seen_event_ids
+        self.events
+            .seen_ids
             .lock()
             .unwrap()
             .put(id.clone(), ())
@@ -189,11 +214,11 @@ impl<S: ParameterStore> Fs<S> {
         if !self.knows(name) {
             if event.operation == Operation::Create {
                 // The kernel may remember that the name did not exist.
-                self.drop_kernel_entry(name);
+                self.superblock.drop_kernel_entry(name);
             }
             return false;
         }
-        let already_current = self.cache.value(name).is_some_and(|entry| {
+        let already_current = self.superblock.cache().value(name).is_some_and(|entry| {
             event
                 .time
                 .is_some_and(|time| entry.validity.fetched_at() > time + EVENT_TIME_SLACK)
@@ -203,17 +228,17 @@ impl<S: ParameterStore> Fs<S> {
 
     /// Whether anything about `name` is cached here or held by the kernel.
     fn knows(&self, name: &str) -> bool {
-        if self.cache.value(name).is_some()
+        if self.superblock.cache().value(name).is_some()
             || [Role::File, Role::ShadowedValue, Role::Dir]
                 .iter()
-                .any(|role| self.inodes.find(name, *role).is_some())
+                .any(|role| self.superblock.inodes().find(name, *role).is_some())
         {
             return true;
         }
         let mut path = name;
-        while self.layout.covers(path) {
+        while self.superblock.layout().covers(path) {
             path = names::parent_name(path);
-            if self.cache.dir(path).is_some() {
+            if self.superblock.cache().dir(path).is_some() {
                 return true;
             }
         }
@@ -232,20 +257,20 @@ impl<S: ParameterStore> Fs<S> {
     /// Returns the figure the spread now uses.
     pub fn set_event_hosts(&self, counted: u32) -> u32 {
         let hosts = counted.max(self.config.events.hosts).max(1);
-        self.pending_events.lock().unwrap().hosts = hosts;
+        self.events.pending.lock().unwrap().hosts = hosts;
         hosts
     }
 
     /// When the next paced refetch comes due, if any is waiting.
     pub fn next_event_due(&self) -> Option<Instant> {
-        let pending = self.pending_events.lock().unwrap();
+        let pending = self.events.pending.lock().unwrap();
         let earliest = pending.names.values().map(|(_, due)| *due).min()?;
         Some(pending.retry_at.map_or(earliest, |at| earliest.max(at)))
     }
 
     /// The spread window a refetch for an event would be drawn in now.
     pub fn event_spread_now(&self) -> Duration {
-        self.event_spread(&self.pending_events.lock().unwrap())
+        self.event_spread(&self.events.pending.lock().unwrap())
     }
 
     /// Fetches the names whose paced refetch is due, ten to a call; while SSM
@@ -253,7 +278,7 @@ impl<S: ParameterStore> Fs<S> {
     /// refetch widens the window and draws its names' waits again in it.
     pub async fn retry_pending_events(self: &Arc<Self>) {
         let batch: Vec<(Arc<str>, Option<SystemTime>)> = {
-            let mut pending = self.pending_events.lock().unwrap();
+            let mut pending = self.events.pending.lock().unwrap();
             let now = Instant::now();
             if pending.retry_at.is_some_and(|at| now < at) {
                 return;
@@ -273,7 +298,7 @@ impl<S: ParameterStore> Fs<S> {
             match once_in_background(self.fetch_again(&names)).await {
                 Ok(()) => {
                     {
-                        let mut pending = self.pending_events.lock().unwrap();
+                        let mut pending = self.events.pending.lock().unwrap();
                         pending.widening = (pending.widening - NARROWING_STEP).max(1.0);
                     }
                     for (name, time) in chunk {
@@ -288,7 +313,7 @@ impl<S: ParameterStore> Fs<S> {
                 }
                 Err(error) => {
                     tracing::debug!(%error, "SSM is not answering; change events wait");
-                    let mut pending = self.pending_events.lock().unwrap();
+                    let mut pending = self.events.pending.lock().unwrap();
                     let now = Instant::now();
                     if matches!(error, StoreError::Throttled) {
                         // Answering, only not at this rate: spread wider.
@@ -305,7 +330,7 @@ impl<S: ParameterStore> Fs<S> {
                 }
             }
         }
-        let mut pending = self.pending_events.lock().unwrap();
+        let mut pending = self.events.pending.lock().unwrap();
         pending.retry_at = None;
         pending.failures_in_a_row = 0;
     }
@@ -315,7 +340,7 @@ impl<S: ParameterStore> Fs<S> {
     /// TTL, not the negative TTL: its creation would arrive as an event.
     pub fn note_queue_answered(&self, answered: bool) {
         let now = Instant::now();
-        let mut live = self.events_live.lock().unwrap();
+        let mut live = self.events.live.lock().unwrap();
         *live = match *live {
             _ if !answered => None,
             Some((since, last)) if now < last + EVENTS_LIVE_WINDOW => Some((since, now)),
@@ -330,7 +355,7 @@ impl<S: ParameterStore> Fs<S> {
     pub(super) fn absence_window(&self, fetched: Instant) -> Duration {
         let now = Instant::now();
         let cache = &self.config.cache;
-        match *self.events_live.lock().unwrap() {
+        match *self.events.live.lock().unwrap() {
             Some((since, last)) if since <= fetched && now < last + EVENTS_LIVE_WINDOW => {
                 cache.ttl.max(cache.negative_ttl)
             }
@@ -340,7 +365,7 @@ impl<S: ParameterStore> Fs<S> {
 
     /// Names whose events wait for SSM.
     pub fn pending_event_names(&self) -> usize {
-        self.pending_events.lock().unwrap().names.len()
+        self.events.pending.lock().unwrap().names.len()
     }
 
     /// One GetParameters for `names` (one GetParameter each where batches are
@@ -354,10 +379,10 @@ impl<S: ParameterStore> Fs<S> {
         if !plain.is_empty() {
             // Values due for refresh soon ride along: the call a refresh
             // would make minutes later is not made.
-            let companions = self.take_companions(&plain);
+            let companions = self.superblock.take_companions(&plain);
             let batch: Vec<Arc<str>> = plain.iter().chain(&companions).cloned().collect();
             let fetched = self.get_batch(&batch).await;
-            self.release(&companions);
+            self.superblock.release(&companions);
             match fetched {
                 Ok(()) => {}
                 Err(error) if error.is_outage() => return Err(error),
@@ -373,7 +398,7 @@ impl<S: ParameterStore> Fs<S> {
                     continue;
                 }
             };
-            self.record_value(name, known);
+            self.superblock.record_value(name, known);
         }
         Ok(())
     }
@@ -382,10 +407,11 @@ impl<S: ParameterStore> Fs<S> {
     /// mount root gain or lose the name, and the kernel forgets what changed.
     fn update_listings(&self, name: &str) {
         let present = self
-            .cache
+            .superblock
+            .cache()
             .value(name)
             .is_some_and(|entry| entry.parameter().is_some());
-        self.drop_kernel_entry(name);
+        self.superblock.drop_kernel_entry(name);
         if present {
             self.add_to_listings(name, ChildKind::File);
         } else {
@@ -400,31 +426,45 @@ impl<S: ParameterStore> Fs<S> {
         // Directories on the way up with no cached listing, each with the
         // name one level down.
         let mut unlisted: Vec<(&str, &str, ChildKind)> = Vec::new();
-        while self.layout.covers(child) {
+        while self.superblock.layout().covers(child) {
             let dir = names::parent_name(child);
             let base = names::base_name(child);
             let mut was_absent = false;
-            let changed = self
-                .cache
-                .edit_listing(dir, |children| match children.get(base) {
-                    Some(ChildKind::Dir) => false,
-                    Some(ChildKind::File) if kind == ChildKind::File => false,
-                    known => {
-                        was_absent = known.is_none();
-                        children.insert(Box::from(base), kind);
-                        true
-                    }
-                });
+            let changed =
+                self.superblock
+                    .cache()
+                    .edit_listing(dir, |children| match children.get(base) {
+                        Some(ChildKind::Dir) => false,
+                        Some(ChildKind::File) if kind == ChildKind::File => false,
+                        known => {
+                            was_absent = known.is_none();
+                            children.insert(Box::from(base), kind);
+                            true
+                        }
+                    });
             match changed {
                 Some(false) => return, // the rest of the way up already knows
                 Some(true) => {
-                    self.drop_kernel_entry(child);
-                    if was_absent {
-                        // The directories below are new: each holds just the
-                        // next one down, cached so a delete can empty them.
+                    self.superblock.drop_kernel_entry(child);
+                    // Absent from a fresh listing, the directories below are
+                    // new: each holds just the next one down, cached so a
+                    // delete can empty them. A stale listing's absence says
+                    // nothing: they may hold names gained since.
+                    let listing_fresh = self
+                        .superblock
+                        .cache()
+                        .dir(dir)
+                        .is_some_and(|d| d.validity.is_fresh(Instant::now()));
+                    if was_absent && listing_fresh {
                         for (path, below, below_kind) in unlisted.drain(..) {
                             let children = [(Box::from(below), below_kind)].into_iter().collect();
-                            self.cache.put_dir(path, true, children, None, Some(false));
+                            self.superblock.cache().put_dir(
+                                path,
+                                true,
+                                children,
+                                None,
+                                Some(false),
+                            );
                         }
                     }
                     unlisted.clear();
@@ -439,10 +479,10 @@ impl<S: ParameterStore> Fs<S> {
     fn remove_from_listings(&self, name: &str) {
         let mut child = name;
         let mut kind = ChildKind::File;
-        while self.layout.covers(child) {
+        while self.superblock.layout().covers(child) {
             let dir = names::parent_name(child);
             let base = names::base_name(child);
-            let changed = self.cache.edit_listing(dir, |children| {
+            let changed = self.superblock.cache().edit_listing(dir, |children| {
                 if children.get(base) == Some(&kind) {
                     children.remove(base);
                     true
@@ -453,10 +493,11 @@ impl<S: ParameterStore> Fs<S> {
             if changed != Some(true) {
                 return;
             }
-            self.drop_kernel_entry(child);
+            self.superblock.drop_kernel_entry(child);
             // A directory whose last name went is gone too.
             let emptied = self
-                .cache
+                .superblock
+                .cache()
                 .dir(dir)
                 .is_some_and(|listing| listing.complete && listing.children.is_empty());
             if !emptied {
@@ -467,18 +508,8 @@ impl<S: ParameterStore> Fs<S> {
         }
     }
 
-    /// Makes the kernel look `name` up again at its next use.
-    fn drop_kernel_entry(&self, name: &str) {
-        for parent in self.dir_inodes(names::parent_name(name)) {
-            self.send(Invalidation::Entry {
-                parent,
-                name: names::base_name(name).to_string(),
-            });
-        }
-    }
-
     /// Event ids remembered (bounded by `REMEMBERED_EVENT_IDS`).
     pub fn remembered_event_ids(&self) -> usize {
-        self.seen_event_ids.lock().unwrap().len()
+        self.events.seen_ids.lock().unwrap().len()
     }
 }

@@ -1,5 +1,7 @@
-//! The change stream (`@changes`): what the core publishes when it learns
-//! that a file changed, and the streams readers have open.
+//! The change streams (`@changes`): what the core publishes when it learns
+//! that a file changed, and the streams readers have open. Not to be confused
+//! with change events (`crate::change`, `crate::events`, `fs::apply_events`):
+//! those are what SSM tells the core; streams are what the core tells readers.
 //!
 //! Model: every change the core records (a new version seen by a refresh, an
 //! event or a read; a name that appeared; a name that vanished) becomes one
@@ -23,8 +25,8 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use super::Fs;
-use crate::inode::Role;
+use super::filesystem::Fs;
+use super::inode::Role;
 use crate::store::{ParameterStore, MAX_BATCH};
 
 /// The name of the stream file in every directory (`@` is never in an SSM name).
@@ -201,18 +203,18 @@ impl<S: ParameterStore> Fs<S> {
     /// Opens a stream covering the directory `dir_ino` (a lookup of `@changes`).
     pub(super) fn open_stream(
         self: &Arc<Self>,
-        dir: &crate::inode::Node,
-    ) -> Result<StreamSpec, crate::error::FsError> {
+        dir: &super::inode::Node,
+    ) -> Result<StreamSpec, super::error::FsError> {
         // Each stream holds an fd and a writer task here (and one request to
         // the CSI plugin, shared by every mount of the node, at its open): a
         // reader opening stream after stream is stopped at this many.
         if self.open_streams() >= MAX_OPEN_STREAMS {
-            return Err(crate::error::FsError::TooManyStreams);
+            return Err(super::error::FsError::TooManyStreams);
         }
         let spec = StreamSpec {
             ino: 0,
-            dir: self.layout.mount_path_of_dir(dir).into(),
-            ssm_prefixes: self.layout.ssm_prefixes_of_dir(dir),
+            dir: self.superblock.layout().mount_path_of_dir(dir).into(),
+            ssm_prefixes: self.superblock.layout().ssm_prefixes_of_dir(dir),
         };
         Ok(self.register_stream(|open| {
             // Random, so that only the stream's own daemon (and root) can
@@ -234,13 +236,13 @@ impl<S: ParameterStore> Fs<S> {
         make: impl FnOnce(&HashMap<u64, StreamSpec>) -> StreamSpec,
     ) -> StreamSpec {
         let (stream, first) = {
-            let mut open = self.streams.open.lock().unwrap();
+            let mut open = self.superblock.streams().open.lock().unwrap();
             let stream = make(&open);
             open.insert(stream.ino, stream.clone());
             (stream, open.len() == 1)
         };
         if first {
-            self.streams.opened.notify_one();
+            self.superblock.streams().opened.notify_one();
         }
         stream
     }
@@ -251,9 +253,9 @@ impl<S: ParameterStore> Fs<S> {
         &self,
         parent: u64,
         segment: &std::ffi::OsStr,
-    ) -> Result<super::Entry, crate::error::FsError> {
-        use crate::error::FsError;
-        if parent == crate::inode::ROOT_INO && segment == STREAM_DIR_NAME {
+    ) -> Result<super::attr::Entry, super::error::FsError> {
+        use super::error::FsError;
+        if parent == super::inode::ROOT_INO && segment == STREAM_DIR_NAME {
             return Ok(self.attrs.dir(STREAM_DIR_INO, Duration::ZERO));
         }
         let ino = segment.to_str().and_then(|s| s.parse::<u64>().ok());
@@ -273,7 +275,8 @@ impl<S: ParameterStore> Fs<S> {
     /// would be kept fresh, and a rotation would never show on the stream.
     pub fn adopt_stream(self: &Arc<Self>, stream: StreamSpec) {
         let held: Vec<Arc<str>> = self
-            .inodes
+            .superblock
+            .inodes()
             .all()
             .into_iter()
             .filter(|node| matches!(node.role, Role::File | Role::ShadowedValue))
@@ -283,7 +286,7 @@ impl<S: ParameterStore> Fs<S> {
                         || crate::names::relative_to(prefix, &node.name).is_some()
                 })
             })
-            .filter(|node| self.cache.value(&node.name).is_none())
+            .filter(|node| self.superblock.cache().value(&node.name).is_none())
             .map(|node| node.name)
             .collect();
         self.register_stream(|_| stream);
@@ -297,42 +300,35 @@ impl<S: ParameterStore> Fs<S> {
 
     /// The stream numbered `ino`, while it is open.
     pub fn stream(&self, ino: u64) -> Option<StreamSpec> {
-        self.streams.open.lock().unwrap().get(&ino).cloned()
+        self.superblock
+            .streams()
+            .open
+            .lock()
+            .unwrap()
+            .get(&ino)
+            .cloned()
     }
 
     /// Where the FUSE side announces notes once the kernel forgot what they
     /// replace (`Invalidation::Announce`).
     pub fn change_announcer(&self) -> broadcast::Sender<ChangeNote> {
-        self.streams.notes.clone()
+        self.superblock.streams().notes.clone()
     }
 
     /// The notes a stream's writer reads (every note; `StreamSpec::covers`
     /// picks its own).
     pub fn subscribe_changes(&self) -> broadcast::Receiver<ChangeNote> {
-        self.streams.notes.subscribe()
+        self.superblock.streams().notes.subscribe()
     }
 
     /// The stream's last reader is gone (or it was never opened).
     pub fn close_stream(&self, ino: u64) {
-        self.streams.open.lock().unwrap().remove(&ino);
+        self.superblock.streams().open.lock().unwrap().remove(&ino);
     }
 
     /// Streams open now.
     pub fn open_streams(&self) -> usize {
-        self.streams.open.lock().unwrap().len()
-    }
-
-    /// Records what changed about `name` for the streams.
-    pub(super) fn publish_change(&self, name: &str, kind: ChangeKind) {
-        if crate::names::has_selector(name) {
-            return;
-        }
-        for path in self.layout.mount_paths(name) {
-            self.announce(ChangeNote {
-                path: path.into(),
-                kind: kind.clone(),
-            });
-        }
+        self.superblock.streams().open.lock().unwrap().len()
     }
 
     /// Runs for the mount's life: while any stream is open, the cached values
@@ -341,13 +337,13 @@ impl<S: ParameterStore> Fs<S> {
     /// all while no stream is open: it costs nothing while nothing changes.
     pub async fn keep_fresh(self: Arc<Self>) {
         loop {
-            let prefixes = self.streams.prefixes();
+            let prefixes = self.superblock.streams().prefixes();
             if prefixes.is_empty() {
-                self.streams.opened.notified().await;
+                self.superblock.streams().opened.notified().await;
                 continue;
             }
             let now = Instant::now();
-            let (due, next) = self.cache.keep_read_below(&prefixes, now);
+            let (due, next) = self.superblock.cache().keep_read_below(&prefixes, now);
             // Refreshed values get their next refresh point when the answer
             // comes: look again soon to learn it.
             let next = if due.is_empty() { next } else { Some(now) };
@@ -361,7 +357,7 @@ impl<S: ParameterStore> Fs<S> {
                 .clamp(KEEP_FRESH_MIN_SLEEP, KEEP_FRESH_MAX_SLEEP);
             tokio::select! {
                 () = tokio::time::sleep(sleep) => {}
-                () = self.streams.opened.notified() => {}
+                () = self.superblock.streams().opened.notified() => {}
             }
         }
     }
