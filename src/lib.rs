@@ -9,7 +9,15 @@
 //! change both share; `supervisor` holds FUSE connections above `daemon`, and
 //! both read the fds and environment of a handover from `handoff`. `client`
 //! (`ssmfs exec`, `ssmfs render`) stands apart: it reads a mount through the
-//! filesystem and follows its `@changes` stream, never calling AWS.
+//! filesystem and follows its `@changes` stream, never calling AWS. `csi` is
+//! the Kubernetes driver on top of all of them: the root plugin (`node`, with
+//! the tenant policy as pure functions in `policy`) mounts through `daemon`,
+//! and the unprivileged serving side (`serve`) runs a `supervisor` holder per
+//! mount; the two speak over `fd_link`.
+//!
+//! "Events" are three things, one per layer: `change` (the model), `events`
+//! (the SQS/SNS transport) and `fs::apply_events` (the core applying them).
+//! docs/DESIGN.md draws where a cold read and a publish go, file by file.
 
 pub mod airflow;
 pub mod change;
