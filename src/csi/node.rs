@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bpfman_csi::v1::identity_server::Identity as IdentityService;
-use bpfman_csi::v1::node_server::Node as NodeService;
-use bpfman_csi::v1::*;
+use crate::csi::v1::identity_server::Identity as IdentityService;
+use crate::csi::v1::node_server::Node as NodeService;
+use crate::csi::v1::*;
 use serde_json::{json, Value};
 use tonic::{Request, Response, Status};
 
