@@ -15,10 +15,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use aws_sdk_ssm::types::ParameterType;
-use bpfman_csi::v1::identity_client::IdentityClient;
-use bpfman_csi::v1::node_client::NodeClient;
-use bpfman_csi::v1::volume_capability::{access_mode::Mode, AccessMode, AccessType, BlockVolume};
-use bpfman_csi::v1::*;
+use ssmfs::csi::v1::identity_client::IdentityClient;
+use ssmfs::csi::v1::node_client::NodeClient;
+use ssmfs::csi::v1::volume_capability::{access_mode::Mode, AccessMode, AccessType, BlockVolume};
+use ssmfs::csi::v1::*;
 use support::csi::*;
 use support::*;
 use tonic::transport::Channel;

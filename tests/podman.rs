@@ -18,9 +18,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use aws_sdk_ssm::types::ParameterType;
-use bpfman_csi::v1::identity_client::IdentityClient;
-use bpfman_csi::v1::node_client::NodeClient;
-use bpfman_csi::v1::ProbeRequest;
+use ssmfs::csi::v1::identity_client::IdentityClient;
+use ssmfs::csi::v1::node_client::NodeClient;
+use ssmfs::csi::v1::ProbeRequest;
 use support::csi::*;
 use support::*;
 

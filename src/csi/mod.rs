@@ -23,6 +23,14 @@ pub mod streams;
 pub mod sys;
 pub mod volume;
 
+/// The CSI specification's messages and services (`csi.v1`), generated at
+/// build time from the vendored `proto/csi.proto` (spec v1.9.0; see
+/// proto/README.md and build.rs).
+pub mod v1 {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("csi.v1");
+}
+
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -294,10 +302,8 @@ fn run_plugin(args: PluginArgs) -> anyhow::Result<()> {
             tracing::info!("stopping; the shared mounts and the serving side stay");
         };
         tonic::transport::Server::builder()
-            .add_service(bpfman_csi::v1::identity_server::IdentityServer::new(
-                services.clone(),
-            ))
-            .add_service(bpfman_csi::v1::node_server::NodeServer::new(services))
+            .add_service(v1::identity_server::IdentityServer::new(services.clone()))
+            .add_service(v1::node_server::NodeServer::new(services))
             .serve_with_incoming_shutdown(
                 tokio_stream::StreamExt::map(
                     tokio_stream::wrappers::UnixListenerStream::new(listener),

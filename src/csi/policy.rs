@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use super::error::CsiError;
 use super::volume::{Identity, Pod, Publish, ATTRIBUTES, EITHER_OR};
-use bpfman_csi::v1::NodePublishVolumeRequest;
+use crate::csi::v1::NodePublishVolumeRequest;
 
 /// The class key that lists what its volumes may set themselves.
 pub const OPEN_ATTRIBUTES: &str = "openAttributes";
@@ -639,10 +639,10 @@ pub fn room(namespace: &str, source: &str, counts: &Counts, caps: &Caps) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bpfman_csi::v1::volume_capability::{
+    use crate::csi::v1::volume_capability::{
         access_mode::Mode, AccessMode, AccessType, MountVolume,
     };
-    use bpfman_csi::v1::VolumeCapability;
+    use crate::csi::v1::VolumeCapability;
     use proptest::prelude::*;
     use std::collections::HashMap;
     use std::time::Duration;

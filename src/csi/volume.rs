@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use super::error::CsiError;
 use super::policy::Policy;
-use bpfman_csi::v1::volume_capability::{access_mode::Mode, AccessType};
-use bpfman_csi::v1::NodePublishVolumeRequest;
+use crate::csi::v1::volume_capability::{access_mode::Mode, AccessType};
+use crate::csi::v1::NodePublishVolumeRequest;
 use zeroize::Zeroizing;
 
 /// The audience the driver asks kubelet for (`tokenRequests`): STS's.

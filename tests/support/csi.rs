@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use bpfman_csi::v1::volume_capability::{access_mode::Mode, AccessMode, AccessType, MountVolume};
-use bpfman_csi::v1::{NodePublishVolumeRequest, VolumeCapability};
+use ssmfs::csi::v1::volume_capability::{access_mode::Mode, AccessMode, AccessType, MountVolume};
+use ssmfs::csi::v1::{NodePublishVolumeRequest, VolumeCapability};
 use tonic::transport::Channel;
 
 use super::run;
@@ -19,7 +19,13 @@ pub fn connect(rt: &tokio::runtime::Runtime, socket: PathBuf) -> Option<Channel>
         tonic::transport::Endpoint::try_from("http://[::]:50051")
             .unwrap()
             .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                tokio::net::UnixStream::connect(socket.clone())
+                let socket = socket.clone();
+                // tonic's channel speaks hyper 1's IO traits.
+                async move {
+                    tokio::net::UnixStream::connect(socket)
+                        .await
+                        .map(hyper_util::rt::TokioIo::new)
+                }
             })),
     )
     .ok()

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bpfman_csi::v1::{NodePublishVolumeRequest, NodeUnpublishVolumeRequest};
+use crate::csi::v1::{NodePublishVolumeRequest, NodeUnpublishVolumeRequest};
 use serde_json::{json, Value};
 
 use super::control;

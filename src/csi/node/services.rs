@@ -2,9 +2,9 @@
 //! filesystem core. Each RPC checks its one-at-a-time turn and calls the
 //! driver; the driver's `CsiError` becomes the gRPC status.
 
-use bpfman_csi::v1::identity_server::Identity as IdentityService;
-use bpfman_csi::v1::node_server::Node as NodeService;
-use bpfman_csi::v1::*;
+use crate::csi::v1::identity_server::Identity as IdentityService;
+use crate::csi::v1::node_server::Node as NodeService;
+use crate::csi::v1::*;
 use tonic::{Request, Response, Status};
 
 use std::collections::HashMap;
