@@ -741,53 +741,8 @@ fn parent_of(pid: u32) -> u32 {
         .unwrap_or(0)
 }
 
-fn start_readers(target: &Path, seconds: u64) -> Vec<Child> {
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/readers.py");
-    (0..8)
-        .map(|_| {
-            Command::new(&python)
-                .arg(&script)
-                .arg(target)
-                .arg(seconds.to_string())
-                .args(["db=db-secret", "api=api-secret"])
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("starting a reader")
-        })
-        .collect()
-}
-
-/// (reads, failures, wrong) over every reader; a reader still running well
-/// past its deadline hangs on the mount, and fails the test.
-fn finish_readers(mut readers: Vec<Child>) -> (u64, u64, u64, String) {
-    let limit = Instant::now() + Duration::from_secs(30);
-    let (mut reads, mut failures, mut wrong, mut errors) = (0, 0, 0, String::new());
-    let mut longest_ms = 0.0f64;
-    for reader in &mut readers {
-        while reader.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < limit, "reader {} is stuck", reader.id());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let mut out = String::new();
-        use std::io::Read;
-        reader
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        let line: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-        reads += line["reads"].as_u64().unwrap();
-        failures += line["failures"].as_u64().unwrap();
-        wrong += line["wrong"].as_u64().unwrap();
-        errors.push_str(&line["errors"].to_string());
-        longest_ms = longest_ms.max(line["longest_ms"].as_f64().unwrap_or(0.0));
-    }
-    // For docs/BENCHMARKS.md (seen with --nocapture).
-    println!("readers: {reads} reads, the longest took {longest_ms} ms");
-    (reads, failures, wrong, errors)
-}
+/// What each reader of a pod's volume checks.
+const READ_PAIRS: [&str; 2] = ["db=db-secret", "api=api-secret"];
 
 #[test]
 fn reads_survive_the_serving_side_killed_the_plugin_killed_and_the_plugin_upgraded() {
@@ -807,14 +762,20 @@ fn reads_survive_the_serving_side_killed_the_plugin_killed_and_the_plugin_upgrad
     };
     let mut calls = gate.ssm_calls();
     // 1. The serving side (with its holders and daemons) killed every 2 s.
-    let readers = start_readers(&target, 10);
+    let readers = start_readers(&target, 10, &READ_PAIRS);
     for _ in 0..4 {
         std::thread::sleep(Duration::from_secs(2));
         let serve = node.pids("csi-serve");
         assert_eq!(serve.len(), 1, "{serve:?}");
         unsafe { libc::kill(serve[0] as i32, libc::SIGKILL) };
     }
-    let (reads, failures, wrong, errors) = finish_readers(readers);
+    let ReaderTotals {
+        reads,
+        failures,
+        wrong,
+        errors,
+        ..
+    } = finish_readers(readers);
     assert!(reads > 100, "{reads} reads");
     assert_eq!(
         (failures, wrong),
@@ -830,7 +791,7 @@ fn reads_survive_the_serving_side_killed_the_plugin_killed_and_the_plugin_upgrad
     );
     assert!(!log.contains("refused FUSE_NOTIFY_RESEND"), "{log}");
     // 2. The plugin killed and started again: it adopts the mount.
-    let readers = start_readers(&target, 6);
+    let readers = start_readers(&target, 6, &READ_PAIRS);
     std::thread::sleep(Duration::from_secs(1));
     node.kill_plugin(libc::SIGKILL);
     std::thread::sleep(Duration::from_secs(1));
@@ -851,7 +812,13 @@ fn reads_survive_the_serving_side_killed_the_plugin_killed_and_the_plugin_upgrad
     std::thread::sleep(Duration::from_millis(200));
     let serve = node.pids("csi-serve");
     unsafe { libc::kill(serve[0] as i32, libc::SIGKILL) };
-    let (reads, failures, wrong, errors) = finish_readers(readers);
+    let ReaderTotals {
+        reads,
+        failures,
+        wrong,
+        errors,
+        ..
+    } = finish_readers(readers);
     assert!(reads > 50);
     assert_eq!(
         (failures, wrong),
@@ -866,7 +833,7 @@ fn reads_survive_the_serving_side_killed_the_plugin_killed_and_the_plugin_upgrad
     // does) and a new binary started in its place.
     let upgraded = node.path("ssmfs-upgraded");
     std::fs::copy(&node.binary, &upgraded).unwrap();
-    let readers = start_readers(&target, 6);
+    let readers = start_readers(&target, 6, &READ_PAIRS);
     std::thread::sleep(Duration::from_secs(1));
     node.kill_plugin(libc::SIGTERM);
     node.binary = upgraded;
@@ -874,7 +841,13 @@ fn reads_survive_the_serving_side_killed_the_plugin_killed_and_the_plugin_upgrad
     std::thread::sleep(Duration::from_secs(1));
     let serve = node.pids("csi-serve");
     unsafe { libc::kill(serve[0] as i32, libc::SIGKILL) };
-    let (reads, failures, wrong, errors) = finish_readers(readers);
+    let ReaderTotals {
+        reads,
+        failures,
+        wrong,
+        errors,
+        ..
+    } = finish_readers(readers);
     assert!(reads > 50);
     assert_eq!(
         (failures, wrong),
@@ -1089,7 +1062,7 @@ fn a_surge_serving_side_takes_over_while_the_plugin_is_replaced() {
     });
     assert!(!node.serve_ready(&ready_new));
     let calls = gate.ssm_calls();
-    let readers = start_readers(&target, 8);
+    let readers = start_readers(&target, 8, &READ_PAIRS);
     std::thread::sleep(Duration::from_secs(1));
     // The surge pod: ready once it serves the mount, and the old one not.
     let mut new = node.start_serve(&ready_new);
@@ -1125,7 +1098,13 @@ fn a_surge_serving_side_takes_over_while_the_plugin_is_replaced() {
     node.kill_plugin(libc::SIGKILL);
     let _ = old.wait();
     node.start_plugin();
-    let (reads, failures, wrong, errors) = finish_readers(readers);
+    let ReaderTotals {
+        reads,
+        failures,
+        wrong,
+        errors,
+        ..
+    } = finish_readers(readers);
     assert!(reads > 50, "{reads} reads");
     assert_eq!(
         (failures, wrong),

@@ -6,7 +6,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use aws_sdk_ssm::types::ParameterType;
@@ -64,57 +64,6 @@ fn daemon_pid(pid_file: &Path) -> i32 {
         .unwrap()
 }
 
-fn start_readers(mount: &Path, seconds: u64, pairs: &[String]) -> Vec<Child> {
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/readers.py");
-    (0..8)
-        .map(|_| {
-            Command::new(&python)
-                .arg(&script)
-                .arg(mount)
-                .arg(seconds.to_string())
-                .args(pairs)
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("starting a reader")
-        })
-        .collect()
-}
-
-/// Waits for every reader and returns their totals: (reads, failures,
-/// wrong, longest read in ms).
-fn finish_readers(mut readers: Vec<Child>) -> (u64, u64, u64, f64) {
-    // Each reader stops at its deadline, after at most one more read: one
-    // still running well after that hangs on the mount (in D state if the
-    // kernel waits for an answer that never comes).
-    let limit = Instant::now() + Duration::from_secs(20);
-    for reader in &mut readers {
-        while reader.try_wait().unwrap().is_none() {
-            if Instant::now() > limit {
-                let stat = std::fs::read_to_string(format!("/proc/{}/stat", reader.id()))
-                    .unwrap_or_default();
-                let state = stat.rsplit_once(") ").map_or("?", |(_, rest)| &rest[..1]);
-                let _ = reader.kill();
-                panic!("reader {} still running, state {state}", reader.id());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    let mut totals = (0, 0, 0, 0.0f64);
-    for reader in readers {
-        let out = reader.wait_with_output().unwrap();
-        let line = String::from_utf8_lossy(&out.stdout);
-        let report: serde_json::Value = serde_json::from_str(line.trim())
-            .unwrap_or_else(|e| panic!("reader output {line:?}: {e}"));
-        totals.0 += report["reads"].as_u64().unwrap();
-        totals.1 += report["failures"].as_u64().unwrap();
-        totals.2 += report["wrong"].as_u64().unwrap();
-        totals.3 = totals.3.max(report["longest_ms"].as_f64().unwrap());
-        assert_eq!(report["failures"], 0, "{report}");
-    }
-    totals
-}
-
 /// No daemon met a node id it could not name. The kernel retries a path
 /// lookup once after ESTALE, which hides most such answers from readers: the
 /// daemons' log shows every one.
@@ -154,7 +103,13 @@ fn readers_never_fail_while_the_daemon_is_killed_every_few_seconds() {
         kills += 1;
         drop_kernel_caches();
     }
-    let (reads, failures, wrong, longest) = finish_readers(readers);
+    let ReaderTotals {
+        reads,
+        failures,
+        wrong,
+        longest_ms: longest,
+        ..
+    } = finish_readers(readers);
     eprintln!("{reads} reads, {kills} kills, longest read {longest} ms");
     assert_eq!((failures, wrong), (0, 0));
     assert!(reads > 1000, "{reads}");
@@ -204,7 +159,13 @@ fn requests_in_flight_when_the_daemon_dies_are_resent_and_an_upgrade_fails_none(
         };
         let _ = signal;
     }
-    let (reads, failures, wrong, longest) = finish_readers(readers);
+    let ReaderTotals {
+        reads,
+        failures,
+        wrong,
+        longest_ms: longest,
+        ..
+    } = finish_readers(readers);
     eprintln!("{reads} reads, longest {longest} ms");
     assert_eq!((failures, wrong), (0, 0));
     let log = mount.log_text();
@@ -282,7 +243,12 @@ fn an_upgrade_that_negotiates_other_fuse_settings_is_refused_and_fails_no_read()
         std::thread::sleep(Duration::from_millis(50));
     }
     drop_kernel_caches();
-    let (reads, failures, wrong, _) = finish_readers(readers);
+    let ReaderTotals {
+        reads,
+        failures,
+        wrong,
+        ..
+    } = finish_readers(readers);
     assert_eq!((failures, wrong), (0, 0));
     assert!(reads > 100, "{reads}");
     assert_eq!(

@@ -555,3 +555,82 @@ impl Ssm {
         );
     }
 }
+
+/// What the readers of a mount (tests/support/readers.py) saw, in sum.
+pub struct ReaderTotals {
+    pub reads: u64,
+    pub failures: u64,
+    pub wrong: u64,
+    pub longest_ms: f64,
+    /// Each reader's errors, as it reported them (JSON), one after another.
+    pub errors: String,
+}
+
+/// Eight readers of `mount` for `seconds`, each reading the `NAME=VALUE`
+/// pairs over and over and counting failures and wrong values.
+pub fn start_readers<S: AsRef<std::ffi::OsStr>>(
+    mount: &Path,
+    seconds: u64,
+    pairs: &[S],
+) -> Vec<Child> {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/readers.py");
+    (0..8)
+        .map(|_| {
+            Command::new(&python)
+                .arg(&script)
+                .arg(mount)
+                .arg(seconds.to_string())
+                .args(pairs)
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("starting a reader")
+        })
+        .collect()
+}
+
+/// Waits for every reader and sums what they saw. Each stops at its
+/// deadline after at most one more read: one still running 30 s later
+/// hangs on the mount (in D state if the kernel waits for an answer that
+/// never comes), and fails the test with its state.
+pub fn finish_readers(mut readers: Vec<Child>) -> ReaderTotals {
+    let limit = Instant::now() + Duration::from_secs(30);
+    for reader in &mut readers {
+        while reader.try_wait().unwrap().is_none() {
+            if Instant::now() > limit {
+                let stat = std::fs::read_to_string(format!("/proc/{}/stat", reader.id()))
+                    .unwrap_or_default();
+                let state = stat.rsplit_once(") ").map_or("?", |(_, rest)| &rest[..1]);
+                let _ = reader.kill();
+                panic!("reader {} still running, state {state}", reader.id());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let mut totals = ReaderTotals {
+        reads: 0,
+        failures: 0,
+        wrong: 0,
+        longest_ms: 0.0,
+        errors: String::new(),
+    };
+    for reader in readers {
+        let out = reader.wait_with_output().unwrap();
+        let line = String::from_utf8_lossy(&out.stdout);
+        let report: serde_json::Value = serde_json::from_str(line.trim())
+            .unwrap_or_else(|e| panic!("reader output {line:?}: {e}"));
+        totals.reads += report["reads"].as_u64().unwrap();
+        totals.failures += report["failures"].as_u64().unwrap();
+        totals.wrong += report["wrong"].as_u64().unwrap();
+        totals.longest_ms = totals
+            .longest_ms
+            .max(report["longest_ms"].as_f64().unwrap_or(0.0));
+        totals.errors.push_str(&report["errors"].to_string());
+    }
+    // For docs/BENCHMARKS.md (seen with --nocapture).
+    println!(
+        "readers: {} reads, the longest took {} ms",
+        totals.reads, totals.longest_ms
+    );
+    totals
+}
