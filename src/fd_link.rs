@@ -121,7 +121,8 @@ pub fn connect(path: &Path) -> io::Result<OwnedFd> {
 }
 
 /// Makes a `receive` on `socket` that waits longer than `wait` fail
-/// (EAGAIN), for a peer that must speak first and at once.
+/// (EAGAIN), for a peer that must speak first and at once; `Duration::ZERO`
+/// lets it wait again without end.
 pub fn set_receive_timeout(socket: &OwnedFd, wait: std::time::Duration) -> io::Result<()> {
     let wait = libc::timeval {
         tv_sec: wait.as_secs() as libc::time_t,

@@ -158,6 +158,32 @@ impl ArgsFile {
         format!("{ARGS_FD_FLAG}{}", self.raw())
     }
 
+    /// The strings an `ArgsFile` handed down as fd `fd` holds, read whole;
+    /// the fd is closed after. Zeroed when dropped: it may hold a key.
+    pub fn read(fd: RawFd) -> std::io::Result<Vec<zeroize::Zeroizing<Vec<u8>>>> {
+        use std::io::{Read, Seek};
+        use std::os::fd::FromRawFd;
+        // SAFETY: F_GETFD only reads the fd's flags.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(std::io::Error::other(format!("fd {fd}: no such fd")));
+        }
+        // SAFETY: the fd was handed to this process for this, checked
+        // above; it is owned (and closed) here.
+        let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.seek(std::io::SeekFrom::Start(0))?;
+        let mut bytes = zeroize::Zeroizing::new(Vec::new());
+        file.read_to_end(&mut bytes)?;
+        // The last NUL ends the last string: no empty one after it.
+        let text = bytes.strip_suffix(&[0]).unwrap_or(&bytes);
+        if text.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(text
+            .split(|b| *b == 0)
+            .map(|part| zeroize::Zeroizing::new(part.to_vec()))
+            .collect())
+    }
+
     /// Between fork and exec (async-signal-safe): lets `raw` through exec.
     pub fn inherit(raw: RawFd) -> std::io::Result<()> {
         // SAFETY: fcntl on an fd number is async-signal-safe.
@@ -173,8 +199,6 @@ static ARGS_WERE_HIDDEN: std::sync::atomic::AtomicBool = std::sync::atomic::Atom
 /// The command line with `--args-fd=N` replaced by what fd N holds (which
 /// is then closed).
 pub fn expand_args(args: Vec<std::ffi::OsString>) -> std::io::Result<Vec<std::ffi::OsString>> {
-    use std::io::{Read, Seek};
-    use std::os::fd::FromRawFd;
     use std::os::unix::ffi::OsStringExt;
     let mut out = Vec::with_capacity(args.len());
     for arg in args {
@@ -189,25 +213,11 @@ pub fn expand_args(args: Vec<std::ffi::OsString>) -> std::io::Result<Vec<std::ff
             .ok_or_else(|| {
                 std::io::Error::other(format!("{ARGS_FD_FLAG}{number}: not an args fd"))
             })?;
-        // SAFETY: the fd was handed to this process for this; it is
-        // checked (fstat) before use and owned (closed) here.
-        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-            return Err(std::io::Error::other(format!(
-                "{ARGS_FD_FLAG}{fd}: no such fd"
-            )));
-        }
-        let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
-        file.seek(std::io::SeekFrom::Start(0))?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
-        // The last NUL ends the last argument: no empty one after it.
-        let text = bytes.strip_suffix(&[0]).unwrap_or(&bytes);
-        if !text.is_empty() {
-            out.extend(
-                text.split(|b| *b == 0)
-                    .map(|part| std::ffi::OsString::from_vec(part.to_vec())),
-            );
-        }
+        out.extend(
+            ArgsFile::read(fd)?
+                .iter()
+                .map(|arg| std::ffi::OsString::from_vec(arg.to_vec())),
+        );
         ARGS_WERE_HIDDEN.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     Ok(out)

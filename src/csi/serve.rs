@@ -309,20 +309,14 @@ pub fn link_key(
     user: super::sys::ServeUser,
 ) -> anyhow::Result<zeroize::Zeroizing<Vec<u8>>> {
     use anyhow::Context;
-    use std::io::Read;
-    use std::os::fd::FromRawFd;
     if let Ok(number) = std::env::var(super::node::LINK_KEY_FD_ENV) {
         std::env::remove_var(super::node::LINK_KEY_FD_ENV);
         let fd: i32 = number.parse().context("the link key's fd")?;
-        // SAFETY: the plugin placed this fd for us; it is owned (and
-        // closed) here.
-        let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
-        use std::io::Seek;
-        file.seek(std::io::SeekFrom::Start(0))?;
-        let mut text = zeroize::Zeroizing::new(Vec::new());
-        file.read_to_end(&mut text)?;
-        let text = std::str::from_utf8(&text).context("the link key")?;
-        let key = hex::decode(text.trim_end_matches('\0')).context("the link key")?;
+        let strings = crate::handoff::ArgsFile::read(fd).context("the link key's fd")?;
+        let [hex_key] = strings.as_slice() else {
+            anyhow::bail!("the link key's fd holds no single key");
+        };
+        let key = hex::decode(hex_key.as_slice()).context("the link key")?;
         return Ok(zeroize::Zeroizing::new(key));
     }
     // SAFETY: geteuid cannot fail.

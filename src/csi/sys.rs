@@ -62,29 +62,6 @@ pub fn node_secret(path: &Path) -> io::Result<Vec<u8>> {
     Ok(secret.to_vec())
 }
 
-/// Sets (or clears, with `None`) how long a read on `socket` waits.
-pub fn set_receive_timeout(socket: &OwnedFd, wait: Option<std::time::Duration>) -> io::Result<()> {
-    let wait = wait.unwrap_or_default();
-    let value = libc::timeval {
-        tv_sec: wait.as_secs() as libc::time_t,
-        tv_usec: wait.subsec_micros() as libc::suseconds_t,
-    };
-    // SAFETY: a valid socket and an option value of the right size.
-    let set = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&value as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    };
-    if set != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Makes the directory `path` root's alone (mode 0700).
 pub fn make_private(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;

@@ -276,10 +276,10 @@ impl Driver {
         let refused = |why: &str| {
             format!("refused a control connection from {peer}: {why}; only csi-serve holds the link key")
         };
-        sys::set_receive_timeout(link, Some(LINK_PROOF_TIMEOUT))
+        control::set_receive_timeout(link, LINK_PROOF_TIMEOUT)
             .map_err(|e| refused(&e.to_string()))?;
         let first = control::receive(link);
-        sys::set_receive_timeout(link, None).map_err(|e| refused(&e.to_string()))?;
+        control::set_receive_timeout(link, Duration::ZERO).map_err(|e| refused(&e.to_string()))?;
         let (message, fds) = match first {
             Ok(Some(received)) => received,
             Ok(None) => return Err(refused("it closed before proving itself")),
