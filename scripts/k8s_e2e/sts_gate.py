@@ -24,16 +24,16 @@ import os
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
 
+# The forwarding proxy the tests' gates share.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "support"))
+from forwarding_proxy import Forwarding, serve  # noqa: E402
+
 port, upstream, trust_file, key_file, issuer = sys.argv[1:6]
-upstream = upstream.rstrip("/")
 with open(key_file, "rb") as f:
     public_key = serialization.load_pem_public_key(f.read())
 lock = threading.Lock()
@@ -78,31 +78,17 @@ def judge(token, role):
     return claims, None
 
 
-class Gate(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *_):
-        pass
-
-    def reply(self, status, body, headers):
-        self.send_response(status)
-        for name, value in headers:
-            if name.lower() not in ("transfer-encoding", "connection", "content-length"):
-                self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
+class Gate(Forwarding):
     def do_GET(self):
         if self.path == "/records":
             with lock:
-                body = json.dumps(records).encode()
-            self.reply(200, body, [("Content-Type", "application/json")])
+                document = json.dumps(records)
+            self.reply_json(200, document)
             return
         self.forward(b"")
 
     def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = self.body()
         target = self.headers.get("X-Amz-Target", "")
         if target.startswith("AmazonSSM."):
             op = target.split(".", 1)[1]
@@ -136,26 +122,7 @@ class Gate(BaseHTTPRequestHandler):
                 return
         self.forward(body)
 
-    def forward(self, body):
-        request = urllib.request.Request(upstream + self.path, data=body or None, method=self.command)
-        for name, value in self.headers.items():
-            if name.lower() not in ("host", "content-length", "connection"):
-                request.add_header(name, value)
-        try:
-            with urllib.request.urlopen(request, timeout=30) as answer:
-                self.reply(answer.status, answer.read(), answer.getheaders())
-        except urllib.error.HTTPError as error:
-            self.reply(error.code, error.read(), error.headers.items())
-
-
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
 
 # GATE_HOST: where the driver's pods reach it (the pod network's gateway,
 # now that they do not share the host's loopback).
-Server((os.environ.get("GATE_HOST", "127.0.0.1"), int(port)), Gate).serve_forever()
+serve(Gate, upstream, os.environ.get("GATE_HOST", "127.0.0.1"), int(port))

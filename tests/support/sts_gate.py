@@ -23,12 +23,11 @@ import json
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-upstream = sys.argv[1].rstrip("/")
+from forwarding_proxy import Forwarding, serve
+
+upstream = sys.argv[1]
 allowed_subjects = set(sys.argv[2:])
 lock = threading.Lock()
 counts = {"assume": {}, "other": 0, "signed_by": {}, "agent": {}}
@@ -49,44 +48,30 @@ DENIED = """<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
 <RequestId>00000000-0000-0000-0000-000000000000</RequestId></ErrorResponse>"""
 
 
-class Gate(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *_):
-        pass
-
-    def reply(self, status, body, headers):
-        self.send_response(status)
-        for name, value in headers:
-            if name.lower() not in ("transfer-encoding", "connection", "content-length"):
-                self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
+class Gate(Forwarding):
     def do_GET(self):
         if self.path == "/counts":
             with lock:
-                body = json.dumps(counts).encode()
-            self.reply(200, body, [("Content-Type", "application/json")])
+                document = json.dumps(counts)
+            self.reply_json(200, document)
             return
         if self.path == "/v1/credentials":
             sub = subject(self.headers.get("Authorization", ""))
             with lock:
                 counts["agent"][sub] = counts["agent"].get(sub, 0) + 1
             if sub not in allowed_subjects:
-                self.reply(403, b'{"message": "no association"}', [("Content-Type", "application/json")])
+                self.reply_json(403, '{"message": "no association"}')
                 return
             namespace = sub.split(":")[2].upper()
             expires = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)
             answer = {"AccessKeyId": "AKIAPODIDENTITY" + namespace, "SecretAccessKey": "pod-identity-secret",
                       "Token": "pod-identity-session", "Expiration": expires.strftime("%Y-%m-%dT%H:%M:%SZ")}
-            self.reply(200, json.dumps(answer).encode(), [("Content-Type", "application/json")])
+            self.reply_json(200, json.dumps(answer))
             return
         self.forward(b"")
 
     def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = self.body()
         form = urllib.parse.parse_qs(body.decode(errors="replace"))
         if form.get("Action") == ["AssumeRoleWithWebIdentity"]:
             role = form.get("RoleArn", ["?"])[0]
@@ -105,30 +90,5 @@ class Gate(BaseHTTPRequestHandler):
                 counts["signed_by"][key] = counts["signed_by"].get(key, 0) + 1
         self.forward(body)
 
-    def forward(self, body):
-        request = urllib.request.Request(
-            upstream + self.path, data=body or None, method=self.command
-        )
-        for name, value in self.headers.items():
-            if name.lower() not in ("host", "content-length", "connection"):
-                request.add_header(name, value)
-        try:
-            with urllib.request.urlopen(request, timeout=30) as answer:
-                self.reply(answer.status, answer.read(), answer.getheaders())
-        except urllib.error.HTTPError as error:
-            self.reply(error.code, error.read(), error.headers.items())
 
-
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):
-        # A client that hung up (a daemon killed mid-call by a restart test)
-        # is expected; anything else still prints its traceback.
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
-
-server = Server(("127.0.0.1", 0), Gate)
-print(server.server_address[1], flush=True)
-server.serve_forever()
+serve(Gate, upstream)

@@ -21,10 +21,10 @@ import json
 import sys
 import threading
 import time
-import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-upstream, rate = sys.argv[1].rstrip("/"), float(sys.argv[2])
+from forwarding_proxy import Forwarding, serve
+
+upstream, rate = sys.argv[1], float(sys.argv[2])
 undecryptable = set(sys.argv[4:]) if sys.argv[3:4] == ["--undecryptable"] else set()
 lock = threading.Lock()
 state = {"tokens": rate, "last": time.monotonic(), "admitted": 0, "throttled": 0, "refused": 0}
@@ -60,52 +60,30 @@ def admit() -> bool:
         return False
 
 
-class Proxy(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+def aws_error(kind: str, message: str):
+    """SSM's error answer (AWS JSON 1.1): HTTP 400, its type named twice."""
+    body = json.dumps({"__type": kind, "message": message}).encode()
+    return 400, body, [("Content-Type", "application/x-amz-json-1.1"), ("x-amzn-ErrorType", kind)]
 
-    def log_message(self, *_):
-        pass
 
-    def reply(self, status, headers, body):
-        self.send_response(status)
-        for name, value in headers:
-            if name.lower() not in ("transfer-encoding", "connection", "content-length"):
-                self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
+class Proxy(Forwarding):
     def do_GET(self):
         with lock:
-            body = json.dumps({k: state[k] for k in ("admitted", "throttled", "refused")})
-        self.reply(200, [("Content-Type", "application/json")], body.encode())
+            document = json.dumps({k: state[k] for k in ("admitted", "throttled", "refused")})
+        self.reply_json(200, document)
 
     def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = self.body()
         if not admit():
-            error = json.dumps({"__type": "ThrottlingException", "message": "Rate exceeded"})
-            self.reply(400, [("Content-Type", "application/x-amz-json-1.1"),
-                             ("x-amzn-ErrorType", "ThrottlingException")], error.encode())
+            self.reply(*aws_error("ThrottlingException", "Rate exceeded"))
             return
-        request = urllib.request.Request(upstream + self.path, data=body, method="POST",
-                                         headers={k: v for k, v in self.headers.items()
-                                                  if k.lower() not in ("host", "content-length")})
-        try:
-            with urllib.request.urlopen(request) as answer:
-                answered = answer.read()
-                if refuses_decrypting(body, answered):
-                    with lock:
-                        state["refused"] += 1
-                    error = json.dumps({"__type": "AccessDeniedException",
-                                        "message": "User is not authorized to perform kms:Decrypt"})
-                    self.reply(400, [("Content-Type", "application/x-amz-json-1.1"),
-                                     ("x-amzn-ErrorType", "AccessDeniedException")], error.encode())
-                    return
-                self.reply(answer.status, answer.getheaders(), answered)
-        except urllib.error.HTTPError as answer:
-            self.reply(answer.code, answer.headers.items(), answer.read())
+        status, headers, answered = self.fetch(body)
+        if status == 200 and refuses_decrypting(body, answered):
+            with lock:
+                state["refused"] += 1
+            self.reply(*aws_error("AccessDeniedException", "User is not authorized to perform kms:Decrypt"))
+            return
+        self.reply(status, answered, headers)
 
 
-server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
-print(server.server_address[1], flush=True)
-server.serve_forever()
+serve(Proxy, upstream)
