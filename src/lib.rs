@@ -10,8 +10,9 @@
 //! both read the fds and environment of a handover from `handoff`. `client`
 //! (`ssmfs exec`, `ssmfs render`) stands apart: it reads a mount through the
 //! filesystem and follows its `@changes` stream, never calling AWS. `csi` is
-//! the Kubernetes driver on top of all of them: the root plugin (`node`, with
-//! the tenant policy as pure functions in `policy`) mounts through `daemon`,
+//! the Kubernetes driver on top of all of them: the root plugin (`node`: its
+//! `registry` of shared mounts under one lock, its `link` to the serving
+//! side; the tenant policy as pure functions in `policy`) mounts through `daemon`,
 //! and the unprivileged serving side (`serve`) runs a `supervisor` holder per
 //! mount; the two speak over `fd_link`.
 //!

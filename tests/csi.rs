@@ -548,11 +548,29 @@ fn pods_with_one_identity_share_a_warm_mount_and_others_do_not() {
     );
     // Gathered from unix sockets in the run directory: the serving side
     // needs no network shared with the plugin (and no port to race for).
+    // The socket is recorded apart from the daemon's options, which an
+    // earlier release (its --metrics-addr an IP address) must read on a
+    // rollback; and each record is named as its mount point is.
     for record in std::fs::read_dir(node.path("state/mounts")).unwrap() {
         let path = record.unwrap().path();
         if path.extension().is_some_and(|e| e == "json") {
-            let text = std::fs::read_to_string(&path).unwrap();
-            assert!(text.contains("--metrics-addr=unix:"), "{text}");
+            let record: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            let socket = record["metricsSocket"].as_str().unwrap_or_default();
+            assert!(
+                socket.starts_with(node.path("run/metrics").to_str().unwrap()),
+                "{record}"
+            );
+            assert!(
+                !record["args"].to_string().contains("--metrics-addr"),
+                "{record}"
+            );
+            let mountpoint = PathBuf::from(record["mountpoint"].as_str().unwrap());
+            assert_eq!(
+                mountpoint.file_name(),
+                path.file_stem(),
+                "the record is named as its mount point"
+            );
         }
     }
     let assumed = gate.counts().0;
@@ -640,11 +658,10 @@ fn the_serving_side_runs_unprivileged() {
     let key = std::fs::read_dir(node.path("state/mounts"))
         .unwrap()
         .filter_map(|e| {
-            e.ok()?
-                .file_name()
-                .to_str()?
-                .strip_suffix(".json")
-                .map(String::from)
+            let path = e.ok()?.path();
+            let record: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+            record["key"].as_str().map(String::from)
         })
         .next()
         .expect("a mount record");
@@ -1512,13 +1529,11 @@ fn a_mount_is_keyed_by_its_whole_identity_compared_before_a_bind_and_kept_from_t
         .filter(|p| p.extension().is_some_and(|e| e == "json"))
         .collect();
     assert_eq!(records.len(), 1);
-    let key = records[0]
-        .file_stem()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_string();
+    let recorded: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&records[0]).unwrap()).unwrap();
+    let key = recorded["key"].as_str().unwrap().to_string();
     assert_eq!(key.len(), 64, "the whole SHA-256: {key}");
+    let mountpoint = recorded["mountpoint"].as_str().unwrap().to_string();
     // Root's alone: host users cannot walk to the mount or read records.
     for dir in ["state", "state/mounts"] {
         assert_eq!(
@@ -1538,7 +1553,7 @@ fn a_mount_is_keyed_by_its_whole_identity_compared_before_a_bind_and_kept_from_t
             "--regid=1000",
             "--clear-groups",
             "ls",
-            node.path("state/mounts").join(&key).to_str().unwrap(),
+            &mountpoint,
         ],
     );
     assert!(

@@ -49,7 +49,7 @@ pub(super) struct Link {
     pub(super) next_id: u64,
     /// When the first serving side said hello to this plugin.
     pub(super) first_hello: Option<Instant>,
-    /// Publishes waiting for their mount's first holder to serve.
+    /// Publishes waiting for their mount's first holder to serve, by its name.
     pub(super) waiting: HashMap<String, mpsc::Sender<Result<(), String>>>,
 }
 
@@ -485,12 +485,12 @@ impl Driver {
             let Some((message, fds)) = received else {
                 break;
             };
-            let key = message["id"].as_str().unwrap_or_default().to_string();
+            let name = message["id"].as_str().unwrap_or_default().to_string();
             match message["op"].as_str() {
                 Some("have") => {
                     let serving = message["serving"].as_bool().unwrap_or(true);
                     let mut mounts = self.mounts.lock().unwrap();
-                    match mounts.get_mut(&key) {
+                    match mounts.get_mut(&name) {
                         Some(mount) => {
                             if mount.fds.is_none() {
                                 mount.fds = ConnectionFds::from_received(fds).ok();
@@ -500,7 +500,7 @@ impl Driver {
                             });
                             if serving && elsewhere {
                                 // Never two holders on one connection.
-                                let stop = json!({"op": "stop", "id": key, "handover": true});
+                                let stop = json!({"op": "stop", "id": name, "handover": true});
                                 let _ = control::send(&socket, &stop, &[]);
                             } else if serving {
                                 mount.served_by = Some(id);
@@ -508,8 +508,8 @@ impl Driver {
                             }
                         }
                         None => {
-                            tracing::warn!(mount = %self.label(&key), "the serving side holds a mount this plugin has no record of; it is stopped");
-                            let _ = control::send(&socket, &json!({"op": "stop", "id": key}), &[]);
+                            tracing::warn!(mount = %self.label(&name), "the serving side holds a mount this plugin has no record of; it is stopped");
+                            let _ = control::send(&socket, &json!({"op": "stop", "id": name}), &[]);
                         }
                     }
                 }
@@ -548,19 +548,19 @@ impl Driver {
                         Some(why) => Err(why.to_string()),
                         None => Ok(()),
                     };
-                    if let Some(mount) = self.mounts.lock().unwrap().get_mut(&key) {
+                    if let Some(mount) = self.mounts.lock().unwrap().get_mut(&name) {
                         if outcome.is_err() && mount.served_by == Some(id) {
                             mount.served_by = None;
                         }
                     }
-                    let waiter = self.link.lock().unwrap().waiting.remove(&key);
+                    let waiter = self.link.lock().unwrap().waiting.remove(&name);
                     match (waiter, outcome) {
                         (Some(waiter), outcome) => {
                             let _ = waiter.send(outcome);
                         }
                         (None, Err(why)) => {
                             // Its readers wait meanwhile: try again shortly.
-                            tracing::error!(mount = %self.label(&key), reason = why, "the serving side could not resume a mount; trying again in 2 s");
+                            tracing::error!(mount = %self.label(&name), reason = why, "the serving side could not resume a mount; trying again in 2 s");
                             let driver = self.clone();
                             std::thread::spawn(move || {
                                 std::thread::sleep(RESUME_RETRY);
@@ -571,7 +571,7 @@ impl Driver {
                     }
                 }
                 Some("stopped") => {
-                    let handed = match self.mounts.lock().unwrap().get_mut(&key) {
+                    let handed = match self.mounts.lock().unwrap().get_mut(&name) {
                         Some(mount) if mount.moving && mount.served_by == Some(id) => {
                             mount.moving = false;
                             mount.served_by = None;
@@ -583,7 +583,7 @@ impl Driver {
                         self.rebalance();
                     }
                 }
-                Some("ended") => self.holder_ended(&key),
+                Some("ended") => self.holder_ended(&name),
                 other => tracing::warn!(op = ?other, "unknown message from the serving side"),
             }
         }
@@ -616,13 +616,13 @@ impl Driver {
         let dead: Vec<String> = mounts
             .iter()
             .filter(|(_, mount)| mount.fds.is_none())
-            .map(|(key, _)| key.clone())
+            .map(|(name, _)| name.clone())
             .collect();
-        for key in &dead {
-            let mount = mounts.remove(key).expect("listed above");
-            tracing::warn!(mount = %self.label(key), pods = mount.targets.len(), "no process held the shared mount any more; detaching it and its targets (their next publish mounts anew)");
+        for name in &dead {
+            let mount = mounts.remove(name).expect("listed above");
+            tracing::warn!(mount = %self.label(name), pods = mount.targets.len(), "no process held the shared mount any more; detaching it and its targets (their next publish mounts anew)");
             mount.detach();
-            self.forget(key, &mount.mountpoint);
+            self.forget(name, &mount.mountpoint);
         }
     }
 
@@ -637,28 +637,28 @@ impl Driver {
             return;
         };
         let (mut resumed, mut moving) = (0, 0);
-        for (key, mount) in mounts.iter_mut() {
+        for (name, mount) in mounts.iter_mut() {
             if mount.removing || mount.moving || mount.served_by == Some(current) {
                 continue;
             }
             let Some(fds) = &mount.fds else { continue };
             match mount.served_by.and_then(|other| link.socket(other)) {
                 Some(older) => {
-                    let stop = json!({"op": "stop", "id": key, "handover": true});
+                    let stop = json!({"op": "stop", "id": name, "handover": true});
                     if control::send(&older, &stop, &[]).is_ok() {
                         mount.moving = true;
                         moving += 1;
                     }
                 }
                 None => {
-                    let message = json!({"op": "start", "id": key, "args": mount.args});
+                    let message = json!({"op": "start", "id": name, "args": mount.start_args()});
                     match control::send(&socket, &message, &fds.raw()) {
                         Ok(()) => {
                             mount.served_by = Some(current);
                             resumed += 1;
                         }
                         Err(error) => {
-                            tracing::error!(mount = %self.label(key), %error, "could not hand the mount to the serving side")
+                            tracing::error!(mount = %self.label(name), %error, "could not hand the mount to the serving side")
                         }
                     }
                 }
@@ -696,24 +696,24 @@ impl Driver {
 
     /// A holder ended without being asked: it gave up (no daemon could
     /// serve for --restart-deadline). Readers get an error, not a wait.
-    pub(super) fn holder_ended(&self, key: &str) {
+    pub(super) fn holder_ended(&self, name: &str) {
         let mut mounts = self.mounts.lock().unwrap();
-        let Some(mount) = mounts.get(key) else {
+        let Some(mount) = mounts.get(name) else {
             return;
         };
         if mount.removing {
             return;
         }
-        tracing::error!(mount = %self.label(key), "the shared mount's holder gave up; aborting it so readers get an error (the next publish mounts it anew)");
+        tracing::error!(mount = %self.label(name), "the shared mount's holder gave up; aborting it so readers get an error (the next publish mounts it anew)");
         if let Some(entry) = sys::mounts()
             .ok()
             .and_then(|all| all.into_iter().find(|e| e.mount_point == mount.mountpoint))
         {
             sys::abort_connection(&entry.minor);
         }
-        if let Some(mount) = mounts.remove(key) {
+        if let Some(mount) = mounts.remove(name) {
             mount.detach();
-            self.forget(key, &mount.mountpoint);
+            self.forget(name, &mount.mountpoint);
         }
     }
 

@@ -1,7 +1,8 @@
-//! The node's shared mounts: the registry, publish and unpublish, linger,
-//! recovery from the state directory, and the metrics gathered from the
-//! daemons. `link` is the link to the serving side; `services` the thin
-//! gRPC face; `csi::policy` decides what a publish may do.
+//! The node's shared mounts: publish and unpublish, linger, and the metrics
+//! gathered from the daemons. `registry` holds the mounts under one lock;
+//! `recovery` their records in the state directory; `link` is the link to
+//! the serving side; `services` the thin gRPC face; `csi::policy` decides
+//! what a publish may do.
 //!
 //! Model: a shared mount is one FUSE mount under the state directory for
 //! one identity and one set of options; every pod volume with that key is a
@@ -20,21 +21,24 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::csi::v1::{NodePublishVolumeRequest, NodeUnpublishVolumeRequest};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::control;
 use super::error::CsiError;
 use super::policy::{self, Policy, Room};
 use super::serve::ConnectionFds;
 use super::sys::{self, ServeUser};
-use super::volume::{Identity, Pod, Publish};
+use super::volume::{Identity, Publish};
 use crate::daemon::{self, MountSettings};
 
 mod link;
+mod recovery;
+mod registry;
 mod services;
 
 use link::Link;
 pub use link::{link_key_path, LINK_KEY_FD_ENV};
+use registry::{Attachment, Registry, SharedMount};
 pub use services::Services;
 
 /// How long a publish waits for the serving side to report the new mount
@@ -56,77 +60,29 @@ pub struct DriverSettings {
     pub pod_identity_agent_url: String,
 }
 
-/// A shared mount allowed under the caps and not yet inserted.
+/// A shared mount allowed under the caps and not yet inserted: dropped,
+/// it counts nothing any more.
 struct Reservation<'a> {
     driver: &'a Driver,
-    namespace: String,
+    /// `None` once fulfilled.
+    namespace: Option<String>,
+}
+
+impl Reservation<'_> {
+    /// The mount is in the registry and counts itself: released under the
+    /// same lock that inserted it, so no publish sees it twice or not at all.
+    fn fulfilled(mut self, registry: &mut Registry) {
+        if let Some(namespace) = self.namespace.take() {
+            registry.release(&namespace);
+        }
+    }
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        let mut creating = self.driver.creating.lock().unwrap();
-        if let Some(count) = creating.get_mut(&self.namespace) {
-            *count -= 1;
-            if *count == 0 {
-                creating.remove(&self.namespace);
-            }
+        if let Some(namespace) = self.namespace.take() {
+            self.driver.mounts.lock().unwrap().release(&namespace);
         }
-    }
-}
-
-struct Attachment {
-    volume_id: String,
-    pod: Pod,
-}
-
-struct SharedMount {
-    mountpoint: PathBuf,
-    /// The namespace it counts against (`--max-mounts-per-namespace`).
-    namespace: String,
-    identity: Identity,
-    options: BTreeMap<String, String>,
-    args: Vec<String>,
-    /// The plugin's copies: the connection lives while either side holds them.
-    fds: Option<ConnectionFds>,
-    targets: BTreeMap<PathBuf, Attachment>,
-    idle_since: Option<Instant>,
-    /// The link whose holder serves it.
-    served_by: Option<u64>,
-    /// Asked to stop there so the current serving side takes it over.
-    moving: bool,
-    /// Removed on purpose: the holder's end is expected.
-    removing: bool,
-}
-
-impl SharedMount {
-    /// Lazily unmounts every pod's target and the shared mount itself.
-    fn detach(&self) {
-        for target in self.targets.keys() {
-            let _ = daemon::lazy_unmount(target);
-        }
-        let _ = daemon::lazy_unmount(&self.mountpoint);
-    }
-
-    fn record(&self) -> Value {
-        let targets: Vec<Value> = self
-            .targets
-            .iter()
-            .map(|(target, attachment)| {
-                json!({
-                    "target": target,
-                    "volumeId": attachment.volume_id,
-                    "pod": {"namespace": attachment.pod.namespace, "name": attachment.pod.name, "uid": attachment.pod.uid, "serviceAccount": attachment.pod.service_account},
-                })
-            })
-            .collect();
-        json!({
-            "mountpoint": self.mountpoint,
-            "namespace": self.namespace,
-            "identity": self.identity.to_json(),
-            "options": self.options,
-            "args": self.args,
-            "targets": targets,
-        })
     }
 }
 
@@ -145,7 +101,8 @@ pub struct Driver {
     link_key: std::sync::OnceLock<zeroize::Zeroizing<Vec<u8>>>,
     /// Drawn at start: log labels of mounts (`label`).
     label_salt: [u8; 16],
-    mounts: Mutex<HashMap<String, SharedMount>>,
+    /// The shared mounts by name, and those being created.
+    mounts: Mutex<Registry>,
     link: Mutex<Link>,
     /// Publishes and unpublishes of one target one at a time (kubelet
     /// retries); other targets go on meanwhile.
@@ -155,9 +112,6 @@ pub struct Driver {
     keys_busy: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Serving sides connected now.
     links_open: Arc<std::sync::atomic::AtomicUsize>,
-    /// Shared mounts being created, by namespace: they count against the
-    /// caps from the moment they are allowed (creation takes seconds).
-    creating: Mutex<HashMap<String, usize>>,
     /// Why the serving side (one-host layout) cannot start, while it cannot:
     /// publishes fail with it rather than wait.
     serve_failure: Mutex<Option<String>>,
@@ -173,12 +127,11 @@ impl Driver {
             settings,
             link_key: std::sync::OnceLock::new(),
             label_salt: rand::random(),
-            mounts: Mutex::new(HashMap::new()),
+            mounts: Mutex::new(Registry::default()),
             link: Mutex::new(Link::default()),
             targets_busy: tokio::sync::Mutex::new(HashMap::new()),
             keys_busy: Mutex::new(HashMap::new()),
             links_open: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
-            creating: Mutex::new(HashMap::new()),
             serve_failure: Mutex::new(None),
         })
     }
@@ -200,185 +153,16 @@ impl Driver {
         self.settings.run_dir.join("metrics")
     }
 
+    /// Where a new daemon serves its metrics: a unix socket in the run
+    /// directory, so no port to race for and no network the serving side
+    /// must share with the plugin.
+    fn new_metrics_socket(&self) -> PathBuf {
+        self.metrics_dir()
+            .join(format!("{}.sock", hex::encode(rand::random::<[u8; 12]>())))
+    }
+
     pub fn control_socket(run_dir: &Path) -> PathBuf {
         run_dir.join("control.sock")
-    }
-
-    fn save(&self, key: &str, mount: &SharedMount) {
-        let path = self.mounts_dir().join(format!("{key}.json"));
-        let staging = path.with_extension("json.new");
-        let written = serde_json::to_vec_pretty(&mount.record())
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| sys::write_private(&staging, &bytes))
-            .and_then(|()| std::fs::rename(&staging, &path));
-        if let Err(error) = written {
-            tracing::error!(path = %path.display(), %error, "could not record the mount's state");
-        }
-    }
-
-    /// Detaches what an unusable record says is mounted, and forgets it.
-    fn detach_record(&self, key: &str, record: &Value) {
-        let pods_dir = &self.settings.policy.pods_dir;
-        for target in record["targets"].as_array().into_iter().flatten() {
-            let Some(path) = target["target"].as_str().map(PathBuf::from) else {
-                continue;
-            };
-            if path.starts_with(pods_dir) && daemon::is_mount_point(&path) {
-                let _ = daemon::lazy_unmount(&path);
-            }
-        }
-        let mountpoint = self.recorded_mountpoint(key, record);
-        if daemon::is_mount_point(&mountpoint) {
-            let _ = daemon::lazy_unmount(&mountpoint);
-        }
-        self.forget(key, &mountpoint);
-    }
-
-    fn forget(&self, key: &str, mountpoint: &Path) {
-        let _ = std::fs::remove_file(self.mounts_dir().join(format!("{key}.json")));
-        if mountpoint.parent() == Some(self.mounts_dir().as_path()) {
-            let _ = std::fs::remove_dir(mountpoint);
-        }
-    }
-
-    /// Where a record says its shared mount is: a directory right below
-    /// the mounts directory (an older plugin named it by the key).
-    fn recorded_mountpoint(&self, key: &str, record: &Value) -> PathBuf {
-        record["mountpoint"]
-            .as_str()
-            .map(PathBuf::from)
-            .filter(|path| path.parent() == Some(self.mounts_dir().as_path()))
-            .filter(|path| path.file_name().is_some_and(|n| n != ".." && n != "."))
-            .unwrap_or_else(|| self.mounts_dir().join(key))
-    }
-
-    /// Rebuilds the shared mounts from the state directory and mountinfo:
-    /// live ones are adopted (their fds come back from the serving side),
-    /// dead ones detached, targets whose pod is gone unmounted.
-    pub fn recover(&self) -> std::io::Result<()> {
-        // Root's alone: the mounts below serve any uid (allow_other), so the
-        // way to them must be closed to the host's users.
-        for dir in [&self.settings.state_dir, &self.mounts_dir()] {
-            std::fs::create_dir_all(dir)?;
-            sys::make_private(dir)?;
-        }
-        let mounted = sys::mounts()?;
-        let is_mounted = |path: &Path| {
-            mounted
-                .iter()
-                .any(|entry| entry.mount_point == path && entry.fstype == "fuse.ssmfs")
-        };
-        let mut mounts = self.mounts.lock().unwrap();
-        for entry in std::fs::read_dir(self.mounts_dir())? {
-            let path = entry?.path();
-            if path.extension().is_none_or(|ext| ext != "json") {
-                continue;
-            }
-            let Some(key) = path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .map(str::to_string)
-            else {
-                continue;
-            };
-            let Some(record) = std::fs::read(&path)
-                .ok()
-                .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
-            else {
-                tracing::warn!(path = %path.display(), "unreadable mount record; removed");
-                let _ = std::fs::remove_file(&path);
-                continue;
-            };
-            let mountpoint = self.recorded_mountpoint(&key, &record);
-            let Some(identity) = Identity::from_json(&record["identity"]) else {
-                // Never guessed: recovering it as the node's identity would
-                // hand the node's credentials to whoever wrote the record.
-                tracing::error!(mount = %self.label(&key), "the mount record's identity does not parse; not recovering it (its mount and targets are detached)");
-                self.detach_record(&key, &record);
-                continue;
-            };
-            let namespace = record["namespace"].as_str().unwrap_or_default().to_string();
-            let options: BTreeMap<String, String> =
-                serde_json::from_value(record["options"].clone()).unwrap_or_default();
-            let mut targets = BTreeMap::new();
-            for target in record["targets"].as_array().into_iter().flatten() {
-                let Some(path) = target["target"].as_str().map(PathBuf::from) else {
-                    continue;
-                };
-                let pod = Pod {
-                    namespace: target["pod"]["namespace"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .into(),
-                    name: target["pod"]["name"].as_str().unwrap_or_default().into(),
-                    uid: target["pod"]["uid"].as_str().unwrap_or_default().into(),
-                    service_account: target["pod"]["serviceAccount"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .into(),
-                };
-                let pod_gone =
-                    !pod.uid.is_empty() && !self.settings.policy.pods_dir.join(&pod.uid).exists();
-                if !is_mounted(&path) {
-                    continue;
-                }
-                if pod_gone || sys::is_dead_mount(&path) {
-                    tracing::info!(target = %path.display(), pod = %pod, "cleaning a target whose pod is gone or whose mount died");
-                    let _ = daemon::lazy_unmount(&path);
-                    let _ = std::fs::remove_dir(&path);
-                    continue;
-                }
-                let volume_id = target["volumeId"].as_str().unwrap_or_default().to_string();
-                targets.insert(path, Attachment { volume_id, pod });
-            }
-            let alive = is_mounted(&mountpoint) && !sys::is_dead_mount(&mountpoint);
-            if !alive {
-                tracing::info!(mount = %self.label(&key), "the shared mount is gone or dead; detaching it and its targets");
-                for target in targets.keys() {
-                    let _ = daemon::lazy_unmount(target);
-                }
-                if is_mounted(&mountpoint) {
-                    let _ = daemon::lazy_unmount(&mountpoint);
-                }
-                self.forget(&key, &mountpoint);
-                continue;
-            }
-            // The recorded command line (its metrics port with it), or one
-            // rebuilt from the attributes.
-            let args: Vec<String> = serde_json::from_value(record["args"].clone())
-                .unwrap_or_else(|_| super::volume::daemon_args(&identity, &options, &mountpoint));
-            let idle_since = targets.is_empty().then(Instant::now);
-            tracing::info!(mount = %self.label(&key), pods = targets.len(), "adopting a live shared mount");
-            mounts.insert(
-                key,
-                SharedMount {
-                    mountpoint,
-                    namespace,
-                    identity,
-                    options,
-                    args,
-                    fds: None,
-                    targets,
-                    idle_since,
-                    served_by: None,
-                    moving: false,
-                    removing: false,
-                },
-            );
-        }
-        // Dead ssmfs mounts in pods' directories nobody records any more.
-        for entry in &mounted {
-            if entry.fstype == "fuse.ssmfs"
-                && entry
-                    .mount_point
-                    .starts_with(&self.settings.policy.pods_dir)
-                && sys::is_dead_mount(&entry.mount_point)
-            {
-                tracing::info!(target = %entry.mount_point.display(), "detaching a dead target");
-                let _ = daemon::lazy_unmount(&entry.mount_point);
-            }
-        }
-        Ok(())
     }
 
     /// Whether `path` is one of this plugin's shared mounts, in service.
@@ -391,12 +175,11 @@ impl Driver {
     }
 
     /// Mounts a new shared mount and waits until its first daemon serves.
-    fn create_shared(&self, publish: &Publish) -> Result<SharedMount, CsiError> {
+    fn create_shared(&self, publish: &Publish) -> Result<(String, SharedMount), CsiError> {
         // A random name: mountinfo, which every local user reads, shows the
         // mount point; it must not show the key. The record links the two.
-        let mountpoint = self
-            .mounts_dir()
-            .join(hex::encode(rand::random::<[u8; 12]>()));
+        let name = hex::encode(rand::random::<[u8; 12]>());
+        let mountpoint = self.mounts_dir().join(&name);
         std::fs::create_dir_all(&mountpoint)
             .map_err(|e| internal("creating the shared mount point", e))?;
         // Nothing of the path or identity: mountinfo is world-readable.
@@ -413,7 +196,7 @@ impl Driver {
             if mounted {
                 let _ = daemon::lazy_unmount(&mountpoint);
             }
-            self.forget(&publish.key, &mountpoint);
+            self.forget(&name, &mountpoint);
         };
         let fuse = daemon::mount_device(&settings).map_err(|e| {
             cleanup(false);
@@ -452,13 +235,21 @@ impl Driver {
                 ),
             );
         }
-        // Its daemon's own metrics, on a unix socket in the run directory
-        // for the plugin to gather: no port to race for, and no network
-        // the serving side must share with the plugin.
-        let socket = self
-            .metrics_dir()
-            .join(format!("{}.sock", hex::encode(rand::random::<[u8; 12]>())));
-        args.insert(0, format!("--metrics-addr=unix:{}", socket.display()));
+        let mut mount = SharedMount {
+            key: publish.key.clone(),
+            mountpoint: mountpoint.clone(),
+            namespace: publish.pod.namespace.clone(),
+            identity: publish.identity.clone(),
+            options: publish.options.clone(),
+            args,
+            metrics_socket: Some(self.new_metrics_socket()),
+            fds: None,
+            targets: BTreeMap::new(),
+            idle_since: None,
+            served_by: None,
+            moving: false,
+            removing: false,
+        };
         let deadline = Instant::now() + START_TIMEOUT;
         let started = (|| {
             let (link_id, socket) = self.link_socket(deadline)?;
@@ -467,8 +258,8 @@ impl Driver {
                 .lock()
                 .unwrap()
                 .waiting
-                .insert(publish.key.clone(), sender);
-            let message = json!({"op": "start", "id": publish.key, "args": args});
+                .insert(name.clone(), sender);
+            let message = json!({"op": "start", "id": name, "args": mount.start_args()});
             control::send(&socket, &message, &fds.raw())
                 .map_err(|e| internal("handing the mount to the serving side", e))?;
             match receiver.recv_timeout(START_TIMEOUT) {
@@ -489,26 +280,17 @@ impl Driver {
             Ok(link_id) => link_id,
             Err(status) => {
                 let mut link = self.link.lock().unwrap();
-                link.waiting.remove(&publish.key);
-                link.tell_all(&json!({"op": "stop", "id": publish.key}));
+                link.waiting.remove(&name);
+                link.tell_all(&json!({"op": "stop", "id": name}));
                 drop(link);
                 cleanup(true);
+                remove_metrics_socket(mount.metrics_socket.as_deref());
                 return Err(status);
             }
         };
-        Ok(SharedMount {
-            mountpoint,
-            namespace: publish.pod.namespace.clone(),
-            identity: publish.identity.clone(),
-            options: publish.options.clone(),
-            args,
-            fds: Some(fds),
-            targets: BTreeMap::new(),
-            idle_since: None,
-            served_by: Some(link_id),
-            moving: false,
-            removing: false,
-        })
+        mount.fds = Some(fds);
+        mount.served_by = Some(link_id);
+        Ok((name, mount))
     }
 
     fn publish(&self, request: NodePublishVolumeRequest) -> Result<(), CsiError> {
@@ -531,28 +313,6 @@ impl Driver {
         published
     }
 
-    /// What the caps see: the shared mounts and those being created.
-    fn counts(
-        mounts: &HashMap<String, SharedMount>,
-        creating: &HashMap<String, usize>,
-    ) -> policy::Counts {
-        policy::Counts {
-            mounts: mounts
-                .iter()
-                .filter(|(_, m)| !m.removing)
-                .map(|(key, m)| policy::Held {
-                    key: key.clone(),
-                    namespace: m.namespace.clone(),
-                    identity: m.identity.clone(),
-                    options: m.options.clone(),
-                    idle_since: m.idle_since.filter(|_| m.targets.is_empty()),
-                    live: m.fds.is_some(),
-                })
-                .collect(),
-            creating: creating.iter().map(|(ns, n)| (ns.clone(), *n)).collect(),
-        }
-    }
-
     /// Reserves room for `publish`'s new shared mount under the caps
     /// (`policy::room`), removing the idle mounts the policy names first.
     fn make_room(&self, publish: &Publish) -> Result<Reservation<'_>, CsiError> {
@@ -560,23 +320,21 @@ impl Driver {
             let evict = {
                 // Checked and reserved under the locks, so that two
                 // publishes cannot both take the last place.
-                let mounts = self.mounts.lock().unwrap();
-                let mut creating = self.creating.lock().unwrap();
-                let counts = Self::counts(&mounts, &creating);
-                match policy::room_for(publish, &self.settings.policy, &counts)? {
+                let mut mounts = self.mounts.lock().unwrap();
+                match policy::room_for(publish, &self.settings.policy, &mounts.counts())? {
                     Room::Free | Room::Shared => {
                         let namespace = publish.pod.namespace.clone();
-                        *creating.entry(namespace.clone()).or_default() += 1;
+                        mounts.reserve(&namespace);
                         return Ok(Reservation {
                             driver: self,
-                            namespace,
+                            namespace: Some(namespace),
                         });
                     }
                     Room::Evict(keys) => keys,
                 }
             };
-            for key in evict {
-                self.remove_shared(&key, "to make room under the caps");
+            for name in evict {
+                self.remove_shared(&name, "to make room under the caps");
             }
         }
     }
@@ -631,21 +389,22 @@ impl Driver {
         }
         let mut mounts = self.mounts.lock().unwrap();
         // Already published here: a republish (fresh token) or a retry.
-        let existing = mounts
-            .iter()
-            .find(|(_, mount)| mount.targets.contains_key(target))
-            .map(|(key, mount)| (key.clone(), mount.targets[target].volume_id.clone()));
-        if let Some((key, volume_id)) = existing {
+        let existing = mounts.owner_of(target).map(|name| {
+            let mount = &mounts[&name];
+            let same = mount.key == publish.key;
+            (name, same, mount.targets[target].volume_id.clone())
+        });
+        if let Some((name, same_key, volume_id)) = existing {
             let alive = daemon::is_mount_point(target)
-                && mounts.get(&key).is_some_and(|mount| mount.fds.is_some());
+                && mounts.get(&name).is_some_and(|mount| mount.fds.is_some());
             if alive {
-                if key != publish.key || volume_id != publish.volume_id {
+                if !same_key || volume_id != publish.volume_id {
                     return Err(CsiError::AlreadyExists(format!(
                         "target_path {} is published already, for volume {volume_id} with other attributes",
                         target.display()
                     )));
                 }
-                let mount = mounts.get_mut(&key).expect("found above");
+                let mount = mounts.get_mut(&name).expect("found above");
                 if let (Some(token), Some(fds)) = (&publish.token, &mount.fds) {
                     if let Some(file) = &fds.token {
                         sys::refresh(file, token.as_bytes())
@@ -655,35 +414,39 @@ impl Driver {
                 tracing::debug!(pod = %publish.pod, volume = %publish.volume_id, "republished (token refreshed)");
                 return Ok(());
             }
-            if let Some(mount) = mounts.get_mut(&key) {
+            if let Some(mount) = mounts.get_mut(&name) {
                 mount.targets.remove(target);
             }
         }
         // A dead or stale mount left there (not a mount point: EINVAL).
         let _ = resolved.unmount();
-        let live = mounts
-            .get(&publish.key)
-            .is_some_and(|mount| mount.fds.is_some() && !mount.removing);
-        let warm = live;
-        if let Some(mount) = mounts.get(&publish.key).filter(|_| live) {
+        let live = mounts.live(&publish.key);
+        let warm = live.is_some();
+        if let Some(mount) = live.as_ref().map(|name| &mounts[name]) {
             policy::check_same_mount(&mount.identity, &mount.options, publish)?;
         }
-        if !live {
-            if let Some(dead) = mounts.remove(&publish.key) {
-                dead.detach();
+        let name = match live {
+            Some(name) => name,
+            None => {
+                for dead_name in mounts.dead(&publish.key) {
+                    if let Some(dead) = mounts.remove(&dead_name) {
+                        dead.detach();
+                        self.forget(&dead_name, &dead.mountpoint);
+                    }
+                }
+                // Mounting waits on the serving side, which reports through
+                // the link thread: the registry is not held meanwhile.
+                drop(mounts);
+                let reserved = self.make_room(publish)?;
+                let (name, created) = self.create_shared(publish)?;
+                mounts = self.mounts.lock().unwrap();
+                mounts.insert(name.clone(), created);
+                // On a failure above, the dropped reservation counts nothing.
+                reserved.fulfilled(&mut mounts);
+                name
             }
-            // Mounting waits on the serving side, which reports through
-            // the link thread: the map is not held meanwhile.
-            drop(mounts);
-            let reserved = self.make_room(publish)?;
-            let created = self.create_shared(publish)?;
-            mounts = self.mounts.lock().unwrap();
-            mounts.insert(publish.key.clone(), created);
-            // The mount counts itself now (on a failure above, the dropped
-            // reservation counts nothing).
-            drop(reserved);
-        }
-        let mount = mounts.get_mut(&publish.key).expect("inserted above");
+        };
+        let mount = mounts.get_mut(&name).expect("found or inserted above");
         if let (Some(token), Some(fds), true) = (&publish.token, &mount.fds, warm) {
             if let Some(file) = &fds.token {
                 let _ = sys::refresh(file, token.as_bytes());
@@ -696,7 +459,7 @@ impl Driver {
                     "cannot create target_path {}: {error} (its parent must exist)",
                     target.display()
                 ));
-                self.settle_idle(&publish.key, mount);
+                self.settle_idle(&name, mount);
                 return Err(status);
             }
         };
@@ -704,7 +467,7 @@ impl Driver {
             if created_target {
                 let _ = resolved.remove_dir();
             }
-            self.settle_idle(&publish.key, mount);
+            self.settle_idle(&name, mount);
             return Err(internal("bind-mounting the volume", error));
         }
         mount.targets.insert(
@@ -715,11 +478,11 @@ impl Driver {
             },
         );
         mount.idle_since = None;
-        self.save(&publish.key, mount);
+        self.save(&name, mount);
         tracing::info!(
             pod = %publish.pod,
             volume = %publish.volume_id,
-            mount = %self.label(&publish.key),
+            mount = %self.label(&name),
             identity = %publish.identity.describe(),
             warm,
             pods = mount.targets.len(),
@@ -730,11 +493,11 @@ impl Driver {
     }
 
     /// A shared mount left without pods starts its linger.
-    fn settle_idle(&self, key: &str, mount: &mut SharedMount) {
+    fn settle_idle(&self, name: &str, mount: &mut SharedMount) {
         if mount.targets.is_empty() && mount.idle_since.is_none() {
             mount.idle_since = Some(Instant::now());
         }
-        self.save(key, mount);
+        self.save(name, mount);
     }
 
     fn unpublish(&self, request: NodeUnpublishVolumeRequest) -> Result<(), CsiError> {
@@ -771,16 +534,12 @@ impl Driver {
             }
         }
         let mut mounts = self.mounts.lock().unwrap();
-        let owner = mounts
-            .iter()
-            .find(|(_, mount)| mount.targets.contains_key(&target))
-            .map(|(key, _)| key.clone());
-        if let Some(key) = owner {
-            let mount = mounts.get_mut(&key).expect("found above");
+        if let Some(name) = mounts.owner_of(&target) {
+            let mount = mounts.get_mut(&name).expect("found above");
             if let Some(attachment) = mount.targets.remove(&target) {
-                tracing::info!(pod = %attachment.pod, volume = %attachment.volume_id, mount = %self.label(&key), pods = mount.targets.len(), "unpublished");
+                tracing::info!(pod = %attachment.pod, volume = %attachment.volume_id, mount = %self.label(&name), pods = mount.targets.len(), "unpublished");
             }
-            self.settle_idle(&key, mount);
+            self.settle_idle(&name, mount);
         }
         Ok(())
     }
@@ -795,40 +554,40 @@ impl Driver {
                 .filter(|(_, m)| {
                     m.targets.is_empty() && m.idle_since.is_some_and(|t| t.elapsed() >= linger)
                 })
-                .map(|(key, _)| key.clone())
+                .map(|(name, _)| name.clone())
                 .collect()
         };
-        for key in expired {
-            self.remove_shared(&key, "no pod used it for the linger");
+        for name in expired {
+            self.remove_shared(&name, "no pod used it for the linger");
         }
     }
 
     /// Unmounts an idle shared mount and stops its holder.
-    fn remove_shared(&self, key: &str, why: &str) {
+    fn remove_shared(&self, name: &str, why: &str) {
         let mut mounts = self.mounts.lock().unwrap();
         // Still idle: a publish may have bound a pod since it was picked.
         if !mounts
-            .get(key)
+            .get(name)
             .is_some_and(|m| m.targets.is_empty() && !m.removing)
         {
             return;
         }
-        let Some(mut mount) = mounts.remove(key) else {
+        let Some(mut mount) = mounts.remove(name) else {
             return;
         };
         drop(mounts);
         mount.removing = true;
         // The last mount of the connection: its end ends the holder.
         if let Err(error) = daemon::lazy_unmount(&mount.mountpoint) {
-            tracing::warn!(mount = %self.label(key), %error, "could not unmount the idle shared mount");
+            tracing::warn!(mount = %self.label(name), %error, "could not unmount the idle shared mount");
         }
         self.link
             .lock()
             .unwrap()
-            .tell_all(&json!({"op": "stop", "id": key}));
-        self.forget(key, &mount.mountpoint);
-        remove_metrics_socket(&mount.args);
-        tracing::info!(mount = %self.label(key), reason = why, "removed an idle shared mount");
+            .tell_all(&json!({"op": "stop", "id": name}));
+        self.forget(name, &mount.mountpoint);
+        remove_metrics_socket(mount.metrics_socket.as_deref());
+        tracing::info!(mount = %self.label(name), reason = why, "removed an idle shared mount");
     }
 
     /// Prometheus text: the shared mounts, the pods on each, and each
@@ -838,12 +597,9 @@ impl Driver {
             let mounts = self.mounts.lock().unwrap();
             mounts
                 .iter()
-                .filter_map(|(key, mount)| {
-                    let addr = mount
-                        .args
-                        .iter()
-                        .find_map(|arg| arg.strip_prefix("--metrics-addr="))?;
-                    Some((self.label(key), addr.to_string()))
+                .filter_map(|(name, mount)| {
+                    let socket = mount.metrics_socket.as_ref()?;
+                    Some((self.label(name), format!("unix:{}", socket.display())))
                 })
                 .collect()
         };
@@ -878,10 +634,10 @@ impl Driver {
         );
         out.push_str(&format!("ssmfs_csi_shared_mounts {}\n", mounts.len()));
         out.push_str("# HELP ssmfs_csi_pods_attached Pod volumes bound to each shared mount.\n# TYPE ssmfs_csi_pods_attached gauge\n");
-        for (key, mount) in mounts.iter() {
+        for (name, mount) in mounts.iter() {
             out.push_str(&format!(
                 "ssmfs_csi_pods_attached{{mount=\"{}\"}} {}\n",
-                self.label(key),
+                self.label(name),
                 mount.targets.len()
             ));
         }
@@ -914,12 +670,8 @@ type TargetTurn = tokio::sync::OwnedMutexGuard<()>;
 /// A daemon's metrics page, over loopback (one second at most).
 /// Removes a gone daemon's metrics socket (a unix socket in the run
 /// directory; never any other file).
-fn remove_metrics_socket(args: &[String]) {
+fn remove_metrics_socket(socket: Option<&Path>) {
     use std::os::unix::fs::FileTypeExt;
-    let socket = args
-        .iter()
-        .find_map(|arg| arg.strip_prefix("--metrics-addr=unix:"))
-        .map(Path::new);
     if let Some(socket) = socket {
         if std::fs::symlink_metadata(socket).is_ok_and(|m| m.file_type().is_socket()) {
             let _ = std::fs::remove_file(socket);
