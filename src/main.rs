@@ -74,15 +74,42 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            let message = format!("{error:#}");
+            let failure = start_failure(&error);
             if !log_is_stderr {
-                tracing::error!("{message}");
+                tracing::error!("{failure}");
             }
-            if !readiness.failed(&message) {
-                eprintln!("ssmfs: {message}");
+            if !readiness.failed(&failure) {
+                eprintln!("ssmfs: {failure}");
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// What a failed start says on its verdict pipe: the whole error on one
+/// line, and whether AWS refused the identity (told by type anywhere in the
+/// chain: the store's error, the core's, a daemon's verdict a holder passed on).
+fn start_failure(error: &anyhow::Error) -> daemon::StartFailure {
+    use ssmfs::fs::FsError;
+    use ssmfs::store::StoreError;
+    let identity_refused = error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<StoreError>(),
+            Some(StoreError::IdentityRefused(_))
+        ) || matches!(
+            cause.downcast_ref::<FsError>(),
+            Some(FsError::Store(StoreError::IdentityRefused(_)))
+        ) || cause
+            .downcast_ref::<daemon::StartFailure>()
+            .is_some_and(|failure| failure.identity_refused)
+            || matches!(
+                cause.downcast_ref::<ssmfs::supervisor::SupervisorError>(),
+                Some(ssmfs::supervisor::SupervisorError::GaveUp(failure)) if failure.identity_refused
+            )
+    });
+    daemon::StartFailure {
+        why: format!("{error:#}"),
+        identity_refused,
     }
 }
 
@@ -120,7 +147,7 @@ fn prepare(settings: &Settings) -> anyhow::Result<Option<Readiness>> {
     match daemon::daemonize()? {
         Forked::Daemon(readiness) => Ok(Some(readiness)),
         Forked::Parent(Ok(())) => Ok(None),
-        Forked::Parent(Err(message)) => Err(anyhow::anyhow!(message)),
+        Forked::Parent(Err(failure)) => Err(failure.into()),
     }
 }
 

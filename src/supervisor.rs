@@ -74,7 +74,7 @@ pub enum SupervisorError {
     #[error("cannot set up the supervisor: {0}")]
     Setup(io::Error),
     #[error("{0}")]
-    GaveUp(String),
+    GaveUp(daemon::StartFailure),
 }
 
 pub struct SupervisorSettings {
@@ -208,9 +208,9 @@ impl Daemon {
     /// Why the daemon could not serve, once it has exited: its handshake
     /// differed, or it said why (None: it served, or ended without a word,
     /// as a crash or a kill does).
-    fn failure(&self) -> Option<String> {
+    fn failure(&self) -> Option<daemon::StartFailure> {
         if self.handshake() == HANDSHAKE_DIFFERS {
-            return Some(OTHER_FUSE_SETTINGS.to_string());
+            return Some(daemon::StartFailure::other(OTHER_FUSE_SETTINGS));
         }
         daemon::read_verdict(&self.verdict).err().flatten()
     }
@@ -557,7 +557,7 @@ fn supervise(
     let mut current: Option<Daemon> = None;
     let mut failed_starts = 0u32;
     // Why the last daemon that could not start said so, for the final word.
-    let mut last_failure: Option<String> = None;
+    let mut last_failure: Option<daemon::StartFailure> = None;
     let mut without_daemon_since: Option<Instant> = Some(Instant::now());
     let mut ready_said = false;
     // Daemons replaced by an upgrade, reaped once they exit.
@@ -577,12 +577,21 @@ fn supervise(
             if supervisor.shared.session.is_none() {
                 abort_connection(&mountpoint);
             }
-            let last = last_failure.map_or(String::new(), |why| format!("; the last said: {why}"));
+            let last = last_failure.as_ref().map_or(String::new(), |failure| {
+                format!("; the last said: {failure}")
+            });
             let why = format!(
                     "no serving daemon for {:.1} s ({failed_starts} failed starts in a row{last}); aborted the FUSE connection so readers get an error instead of waiting",
                     down_for.as_secs_f64()
                 );
-            return (Err(SupervisorError::GaveUp(why)), None);
+            let identity_refused = last_failure.is_some_and(|failure| failure.identity_refused);
+            return (
+                Err(SupervisorError::GaveUp(daemon::StartFailure {
+                    why,
+                    identity_refused,
+                })),
+                None,
+            );
         }
         if current.is_none() {
             if failed_starts > 0 {
@@ -673,7 +682,9 @@ fn supervise(
                     tracing::error!("{OTHER_FUSE_SETTINGS}; the current daemon keeps serving");
                 }
                 (_, Ok(Some(status))) => {
-                    let reason = next.failure().unwrap_or_else(|| "no reason given".into());
+                    let reason = next
+                        .failure()
+                        .map_or_else(|| "no reason given".into(), |failure| failure.why);
                     tracing::error!(%status, reason, "upgrade failed: the new daemon exited before it could serve; the current one keeps serving");
                 }
                 _ if next.started.elapsed() > deadline => {
@@ -702,8 +713,10 @@ fn supervise(
                     return (Err(SupervisorError::GaveUp(why.clone())), None);
                 }
                 let reason = failure
-                    .as_deref()
-                    .unwrap_or("no reason given (killed or crashed)");
+                    .as_ref()
+                    .map_or("no reason given (killed or crashed)", |failure| {
+                        failure.why.as_str()
+                    });
                 tracing::warn!(%status, generation = daemon.generation, reason, "the serving daemon exited; starting another");
                 last_failure = if served {
                     None

@@ -27,6 +27,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::control;
+use crate::daemon::StartFailure;
 use crate::handoff::{
     HOLDER_FUSE_FD, HOLDER_JOURNAL_FD, HOLDER_SESSION_FD, HOLDER_TOKEN_FD, HOLDER_VERDICT_FD,
 };
@@ -204,12 +205,46 @@ fn spawn_holder(fds: &ConnectionFds, args: &[String]) -> io::Result<(Child, std:
     Ok((child, verdict))
 }
 
+/// A serving side's answer to a start, the control socket's one verdict:
+/// its holder serves, or why it cannot, typed (a refused identity becomes
+/// PERMISSION_DENIED for kubelet; no text is searched for a word).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Started {
+    Serving,
+    Failed(StartFailure),
+}
+
+impl Started {
+    pub fn message(&self, id: &str) -> Value {
+        match self {
+            Started::Serving => json!({"op": "started", "id": id}),
+            Started::Failed(failure) => json!({
+                "op": "started",
+                "id": id,
+                "error": failure.why,
+                "identityRefused": failure.identity_refused,
+            }),
+        }
+    }
+
+    /// Read back; an earlier release's failure carries no kind.
+    pub fn from_message(message: &Value) -> Self {
+        match message["error"].as_str() {
+            None => Started::Serving,
+            Some(why) => Started::Failed(StartFailure {
+                why: why.to_string(),
+                identity_refused: message["identityRefused"].as_bool() == Some(true),
+            }),
+        }
+    }
+}
+
 fn start(state: &Arc<Mutex<State>>, id: String, args: Vec<String>, fds: ConnectionFds) {
     let mut guard = state.lock().unwrap();
     if let Some(held) = guard.held.get_mut(&id) {
         if matches!(held.holder.try_wait(), Ok(None)) {
             drop(guard);
-            tell(state, json!({"op": "started", "id": id}), &[]);
+            tell(state, Started::Serving.message(&id), &[]);
             return;
         }
     }
@@ -221,19 +256,20 @@ fn start(state: &Arc<Mutex<State>>, id: String, args: Vec<String>, fds: Connecti
             drop(guard);
             let state = state.clone();
             std::thread::spawn(move || {
-                let message = match crate::daemon::read_verdict(verdict) {
-                    Ok(()) => json!({"op": "started", "id": id}),
-                    Err(why) => {
-                        json!({"op": "started", "id": id, "error": why.unwrap_or_else(|| "the holder ended without a word".into())})
-                    }
-                };
-                tell(&state, message, &[]);
+                let started =
+                    match crate::daemon::read_verdict(verdict) {
+                        Ok(()) => Started::Serving,
+                        Err(failure) => Started::Failed(failure.unwrap_or_else(|| {
+                            StartFailure::other("the holder ended without a word")
+                        })),
+                    };
+                tell(&state, started.message(&id), &[]);
             });
         }
         Err(error) => {
             drop(guard);
-            let why = format!("cannot start the holder: {error}");
-            tell(state, json!({"op": "started", "id": id, "error": why}), &[]);
+            let failure = StartFailure::other(format!("cannot start the holder: {error}"));
+            tell(state, Started::Failed(failure).message(&id), &[]);
         }
     }
 }
@@ -458,8 +494,8 @@ fn handle(state: &Arc<Mutex<State>>, message: Value, fds: Vec<OwnedFd>) {
             match ConnectionFds::from_received(fds) {
                 Ok(fds) => start(state, id, args, fds),
                 Err(error) => {
-                    let why = error.to_string();
-                    tell(state, json!({"op": "started", "id": id, "error": why}), &[]);
+                    let failure = StartFailure::other(error.to_string());
+                    tell(state, Started::Failed(failure).message(&id), &[]);
                 }
             }
         }

@@ -22,7 +22,7 @@ pub use metrics_http::serve_metrics;
 pub use mount::{
     is_mount_point, lazy_unmount, mount, mount_device, prepare_mountpoint, MountSettings, Mounted,
 };
-pub use process::{daemonize, harden_process, read_verdict, Forked, Readiness};
+pub use process::{daemonize, harden_process, read_verdict, Forked, Readiness, StartFailure};
 
 use crate::fs::Fs;
 use crate::metrics::Metrics;

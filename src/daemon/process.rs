@@ -12,7 +12,7 @@ use super::{sd_notify, DaemonError};
 pub enum Forked {
     /// The original process: the daemon's verdict (the mount is ready, or why
     /// not), for it to report and exit with.
-    Parent(Result<(), String>),
+    Parent(Result<(), StartFailure>),
     /// The daemon, with the channel to report its verdict through.
     Daemon(Readiness),
 }
@@ -40,9 +40,11 @@ pub fn daemonize() -> Result<Forked, DaemonError> {
             _ => {
                 libc::close(fds[1]);
                 let verdict = read_verdict(std::fs::File::from_raw_fd_checked(fds[0]));
-                Ok(Forked::Parent(verdict.map_err(|why| {
-                    why.unwrap_or_else(|| {
-                        "the daemon exited before the mount was ready (see its log)".to_string()
+                Ok(Forked::Parent(verdict.map_err(|failure| {
+                    failure.unwrap_or_else(|| {
+                        StartFailure::other(
+                            "the daemon exited before the mount was ready (see its log)",
+                        )
                     })
                 })))
             }
@@ -50,16 +52,67 @@ pub fn daemonize() -> Result<Forked, DaemonError> {
     }
 }
 
+/// Why a mount could not start, as a verdict pipe carries it to whoever
+/// waits: the parent of a background daemon, a holder, the CSI serving side
+/// (which tells the plugin, which answers kubelet with its kind).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartFailure {
+    /// One line: what failed and why.
+    pub why: String,
+    /// AWS refused the mount's identity (`StoreError::IdentityRefused`), as
+    /// opposed to anything else that kept it from starting.
+    pub identity_refused: bool,
+}
+
+/// The line a refused identity's reason follows on a verdict pipe.
+const IDENTITY_REFUSED_LINE: &str = "identity-refused\n";
+
+impl StartFailure {
+    pub fn other(why: impl Into<String>) -> Self {
+        StartFailure {
+            why: why.into(),
+            identity_refused: false,
+        }
+    }
+
+    fn encode(&self) -> String {
+        let tag = if self.identity_refused {
+            IDENTITY_REFUSED_LINE
+        } else {
+            ""
+        };
+        format!("{tag}{}", self.why)
+    }
+
+    fn decode(verdict: &str) -> Self {
+        match verdict.strip_prefix(IDENTITY_REFUSED_LINE) {
+            Some(why) => StartFailure {
+                why: why.trim_end().to_string(),
+                identity_refused: true,
+            },
+            None => StartFailure::other(verdict.trim_end()),
+        }
+    }
+}
+
+impl std::fmt::Display for StartFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
+}
+
+impl std::error::Error for StartFailure {}
+
 /// What a process wrote on its verdict pipe until every write end closed:
-/// `Ok` once it served, `Err(Some(why))` if it said why it could not start,
-/// `Err(None)` if it ended without a word (killed, crashed).
-pub fn read_verdict(mut pipe: impl std::io::Read) -> Result<(), Option<String>> {
+/// `Ok` once it served, `Err(Some(failure))` if it said why it could not
+/// start, `Err(None)` if it ended without a word (killed, crashed).
+pub fn read_verdict(mut pipe: impl std::io::Read) -> Result<(), Option<StartFailure>> {
     let mut verdict = String::new();
     let _ = pipe.read_to_string(&mut verdict);
     match verdict.strip_prefix("ok") {
         Some(_) => Ok(()),
         None if verdict.is_empty() => Err(None),
-        None => Err(Some(verdict.trim_end().to_string())),
+        None => Err(Some(StartFailure::decode(&verdict))),
     }
 }
 
@@ -114,9 +167,9 @@ impl Readiness {
 
     /// Reports a failure to a parent still waiting for the mount; true if
     /// there was one (it prints the message, so the caller need not).
-    pub fn failed(&mut self, message: &str) -> bool {
+    pub fn failed(&mut self, failure: &StartFailure) -> bool {
         let parent_waits = self.fd.is_some();
-        self.send(message);
+        self.send(&failure.encode());
         parent_waits
     }
 

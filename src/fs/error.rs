@@ -92,7 +92,9 @@ impl FsError {
     fn store_errno(error: &StoreError) -> i32 {
         match error {
             StoreError::NotFound => libc::ENOENT,
-            StoreError::AccessDenied { .. } | StoreError::Credentials(_) => libc::EACCES,
+            StoreError::AccessDenied { .. }
+            | StoreError::Credentials(_)
+            | StoreError::IdentityRefused(_) => libc::EACCES,
             StoreError::Throttled
             | StoreError::Unavailable(_)
             | StoreError::Timeout

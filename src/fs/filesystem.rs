@@ -151,7 +151,9 @@ impl<S: ParameterStore> Fs<S> {
                 tracing::warn!(path, "SSM throttled the first listing; continuing");
                 Ok(())
             }
-            Err(error @ StoreError::Credentials(_)) => Err(error.into()),
+            Err(error @ (StoreError::Credentials(_) | StoreError::IdentityRefused(_))) => {
+                Err(error.into())
+            }
             Err(cause) => Err(FsError::Unreachable { path, cause }),
         }
     }

@@ -157,6 +157,10 @@ pub enum StoreError {
     /// credentials), as opposed to what we asked for.
     #[error("no usable AWS credentials: {0}")]
     Credentials(String),
+    /// STS refused to let this identity assume its role (the role's trust
+    /// policy does not name it): who we are is known, and not allowed.
+    #[error("AWS refused the identity: {0}")]
+    IdentityRefused(String),
     #[error("throttled by SSM")]
     Throttled,
     #[error("SSM is unavailable: {0}")]
@@ -196,6 +200,7 @@ impl StoreError {
                 | StoreError::Unavailable(_)
                 | StoreError::Timeout
                 | StoreError::Credentials(_)
+                | StoreError::IdentityRefused(_)
         )
     }
 }

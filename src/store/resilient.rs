@@ -155,6 +155,7 @@ fn outcome<T>(result: &Result<T, StoreError>) -> &'static str {
         Err(StoreError::NotFound) => "not_found",
         Err(StoreError::AccessDenied { .. }) => "access_denied",
         Err(StoreError::Credentials(_)) => "credentials_rejected",
+        Err(StoreError::IdentityRefused(_)) => "identity_refused",
         Err(StoreError::Throttled) => "throttled",
         Err(StoreError::Unavailable(_)) => "unavailable",
         Err(StoreError::Timeout) => "timeout",

@@ -249,6 +249,9 @@ where
     if let Some(credentials) =
         source_chain(&error).find_map(|e| e.downcast_ref::<CredentialsError>())
     {
+        if source_chain(credentials).any(sts_refused_the_role) {
+            return StoreError::IdentityRefused(error_chain(credentials));
+        }
         return StoreError::Credentials(error_chain(credentials));
     }
     match &error {
@@ -292,6 +295,24 @@ where
 
 /// `error` and its sources, outermost first (the SDK wraps a credentials
 /// failure in a dispatch failure in a connector error).
+/// Whether `error` is STS's AccessDenied to AssumeRoleWithWebIdentity or
+/// AssumeRole: the role does not trust this identity (a network failure or
+/// an expired token is not a refusal).
+fn sts_refused_the_role(error: &(dyn std::error::Error + 'static)) -> bool {
+    use aws_sdk_ssm::config::http::HttpResponse;
+    use aws_sdk_sts::operation::assume_role::AssumeRoleError;
+    use aws_sdk_sts::operation::assume_role_with_web_identity::AssumeRoleWithWebIdentityError;
+    let code = error
+        .downcast_ref::<SdkError<AssumeRoleWithWebIdentityError, HttpResponse>>()
+        .and_then(|e| e.code())
+        .or_else(|| {
+            error
+                .downcast_ref::<SdkError<AssumeRoleError, HttpResponse>>()
+                .and_then(|e| e.code())
+        });
+    code == Some("AccessDenied")
+}
+
 fn source_chain<'a>(
     error: &'a (dyn std::error::Error + 'static),
 ) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
@@ -434,6 +455,31 @@ mod tests {
         );
         let response = HttpResponse::new(400.try_into().unwrap(), SdkBody::empty());
         classify(SdkError::service_error(error, response))
+    }
+
+    #[test]
+    fn sts_refusing_the_role_is_told_from_other_credentials_failures() {
+        use aws_sdk_sts::operation::assume_role_with_web_identity::AssumeRoleWithWebIdentityError;
+        let sts = |code: &str| {
+            let refusal = AssumeRoleWithWebIdentityError::generic(
+                ErrorMetadata::builder()
+                    .code(code)
+                    .message("Not authorized to perform sts:AssumeRoleWithWebIdentity")
+                    .build(),
+            );
+            let response = HttpResponse::new(403.try_into().unwrap(), SdkBody::empty());
+            let credentials =
+                CredentialsError::provider_error(SdkError::service_error(refusal, response));
+            classify::<GetParameterError, HttpResponse>(SdkError::construction_failure(credentials))
+        };
+        assert!(matches!(
+            sts("AccessDenied"),
+            StoreError::IdentityRefused(_)
+        ));
+        assert!(matches!(
+            sts("ExpiredTokenException"),
+            StoreError::Credentials(_)
+        ));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use super::super::control;
 use super::super::error::CsiError;
-use super::super::serve::ConnectionFds;
+use super::super::serve::{ConnectionFds, Started};
 use super::super::sys;
 use super::Driver;
 
@@ -50,7 +50,7 @@ pub(super) struct Link {
     /// When the first serving side said hello to this plugin.
     pub(super) first_hello: Option<Instant>,
     /// Publishes waiting for their mount's first holder to serve, by its name.
-    pub(super) waiting: HashMap<String, mpsc::Sender<Result<(), String>>>,
+    pub(super) waiting: HashMap<String, mpsc::Sender<Started>>,
 }
 
 impl Link {
@@ -544,30 +544,28 @@ impl Driver {
                     self.rebalance();
                 }
                 Some("started") => {
-                    let outcome = match message["error"].as_str() {
-                        Some(why) => Err(why.to_string()),
-                        None => Ok(()),
-                    };
+                    let started = Started::from_message(&message);
+                    let failed = matches!(started, Started::Failed(_));
                     if let Some(mount) = self.mounts.lock().unwrap().get_mut(&name) {
-                        if outcome.is_err() && mount.served_by == Some(id) {
+                        if failed && mount.served_by == Some(id) {
                             mount.served_by = None;
                         }
                     }
                     let waiter = self.link.lock().unwrap().waiting.remove(&name);
-                    match (waiter, outcome) {
-                        (Some(waiter), outcome) => {
-                            let _ = waiter.send(outcome);
+                    match (waiter, started) {
+                        (Some(waiter), started) => {
+                            let _ = waiter.send(started);
                         }
-                        (None, Err(why)) => {
+                        (None, Started::Failed(failure)) => {
                             // Its readers wait meanwhile: try again shortly.
-                            tracing::error!(mount = %self.label(&name), reason = why, "the serving side could not resume a mount; trying again in 2 s");
+                            tracing::error!(mount = %self.label(&name), reason = %failure, "the serving side could not resume a mount; trying again in 2 s");
                             let driver = self.clone();
                             std::thread::spawn(move || {
                                 std::thread::sleep(RESUME_RETRY);
                                 driver.rebalance();
                             });
                         }
-                        (None, Ok(())) => self.tell_ready_when_all_served(),
+                        (None, Started::Serving) => self.tell_ready_when_all_served(),
                     }
                 }
                 Some("stopped") => {

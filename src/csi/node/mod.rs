@@ -26,7 +26,7 @@ use serde_json::json;
 use super::control;
 use super::error::CsiError;
 use super::policy::{self, Policy, Room};
-use super::serve::ConnectionFds;
+use super::serve::{ConnectionFds, Started};
 use super::sys::{self, ServeUser};
 use super::volume::{Identity, Publish};
 use crate::daemon::{self, MountSettings};
@@ -263,14 +263,11 @@ impl Driver {
             control::send(&socket, &message, &fds.raw())
                 .map_err(|e| internal("handing the mount to the serving side", e))?;
             match receiver.recv_timeout(START_TIMEOUT) {
-                Ok(Ok(())) => Ok(link_id),
-                Ok(Err(why)) => Err(
-                    if why.contains("AccessDenied") || why.contains("not authorized") {
-                        CsiError::PermissionDenied(why)
-                    } else {
-                        CsiError::FailedPrecondition(why)
-                    },
-                ),
+                Ok(Started::Serving) => Ok(link_id),
+                Ok(Started::Failed(failure)) if failure.identity_refused => {
+                    Err(CsiError::PermissionDenied(failure.why))
+                }
+                Ok(Started::Failed(failure)) => Err(CsiError::FailedPrecondition(failure.why)),
                 Err(_) => Err(CsiError::DeadlineExceeded(
                     "the serving side did not report the mount serving in 30 s".into(),
                 )),
