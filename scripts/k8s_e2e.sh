@@ -11,6 +11,9 @@
 #   K8S_E2E_VOLUME=auto|inline|pv  auto: inline volumes if scenario i mounts
 #                                  one, else static PersistentVolumes
 #   K8S_E2E_LINGER=30s            the chart's linger for the test
+#   K8S_E2E_UPGRADE_FROM=b6fc9e0  the earlier release scenario d installs first,
+#                                 upgrades from and rolls back to (built once
+#                                 from a git worktree in .cache/k8s)
 #   SSMFS_BINARY=PATH             the binary the ssmfs image carries (default:
 #                                 target/debug/ssmfs, else target/release/ssmfs
 #                                 as the README's demo builds it, else a debug
@@ -22,8 +25,9 @@
 # c deletion (unpublish, target, linger); f refusals (a bad attribute, a
 # role of another namespace); g two namespaces, two mounts; r a rotation
 # followed in pods (@changes, ssmfs exec), put to pod log; e kubelet's
-# republishes over 3 minutes; d a reader through helm upgrade, kubelet and
-# containerd restarts and the plugin pod's deletion.
+# republishes over 3 minutes; d a reader through a real upgrade: the
+# earlier release installed, helm upgrade to this tree, kubelet and
+# containerd restarts, the plugin pod's deletion, helm rollback.
 #
 # This machine's limits, handled here: root has no CAP_SYS_RESOURCE
 # (containerd clamps oom_score_adj), the cgroups are v1 (kubelet 1.34 still
@@ -138,6 +142,10 @@ ROLE_B=arn:aws:iam::$ACCOUNT:role/team-b
 DRIVER=ssmfs.csi.aws-ssm.dev
 LINGER=${K8S_E2E_LINGER:-30s}
 SSMFS_BINARY=${SSMFS_BINARY:-}
+UPGRADE_FROM=${K8S_E2E_UPGRADE_FROM:-b6fc9e0}
+OLD_SRC=$CACHE/src-$UPGRADE_FROM
+OLD_CHART=$OLD_SRC/deploy/helm/ssmfs-csi
+OLD_BINARY=$CACHE/bin/ssmfs-$UPGRADE_FROM
 IMG_PAUSE=localhost/k8s-e2e/pause:1
 IMG_REGISTRAR=localhost/k8s-e2e/registrar:1
 IMG_BUSYBOX=localhost/k8s-e2e/busybox:1
@@ -289,9 +297,10 @@ build_images() {
 	podman build --runtime runc --network none --quiet -t "$IMG_PAUSE" "$ctx/pause" >/dev/null
 	podman build --runtime runc --network none --quiet -t "$IMG_REGISTRAR" "$ctx/registrar" >/dev/null
 	podman build --runtime runc --network none --quiet -t "$IMG_BUSYBOX" "$ctx/busybox" >/dev/null
-	scripts/image.sh --binary "$SSMFS_BINARY" --tag localhost/ssmfs:e2e-1 >/dev/null
-	# The upgrade scenario's "new" image: the same binary under another tag.
-	podman tag localhost/ssmfs:e2e-1 localhost/ssmfs:e2e-2
+	# e2e-1: the earlier release scenario d upgrades from (and rolls back
+	# to); e2e-2: this tree's binary, which every other scenario runs.
+	scripts/image.sh --binary "$OLD_BINARY" --tag localhost/ssmfs:e2e-1 >/dev/null
+	scripts/image.sh --binary "$SSMFS_BINARY" --tag localhost/ssmfs:e2e-2 >/dev/null
 	local img
 	for img in "$IMG_PAUSE" "$IMG_REGISTRAR" "$IMG_BUSYBOX" localhost/ssmfs:e2e-1 localhost/ssmfs:e2e-2; do
 		podman save -q --format docker-archive -o "$ctx/image.tar" "$img" >/dev/null
@@ -451,11 +460,11 @@ helm_values() { # IMAGE_TAG
 		--set linger=$LINGER --set logLevel=debug --set defaultAttributes.region=us-east-1 \
 		--set awsEndpoints.ssm=http://$POD_GATEWAY:$GATE_PORT --set awsEndpoints.sts=http://$POD_GATEWAY:$GATE_PORT
 }
-install_driver() {
-	log "helm install (image localhost/ssmfs:e2e-1, linger $LINGER)"
+install_driver() { # CHART IMAGE_TAG
+	log "helm install ($1, image localhost/ssmfs:$2, linger $LINGER)"
 	# shellcheck disable=SC2046
-	helm install ssmfs-csi deploy/helm/ssmfs-csi --namespace kube-system --wait --timeout 180s $(helm_values e2e-1) \
-		>"$LOGS/helm-install.log" 2>&1 || { cat "$LOGS/helm-install.log" >&2; return 1; }
+	helm install ssmfs-csi "$1" --namespace kube-system --wait --timeout 180s $(helm_values "$2") \
+		>>"$LOGS/helm-install.log" 2>&1 || { cat "$LOGS/helm-install.log" >&2; return 1; }
 	wait_for 120 "the driver registered (CSINode)" csinode_has_driver
 }
 csinode_has_driver() { kubectl get csinode $NODE -o jsonpath='{.spec.drivers[*].name}' | grep -qw $DRIVER; }
@@ -919,8 +928,8 @@ scenario_r() {
 }
 
 # d. A reader through the driver's upgrade and restarts.
-phase_stats() { # FROM TO (UTC ISO times): failed reads, longest read
-	pod_log_raw airflow reader | awk -v a="$1" -v b="$2" '
+phase_stats() { # POD FROM TO (UTC ISO times): reads, failed reads, longest read
+	pod_log_raw airflow "$1" | awk -v a="$2" -v b="$3" '
 		$1 >= a && $1 <= b && /STAT/ { for (i = 1; i <= NF; i++) { split($i, kv, "=");
 			if (kv[1] == "ok") ok += kv[2]; if (kv[1] == "fail") f += kv[2]; if (kv[1] == "max_ms" && kv[2] > m) m = kv[2] } }
 		END { printf "%d %d %d\n", ok, f, m }'
@@ -932,23 +941,69 @@ ds_ready() { # both DaemonSets rolled out and ready
 	kubectl -n kube-system rollout status ds/ssmfs-csi-node --timeout=5s &&
 		kubectl -n kube-system rollout status ds/ssmfs-csi-serve --timeout=5s
 }
+# Scenario d starts from an earlier release: its binary and its chart, from
+# a git worktree of that commit (the commit before issue 32, which changed
+# the control socket's messages, the holder's fd contract and the chart).
+old_release() { # builds $OLD_BINARY once (its own target directory)
+	[ -x "$OLD_BINARY" ] && [ -d "$OLD_CHART" ] && return 0
+	git cat-file -e "$UPGRADE_FROM^{commit}" 2>/dev/null ||
+		{ echo "k8s_e2e: commit $UPGRADE_FROM (K8S_E2E_UPGRADE_FROM) is not in this clone: fetch it, or set another" >&2; return 1; }
+	git worktree prune
+	[ -d "$OLD_SRC" ] || git worktree add --detach "$OLD_SRC" "$UPGRADE_FROM" >/dev/null
+	log "building the earlier release's ssmfs ($UPGRADE_FROM, a worktree in $OLD_SRC)"
+	(cd "$OLD_SRC" && CARGO_TARGET_DIR=$CACHE/target-old cargo build --quiet --bin ssmfs)
+	mkdir -p "$(dirname "$OLD_BINARY")"
+	cp "$CACHE/target-old/debug/ssmfs" "$OLD_BINARY"
+}
+volume_pods() { kubectl get pods -A --no-headers 2>/dev/null | awk '$1 ~ /^(airflow|team-a|team-b)$/' | wc -l; }
+no_volume_pods() { [ "$(volume_pods)" = 0 ]; }
+no_shared_mounts() { [ "$(shared_mounts)" = 0 ]; }
+no_driver_pods() { [ -z "$(ds_pods node)$(ds_pods serve)" ]; }
+# Every mount gone, then the driver: the earlier release starts on a node
+# with nothing of this tree's on it.
+install_earlier_release() {
+	local ns
+	for ns in airflow team-a team-b; do kubectl -n $ns delete pods --all --wait=false >/dev/null 2>&1 || true; done
+	wait_for 120 "the earlier scenarios' pods gone" no_volume_pods
+	wait_for 120 "their shared mounts gone (linger $LINGER)" no_shared_mounts
+	helm uninstall ssmfs-csi --namespace kube-system --wait --timeout 120s >>"$LOGS/helm-upgrade.log" 2>&1
+	wait_for 120 "this tree's driver pods gone" no_driver_pods
+	install_driver "$OLD_CHART" e2e-1
+}
+# One driver change under the reader: helm upgrade or rollback, then both
+# DaemonSets rolled out and the driver registered. Prints the phase's name.
+driver_change() { # NAME HELM-ARGS...
+	local name=$1 node0 serve0 node1 serve1
+	shift
+	node0=$(ds_pods node); serve0=$(ds_pods serve)
+	helm "$@" >>"$LOGS/helm-upgrade.log" 2>&1
+	wait_for 240 "$name rolled out" ds_ready
+	wait_for 60 "the driver registered" csinode_has_driver
+	sleep 5
+	node1=$(ds_pods node); serve1=$(ds_pods serve)
+	echo "$name (node pod $([ "$node0" != "$node1" ] && echo replaced || echo KEPT), serve pod $([ "$serve0" != "$serve1" ] && echo replaced || echo KEPT))"
+}
+new_pod_reads() { # NAME: a pod created now gets a volume and reads all 20
+	create_pod "$1" airflow airflow-worker "$(attrs $ROLE_AIRFLOW /e2e/app)" "$TASK_SCRIPT"
+	wait_ready airflow "$1" 120 && wait_for 20 "$1's reads" log_has airflow "$1" 'READS ok=20 fail=0'
+}
 scenario_d() {
+	install_earlier_release
 	create_pod reader airflow airflow-worker "$(attrs $ROLE_AIRFLOW /e2e/app)" "$READER_SCRIPT"
 	wait_ready airflow reader
 	sleep 10
-	local phases=() a b
-	a=$(utc); sleep 10; b=$(utc); phases+=("steady 10 s|$a|$b")
-	local node0 serve0 node1 serve1 node2
-	node0=$(ds_pods node); serve0=$(ds_pods serve)
+	local phases=() a b name
+	a=$(utc); sleep 10; b=$(utc); phases+=("steady 10 s on $UPGRADE_FROM|$a|$b")
 	a=$(utc)
 	# shellcheck disable=SC2046
-	helm upgrade ssmfs-csi deploy/helm/ssmfs-csi --namespace kube-system $(helm_values e2e-2) \
-		>>"$LOGS/helm-upgrade.log" 2>&1
-	wait_for 240 "the upgrade rolled out" ds_ready
-	wait_for 60 "the driver registered" csinode_has_driver
-	sleep 5; b=$(utc)
-	node1=$(ds_pods node); serve1=$(ds_pods serve)
-	phases+=("helm upgrade to e2e-2 (node pod $([ "$node0" != "$node1" ] && echo replaced || echo KEPT), serve pod $([ "$serve0" != "$serve1" ] && echo replaced || echo KEPT))|$a|$b")
+	name=$(driver_change "helm upgrade to this tree (e2e-2)" upgrade ssmfs-csi deploy/helm/ssmfs-csi --namespace kube-system $(helm_values e2e-2))
+	b=$(utc); phases+=("$name|$a|$b")
+	local upgraded=no
+	new_pod_reads after-upgrade && upgraded=yes
+	# A second reader on a mount this tree makes (a TTL variant, so not the
+	# first reader's): the rollback's earlier plugin must adopt it too.
+	create_pod reader-new airflow airflow-worker "$(attrs $ROLE_AIRFLOW /e2e/app '"ttl": "5s"')" "$READER_SCRIPT"
+	wait_ready airflow reader-new
 	a=$(utc)
 	stop_bg kubelet 20; start_kubelet
 	wait_for 120 "node Ready after the kubelet restart" node_ready
@@ -957,6 +1012,8 @@ scenario_d() {
 	stop_bg containerd 20; start_containerd
 	wait_for 120 "node Ready after the containerd restart" node_ready
 	sleep 15; b=$(utc); phases+=("containerd restart|$a|$b")
+	local node1 node2
+	node1=$(ds_pods node)
 	a=$(utc)
 	kubectl -n kube-system delete pod -l app.kubernetes.io/component=node --wait=true --timeout=60s >/dev/null
 	wait_for 120 "the new plugin pod" ds_ready
@@ -964,21 +1021,27 @@ scenario_d() {
 	sleep 5; b=$(utc)
 	node2=$(ds_pods node)
 	phases+=("plugin pod deleted ($([ "$node1" != "$node2" ] && echo replaced || echo KEPT))|$a|$b")
+	a=$(utc)
+	name=$(driver_change "helm rollback to $UPGRADE_FROM (e2e-1)" rollback ssmfs-csi 1 --namespace kube-system)
+	b=$(utc); phases+=("$name|$a|$b")
 	a=$(utc); sleep 10; b=$(utc); phases+=("steady 10 s after|$a|$b")
-	local p name from to ok f m total_f=0 detail=""
+	local p from to ok f m ok2 f2 m2 total_f=0 detail="" new_read_through_rollback=no
 	for p in "${phases[@]}"; do
 		IFS='|' read -r name from to <<<"$p"
-		read -r ok f m < <(phase_stats "$from" "$to")
-		total_f=$((total_f + f))
-		detail+="$name: $ok reads, $f failed, longest ${m} ms; "
+		read -r ok f m < <(phase_stats reader "$from" "$to")
+		read -r ok2 f2 m2 < <(phase_stats reader-new "$from" "$to")
+		total_f=$((total_f + f + f2))
+		detail+="$name: $ok reads, $f failed, longest ${m} ms"
+		[ "$ok2$f2" = 00 ] || detail+=" (this tree's mount: $ok2 reads, $f2 failed, longest ${m2} ms)"
+		detail+="; "
+		case $name in "helm rollback"*) [ "$ok2" -gt 0 ] && new_read_through_rollback=yes ;; esac
 	done
-	# A pod started after everything: the driver still publishes.
-	create_pod after airflow airflow-worker "$(attrs $ROLE_AIRFLOW /e2e/app)" "$TASK_SCRIPT"
+	# A pod started after everything: the rolled-back driver still publishes.
 	local after=no
-	wait_ready airflow after 120 && wait_for 20 "after's reads" log_has airflow after 'READS ok=20 fail=0' && after=yes
+	new_pod_reads after-rollback && after=yes
 	local verdict=PASS
-	[ $total_f = 0 ] && [ $after = yes ] || verdict=FAIL
-	result d $verdict "${detail}a new pod afterwards reads: $after"
+	[ $total_f = 0 ] && [ $upgraded = yes ] && [ $after = yes ] && [ $new_read_through_rollback = yes ] || verdict=FAIL
+	result d $verdict "${detail}a new pod reads after the upgrade: $upgraded, after the rollback: $after"
 }
 
 run_scenarios() {
@@ -1018,13 +1081,14 @@ main() {
 	fi
 	[ -x "$SSMFS_BINARY" ] || { echo "k8s_e2e: no binary at $SSMFS_BINARY (SSMFS_BINARY)" >&2; exit 1; }
 	build_k8s
+	old_release
 	down >/dev/null 2>&1 || true
 	mkdir -p "$LOGS"; rm -f "$LOGS"/*.log "$LOGS"/*.tsv "$LOGS"/*.ms
 	if [ -z "${K8S_E2E_KEEP:-}" ]; then trap 'down' EXIT; fi
 	trap 'exit 130' INT TERM
 	start_cluster
 	start_aws
-	install_driver
+	install_driver deploy/helm/ssmfs-csi e2e-2
 	log "driver registered; cluster and driver up in $((SECONDS - t_start)) s"
 	setup_namespaces
 	run_scenarios
