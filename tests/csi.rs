@@ -33,7 +33,24 @@ struct Node {
     extra: Vec<String>,
 }
 
+/// The volume at `target` serves the seeded `db` value.
+#[track_caller]
+fn assert_serves_db(target: &Path) {
+    assert_eq!(
+        std::fs::read_to_string(target.join("db")).unwrap(),
+        "db-secret"
+    );
+}
+
 impl Node {
+    /// POD's volume of ATTRS published at uid-1's target, which it returns.
+    fn publish_first_pod(&self) -> PathBuf {
+        let target = self.target("uid-1", "secrets");
+        self.publish(request("vol-1", &target, ATTRS, &POD))
+            .unwrap();
+        target
+    }
+
     /// A node of this build, or of the build SSMFS_CSI_TEST_BINARY names
     /// (to check that a test fails on an earlier release).
     fn start(gate: &Gate, extra: &[&str]) -> Node {
@@ -481,10 +498,7 @@ fn sts_refusing_the_role_fails_the_publish_and_mounts_nothing() {
     // The node is fine for the next pod.
     node.publish(request("vol-1", &target, ATTRS, &POD))
         .unwrap();
-    assert_eq!(
-        std::fs::read_to_string(target.join("db")).unwrap(),
-        "db-secret"
-    );
+    assert_serves_db(&target);
     assert!(!node.log_text().contains(TOKEN));
 }
 
@@ -634,13 +648,8 @@ fn pods_with_one_identity_share_a_warm_mount_and_others_do_not() {
 fn the_serving_side_runs_unprivileged() {
     let Some((_moto, gate)) = setup() else { return };
     let node = Node::start(&gate, &[]);
-    let target = node.target("uid-1", "secrets");
-    node.publish(request("vol-1", &target, ATTRS, &POD))
-        .unwrap();
-    assert_eq!(
-        std::fs::read_to_string(target.join("db")).unwrap(),
-        "db-secret"
-    );
+    let target = node.publish_first_pod();
+    assert_serves_db(&target);
     // Everything but the plugin: the serving side, the holder, the daemon.
     let plugin = node.plugin.as_ref().map(|child| child.id());
     let serving: Vec<u32> = node
@@ -1027,10 +1036,7 @@ fn volume_classes_fill_in_what_a_volume_leaves_out() {
     let target = node.target("uid-1", "secrets");
     let own = [("class", "k8s"), ("roleArn", ROLE)];
     node.publish(request("vol-1", &target, &own, &POD)).unwrap();
-    assert_eq!(
-        std::fs::read_to_string(target.join("db")).unwrap(),
-        "db-secret"
-    );
+    assert_serves_db(&target);
     // The same options spelt out share the class's mount.
     let spelt = [
         ("path", "/k8s"),
@@ -1143,10 +1149,7 @@ fn a_surge_serving_side_takes_over_while_the_plugin_is_replaced() {
     );
     node.publish(request("vol-1", &target, attrs, &POD))
         .expect("republish to the replaced plugin");
-    assert_eq!(
-        std::fs::read_to_string(target.join("db")).unwrap(),
-        "db-secret"
-    );
+    assert_serves_db(&target);
     let _ = new.kill();
     let _ = new.wait();
 }
@@ -1162,13 +1165,8 @@ fn the_serving_side_starts_from_a_binary_only_root_may_reach() {
     let binary = hidden.path().join("ssmfs");
     std::fs::copy(env!("CARGO_BIN_EXE_ssmfs"), &binary).unwrap();
     let node = Node::start_binary(&gate, &[], binary.clone());
-    let target = node.target("uid-1", "secrets");
-    node.publish(request("vol-1", &target, ATTRS, &POD))
-        .unwrap();
-    assert_eq!(
-        std::fs::read_to_string(target.join("db")).unwrap(),
-        "db-secret"
-    );
+    let target = node.publish_first_pod();
+    assert_serves_db(&target);
     let log = node.log_text();
     assert!(!log.contains("cannot start the serving side"), "{log}");
 }
@@ -1309,10 +1307,7 @@ fn the_node_credentials_go_where_the_admin_says() {
     let target = node.target("uid-1", "secrets");
     node.publish(request("vol-1", &target, &[("class", "shared")], &POD))
         .unwrap();
-    assert_eq!(
-        std::fs::read_to_string(target.join("db")).unwrap(),
-        "db-secret"
-    );
+    assert_serves_db(&target);
     let elsewhere = [("class", "shared"), ("path", "/team-b")];
     refused(
         &node,
@@ -1406,9 +1401,7 @@ fn the_node_credentials_go_where_the_admin_says() {
 fn only_the_serving_user_may_speak_for_the_serving_side() {
     let Some((_moto, gate)) = setup() else { return };
     let node = Node::start(&gate, &[]);
-    let target = node.target("uid-1", "secrets");
-    node.publish(request("vol-1", &target, ATTRS, &POD))
-        .unwrap();
+    let target = node.publish_first_pod();
     use std::os::unix::fs::MetadataExt;
     let run_dir = std::fs::metadata(node.path("run")).unwrap();
     assert_eq!(run_dir.uid(), 0, "the run directory is root's");
@@ -1499,10 +1492,7 @@ except OSError:
     let key = std::fs::metadata(node.path("run/link.key")).unwrap();
     assert_eq!((key.uid(), key.mode() & 0o777), (0, 0o600));
     // Reads go on: the real serving side was not displaced.
-    assert_eq!(
-        std::fs::read_to_string(target.join("db")).unwrap(),
-        "db-secret"
-    );
+    assert_serves_db(&target);
     // csi-serve is not dumpable: its /proc entries are root's, not its uid's.
     for pid in node.pids("csi-serve") {
         let fd_dir = std::fs::metadata(format!("/proc/{pid}/fd")).unwrap();
@@ -1519,9 +1509,7 @@ fn a_mount_is_keyed_by_its_whole_identity_compared_before_a_bind_and_kept_from_t
     let Some((_moto, gate)) = setup() else { return };
     let metrics_addr = format!("127.0.0.1:{}", free_loopback_port());
     let mut node = Node::start(&gate, &["--metrics-addr", &metrics_addr]);
-    let target = node.target("uid-1", "secrets");
-    node.publish(request("vol-1", &target, ATTRS, &POD))
-        .unwrap();
+    node.publish_first_pod();
     use std::os::unix::fs::MetadataExt;
     let records: Vec<PathBuf> = std::fs::read_dir(node.path("state/mounts"))
         .unwrap()
@@ -1693,10 +1681,7 @@ fn eks_pod_identity_signs_with_the_agents_credentials_for_the_pods_token() {
     let target = node.target("uid-1", "secrets");
     node.publish(request("vol-1", &target, &attributes, &POD))
         .unwrap();
-    assert_eq!(
-        std::fs::read_to_string(target.join("db")).unwrap(),
-        "db-secret"
-    );
+    assert_serves_db(&target);
     let signed = gate.count_map("signed_by");
     assert!(
         signed.get("AKIAPODIDENTITYAIRFLOW").is_some_and(|n| *n > 0),
@@ -1816,10 +1801,7 @@ fn an_inline_volume_as_kubelet_asks_for_it_is_published_read_only() {
         mode: Mode::SingleNodeWriter as i32,
     });
     node.publish(inline).unwrap();
-    assert_eq!(
-        std::fs::read_to_string(target.join("db")).unwrap(),
-        "db-secret"
-    );
+    assert_serves_db(&target);
     assert!(std::fs::write(target.join("db"), "x").is_err(), "writable");
 }
 
@@ -1830,10 +1812,7 @@ fn a_pod_follows_its_volumes_change_stream() {
     let target = node.target("uid-1", "secrets");
     node.publish(request("vol-1", &target, SHORT_TTL_ATTRS, &POD))
         .unwrap();
-    assert_eq!(
-        std::fs::read_to_string(target.join("db")).unwrap(),
-        "db-secret"
-    );
+    assert_serves_db(&target);
     // The daemon runs unprivileged and cannot open the stream's end itself:
     // the plugin opens it for it.
     let reader = Command::new("timeout")
@@ -1932,10 +1911,7 @@ fn a_target_is_resolved_once_without_links_and_only_in_its_pods_directory() {
     assert_eq!(node.all_mounts(), 0, "something was mounted");
     // The same request in its own pod's directory is published.
     node.publish(request("vol-2", &other, ATTRS, &POD)).unwrap();
-    assert_eq!(
-        std::fs::read_to_string(other.join("db")).unwrap(),
-        "db-secret"
-    );
+    assert_serves_db(&other);
     node.unpublish("vol-2", &other).unwrap();
     assert!(!other.exists(), "the target was left");
 }
@@ -2036,10 +2012,7 @@ fn a_thousand_malformed_connections_leave_the_plugin_serving() {
     let target = node.target("uid-1", "secrets");
     node.publish(request("vol-1", &target, ATTRS, &POD))
         .unwrap_or_else(|e| panic!("publish after the flood: {e}\n{}", node.log_text()));
-    assert_eq!(
-        std::fs::read_to_string(target.join("db")).unwrap(),
-        "db-secret"
-    );
+    assert_serves_db(&target);
     assert!(
         node.plugin.as_mut().unwrap().try_wait().unwrap().is_none(),
         "the plugin exited:\n{}",
@@ -2075,10 +2048,7 @@ fn silent_peers_on_the_stream_socket_do_not_hold_up_a_pods_changes() {
     let target = node.target("uid-1", "secrets");
     node.publish(request("vol-1", &target, SHORT_TTL_ATTRS, &POD))
         .unwrap();
-    assert_eq!(
-        std::fs::read_to_string(target.join("db")).unwrap(),
-        "db-secret"
-    );
+    assert_serves_db(&target);
     // 32 slots, one more accepted and waiting for a slot, one in the
     // backlog (a 35th connect would wait for room in it).
     let socket = node.path("run").join("streams.sock");
