@@ -8,7 +8,8 @@
 //! reads, never shows the key. Naming records and control ids by the name
 //! is also what a release from before the random names reads: it derives a
 //! mount point from the record's file name, so a rollback to it adopts the
-//! mounts this release made (docs/KUBERNETES.md, "Upgrades").
+//! mounts this release made (docs/KUBERNETES.md, "Which releases may be
+//! mixed").
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
