@@ -446,30 +446,38 @@ mod tests {
     use aws_smithy_types::body::SdkBody;
     use aws_smithy_types::error::ErrorMetadata;
 
+    /// An AWS service error with `code` and `message`, as the SDK gives it.
+    fn answered<E>(
+        generic: fn(ErrorMetadata) -> E,
+        code: &str,
+        message: &str,
+        status: u16,
+    ) -> SdkError<E, HttpResponse> {
+        let error = ErrorMetadata::builder().code(code).message(message).build();
+        let response = HttpResponse::new(status.try_into().unwrap(), SdkBody::empty());
+        SdkError::service_error(generic(error), response)
+    }
+
     fn service_error(code: &str) -> StoreError {
-        let error = GetParameterError::generic(
-            ErrorMetadata::builder()
-                .code(code)
-                .message("some   AWS\n text")
-                .build(),
-        );
-        let response = HttpResponse::new(400.try_into().unwrap(), SdkBody::empty());
-        classify(SdkError::service_error(error, response))
+        classify(answered(
+            GetParameterError::generic,
+            code,
+            "some   AWS\n text",
+            400,
+        ))
     }
 
     #[test]
     fn sts_refusing_the_role_is_told_from_other_credentials_failures() {
         use aws_sdk_sts::operation::assume_role_with_web_identity::AssumeRoleWithWebIdentityError;
         let sts = |code: &str| {
-            let refusal = AssumeRoleWithWebIdentityError::generic(
-                ErrorMetadata::builder()
-                    .code(code)
-                    .message("Not authorized to perform sts:AssumeRoleWithWebIdentity")
-                    .build(),
+            let refusal = answered(
+                AssumeRoleWithWebIdentityError::generic,
+                code,
+                "Not authorized to perform sts:AssumeRoleWithWebIdentity",
+                403,
             );
-            let response = HttpResponse::new(403.try_into().unwrap(), SdkBody::empty());
-            let credentials =
-                CredentialsError::provider_error(SdkError::service_error(refusal, response));
+            let credentials = CredentialsError::provider_error(refusal);
             classify::<GetParameterError, HttpResponse>(SdkError::construction_failure(credentials))
         };
         assert!(matches!(
