@@ -43,10 +43,10 @@ fn assert_serves_db(target: &Path) {
 }
 
 impl Node {
-    /// POD's volume of ATTRS published at uid-1's target, which it returns.
-    fn publish_first_pod(&self) -> PathBuf {
+    /// POD's volume of `attrs` published at uid-1's target, which it returns.
+    fn publish_first_pod(&self, attrs: &[(&str, &str)]) -> PathBuf {
         let target = self.target("uid-1", "secrets");
-        self.publish(request("vol-1", &target, ATTRS, &POD))
+        self.publish(request("vol-1", &target, attrs, &POD))
             .unwrap();
         target
     }
@@ -648,7 +648,7 @@ fn pods_with_one_identity_share_a_warm_mount_and_others_do_not() {
 fn the_serving_side_runs_unprivileged() {
     let Some((_moto, gate)) = setup() else { return };
     let node = Node::start(&gate, &[]);
-    let target = node.publish_first_pod();
+    let target = node.publish_first_pod(ATTRS);
     assert_serves_db(&target);
     // Everything but the plugin: the serving side, the holder, the daemon.
     let plugin = node.plugin.as_ref().map(|child| child.id());
@@ -774,10 +774,8 @@ const READ_PAIRS: [&str; 2] = ["db=db-secret", "api=api-secret"];
 fn reads_survive_the_serving_side_killed_the_plugin_killed_and_the_plugin_upgraded() {
     let Some((_moto, gate)) = setup() else { return };
     let mut node = Node::start(&gate, &[]);
-    let target = node.target("uid-1", "secrets");
     let attrs = SHORT_TTL_ATTRS;
-    node.publish(request("vol-1", &target, attrs, &POD))
-        .unwrap();
+    let target = node.publish_first_pod(attrs);
     let served = |calls_before: u64| {
         let now = gate.ssm_calls();
         assert!(
@@ -1076,10 +1074,8 @@ fn a_surge_serving_side_takes_over_while_the_plugin_is_replaced() {
         "the plugin sees the serving side",
         || node.try_probe() == Some(true),
     );
-    let target = node.target("uid-1", "secrets");
     let attrs = SHORT_TTL_ATTRS;
-    node.publish(request("vol-1", &target, attrs, &POD))
-        .unwrap();
+    let target = node.publish_first_pod(attrs);
     within(Duration::from_secs(5), "the serving side is ready", || {
         node.serve_ready(&ready_old)
     });
@@ -1165,7 +1161,7 @@ fn the_serving_side_starts_from_a_binary_only_root_may_reach() {
     let binary = hidden.path().join("ssmfs");
     std::fs::copy(env!("CARGO_BIN_EXE_ssmfs"), &binary).unwrap();
     let node = Node::start_binary(&gate, &[], binary.clone());
-    let target = node.publish_first_pod();
+    let target = node.publish_first_pod(ATTRS);
     assert_serves_db(&target);
     let log = node.log_text();
     assert!(!log.contains("cannot start the serving side"), "{log}");
@@ -1304,9 +1300,7 @@ fn the_node_credentials_go_where_the_admin_says() {
         &["--attributes-dir", dir, "--node-identity-namespaces", "ops"],
     );
     // A class that sets useNodeIdentity: what it sets is fixed.
-    let target = node.target("uid-1", "secrets");
-    node.publish(request("vol-1", &target, &[("class", "shared")], &POD))
-        .unwrap();
+    let target = node.publish_first_pod(&[("class", "shared")]);
     assert_serves_db(&target);
     let elsewhere = [("class", "shared"), ("path", "/team-b")];
     refused(
@@ -1401,7 +1395,7 @@ fn the_node_credentials_go_where_the_admin_says() {
 fn only_the_serving_user_may_speak_for_the_serving_side() {
     let Some((_moto, gate)) = setup() else { return };
     let node = Node::start(&gate, &[]);
-    let target = node.publish_first_pod();
+    let target = node.publish_first_pod(ATTRS);
     use std::os::unix::fs::MetadataExt;
     let run_dir = std::fs::metadata(node.path("run")).unwrap();
     assert_eq!(run_dir.uid(), 0, "the run directory is root's");
@@ -1509,7 +1503,7 @@ fn a_mount_is_keyed_by_its_whole_identity_compared_before_a_bind_and_kept_from_t
     let Some((_moto, gate)) = setup() else { return };
     let metrics_addr = format!("127.0.0.1:{}", free_loopback_port());
     let mut node = Node::start(&gate, &["--metrics-addr", &metrics_addr]);
-    node.publish_first_pod();
+    node.publish_first_pod(ATTRS);
     use std::os::unix::fs::MetadataExt;
     let records: Vec<PathBuf> = std::fs::read_dir(node.path("state/mounts"))
         .unwrap()
@@ -1678,9 +1672,7 @@ fn eks_pod_identity_signs_with_the_agents_credentials_for_the_pods_token() {
         ("usePodIdentity", "true"),
         ("region", "us-east-1"),
     ];
-    let target = node.target("uid-1", "secrets");
-    node.publish(request("vol-1", &target, &attributes, &POD))
-        .unwrap();
+    let target = node.publish_first_pod(&attributes);
     assert_serves_db(&target);
     let signed = gate.count_map("signed_by");
     assert!(
@@ -1809,9 +1801,7 @@ fn an_inline_volume_as_kubelet_asks_for_it_is_published_read_only() {
 fn a_pod_follows_its_volumes_change_stream() {
     let Some((moto, gate)) = setup() else { return };
     let node = Node::start(&gate, &[]);
-    let target = node.target("uid-1", "secrets");
-    node.publish(request("vol-1", &target, SHORT_TTL_ATTRS, &POD))
-        .unwrap();
+    let target = node.publish_first_pod(SHORT_TTL_ATTRS);
     assert_serves_db(&target);
     // The daemon runs unprivileged and cannot open the stream's end itself:
     // the plugin opens it for it.
@@ -2045,9 +2035,7 @@ fn a_thousand_malformed_connections_leave_the_plugin_serving() {
 fn silent_peers_on_the_stream_socket_do_not_hold_up_a_pods_changes() {
     let Some((moto, gate)) = setup() else { return };
     let node = Node::start(&gate, &[]);
-    let target = node.target("uid-1", "secrets");
-    node.publish(request("vol-1", &target, SHORT_TTL_ATTRS, &POD))
-        .unwrap();
+    let target = node.publish_first_pod(SHORT_TTL_ATTRS);
     assert_serves_db(&target);
     // 32 slots, one more accepted and waiting for a slot, one in the
     // backlog (a 35th connect would wait for room in it).
