@@ -562,18 +562,21 @@ fn pods_with_one_identity_share_a_warm_mount_and_others_do_not() {
     );
     // Gathered from unix sockets in the run directory: the serving side
     // needs no network shared with the plugin (and no port to race for).
-    // The socket is recorded apart from the daemon's options, which an
-    // earlier release (its --metrics-addr an IP address) must read on a
+    // The socket, named as its mount, is not in the recorded options, which
+    // an earlier release (its --metrics-addr an IP address) must read on a
     // rollback; and each record is named as its mount point is.
     for record in std::fs::read_dir(node.path("state/mounts")).unwrap() {
         let path = record.unwrap().path();
         if path.extension().is_some_and(|e| e == "json") {
             let record: serde_json::Value =
                 serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-            let socket = record["metricsSocket"].as_str().unwrap_or_default();
+            let name = path.file_stem().unwrap().to_str().unwrap();
+            let socket = node.path("run/metrics").join(format!("{name}.sock"));
+            use std::os::unix::fs::FileTypeExt;
             assert!(
-                socket.starts_with(node.path("run/metrics").to_str().unwrap()),
-                "{record}"
+                std::fs::symlink_metadata(&socket).is_ok_and(|m| m.file_type().is_socket()),
+                "no metrics socket at {}",
+                socket.display()
             );
             assert!(
                 !record["args"].to_string().contains("--metrics-addr"),

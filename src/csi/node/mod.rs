@@ -153,12 +153,11 @@ impl Driver {
         self.settings.run_dir.join("metrics")
     }
 
-    /// Where a new daemon serves its metrics: a unix socket in the run
-    /// directory, so no port to race for and no network the serving side
-    /// must share with the plugin.
-    fn new_metrics_socket(&self) -> PathBuf {
-        self.metrics_dir()
-            .join(format!("{}.sock", hex::encode(rand::random::<[u8; 12]>())))
+    /// Where the daemon of the mount `name` serves its metrics: a unix
+    /// socket in the run directory, so no port to race for and no network
+    /// the serving side must share with the plugin; named as the mount is.
+    fn metrics_socket(&self, name: &str) -> PathBuf {
+        self.metrics_dir().join(format!("{name}.sock"))
     }
 
     pub fn control_socket(run_dir: &Path) -> PathBuf {
@@ -242,7 +241,7 @@ impl Driver {
             identity: publish.identity.clone(),
             options: publish.options.clone(),
             args,
-            metrics_socket: Some(self.new_metrics_socket()),
+            metrics_socket: self.metrics_socket(&name),
             fds: None,
             targets: BTreeMap::new(),
             idle_since: None,
@@ -281,7 +280,7 @@ impl Driver {
                 link.tell_all(&json!({"op": "stop", "id": name}));
                 drop(link);
                 cleanup(true);
-                remove_metrics_socket(mount.metrics_socket.as_deref());
+                remove_metrics_socket(&mount.metrics_socket);
                 return Err(status);
             }
         };
@@ -583,7 +582,7 @@ impl Driver {
             .unwrap()
             .tell_all(&json!({"op": "stop", "id": name}));
         self.forget(name, &mount.mountpoint);
-        remove_metrics_socket(mount.metrics_socket.as_deref());
+        remove_metrics_socket(&mount.metrics_socket);
         tracing::info!(mount = %self.label(name), reason = why, "removed an idle shared mount");
     }
 
@@ -594,9 +593,9 @@ impl Driver {
             let mounts = self.mounts.lock().unwrap();
             mounts
                 .iter()
-                .filter_map(|(name, mount)| {
-                    let socket = mount.metrics_socket.as_ref()?;
-                    Some((self.label(name), format!("unix:{}", socket.display())))
+                .map(|(name, mount)| {
+                    let addr = format!("unix:{}", mount.metrics_socket.display());
+                    (self.label(name), addr)
                 })
                 .collect()
         };
@@ -667,12 +666,10 @@ type TargetTurn = tokio::sync::OwnedMutexGuard<()>;
 /// A daemon's metrics page, over loopback (one second at most).
 /// Removes a gone daemon's metrics socket (a unix socket in the run
 /// directory; never any other file).
-fn remove_metrics_socket(socket: Option<&Path>) {
+fn remove_metrics_socket(socket: &Path) {
     use std::os::unix::fs::FileTypeExt;
-    if let Some(socket) = socket {
-        if std::fs::symlink_metadata(socket).is_ok_and(|m| m.file_type().is_socket()) {
-            let _ = std::fs::remove_file(socket);
-        }
+    if std::fs::symlink_metadata(socket).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(socket);
     }
 }
 

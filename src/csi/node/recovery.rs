@@ -175,11 +175,6 @@ impl Driver {
                 serde_json::from_value(record["args"].clone()).unwrap_or_else(|_| {
                     super::super::volume::daemon_args(&identity, &options, &mountpoint)
                 });
-            let metrics_socket = record["metricsSocket"]
-                .as_str()
-                .map(PathBuf::from)
-                .filter(|socket| socket.parent() == Some(self.metrics_dir().as_path()))
-                .unwrap_or_else(|| self.new_metrics_socket());
             let idle_since = targets.is_empty().then(Instant::now);
             tracing::info!(mount = %self.label(&name), pods = targets.len(), "adopting a live shared mount");
             let mount = SharedMount {
@@ -189,7 +184,7 @@ impl Driver {
                 identity,
                 options,
                 args: without_metrics_addr(args),
-                metrics_socket: Some(metrics_socket),
+                metrics_socket: self.metrics_socket(&name),
                 fds: None,
                 targets,
                 idle_since,

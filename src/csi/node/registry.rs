@@ -39,9 +39,9 @@ pub(super) struct SharedMount {
     /// socket is added when it is started (`start_args`), since a release
     /// from before the sockets takes `--metrics-addr` for an IP address.
     pub(super) args: Vec<String>,
-    /// Where its daemon serves its metrics (a unix socket in the run
-    /// directory), for the plugin to gather.
-    pub(super) metrics_socket: Option<PathBuf>,
+    /// Where its daemon serves its metrics, for the plugin to gather: the
+    /// run directory's `metrics/NAME.sock` (`Driver::metrics_socket`).
+    pub(super) metrics_socket: PathBuf,
     /// The plugin's copies: the connection lives while either side holds them.
     pub(super) fds: Option<ConnectionFds>,
     pub(super) targets: BTreeMap<PathBuf, Attachment>,
@@ -66,9 +66,10 @@ impl SharedMount {
     /// What its serving side's holder starts the daemon with.
     pub(super) fn start_args(&self) -> Vec<String> {
         let mut args = Vec::with_capacity(self.args.len() + 1);
-        if let Some(socket) = &self.metrics_socket {
-            args.push(format!("--metrics-addr=unix:{}", socket.display()));
-        }
+        args.push(format!(
+            "--metrics-addr=unix:{}",
+            self.metrics_socket.display()
+        ));
         args.extend(self.args.iter().cloned());
         args
     }
@@ -93,7 +94,6 @@ impl SharedMount {
             "identity": self.identity.to_json(),
             "options": self.options,
             "args": self.args,
-            "metricsSocket": self.metrics_socket,
             "targets": targets,
         })
     }
